@@ -1,0 +1,228 @@
+"""The one config schema of cipo_nemo.
+
+Every run is described by a `MasterConfig`. Values come from YAML (`conf/cipo_base.yaml` is the exemplar that
+sets every field; presets inherit from it with `defaults:`) plus command-line overrides; the schema holds no
+defaults of its own, so the exemplar is the one place where defaults live. Models are strict (no silent type
+coercion), reject unknown keys and are frozen after validation.
+
+Cross-field rules are field validators on the *later* field of a pair, so that an error's location names the
+key the user has to change (e.g. `cipo.rho.max` when `rho.min > rho.max`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+TaskFamily = Literal["math", "code"]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _require_placeholders(text: str, placeholders: tuple[str, ...]) -> str:
+    missing = [p for p in placeholders if p not in text]
+    if missing:
+        raise ValueError(f"template lacks the placeholder(s) {', '.join(missing)}")
+    return text
+
+
+def _not_below(value: float, info: ValidationInfo, lower_key: str) -> float:
+    lower = info.data.get(lower_key)  # absent when the lower key itself failed validation
+    if lower is not None and value < lower:
+        raise ValueError(f"must be >= {lower_key} ({lower}), got {value}")
+    return value
+
+
+class RunConfig(StrictModel):
+    name: str = Field(min_length=1, description="Run name; used in the output directory and logger run names.")
+    output_dir: str = Field(min_length=1, description="Directory for metrics, checkpoints and the resolved config.")
+    seed: Annotated[int, Field(ge=0)] = Field(description="Seed for data order, anchor selection and sampling.")
+
+
+class GRPOConfig(StrictModel):
+    """The base stream: standard GRPO on the original prompts (DESIGN step 1)."""
+
+    num_steps: PositiveInt = Field(description="RL steps (one rollout batch and one policy update each).")
+    prompts_per_step: PositiveInt = Field(description="B: prompts drawn per step.")
+    samples_per_prompt: PositiveInt = Field(description="G: rollouts per prompt (the GRPO group size).")
+    normalize_std: bool = Field(description="Divide advantages by the group std (false = Dr.GRPO).")
+    leave_one_out: bool = Field(description="Use the leave-one-out mean of the group as the baseline (RLOO).")
+    std_eps: PositiveFloat = Field(description="eps in A = (r - mean) / (std + eps).")
+
+
+class RhoConfig(StrictModel):
+    """Adaptive share of successful anchors (paper section 3.2)."""
+
+    min: Probability = Field(description="Lower bound of rho.")
+    max: Probability = Field(description="Upper bound of rho.")
+    init: Probability = Field(description="rho_0: share of successful anchors at step 0 (within [min, max]).")
+    tau: Probability = Field(description="Retention target: rho rises while retention < tau.")
+    rule: Literal["multiplicative", "proportional"] = Field(
+        description="multiplicative: rho *= 1 + w_level*(tau-ret) + w_drop*drop + w_streak*streak; "
+        "proportional: rho += eta*(tau-ret)."
+    )
+    w_level: NonNegativeFloat = Field(description="multiplicative rule: weight of (tau - retention).")
+    w_drop: NonNegativeFloat = Field(description="multiplicative rule: weight of the retention drop since last step.")
+    w_streak: NonNegativeFloat = Field(description="multiplicative rule: weight of the below-tau streak length.")
+    streak_cap: Annotated[int, Field(ge=0)] = Field(description="multiplicative rule: cap on the streak length.")
+    eta: NonNegativeFloat = Field(description="proportional rule: step size.")
+
+    @field_validator("max")
+    @classmethod
+    def _max_not_below_min(cls, value: float, info: ValidationInfo) -> float:
+        return _not_below(value, info, "min")
+
+    @field_validator("init")
+    @classmethod
+    def _init_inside_bounds(cls, value: float, info: ValidationInfo) -> float:
+        low, high = info.data.get("min"), info.data.get("max")
+        if low is not None and high is not None and not low <= value <= high:
+            raise ValueError(f"must lie in [min, max] = [{low}, {high}], got {value}")
+        return value
+
+
+class CorrectionTemplates(StrictModel):
+    """Correction prompt per task family. `{problem}` and `{attempt}` are replaced literally (other braces,
+    e.g. LaTeX's `\\boxed{}`, stay as written); code templates also get `{language}`."""
+
+    math: str = Field(description="Math correction prompt; needs {problem} and {attempt}.")
+    code: str = Field(description="Code correction prompt; needs {problem}, {attempt} and {language}.")
+
+    @field_validator("math")
+    @classmethod
+    def _math_placeholders(cls, value: str) -> str:
+        return _require_placeholders(value, ("{problem}", "{attempt}"))
+
+    @field_validator("code")
+    @classmethod
+    def _code_placeholders(cls, value: str) -> str:
+        return _require_placeholders(value, ("{problem}", "{attempt}", "{language}"))
+
+
+class CorrectionConfig(StrictModel):
+    """The correction stream (DESIGN steps 2-7). `enabled: false` turns CIPO into plain GRPO."""
+
+    enabled: bool = Field(description="Run the correction stream (false = GRPO baseline).")
+    samples_per_anchor: PositiveInt = Field(description="G_c: corrections sampled per correction prompt.")
+    max_anchors_per_step: PositiveInt = Field(description="Cap on anchors (correction prompts) per step.")
+    loss_weight: NonNegativeFloat = Field(description="lambda_c: weight of the correction stream in the loss.")
+    risk_penalty: NonNegativeFloat = Field(description="lambda_risk: subtracted when a correct anchor is broken.")
+    difficulty_low: Probability = Field(description="p_low: preferred anchors come from prompts with p >= p_low.")
+    difficulty_high: Probability = Field(description="p_high: preferred anchors come from prompts with p <= p_high.")
+    allow_out_of_window: bool = Field(description="Fill missing anchors from prompts outside [p_low, p_high].")
+    attempt_max_tokens: PositiveInt = Field(description="Token budget of the quoted attempt (left-truncated).")
+    strip_thinking: bool = Field(description="Remove <think>...</think> from the attempt before quoting it.")
+    templates: CorrectionTemplates
+    rho: RhoConfig
+
+    @field_validator("difficulty_high")
+    @classmethod
+    def _window_ordered(cls, value: float, info: ValidationInfo) -> float:
+        return _not_below(value, info, "difficulty_low")
+
+
+class LossConfig(StrictModel):
+    """Token-level clipped surrogate shared by both streams (DESIGN step 6)."""
+
+    clip_low: NonNegativeFloat = Field(description="Ratio clipped below at 1 - clip_low.")
+    clip_high: NonNegativeFloat = Field(description="Ratio clipped above at 1 + clip_high (clip-higher when > clip_low).")
+    normalization: Literal["token", "sequence"] = Field(
+        description="token: sum over valid tokens / global token count; sequence: per-sequence mean / global sequences."
+    )
+    kl_beta: NonNegativeFloat = Field(description="beta of the KL penalty to the reference policy (0 = off).")
+    kl_estimator: Literal["k1", "k3"] = Field(description="KL estimator per token (k3 is non-negative).")
+    importance_sampling: bool = Field(description="Truncated importance-sampling correction generation -> trainer.")
+    is_truncation: Annotated[float, Field(ge=1.0)] = Field(description="Cap C of the TIS weight min(ratio, C).")
+
+
+class FileFields(StrictModel):
+    """Which column of a file holds what. Exactly one of `prompt` and `messages` names a column."""
+
+    id: str | None = Field(description="Column with a stable item id (null: '<file>:<row>').")
+    prompt: str | None = Field(description="Column with the problem text.")
+    messages: str | None = Field(description="Column with chat messages [{role, content}] instead of a prompt.")
+    answer: str = Field(min_length=1, description="Column with the ground truth.")
+    family: str | None = Field(description="Column with a per-row task family (null: the source's family).")
+
+    @field_validator("messages")
+    @classmethod
+    def _one_prompt_column(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if "prompt" in info.data and (info.data["prompt"] is None) == (value is None):
+            raise ValueError("set exactly one of fields.prompt and fields.messages")
+        return value
+
+
+class FileSourceConfig(StrictModel):
+    path: str | None = Field(description="JSONL file, parquet file, or a datasets.save_to_disk directory.")
+    format: Literal["auto", "jsonl", "parquet", "hf_disk"] = Field(description="auto: by suffix / directory.")
+    split: str | None = Field(description="Split of a saved DatasetDict (null for a plain Dataset).")
+    fields: FileFields
+
+
+class ReasoningGymSourceConfig(StrictModel):
+    name: str = Field(min_length=1, description="reasoning-gym generator name, e.g. basic_arithmetic.")
+    size: PositiveInt = Field(description="Number of items generated.")
+    seed: Annotated[int, Field(ge=0)] = Field(description="Generator seed (same seed, same items).")
+    options: dict[str, Any] = Field(description="Extra generator options (e.g. max_terms, max_digits).")
+
+
+class DataSourceConfig(StrictModel):
+    kind: Literal["reasoning_gym", "file"] = Field(description="Which of the blocks below is used.")
+    family: TaskFamily = Field(description="Task family of the items (file rows may override per row).")
+    reasoning_gym: ReasoningGymSourceConfig
+    file: FileSourceConfig
+
+    @field_validator("file")
+    @classmethod
+    def _file_has_path(cls, value: FileSourceConfig, info: ValidationInfo) -> FileSourceConfig:
+        if info.data.get("kind") == "file" and not value.path:
+            raise ValueError("kind is 'file' but file.path is not set")
+        return value
+
+
+class InstructionConfig(StrictModel):
+    math: str = Field(description="Appended to every math problem.")
+    code: str = Field(description="Appended to every code problem.")
+
+
+class DataConfig(StrictModel):
+    train: DataSourceConfig
+    validation: DataSourceConfig | None = Field(description="Held-out set (null: none).")
+    instructions: InstructionConfig
+    system_prompt: str | None = Field(description="System message for the chat template (null: none).")
+    shuffle: bool = Field(description="Shuffle the training items each epoch (seeded by run.seed).")
+    max_prompt_tokens: PositiveInt = Field(description="Items whose rendered prompt is longer are skipped and counted.")
+
+
+class VerifierConfig(StrictModel):
+    num_workers: PositiveInt = Field(description="Processes scoring answers in parallel.")
+    timeout_s: PositiveFloat = Field(description="Per-item timeout; a timed-out item scores 0 (reason 'timeout').")
+
+
+class PolicyConfig(StrictModel):
+    model_name: str = Field(min_length=1, description="Hugging Face checkpoint directory (or hub id, offline cache).")
+    tokenizer: str | None = Field(description="Tokenizer directory (null: the model's).")
+
+
+class GenerationConfig(StrictModel):
+    max_new_tokens: PositiveInt = Field(description="Longest response sampled.")
+    temperature: NonNegativeFloat = Field(description="Sampling temperature (0 = greedy).")
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(description="Nucleus sampling mass.")
+
+
+class MasterConfig(StrictModel):
+    run: RunConfig
+    grpo: GRPOConfig
+    cipo: CorrectionConfig
+    loss: LossConfig
+    data: DataConfig
+    verifier: VerifierConfig
+    policy: PolicyConfig
+    generation: GenerationConfig
