@@ -1,0 +1,80 @@
+import math
+
+import pytest
+import torch
+
+from cipo_nemo.algorithms.advantages import group_advantages
+
+# Non-contiguous group ids, interleaved:
+#   group 7 at samples 0, 2, 4, 5 with rewards [1, 0, 0, 0]
+#   group 3 at samples 1, 3       with rewards [0, 1]
+#   group 9 at sample 6 (singleton), group 4 at samples 7..9 with constant rewards 0.1
+GROUP_IDS = torch.tensor([7, 3, 7, 3, 7, 7, 9, 4, 4, 4])
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.1, 0.1, 0.1], dtype=torch.float64)
+SQRT_HALF = math.sqrt(0.5)
+
+# group 7: mean 0.25, sample std sqrt((0.75^2 + 3 * 0.25^2) / 3) = sqrt(0.25) = 0.5
+#          LOO baselines: (1 - 1) / 3 = 0 for the success, (1 - 0) / 3 = 1/3 for each failure
+# group 3: mean 0.5, sample std sqrt((0.5^2 + 0.5^2) / 1) = sqrt(0.5); LOO baselines: 1 and 0
+EXPECTED = {
+    # (normalize_std, leave_one_out): advantages
+    (False, False): [0.75, -0.5, -0.25, 0.5, -0.25, -0.25, 0, 0, 0, 0],
+    # 0.75 / 0.5 = 1.5, -0.25 / 0.5 = -0.5; +-0.5 / sqrt(0.5) = +-sqrt(0.5)
+    (True, False): [1.5, -SQRT_HALF, -0.5, SQRT_HALF, -0.5, -0.5, 0, 0, 0, 0],
+    # 1 - 0 = 1, 0 - 1/3 = -1/3; group 3: 0 - 1 = -1, 1 - 0 = 1
+    (False, True): [1.0, -1.0, -1 / 3, 1.0, -1 / 3, -1 / 3, 0, 0, 0, 0],
+    # 1 / 0.5 = 2, (-1/3) / 0.5 = -2/3; +-1 / sqrt(0.5) = +-sqrt(2)
+    (True, True): [2.0, -math.sqrt(2), -2 / 3, math.sqrt(2), -2 / 3, -2 / 3, 0, 0, 0, 0],
+}
+
+
+@pytest.mark.parametrize(("normalize_std", "leave_one_out"), list(EXPECTED))
+def test_hand_computed_values(normalize_std: bool, leave_one_out: bool):
+    advantages = group_advantages(
+        REWARDS, GROUP_IDS, normalize_std=normalize_std, leave_one_out=leave_one_out, eps=0.0
+    )
+    expected = torch.tensor(EXPECTED[(normalize_std, leave_one_out)], dtype=torch.float64)
+    torch.testing.assert_close(advantages, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("normalize_std", "leave_one_out"), list(EXPECTED))
+def test_constant_and_singleton_groups_are_exactly_zero(normalize_std, leave_one_out, dtype):
+    # 0.1 is not exact in binary: in float64 r - mean_g = -1.4e-17 and std_g ~ 0,
+    # which gives -1.4e-11 instead of 0 without the explicit zeroing
+    advantages = group_advantages(
+        REWARDS.to(dtype), GROUP_IDS, normalize_std=normalize_std, leave_one_out=leave_one_out
+    )
+    assert torch.equal(advantages[6:], torch.zeros(4, dtype=dtype))
+    assert advantages.dtype == dtype
+
+
+def test_eps_is_added_to_std():
+    advantages = group_advantages(REWARDS, GROUP_IDS, eps=0.1)
+    # group 7 success: 0.75 / (0.5 + 0.1) = 1.25
+    assert advantages[0].item() == pytest.approx(1.25, abs=1e-12)
+
+
+@pytest.mark.parametrize(("normalize_std", "leave_one_out"), list(EXPECTED))
+def test_independent_of_sample_order(normalize_std: bool, leave_one_out: bool):
+    generator = torch.Generator().manual_seed(0)
+    rewards = torch.rand(40, generator=generator, dtype=torch.float64)
+    group_ids = torch.randint(0, 6, (40,), generator=generator) * 5 + 2
+    permutation = torch.randperm(40, generator=generator)
+    options = {"normalize_std": normalize_std, "leave_one_out": leave_one_out}
+    original = group_advantages(rewards, group_ids, **options)
+    permuted = group_advantages(rewards[permutation], group_ids[permutation], **options)
+    torch.testing.assert_close(permuted, original[permutation], rtol=0, atol=1e-12)
+
+
+def test_input_validation():
+    with pytest.raises(ValueError, match="1-D"):
+        group_advantages(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="3 entries but group_ids has 2"):
+        group_advantages(torch.zeros(3), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(TypeError, match="group_ids must be an integer"):
+        group_advantages(torch.zeros(2), torch.zeros(2))
+    with pytest.raises(TypeError, match="rewards must be a floating"):
+        group_advantages(torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="eps"):
+        group_advantages(torch.zeros(2), torch.zeros(2, dtype=torch.long), eps=-1.0)
