@@ -1,0 +1,109 @@
+"""Turn task items into the exact prompt strings the policy sees, through the tokenizer's own chat template.
+
+`problem_text` is the user-visible problem (prompt + the family's instruction); correction prompts quote it as
+{problem}. `render_prompt` wraps it (or a chat item's messages) in the chat template with the generation prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from cipo_nemo.config.schema import InstructionConfig
+from cipo_nemo.data.sources import DataError, TaskItem
+
+logger = logging.getLogger(__name__)
+
+
+def family_instruction(family: str, instructions: InstructionConfig) -> str:
+    """The instruction appended to every problem of `family`."""
+    by_family = {"math": instructions.math, "code": instructions.code}
+    return by_family[family]
+
+
+def with_instruction(text: str, instruction: str) -> str:
+    """`text`, a blank line and `instruction`; unchanged when the text already ends with the instruction."""
+    if not instruction.strip() or text.rstrip().endswith(instruction.strip()):
+        return text
+    return f"{text.rstrip()}\n\n{instruction}"
+
+
+def problem_text(item: TaskItem, instructions: InstructionConfig) -> str:
+    """The problem as the user sees it: the prompt (or the last user message) followed by the instruction."""
+    instruction = family_instruction(item.family, instructions)
+    if item.prompt is not None:
+        return with_instruction(item.prompt, instruction)
+    return with_instruction(_last_user_message(item)["content"], instruction)
+
+
+def render_chat(user_text: str, *, tokenizer: Any, system_prompt: str | None) -> str:
+    """One user turn (after an optional system message) through the chat template, ready for generation."""
+    messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    messages.append({"role": "user", "content": user_text})
+    return _apply_chat_template(messages, tokenizer=tokenizer)
+
+
+def render_prompt(item: TaskItem, *, tokenizer: Any, instructions: InstructionConfig, system_prompt: str | None) -> str:
+    """The full prompt string of `item`: for a chat item its own messages, with the instruction on the last user
+    turn and `system_prompt` prepended when the messages carry no system message of their own."""
+    if item.prompt is not None:
+        return render_chat(problem_text(item, instructions), tokenizer=tokenizer, system_prompt=system_prompt)
+    messages = [dict(message) for message in item.messages]
+    last_user = max(index for index, message in enumerate(messages) if message["role"] == "user")
+    messages[last_user]["content"] = problem_text(item, instructions)
+    if system_prompt is not None and not any(message["role"] == "system" for message in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return _apply_chat_template(messages, tokenizer=tokenizer)
+
+
+def count_prompt_tokens(rendered: Sequence[str], *, tokenizer: Any) -> list[int]:
+    """Token counts of already rendered prompts (the template's special tokens are in the text already)."""
+    if not rendered:
+        return []
+    return [len(ids) for ids in tokenizer(list(rendered), add_special_tokens=False)["input_ids"]]
+
+
+def drop_long_prompts(
+    items: Sequence[TaskItem],
+    *,
+    tokenizer: Any,
+    instructions: InstructionConfig,
+    system_prompt: str | None,
+    max_prompt_tokens: int,
+) -> tuple[list[TaskItem], int]:
+    """Keep the items whose rendered prompt has at most `max_prompt_tokens` tokens; return them and the number
+    dropped. Dropping every item is a DataError: a run with no prompt left cannot train."""
+    rendered = [
+        render_prompt(item, tokenizer=tokenizer, instructions=instructions, system_prompt=system_prompt)
+        for item in items
+    ]
+    lengths = count_prompt_tokens(rendered, tokenizer=tokenizer)
+    kept = [item for item, length in zip(items, lengths, strict=True) if length <= max_prompt_tokens]
+    dropped = len(items) - len(kept)
+    if dropped:
+        logger.warning(
+            "dropped %d of %d prompts longer than data.max_prompt_tokens=%d tokens (longest: %d tokens)",
+            dropped, len(items), max_prompt_tokens, max(lengths),
+        )
+    if items and not kept:
+        raise DataError(
+            f"every one of the {len(items)} prompts is longer than data.max_prompt_tokens={max_prompt_tokens} "
+            f"tokens (shortest: {min(lengths)} tokens)"
+        )
+    return kept, dropped
+
+
+def _last_user_message(item: TaskItem) -> dict[str, str]:
+    user_messages = [message for message in item.messages if message["role"] == "user"]
+    assert user_messages, "sources guarantee that chat items end with a user message"
+    return user_messages[-1]
+
+
+def _apply_chat_template(messages: list[dict[str, str]], *, tokenizer: Any) -> str:
+    if tokenizer.chat_template is None:
+        raise DataError(
+            f"tokenizer {tokenizer.name_or_path!r} has no chat template; use an instruct/chat tokenizer "
+            "(policy.tokenizer) or one whose tokenizer_config.json sets chat_template"
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
