@@ -1,0 +1,86 @@
+"""Preflight: everything about a run that can be checked before workers start.
+
+Resolves and validates the config, loads every data source (counting skipped rows), checks that the verifier
+can read the gold answers (each gold, quoted back as `\\boxed{gold}`, must score as correct), and computes the
+per-step plan. The training loop runs this first so that a bad config, an empty dataset or gold answers the
+verifier cannot parse stop the run before any heavy work.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from cipo_nemo.config import MasterConfig
+from cipo_nemo.data.sources import DataError, LoadReport, TaskItem, describe, load_items
+from cipo_nemo.environments.math import MathVerifierPool, reason_counts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    base_samples: int  # B * G
+    max_anchors: int  # min(anchor cap, B * G); 0 for GRPO
+    max_correction_samples: int  # max_anchors * G_c
+
+    @property
+    def max_samples(self) -> int:
+        return self.base_samples + self.max_correction_samples
+
+
+@dataclass
+class PreflightReport:
+    plan: StepPlan
+    data: list[LoadReport] = field(default_factory=list)
+    gold_check: dict[str, int] = field(default_factory=dict)  # verifier reason -> count, on math golds
+
+    def lines(self) -> list[str]:
+        plan = self.plan
+        lines = [describe(report) for report in self.data]
+        if self.gold_check:
+            counts = ", ".join(f"{reason}={count}" for reason, count in sorted(self.gold_check.items()))
+            lines.append(f"verifier on the gold answers: {counts}")
+        lines.append(
+            f"per step: {plan.base_samples} base rollouts, up to {plan.max_anchors} anchors and "
+            f"{plan.max_correction_samples} correction rollouts ({plan.max_samples} samples at most)"
+        )
+        return lines
+
+
+def plan_step(cfg: MasterConfig) -> StepPlan:
+    base = cfg.grpo.prompts_per_step * cfg.grpo.samples_per_prompt
+    anchors = min(cfg.cipo.max_anchors_per_step, base) if cfg.cipo.enabled else 0
+    return StepPlan(base_samples=base, max_anchors=anchors, max_correction_samples=anchors * cfg.cipo.samples_per_anchor)
+
+
+def check_gold_answers(items: list[TaskItem], *, num_workers: int, timeout_s: float) -> dict[str, int]:
+    """Score `\\boxed{gold}` against each math gold; anything but "correct" means the verifier misreads a gold."""
+    math_items = [item for item in items if item.family == "math"]
+    if not math_items:
+        return {}
+    with MathVerifierPool(num_workers=num_workers, timeout_s=timeout_s) as pool:
+        verdicts = pool.score([f"\\boxed{{{item.answer}}}" for item in math_items], [item.answer for item in math_items])
+    unreadable = [item for item, verdict in zip(math_items, verdicts) if verdict.reason != "correct"]
+    for item in unreadable[:5]:
+        logger.warning("the verifier does not accept gold answer %r of %s as correct", item.answer, item.origin)
+    return reason_counts(verdicts)
+
+
+def run_preflight(cfg: MasterConfig) -> PreflightReport:
+    """Load and check everything a run needs before workers start; raises DataError on unusable data."""
+    report = PreflightReport(plan=plan_step(cfg))
+    sources = {"train": cfg.data.train, "validation": cfg.data.validation}
+    for name, source in sources.items():
+        if source is None:
+            continue
+        try:
+            items, load_report = load_items(source)
+        except DataError as err:
+            raise DataError(f"data.{name}: {err}") from None
+        report.data.append(load_report)
+        if name == "train":
+            report.gold_check = check_gold_answers(
+                items, num_workers=cfg.verifier.num_workers, timeout_s=cfg.verifier.timeout_s
+            )
+    return report

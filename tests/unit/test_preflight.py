@@ -1,0 +1,65 @@
+"""Preflight: the plan arithmetic, the gold-answer check, and clear stops on bad data before any worker."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cipo_nemo.config import load_config
+from cipo_nemo.data.sources import DataError
+from cipo_nemo.preflight import plan_step, run_preflight
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = REPO / "conf" / "cipo_base.yaml"
+
+
+def test_plan_counts_base_and_correction_samples():
+    cfg = load_config(BASE, ["grpo.prompts_per_step=4", "grpo.samples_per_prompt=8",
+                             "cipo.max_anchors_per_step=6", "cipo.samples_per_anchor=4"])
+    plan = plan_step(cfg)
+    # 4 * 8 = 32 base; 6 anchors * 4 = 24 corrections; 56 at most
+    assert (plan.base_samples, plan.max_anchors, plan.max_correction_samples, plan.max_samples) == (32, 6, 24, 56)
+
+
+def test_plan_for_grpo_has_no_correction_samples():
+    plan = plan_step(load_config(REPO / "conf" / "grpo_base.yaml"))
+    assert (plan.max_anchors, plan.max_correction_samples, plan.max_samples) == (0, 0, 64)
+
+
+def test_anchor_cap_never_exceeds_base_rollouts():
+    cfg = load_config(BASE, ["grpo.prompts_per_step=1", "grpo.samples_per_prompt=2", "cipo.max_anchors_per_step=8"])
+    assert plan_step(cfg).max_anchors == 2
+
+
+def _jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_gold_check_counts_golds_the_verifier_cannot_read(tmp_path):
+    data = _jsonl(tmp_path / "train.jsonl", [
+        {"prompt": "1+1?", "answer": "2"},
+        {"prompt": "half?", "answer": "\\frac{1}{2}"},
+        {"prompt": "broken gold", "answer": "\\frac{1}{"},  # unbalanced: no answer the verifier can read
+    ])
+    cfg = load_config(BASE, ["data.train.kind=file", f"data.train.file.path={data}", "verifier.num_workers=1"])
+    report = run_preflight(cfg)
+    assert report.data[0].loaded == 3
+    assert report.gold_check["correct"] == 2
+    assert sum(report.gold_check.values()) == 3
+
+
+def test_dataset_with_no_usable_row_stops_naming_the_section(tmp_path):
+    data = _jsonl(tmp_path / "empty.jsonl", [{"prompt": "no answer here"}])
+    cfg = load_config(BASE, ["data.train.kind=file", f"data.train.file.path={data}"])
+    with pytest.raises(DataError, match=r"data\.train: .*empty\.jsonl"):
+        run_preflight(cfg)
+
+
+def test_cli_stops_with_one_line_on_a_bad_value():
+    result = subprocess.run([sys.executable, "-m", "cipo_nemo", "cipo.rho.max=3"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "config error: command line: cipo.rho.max: Input should be less than or equal to 1 (got 3)"
