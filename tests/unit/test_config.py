@@ -136,12 +136,23 @@ def test_malformed_override():
         ("++cipo.rho.tua=0.5", "command line: cipo.rho.tua: unknown key (did you mean tau"),
         ("cipo.templates.math=no placeholders", "cipo.templates.math: template lacks the placeholder(s) {problem}"),
         ("data.train.kind=file", "data.train.file: kind is 'file' but file.path is not set"),
+        ("loss.kl_beta=0.1", "policy: reference_policy is 'none' but loss.kl_beta = 0.1 needs the reference policy"),
+        ("validation.every=5", "validation: every > 0 but data.validation is null"),
+        ("validation.pass_k=[1,8]", "validation: pass_k [1, 8] needs samples_per_prompt >= 8"),
+        ("policy.optimizer.min_lr=1e-3", "policy.optimizer.min_lr: must be <= lr (1e-06)"),
+        ("generation.vllm.gpu_memory_utilization=0", "generation.vllm.gpu_memory_utilization: Input should be greater than 0"),
     ],
 )
 def test_bad_values_are_rejected_naming_key_and_source(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(BASE, [override])
     assert expected in str(err.value)
+
+
+def test_fp8_needs_transformer_engine():
+    with pytest.raises(ConfigError, match="policy.megatron.fp8: fp8 needs layer_spec auto or transformer_engine"):
+        load_config(BASE, ["policy.megatron.layer_spec=local", "policy.megatron.fp8=e4m3"])
+    assert load_config(BASE, ["policy.megatron.fp8=e4m3"]).policy.megatron.fp8 == "e4m3"
 
 
 def test_error_names_the_file_a_bad_value_came_from(tmp_path):
