@@ -1,0 +1,1 @@
+"""Evaluation: metrics (pass@k) and, later, the benchmark harness."""
