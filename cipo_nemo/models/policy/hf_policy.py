@@ -1,0 +1,207 @@
+"""The in-process Hugging Face policy: small models, and the reference the Megatron policy is tested against.
+
+Same semantics as the Megatron worker: the interfaces.py logprob alignment, micro-batches sharing one global loss
+denominator, Adam with decoupled weight decay (none on biases and 1-D weights, as megatron's optimizer does),
+gradient clipping on the global norm, and the same learning-rate schedule (megatron_setup.LearningRateSchedule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cipo_nemo.algorithms.loss import PolicyLoss, aggregate_metrics
+from cipo_nemo.config.schema import OptimizerConfig, PolicyConfig
+from cipo_nemo.data.batch import Batch
+from cipo_nemo.models.policy.megatron_setup import build_lr_scheduler, resolve_param_dtype
+
+CHECKPOINT_FILE = "policy.pt"
+
+
+class HFPolicy:
+    """PolicyBackend over `transformers.AutoModelForCausalLM` in this process (one device, no parallelism)."""
+
+    def __init__(self, *, policy: PolicyConfig, num_steps: int, seed: int) -> None:
+        from transformers import AutoModelForCausalLM
+
+        if policy.sequence_packing:
+            raise NotImplementedError("the HF policy does not pack sequences; set policy.sequence_packing=false")
+        torch.manual_seed(seed)
+        self._policy = policy
+        self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        # fp32 weights (Adam's master copy) with bf16 autocast on GPU, like megatron's fp32 main params
+        self._autocast = (
+            torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+            if resolve_param_dtype(policy) == torch.bfloat16
+            else contextlib.nullcontext()
+        )
+        self._model = AutoModelForCausalLM.from_pretrained(policy.model_name, dtype=torch.float32).to(self._device)
+        self._optimizer = build_adamw(optimizer_cfg=policy.optimizer, model=self._model)
+        self._lr_schedule = build_lr_scheduler(optimizer_cfg=policy.optimizer, num_steps=num_steps)
+        self._reference_weights = self._maybe_snapshot_reference_weights()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    # ----- logprobs -----------------------------------------------------------------------------
+
+    def get_logprobs(self, batch: Batch) -> torch.Tensor:
+        """(N, T) logprobs under the current weights, in micro-batches of `logprob_micro_batch_size`."""
+        self._model.eval()
+        with torch.no_grad():
+            parts = [
+                self._micro_batch_logprobs(micro_batch).cpu()
+                for micro_batch in batch.micro_batches(self._policy.logprob_micro_batch_size)
+            ]
+        return torch.cat(parts)
+
+    def get_reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        """Logprobs under the initial weights: the CPU copy is swapped in and the current weights back out."""
+        if self._reference_weights is None:
+            raise ValueError("reference logprobs need policy.reference_policy = cpu_copy (it is 'none')")
+        with self._weights_swapped_in(self._reference_weights):
+            return self.get_logprobs(batch)
+
+    def _micro_batch_logprobs(self, micro_batch: Batch) -> torch.Tensor:
+        sequence_mask = (micro_batch["prompt_mask"] | micro_batch["response_mask"]).to(self._device)
+        full_length = sequence_mask.shape[1]
+        # right padding: the causal mask alone is exact for real tokens, so trim to the longest and pass no mask
+        length = int((torch.arange(full_length, device=self._device) * sequence_mask).max().item()) + 1
+        input_ids = micro_batch["input_ids"][:, :length].long().to(self._device)
+        with self._autocast:
+            logits = self._model(input_ids=input_ids).logits  # (n, S, V)
+        # logits[:, s] predict token s + 1; the last column's target wraps around and is masked below
+        targets = torch.roll(input_ids, shifts=-1, dims=1)
+        next_token_logprobs = -F.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), reduction="none"
+        ).view_as(targets)
+        logprobs = F.pad(next_token_logprobs[:, :-1], (1, 0))
+        logprobs = torch.where(sequence_mask[:, :length], logprobs, torch.zeros_like(logprobs))
+        return F.pad(logprobs, (0, full_length - length))
+
+    # ----- training -----------------------------------------------------------------------------
+
+    def train(
+        self, batch: Batch, loss_fn: PolicyLoss, *, global_denominator: float | None = None
+    ) -> dict[str, float]:
+        """One optimizer step on `batch` in micro-batches of `micro_batch_size`.
+
+        Every micro-batch loss is divided by the denominator of the whole batch (counted here unless given), so
+        the accumulated gradient is the full-batch gradient whatever the micro-batch size.
+        """
+        micro_batches = batch.micro_batches(self._policy.micro_batch_size)
+        if global_denominator is None:
+            global_denominator = float(loss_fn.local_denominator(micro_batches))
+        self._model.train()
+        self._optimizer.zero_grad(set_to_none=True)
+        lr = self._lr_schedule.apply_to(self._optimizer.param_groups)
+        per_micro_batch = []
+        for micro_batch in micro_batches:
+            logprobs = self._micro_batch_logprobs(micro_batch)
+            loss, metrics = loss_fn(logprobs, micro_batch, global_denominator=global_denominator)
+            loss.backward()
+            per_micro_batch.append(metrics)
+        # clip_grad 0 = no clipping; the norm is still a metric (clip at +inf leaves gradients unchanged)
+        max_norm = self._policy.optimizer.clip_grad if self._policy.optimizer.clip_grad > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm)
+        self._optimizer.step()
+        self._lr_schedule.step()
+        return {**aggregate_metrics(per_micro_batch), "grad_norm": float(grad_norm), "lr": lr}
+
+    # ----- weights ------------------------------------------------------------------------------
+
+    def _maybe_snapshot_reference_weights(self) -> dict[str, torch.Tensor] | None:
+        match self._policy.reference_policy:
+            case "none":
+                return None
+            case "cpu_copy":
+                return {name: p.detach().to("cpu", copy=True) for name, p in self._model.named_parameters()}
+            case _:
+                raise ValueError(f"policy.reference_policy must be cpu_copy|none, got "
+                                 f"{self._policy.reference_policy!r}")
+
+    @contextlib.contextmanager
+    def _weights_swapped_in(self, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+        current = {name: p.detach().to("cpu", copy=True) for name, p in self._model.named_parameters()}
+        self._copy_into_parameters(weights)
+        try:
+            yield
+        finally:
+            self._copy_into_parameters(current)
+
+    @torch.no_grad()
+    def _copy_into_parameters(self, weights: dict[str, torch.Tensor]) -> None:
+        for name, parameter in self._model.named_parameters():
+            parameter.copy_(weights[name])
+
+    def export_hf_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """HF-named weights, cloned to CPU; tied duplicates (e.g. a tied lm_head.weight) are left out, as
+        `save_pretrained` leaves them out."""
+        tied_targets = set(getattr(self._model, "all_tied_weights_keys", None) or {})
+        return [
+            (name, tensor.detach().to("cpu", copy=True))
+            for name, tensor in self._model.state_dict().items()
+            if name not in tied_targets
+        ]
+
+    def export_hf_weights_to(self, path: str | Path) -> int:
+        """torch.save the exported weights as a dict to `path` (e.g. /dev/shm for a refit); returns the count."""
+        weights = dict(self.export_hf_weights())
+        torch.save(weights, path)
+        return len(weights)
+
+    # ----- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Model, optimizer and LR-schedule state into the new directory `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=False)
+        state = {
+            "model": self._model.state_dict(),
+            "optimizer": self._optimizer.state_dict(),
+            "lr_schedule": self._lr_schedule.state_dict(),
+        }
+        torch.save(state, path / CHECKPOINT_FILE)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        checkpoint_file = Path(path) / CHECKPOINT_FILE
+        if not checkpoint_file.is_file():
+            raise FileNotFoundError(f"no HF policy checkpoint at {checkpoint_file}")
+        state = torch.load(checkpoint_file, map_location=self._device, weights_only=True)
+        self._model.load_state_dict(state["model"])
+        self._optimizer.load_state_dict(state["optimizer"])
+        self._lr_schedule.load_state_dict(state["lr_schedule"])
+
+    def save_hf(self, path: str | Path) -> None:
+        """`save_pretrained` of the current weights, with the tokenizer of `policy.tokenizer` or the model dir."""
+        from transformers import AutoTokenizer
+
+        self._model.save_pretrained(str(path))
+        tokenizer_source = self._policy.tokenizer or self._policy.model_name
+        AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(str(path))
+
+    def shutdown(self) -> None:
+        self._model, self._optimizer, self._reference_weights = None, None, None
+
+
+def build_adamw(*, optimizer_cfg: OptimizerConfig, model: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW with the config's betas/eps/decay; biases and 1-D weights get no decay (megatron's default rule)."""
+    decayed, not_decayed = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (not_decayed if parameter.ndim == 1 or name.endswith(".bias") else decayed).append(parameter)
+    return torch.optim.AdamW(
+        [
+            {"params": decayed, "weight_decay": optimizer_cfg.weight_decay},
+            {"params": not_decayed, "weight_decay": 0.0},
+        ],
+        lr=optimizer_cfg.lr,
+        betas=(optimizer_cfg.adam_beta1, optimizer_cfg.adam_beta2),
+        eps=optimizer_cfg.adam_eps,
+    )

@@ -1,0 +1,469 @@
+"""The Megatron policy on one rank: logprobs, train steps, weight export and checkpoints.
+
+One `MegatronPolicyWorker` lives on every rank of an initialized torch.distributed world (a Ray worker group,
+torchrun, or the gloo test harness). Axes: every method takes this rank's data-parallel shard, and all TP/PP ranks
+of one DP group get the same shard; results come from the output rank of each DP group (TP rank 0 on the last
+pipeline stage, `is_output_rank`), except where a method says otherwise.
+
+Logprob convention (cipo_nemo/models/interfaces.py): `logprobs[:, t] = log p(input_ids[:, t] | input_ids[:, :t])`,
+0 at t = 0 and on padding (positions outside `prompt_mask | response_mask`). Rows are right-padded, so megatron's
+causal mask suffices and no attention mask is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from cipo_nemo.algorithms.loss import PolicyLoss, aggregate_metrics
+from cipo_nemo.config.schema import PolicyConfig
+from cipo_nemo.data.batch import Batch
+from cipo_nemo.models.policy.megatron_setup import (
+    build_lr_scheduler,
+    build_megatron_model,
+    build_optimizer,
+    init_parallel_state,
+)
+
+# dist_checkpointing metadata, as megatron's trainer writes with --dist-ckpt-optim-fully-reshardable: the
+# distributed optimizer's state is stored per parameter, so a checkpoint loads at any TP/PP/DP layout
+_FULLY_RESHARDABLE = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "singleton_local_shards": False,
+    "chained_optim_avoid_prefix": True,
+}
+
+
+@dataclass
+class _MicroBatch:
+    """One micro-batch as the model sees it; `samples` are the real rows (for the loss), the rest is padding."""
+
+    samples: Batch
+    input_ids: torch.Tensor  # (rows, S) with rows >= len(samples), S <= the batch's T
+    position_ids: torch.Tensor  # (rows, S)
+    sequence_mask: torch.Tensor  # (rows, S) bool, prompt or response token
+    full_length: int  # the batch's T: logprobs are right-padded back to it
+
+
+class MegatronPolicyWorker:
+    """One rank of the Megatron policy (see the module docstring for the data and output conventions)."""
+
+    def __init__(self, *, policy: PolicyConfig, num_steps: int, seed: int) -> None:
+        self._policy = policy
+        self._owns_process_group = init_parallel_state(megatron_cfg=policy.megatron, seed=seed)
+        model = build_megatron_model(policy_cfg=policy)
+        self._bridge, self._chunks = model.bridge, model.chunks
+        self._optimizer = build_optimizer(optimizer_cfg=policy.optimizer, model=model)
+        self._lr_schedule = build_lr_scheduler(optimizer_cfg=policy.optimizer, num_steps=num_steps)
+        self._reference_weights = self._maybe_snapshot_reference_weights()
+
+    # ----- placement ----------------------------------------------------------------------------
+
+    @property
+    def dp_rank(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_rank()
+
+    @property
+    def dp_size(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_world_size()
+
+    @property
+    def is_output_rank(self) -> bool:
+        """TP rank 0 on the last pipeline stage: the rank whose return values the controller keeps."""
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.is_pipeline_last_stage()
+
+    def parallel_info(self) -> dict[str, int | bool]:
+        """dp_rank, dp_size and is_output_rank in one call (the Ray facade routes shards and results with them)."""
+        return {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "is_output_rank": self.is_output_rank}
+
+    # ----- logprobs -----------------------------------------------------------------------------
+
+    def get_logprobs(self, batch: Batch) -> torch.Tensor | None:
+        """(N, T) logprobs of this rank's shard under the current weights; None on non-output ranks."""
+        micro_batches = self._build_micro_batches(batch, self._policy.logprob_micro_batch_size)
+        for chunk in self._chunks:
+            chunk.eval()
+        with torch.no_grad():
+            outputs = self._run_schedule(micro_batches, self._collect_logprobs, forward_only=True)
+        if not self.is_output_rank:
+            return None
+        return torch.cat([output["logprobs"] for output in outputs])
+
+    def get_reference_logprobs(self, batch: Batch) -> torch.Tensor | None:
+        """Logprobs under the initial weights (`reference_policy: cpu_copy`).
+
+        NeMo-RL's choice: a CPU copy of the initial weights is swapped into the live model (in-place copies, so
+        DDP buffers and optimizer views stay valid), the logprobs are computed, and the current weights are
+        swapped back. It costs two host copies per call instead of a second resident model.
+        """
+        if self._reference_weights is None:
+            raise ValueError("reference logprobs need policy.reference_policy = cpu_copy (it is 'none')")
+        with self._weights_swapped_in(self._reference_weights):
+            return self.get_logprobs(batch)
+
+    def _collect_logprobs(
+        self, micro_batch: _MicroBatch, output: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logprobs = self._token_logprobs(output, micro_batch)
+        return logprobs.new_zeros(()), {"logprobs": logprobs.detach().cpu()}
+
+    def _token_logprobs(self, logits: torch.Tensor, micro_batch: _MicroBatch) -> torch.Tensor:
+        """(n_real, T) logprobs from this rank's vocab shard of the logits, per the module's alignment."""
+        from megatron.core import tensor_parallel
+
+        # logits[:, s] predict token s + 1; the last column's target wraps around and is masked below
+        targets = torch.roll(micro_batch.input_ids, shifts=-1, dims=1)
+        # fp32 per micro-batch only: (rows, S, V / TP) -> (rows, S); full-vocab logits are never gathered
+        next_token_logprobs = -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets)
+        logprobs = F.pad(next_token_logprobs[:, :-1], (1, 0))
+        logprobs = torch.where(micro_batch.sequence_mask, logprobs, torch.zeros_like(logprobs))
+        num_samples = len(micro_batch.samples)
+        return F.pad(logprobs[:num_samples], (0, micro_batch.full_length - logprobs.shape[1]))
+
+    # ----- training -----------------------------------------------------------------------------
+
+    def train(self, batch: Batch, loss_fn: PolicyLoss, *, global_denominator: float) -> dict[str, float]:
+        """One optimizer step on this rank's shard; returns the global step's metrics on every rank.
+
+        Each micro-batch loss is `loss_fn(..., global_denominator=...)`, already a share of the full-batch loss.
+        megatron divides every micro-batch loss by the number of micro-batches (forward_step_calc_loss in
+        pipeline_parallel/schedules.py) and DDP pre-scales gradients by 1/DP before summing them over DP
+        (gradient_scaling_factor in distributed/distributed_data_parallel.py); scaling the loss by both undoes
+        that, so the gradient is the sum over all micro-batches of all DP ranks: the full-batch gradient.
+        """
+        micro_batches = self._build_micro_batches(batch, self._policy.micro_batch_size)
+        loss_scale = len(micro_batches) * self.dp_size
+        for chunk in self._chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self._optimizer.zero_grad()
+        lr = self._lr_schedule.apply_to(self._optimizer.param_groups)
+
+        def micro_batch_loss(micro_batch: _MicroBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            logprobs = self._token_logprobs(output, micro_batch)
+            loss, metrics = loss_fn(logprobs, micro_batch.samples, global_denominator=global_denominator)
+            return loss * loss_scale, metrics
+
+        per_micro_batch = self._run_schedule(micro_batches, micro_batch_loss, forward_only=False)
+        _, grad_norm, _ = self._optimizer.step()
+        self._lr_schedule.step()
+        metrics = self._global_metrics(per_micro_batch)
+        return {**metrics, "grad_norm": float(grad_norm), "lr": lr}
+
+    def _global_metrics(self, per_micro_batch: list[dict[str, float]]) -> dict[str, float]:
+        """Loss metrics over all micro-batches and DP ranks, on every rank (they exist on the last stage only)."""
+        from megatron.core import parallel_state
+
+        aggregated: list[dict[str, float] | None] = [None]
+        if parallel_state.is_pipeline_last_stage():
+            per_rank: list[dict[str, float]] = [{} for _ in range(self.dp_size)]
+            dist.all_gather_object(
+                per_rank, aggregate_metrics(per_micro_batch), group=parallel_state.get_data_parallel_group()
+            )
+            aggregated = [aggregate_metrics(per_rank)]
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast_object_list(
+                aggregated,
+                src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group(),
+            )
+        assert aggregated[0] is not None
+        return aggregated[0]
+
+    # ----- the schedule -------------------------------------------------------------------------
+
+    def _run_schedule(
+        self,
+        micro_batches: list[_MicroBatch],
+        loss_func: Callable[[_MicroBatch, torch.Tensor], tuple[torch.Tensor, dict]],
+        *,
+        forward_only: bool,
+    ) -> list[dict]:
+        """megatron's (pipelined) forward(-backward) schedule; returns loss_func's dicts on the last stage."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator: Iterator[_MicroBatch], model: Any) -> tuple[torch.Tensor, Callable]:
+            micro_batch = next(data_iterator)
+            # later pipeline stages ignore input_ids and take the previous stage's activations
+            output = model(input_ids=micro_batch.input_ids, position_ids=micro_batch.position_ids,
+                           attention_mask=None)
+            return output, partial(loss_func, micro_batch)
+
+        rows, seq_length = micro_batches[0].input_ids.shape
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=self._chunks,
+            num_microbatches=len(micro_batches),
+            seq_length=seq_length,
+            micro_batch_size=rows,
+            forward_only=forward_only,
+        )
+
+    def _build_micro_batches(self, batch: Batch, micro_batch_size: int) -> list[_MicroBatch]:
+        """Micro-batches trimmed to the shard's longest sequence; padded to full rows under PP (fixed p2p shapes)."""
+        from megatron.core import parallel_state
+
+        if len(batch) == 0:
+            raise ValueError("the policy got an empty data-parallel shard; every DP rank needs >= 1 sample")
+        sequence_mask = batch["prompt_mask"] | batch["response_mask"]
+        full_length = sequence_mask.shape[1]
+        positions = torch.arange(full_length)
+        length = int((positions[None, :] * sequence_mask).max().item()) + 1
+        pad_rows = parallel_state.get_pipeline_model_parallel_world_size() > 1
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        micro_batches = []
+        for samples in batch.micro_batches(micro_batch_size):
+            rows = micro_batch_size if pad_rows else len(samples)
+            input_ids = _pad_rows(samples["input_ids"][:, :length].long(), rows)
+            mask = _pad_rows((samples["prompt_mask"] | samples["response_mask"])[:, :length], rows)
+            micro_batches.append(
+                _MicroBatch(
+                    samples=samples,
+                    input_ids=input_ids.to(device),
+                    position_ids=positions[:length].expand(rows, length).to(device),
+                    sequence_mask=mask.to(device),
+                    full_length=full_length,
+                )
+            )
+        return micro_batches
+
+    # ----- weights ------------------------------------------------------------------------------
+
+    def _named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        for index, chunk in enumerate(self._chunks):
+            for name, parameter in chunk.named_parameters():
+                yield f"{index}.{name}", parameter
+
+    def _maybe_snapshot_reference_weights(self) -> dict[str, torch.Tensor] | None:
+        match self._policy.reference_policy:
+            case "none":
+                return None
+            case "cpu_copy":
+                return {name: p.detach().to("cpu", copy=True) for name, p in self._named_parameters()}
+            case _:
+                raise ValueError(f"policy.reference_policy must be cpu_copy|none, got "
+                                 f"{self._policy.reference_policy!r}")
+
+    @contextlib.contextmanager
+    def _weights_swapped_in(self, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+        current = {name: p.detach().to("cpu", copy=True) for name, p in self._named_parameters()}
+        self._copy_into_parameters(weights)
+        try:
+            yield
+        finally:
+            self._copy_into_parameters(current)
+
+    @torch.no_grad()
+    def _copy_into_parameters(self, weights: dict[str, torch.Tensor]) -> None:
+        for name, parameter in self._named_parameters():
+            parameter.copy_(weights[name])
+
+    def export_hf_weights(self) -> dict[str, torch.Tensor] | None:
+        """Full (TP/PP-gathered) HF-named weights, cloned, on global rank 0; None elsewhere. Collective.
+
+        Clones because the bridge yields views into DDP's contiguous parameter buffer, and serializing a view
+        ships the whole buffer (PLATFORM.md). A tied output layer is not emitted (HF does not store it either).
+        """
+        keep = dist.get_rank() == 0
+        weights: dict[str, torch.Tensor] = {}
+        for name, tensor in self._bridge.export_hf_weights(self._chunks, cpu=True, show_progress=False):
+            if keep:
+                weights[name] = tensor.detach().clone()
+        return weights if keep else None
+
+    def export_hf_weights_to(self, path: str | Path) -> int:
+        """torch.save the HF-named weights to `path` on rank 0 (e.g. /dev/shm for a refit); returns the tensor
+        count on rank 0 (0 elsewhere). Collective; the file is complete when any rank returns."""
+        weights = self.export_hf_weights()
+        count = 0
+        if weights is not None:
+            torch.save(weights, path)
+            count = len(weights)
+        dist.barrier()
+        return count
+
+    # ----- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Weights, optimizer and LR-schedule state with megatron dist_checkpointing into a new directory `path`.
+        Collective; `path` must be on a filesystem every rank sees."""
+        from megatron.core import dist_checkpointing
+
+        path = Path(path)
+        if path.exists():
+            raise FileExistsError(f"checkpoint directory {path} already exists; save into a new directory")
+        dist.barrier()
+        if dist.get_rank() == 0:
+            path.mkdir(parents=True)
+        dist.barrier()
+        dist_checkpointing.save(self._sharded_state_dict(is_loading=False), str(path))
+        dist.barrier()
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore what save_checkpoint wrote, at this worker's TP/PP/DP layout (any layout can load it)."""
+        from megatron.core import dist_checkpointing
+
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        state = dist_checkpointing.load(self._sharded_state_dict(is_loading=True), str(path))
+        self._unwrapped_model().load_state_dict(state["model"])
+        with _torch_adam_step_set_aside(self._optimizer):
+            self._optimizer.load_state_dict(state["optimizer"])
+        self._lr_schedule.load_state_dict(state["lr_schedule"])
+
+    def _unwrapped_model(self) -> Any:
+        """The GPTModel inside DDP (and Float16Module): checkpoints use its parameter names, as megatron's do."""
+        from megatron.core.utils import unwrap_model
+
+        if len(self._chunks) != 1:
+            raise NotImplementedError("checkpoints of virtual-pipeline models (several chunks) are not supported")
+        return unwrap_model(self._chunks[0])
+
+    def _sharded_state_dict(self, *, is_loading: bool) -> dict[str, Any]:
+        from megatron.core import parallel_state
+
+        _fill_empty_torch_adam_state(self._optimizer)
+        metadata = {
+            **_FULLY_RESHARDABLE,
+            "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
+        }
+        model_state = self._unwrapped_model().sharded_state_dict(metadata=metadata)
+        return {
+            "model": model_state,
+            "optimizer": self._optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata),
+            "lr_schedule": self._lr_schedule.state_dict(),
+        }
+
+    def save_hf(self, path: str | Path) -> None:
+        """A Hugging Face checkpoint directory of the current weights (what `save_pretrained` writes: config,
+        safetensors shards, generation config, tokenizer), written by rank 0. Collective.
+
+        Not megatron-bridge's `save_hf_pretrained`: its weight writer imports nvidia-modelopt unconditionally
+        (auto_bridge.py:1127, save_hf_weights), which is not part of either install profile. The bridge still
+        writes the config and tokenizer artifacts of the source checkpoint (`save_artifacts`).
+        """
+        weights = self.export_hf_weights()
+        if weights is not None:
+            path = Path(path)
+            self._bridge.hf_pretrained.save_artifacts(path)
+            if self._policy.tokenizer is not None:
+                from transformers import AutoTokenizer
+
+                AutoTokenizer.from_pretrained(self._policy.tokenizer).save_pretrained(str(path))
+            _write_safetensors(weights, path)
+        dist.barrier()
+
+    def shutdown(self) -> None:
+        """Drop the model and optimizer, destroy megatron's groups and, if this worker created it, the world."""
+        from megatron.core import parallel_state
+
+        self._chunks, self._optimizer, self._reference_weights = [], None, None
+        parallel_state.destroy_model_parallel()
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----- megatron-core 0.19.2 with torch's Adam (no Apex / TE fused Adam: CPU, or a GPU install without TE) -----
+
+
+def _torch_adams(optimizer: Any) -> Iterator[tuple[Any, torch.optim.Optimizer]]:
+    """(megatron optimizer, inner torch Adam) pairs; fused TE/Apex Adams keep `step` per group and need nothing."""
+    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = megatron_optimizer.optimizer
+        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            yield megatron_optimizer, inner
+
+
+def _fill_empty_torch_adam_state(optimizer: Any) -> None:
+    """Give a never-stepped torch Adam the state its first step would create (step 0, zero moments).
+
+    The distributed optimizer's state_dict reads `step` from every parameter's state
+    (optimizer/distrib_optimizer.py:839 asserts one common step), so a fresh optimizer can neither be saved nor
+    be the template a checkpoint loads into. Training from this state is identical to torch's lazy init.
+    """
+    for _, inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            for parameter in group["params"]:
+                if not inner.state[parameter]:
+                    inner.state[parameter] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(parameter),
+                        "exp_avg_sq": torch.zeros_like(parameter),
+                    }
+
+
+@contextlib.contextmanager
+def _torch_adam_step_set_aside(optimizer: Any) -> Iterator[None]:
+    """Work around two bugs of DistributedOptimizer.load_state_dict with torch's Adam.
+
+    1. The per-parameter copy (_set_main_param_and_optimizer_states, distrib_optimizer.py:1218-1225) copies every
+       tensor of the optimizer state from the checkpoint's tensors, which never hold `step` (it is stored once,
+       in the param groups): KeyError 'step'. The step is set aside while each parameter is copied.
+    2. It gives every parameter the same `step` tensor object (distrib_optimizer.py:1027-1033); torch's Adam
+       increments each parameter's step in place, so the shared counter would advance once per parameter per
+       step and corrupt Adam's bias correction. Each parameter gets its own copy afterwards.
+    """
+    patched = []
+    for megatron_optimizer, inner in _torch_adams(optimizer):
+        copy_states = getattr(megatron_optimizer, "_set_main_param_and_optimizer_states", None)
+        if copy_states is None:
+            continue
+
+        def copy_without_step(model_param, tensors, *, _owner=megatron_optimizer, _inner=inner, _copy=copy_states):
+            group_index, group_order = _owner.model_param_group_index_map[model_param]
+            state = _inner.state[_inner.param_groups[group_index]["params"][group_order]]
+            step = state.pop("step", None)
+            try:
+                _copy(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+
+        megatron_optimizer._set_main_param_and_optimizer_states = copy_without_step
+        patched.append(megatron_optimizer)
+    try:
+        yield
+    finally:
+        for megatron_optimizer in patched:
+            del megatron_optimizer._set_main_param_and_optimizer_states
+        for _, inner in _torch_adams(optimizer):
+            for state in inner.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
+
+
+def _write_safetensors(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Shards (+ index when sharded) as `save_pretrained` lays them out."""
+    import json
+
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    plan = split_torch_state_dict_into_shards(weights)
+    for filename, names in plan.filename_to_tensors.items():
+        save_file({name: weights[name].contiguous() for name in names}, path / filename, metadata={"format": "pt"})
+    if plan.is_sharded:
+        index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """Append zero rows up to `rows` (pipeline stages exchange fixed-shape activations)."""
+    if tensor.shape[0] == rows:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))])

@@ -1,0 +1,385 @@
+"""MegatronPolicyWorker on tiny random Llama (untied) and Qwen2 (tied) models over gloo, checked against HFPolicy.
+
+Four multi-rank runs, each a module fixture that checks several things at once (imports dominate their cost):
+  single: 1 rank   - logprobs, train step, 1 vs 4 micro-batches (and plain vs distributed optimizer), export
+                     round trip, reference policy, import shims, configuration errors
+  tp2:    2 ranks  - TP=2 logprobs and train step; checkpoint after step 1, step 2; save_hf
+  pp2:    2 ranks  - PP=2 logprobs and train step; loads tp2's checkpoint, step 2 again
+  dp2:    2 ranks  - DP=2 (+ activation recompute) train step on the same global batch, sharded by groups
+"""
+
+from __future__ import annotations
+
+import sys
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from multirank import run_on_ranks
+from policy_cases import (
+    LOSS,
+    STEP_WEIGHT_TOLERANCE,
+    make_batch,
+    make_policy,
+    max_abs_diff,
+    max_weight_diff,
+)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cipo_nemo.config.schema import PolicyConfig
+from cipo_nemo.data.batch import Batch
+from cipo_nemo.models.policy.hf_policy import HFPolicy
+from cipo_nemo.models.tiny import build_tiny_model_dir
+
+LOGPROB_TOLERANCE = 1e-4
+MODELS = ("llama", "qwen2_tied")
+
+
+@dataclass
+class HFReference:
+    """HFPolicy on the same checkpoint and batch: the expected numbers."""
+
+    model_dir: Path
+    batch: Batch
+    initial_logprobs: torch.Tensor
+    initial_weights: dict[str, torch.Tensor]
+    step: dict[str, float]
+    stepped_logprobs: torch.Tensor
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, HFReference]:
+    root = tmp_path_factory.mktemp("megatron_policy_models")
+    model_dirs = {
+        "llama": build_tiny_model_dir(root / "llama", architecture="llama"),
+        "qwen2_tied": build_tiny_model_dir(root / "qwen2", architecture="qwen2", tie_word_embeddings=True),
+    }
+    return {name: _hf_reference(model_dir) for name, model_dir in model_dirs.items()}
+
+
+def _hf_reference(model_dir: Path) -> HFReference:
+    batch = make_batch(vocab_size=len(AutoTokenizer.from_pretrained(model_dir)))
+    policy = HFPolicy(policy=make_policy(model_dir), num_steps=4, seed=0)
+    initial_logprobs = policy.get_logprobs(batch)
+    initial_weights = dict(policy.export_hf_weights())
+    step = policy.train(batch, LOSS)
+    return HFReference(model_dir, batch, initial_logprobs, initial_weights, step, policy.get_logprobs(batch))
+
+
+def _policy(reference: HFReference, **megatron: Any) -> PolicyConfig:
+    return make_policy(reference.model_dir, micro_batch_size=2, logprob_micro_batch_size=3, megatron=megatron)
+
+
+def _denominator(shard_micro_batches: list[Batch]) -> float:
+    """The global loss denominator: this rank's count summed over the world (= over DP when TP = PP = 1)."""
+    count = torch.tensor(float(LOSS.local_denominator(shard_micro_batches)), dtype=torch.float64)
+    dist.all_reduce(count)
+    return count.item()
+
+
+# ----- rank functions (run in spawned processes) ------------------------------------------------------------
+
+
+def single_rank_checks(rank: int, world_size: int, policies: dict[str, PolicyConfig],
+                       batches: dict[str, Batch], export_path: str) -> dict[str, Any]:
+    from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
+
+    results: dict[str, Any] = {}
+    for name, policy in policies.items():
+        batch = batches[name]
+        worker = MegatronPolicyWorker(policy=policy, num_steps=4, seed=0)
+        result = {"initial_logprobs": worker.get_logprobs(batch), "initial_export": worker.export_hf_weights()}
+        result["step"] = worker.train(batch, LOSS, global_denominator=_denominator([batch]))
+        result["stepped_logprobs"] = worker.get_logprobs(batch)
+        result["reference_logprobs"] = worker.get_reference_logprobs(batch)
+        result["logprobs_after_reference"] = worker.get_logprobs(batch)
+        result["stepped_export"] = worker.export_hf_weights()
+        results[name] = result
+    # the same llama step in one micro-batch of 8 (the runs above use 4 micro-batches of 2), and with megatron's
+    # plain (not distributed) optimizer
+    llama = policies["llama"]
+    one_micro_batch = llama.model_copy(
+        update={"micro_batch_size": 8, "megatron": llama.megatron.model_copy(update={"distributed_optimizer": False})}
+    )
+    worker = MegatronPolicyWorker(policy=one_micro_batch, num_steps=4, seed=0)
+    results["llama_one_micro_batch"] = {
+        "step": worker.train(batches["llama"], LOSS, global_denominator=_denominator([batches["llama"]])),
+        "stepped_export": worker.export_hf_weights(),
+        "exported_count": worker.export_hf_weights_to(export_path),
+    }
+    results["import_shims"] = {
+        "transformer_engine_left_in_sys_modules": "transformer_engine" in sys.modules,
+        "typing_override": hasattr(typing, "override"),
+    }
+    results["errors"] = {
+        "tp2_in_world_of_1": _error_of(MegatronPolicyWorker, llama.model_copy(
+            update={"megatron": llama.megatron.model_copy(update={"tensor_parallel": 2})})),
+        "sequence_packing": _error_of(MegatronPolicyWorker, llama.model_copy(update={"sequence_packing": True})),
+    }
+    return results
+
+
+def _error_of(worker_class: type, policy: PolicyConfig) -> str:
+    try:
+        worker_class(policy=policy, num_steps=1, seed=0)
+    except (ValueError, NotImplementedError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def tp2_checks(rank: int, world_size: int, policies: dict[str, PolicyConfig], batches: dict[str, Batch],
+               checkpoint_dir: str, hf_dir: str) -> dict[str, Any]:
+    from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
+
+    results: dict[str, Any] = {}
+    for name, policy in policies.items():
+        batch = batches[name]
+        worker = MegatronPolicyWorker(policy=policy, num_steps=4, seed=0)
+        result = {"is_output_rank": worker.is_output_rank, "initial_logprobs": worker.get_logprobs(batch)}
+        # TP ranks of one DP group share the shard: the denominator is counted once per DP group
+        denominator = float(LOSS.local_denominator([batch]))
+        result["step"] = worker.train(batch, LOSS, global_denominator=denominator)
+        result["stepped_logprobs"] = worker.get_logprobs(batch)
+        result["stepped_export"] = worker.export_hf_weights()
+        if name == "llama":
+            worker.save_checkpoint(checkpoint_dir)
+            worker.save_hf(hf_dir)
+            result["second_step"] = worker.train(batch, LOSS, global_denominator=denominator)
+            result["second_step_export"] = worker.export_hf_weights()
+        results[name] = result
+    return results
+
+
+def pp2_checks(rank: int, world_size: int, policies: dict[str, PolicyConfig], batches: dict[str, Batch],
+               checkpoint_dir: str) -> dict[str, Any]:
+    from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
+
+    results: dict[str, Any] = {}
+    for name, policy in policies.items():
+        batch = batches[name]
+        worker = MegatronPolicyWorker(policy=policy, num_steps=4, seed=0)
+        result = {"is_output_rank": worker.is_output_rank, "initial_logprobs": worker.get_logprobs(batch)}
+        denominator = float(LOSS.local_denominator([batch]))
+        if name == "llama":
+            # the TP=2 checkpoint (weights, Adam state, schedule position after step 1), resharded to PP=2
+            worker.load_checkpoint(checkpoint_dir)
+            result["loaded_logprobs"] = worker.get_logprobs(batch)
+            result["second_step"] = worker.train(batch, LOSS, global_denominator=denominator)
+            result["second_step_export"] = worker.export_hf_weights()
+        else:
+            result["step"] = worker.train(batch, LOSS, global_denominator=denominator)
+            result["stepped_logprobs"] = worker.get_logprobs(batch)
+        results[name] = result
+    return results
+
+
+def dp2_checks(rank: int, world_size: int, policy: PolicyConfig, batch: Batch) -> dict[str, Any]:
+    from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
+
+    worker = MegatronPolicyWorker(policy=policy, num_steps=4, seed=0)
+    shard = batch.shard_by_groups(worker.dp_size)[worker.dp_rank]
+    step = worker.train(shard, LOSS, global_denominator=_denominator(shard.micro_batches(policy.micro_batch_size)))
+    return {
+        "dp": (worker.dp_rank, worker.dp_size),
+        "shard_size": len(shard),
+        "step": step,
+        "stepped_export": worker.export_hf_weights(),
+        "reference_logprobs": worker.get_reference_logprobs(shard),
+    }
+
+
+# ----- the runs ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def single(references: dict[str, HFReference], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    export_path = tmp_path_factory.mktemp("export") / "weights.pt"
+    policies = {name: _policy(reference) for name, reference in references.items()}
+    batches = {name: reference.batch for name, reference in references.items()}
+    (results,) = run_on_ranks(single_rank_checks, world_size=1, args=(policies, batches, str(export_path)))
+    results["export_path"] = export_path
+    return results
+
+
+@pytest.fixture(scope="module")
+def tp2(references: dict[str, HFReference], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("tp2")
+    policies = {name: _policy(reference, tensor_parallel=2) for name, reference in references.items()}
+    batches = {name: reference.batch for name, reference in references.items()}
+    per_rank = run_on_ranks(
+        tp2_checks, world_size=2, args=(policies, batches, str(root / "checkpoint"), str(root / "hf"))
+    )
+    return {"per_rank": per_rank, "checkpoint_dir": root / "checkpoint", "hf_dir": root / "hf"}
+
+
+@pytest.fixture(scope="module")
+def pp2(references: dict[str, HFReference], tp2: dict[str, Any]) -> dict[str, Any]:
+    policies = {name: _policy(reference, pipeline_parallel=2) for name, reference in references.items()}
+    batches = {name: reference.batch for name, reference in references.items()}
+    return {"per_rank": run_on_ranks(pp2_checks, world_size=2, args=(policies, batches, str(tp2["checkpoint_dir"])))}
+
+
+@pytest.fixture(scope="module")
+def dp2(references: dict[str, HFReference]) -> list[dict[str, Any]]:
+    reference = references["llama"]
+    policy = _policy(reference, activation_recompute=True, distributed_optimizer=True)
+    return run_on_ranks(dp2_checks, world_size=2, args=(policy, reference.batch))
+
+
+def _output(run: dict[str, Any], model: str) -> dict[str, Any]:
+    """The one output rank's results (TP rank 0 on the last stage); the other rank returned None logprobs."""
+    outputs = [ranks[model] for ranks in run["per_rank"] if ranks[model]["is_output_rank"]]
+    others = [ranks[model] for ranks in run["per_rank"] if not ranks[model]["is_output_rank"]]
+    assert len(outputs) == 1 and all(other["initial_logprobs"] is None for other in others)
+    return outputs[0]
+
+
+# ----- logprobs ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
+def test_logprobs_equal_hf(layout: str, model: str, request: pytest.FixtureRequest,
+                           references: dict[str, HFReference]) -> None:
+    match layout:
+        case "tp1":
+            logprobs = request.getfixturevalue("single")[model]["initial_logprobs"]
+        case _:
+            logprobs = _output(request.getfixturevalue(layout), model)["initial_logprobs"]
+    expected = references[model].initial_logprobs
+    assert logprobs.shape == expected.shape
+    assert max_abs_diff(logprobs, expected) < LOGPROB_TOLERANCE
+    # padding and t = 0 are exactly 0, as in the HF policy
+    assert torch.equal(logprobs == 0, expected == 0)
+
+
+# ----- train step -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_train_step_matches_hf(model: str, single: dict[str, Any], tp2: dict[str, Any], pp2: dict[str, Any],
+                               references: dict[str, HFReference]) -> None:
+    reference = references[model]
+    runs = {"tp1": single[model], "tp2": _output(tp2, model)}
+    if model == "qwen2_tied":  # the tied embedding is split over the first and last PP stage
+        runs["pp2"] = _output(pp2, model)
+    for layout, result in runs.items():
+        step = result["step"]
+        assert step["num_valid_tokens"] == reference.step["num_valid_tokens"], layout
+        assert step["loss"] == pytest.approx(reference.step["loss"], rel=1e-5, abs=1e-7), layout
+        assert step["grad_norm"] == pytest.approx(reference.step["grad_norm"], rel=1e-5), layout
+        assert step["lr"] == reference.step["lr"], layout
+        assert max_abs_diff(result["stepped_logprobs"], reference.stepped_logprobs) < LOGPROB_TOLERANCE, layout
+    # the step moved the policy far beyond the tolerance
+    assert max_abs_diff(reference.stepped_logprobs, reference.initial_logprobs) > 0.05
+
+
+def test_one_and_four_micro_batches_take_the_same_step(single: dict[str, Any]) -> None:
+    # four micro-batches + distributed optimizer vs one micro-batch + megatron's plain optimizer
+    four, one = single["llama"], single["llama_one_micro_batch"]
+    assert one["step"]["loss"] == pytest.approx(four["step"]["loss"], rel=1e-6)
+    assert one["step"]["grad_norm"] == pytest.approx(four["step"]["grad_norm"], rel=1e-6)
+    assert one["step"]["num_valid_tokens"] == four["step"]["num_valid_tokens"]
+    assert max_weight_diff(one["stepped_export"], four["stepped_export"]) < STEP_WEIGHT_TOLERANCE
+
+
+def test_data_parallel_step_equals_single_rank_step(dp2: list[dict[str, Any]], single: dict[str, Any],
+                                                   tp2: dict[str, Any]) -> None:
+    assert [result["dp"] for result in dp2] == [(0, 2), (1, 2)]
+    assert sum(result["shard_size"] for result in dp2) == 8
+    expected = single["llama"]
+    for result in dp2:  # every DP rank reports the global step's metrics
+        assert result["step"]["loss"] == pytest.approx(expected["step"]["loss"], rel=1e-6)
+        assert result["step"]["grad_norm"] == pytest.approx(expected["step"]["grad_norm"], rel=1e-6)
+        assert result["step"]["num_valid_tokens"] == expected["step"]["num_valid_tokens"]
+    assert dp2[1]["stepped_export"] is None  # full weights on global rank 0 only
+    assert max_weight_diff(dp2[0]["stepped_export"], expected["stepped_export"]) < STEP_WEIGHT_TOLERANCE
+    tp2_export = tp2["per_rank"][0]["llama"]["stepped_export"]  # gathered over TP onto global rank 0
+    assert tp2["per_rank"][1]["llama"]["stepped_export"] is None
+    assert max_weight_diff(tp2_export, expected["stepped_export"]) < STEP_WEIGHT_TOLERANCE
+
+
+# ----- reference policy, export, checkpoints ---------------------------------------------------------------
+
+
+def test_reference_logprobs_stay_at_the_initial_weights(single: dict[str, Any], dp2: list[dict[str, Any]],
+                                                        references: dict[str, HFReference]) -> None:
+    result = single["llama"]
+    assert max_abs_diff(result["reference_logprobs"], result["initial_logprobs"]) == 0.0
+    assert max_abs_diff(result["logprobs_after_reference"], result["stepped_logprobs"]) == 0.0
+    batch = references["llama"].batch
+    shards = batch.shard_by_groups(2)
+    for shard, dp_result in zip(shards, dp2):
+        expected = references["llama"].initial_logprobs[_rows_of(shard, batch)]
+        assert max_abs_diff(dp_result["reference_logprobs"], expected) < LOGPROB_TOLERANCE
+
+
+def _rows_of(shard: Batch, batch: Batch) -> list[int]:
+    rows = {tuple(row.tolist()): index for index, row in enumerate(batch["input_ids"])}
+    return [rows[tuple(row.tolist())] for row in shard["input_ids"]]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_export_round_trips_into_hf(model: str, single: dict[str, Any], references: dict[str, HFReference]) -> None:
+    reference, result = references[model], single[model]
+    # the initial export is the HF checkpoint, bit for bit (a tied model emits no lm_head.weight)
+    assert max_weight_diff(result["initial_export"], reference.initial_weights) == 0.0
+    hf_model = AutoModelForCausalLM.from_pretrained(reference.model_dir, dtype=torch.float32)
+    hf_model.load_state_dict(result["stepped_export"], strict=False)
+    stepped = HFPolicy(policy=make_policy(reference.model_dir), num_steps=1, seed=0)
+    stepped.model.load_state_dict(hf_model.state_dict())
+    assert max_abs_diff(stepped.get_logprobs(reference.batch), result["stepped_logprobs"]) < LOGPROB_TOLERANCE
+
+
+def test_export_to_file_and_save_hf(single: dict[str, Any], tp2: dict[str, Any],
+                                    references: dict[str, HFReference]) -> None:
+    saved = torch.load(single["export_path"], weights_only=True)
+    assert single["llama_one_micro_batch"]["exported_count"] == len(saved) == len(references["llama"].initial_weights)
+    assert max_weight_diff(saved, single["llama_one_micro_batch"]["stepped_export"]) == 0.0
+    # save_hf after the TP=2 step: a loadable HF directory with the stepped weights and the tokenizer
+    from_disk = HFPolicy(policy=make_policy(tp2["hf_dir"]), num_steps=1, seed=0)
+    expected = _output(tp2, "llama")["stepped_logprobs"]
+    assert max_abs_diff(from_disk.get_logprobs(references["llama"].batch), expected) < LOGPROB_TOLERANCE
+    assert len(AutoTokenizer.from_pretrained(tp2["hf_dir"])) == len(
+        AutoTokenizer.from_pretrained(references["llama"].model_dir)
+    )
+
+
+def test_checkpoint_saved_at_tp2_loads_at_pp2(tp2: dict[str, Any], pp2: dict[str, Any]) -> None:
+    saved, loaded = _output(tp2, "llama"), _output(pp2, "llama")
+    assert max_abs_diff(loaded["loaded_logprobs"], saved["stepped_logprobs"]) < 1e-5
+    # Adam moments and the LR schedule position came back too: step 2 continues the run
+    assert loaded["second_step"]["lr"] == saved["second_step"]["lr"] == pytest.approx(7.5e-4)
+    assert loaded["second_step"]["loss"] == pytest.approx(saved["second_step"]["loss"], rel=1e-5, abs=1e-7)
+    assert loaded["second_step"]["grad_norm"] == pytest.approx(saved["second_step"]["grad_norm"], rel=1e-5)
+    # the weights after step 2 agree (Adam's step count and moments were restored, not restarted)
+    tp2_export = tp2["per_rank"][0]["llama"]["second_step_export"]
+    pp2_export = pp2["per_rank"][0]["llama"]["second_step_export"]  # global rank 0 (first stage) holds the export
+    assert max_weight_diff(pp2_export, tp2_export) < STEP_WEIGHT_TOLERANCE
+
+
+# ----- setup -----------------------------------------------------------------------------------------------
+
+
+def test_import_shims_and_configuration_errors(single: dict[str, Any]) -> None:
+    # the Transformer Engine stand-in existed only while megatron-bridge's lora_layers imported
+    assert single["import_shims"] == {"transformer_engine_left_in_sys_modules": False, "typing_override": True}
+    assert single["errors"]["tp2_in_world_of_1"].startswith("ValueError: world size 1 is not divisible")
+    assert "policy.megatron.tensor_parallel" in single["errors"]["tp2_in_world_of_1"]
+    assert single["errors"]["sequence_packing"].startswith("NotImplementedError: policy.sequence_packing=true")
+
+
+def test_cpu_compat_is_a_no_op_with_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cipo_nemo.models.policy import cpu_compat
+
+    # as in a fresh process (another test may have applied the patches in this one already)
+    monkeypatch.setattr(cpu_compat, "_cpu_compat_mode", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    current_device, stream = torch.cuda.current_device, torch.cuda.Stream
+    cpu_compat.apply_cpu_compat()
+    assert cpu_compat._cpu_compat_mode is None
+    assert torch.cuda.current_device is current_device and torch.cuda.Stream is stream
