@@ -63,6 +63,8 @@ def run_training(cfg) -> int:
     print(f"  metrics {summary.run_dir / 'metrics.jsonl'}; config {summary.run_dir / 'config.yaml'}")
     if summary.plot is not None:
         print(f"  curves {summary.plot}")
+    if cfg.checkpointing.save_hf_at_end:
+        print(f"  final policy (HF) {summary.run_dir / 'hf_model'}")
     return 0
 
 

@@ -429,10 +429,11 @@ class CorrectionMetrics:
     retention: float | None
     rho: float
 
-    def as_dict(self, prefix: str = "cipo/") -> dict[str, float]:
-        """Metric name -> value for loggers; rates that are None are left out."""
+    def as_dict(self, prefix: str = "cipo/") -> dict[str, float | None]:
+        """Metric name -> value for loggers; a rate with nothing to measure stays None (logged as null), so every
+        step has the same keys."""
         values = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        return {f"{prefix}{name}": float(value) for name, value in values.items() if value is not None}
+        return {f"{prefix}{name}": None if value is None else float(value) for name, value in values.items()}
 
 
 def build_training_batch(

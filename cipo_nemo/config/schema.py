@@ -267,7 +267,7 @@ class PolicyConfig(StrictModel):
 class VllmConfig(StrictModel):
     tensor_parallel: PositiveInt = Field(description="vLLM TP size per engine.")
     gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = Field(description="Share of GPU memory vLLM may use.")
-    cpu_kv_cache_gib: PositiveFloat = Field(description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    cpu_kv_cache_gib: PositiveInt = Field(description="KV cache size on CPU in whole GiB (VLLM_CPU_KVCACHE_SPACE).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(description="Engine dtype.")
     quantization: Literal["fp8"] | None = Field(description="fp8 = FP8 weights/activations in vLLM (GPU).")
     enforce_eager: bool = Field(description="No CUDA graphs (always on CPU).")
@@ -300,6 +300,7 @@ class CheckpointConfig(StrictModel):
     save_every: Annotated[int, Field(ge=0)] = Field(description="Save every N steps (0 = only at the end).")
     keep_last: PositiveInt = Field(description="Complete checkpoints kept; older ones are deleted.")
     resume: Literal["auto", "never"] = Field(description="auto: continue from the latest complete checkpoint.")
+    save_hf_at_end: bool = Field(description="Write the final policy as a Hugging Face directory (run_dir/hf_model).")
 
 
 class ValidationConfig(StrictModel):

@@ -56,9 +56,14 @@ class PolicyBackend(Protocol):
         global loss denominator, so the step does not depend on micro-batch or DP size. Returns aggregated
         loss metrics plus `grad_norm` and `lr`."""
 
-    def export_hf_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
+    def export_hf_weights(self) -> Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]:
         """The full (TP/PP-gathered) weights under Hugging Face parameter names, cloned (never views of
         optimizer or DDP buffers)."""
+
+    def export_hf_weights_to(self, path: Path) -> int:
+        """Write export_hf_weights() with torch.save to `path` (once, from one rank); returns the tensor count.
+        This is the refit hand-off: a file in /dev/shm moves weights between actors faster than Ray's object
+        store (PLATFORM.md)."""
 
     def save_checkpoint(self, path: Path) -> None:
         """Weights + optimizer + scheduler state into `path` (a directory that does not exist yet)."""
@@ -82,6 +87,9 @@ class GenerationBackend(Protocol):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load HF-named weights; returns the number of parameters updated and raises if any engine parameter
         was left stale."""
+
+    def update_weights_from_path(self, path: Path) -> int:
+        """update_weights from a file written by PolicyBackend.export_hf_weights_to."""
 
     def sleep(self) -> None:
         """Release accelerator memory for training (colocated mode; a no-op where nothing is held)."""

@@ -90,3 +90,51 @@ def build_tiny_model_dir(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def warm_start_tiny_model(
+    model_dir: str | Path,
+    conversations: Iterable[tuple[str, str]],
+    *,
+    steps: int = 150,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> Path:
+    """Supervised warm start in place: teach the model to answer each rendered prompt with its response.
+
+    `conversations` holds (rendered prompt, response) pairs; the loss covers the response tokens only. A random
+    tiny model never writes a marked answer, so RL on it has no signal; a few seconds of this gives it one.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    pairs = [(tokenizer(p, add_special_tokens=False)["input_ids"], tokenizer(r, add_special_tokens=False)["input_ids"]
+              + [tokenizer.eos_token_id]) for p, r in conversations]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        chosen = torch.randint(len(pairs), (batch_size,), generator=generator).tolist()
+        input_ids, labels = _sft_batch([pairs[i] for i in chosen], pad_id=tokenizer.pad_token_id)
+        loss = model(input_ids=input_ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(model_dir)
+    return model_dir
+
+
+def _sft_batch(pairs: list[tuple[list[int], list[int]]], *, pad_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    import torch
+
+    width = max(len(p) + len(r) for p, r in pairs)
+    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)  # -100: ignored by the HF loss
+    for row, (prompt, response) in enumerate(pairs):
+        input_ids[row, : len(prompt) + len(response)] = torch.tensor(prompt + response)
+        labels[row, len(prompt): len(prompt) + len(response)] = torch.tensor(response)
+    return input_ids, labels

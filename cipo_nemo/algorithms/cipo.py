@@ -1,0 +1,445 @@
+"""The CIPO training loop: one controller, one named function per stage, in the order of DESIGN.md.
+
+    rollout -> verify -> select anchors -> correction rollout -> verify corrections -> shape and join
+    -> advantages -> logprobs -> train -> refit -> update rho
+
+GRPO is the same loop with `cipo.enabled: false` (the correction stages then do nothing). Differences from the
+paper, whose exact choices are not public (docs: ../shared/reference/cipo_paper.md): the rho rule, the anchor
+rounding and the templates are the reconstruction's defaults, all config keys.
+
+Launch: `python -m cipo_nemo --config conf/X.yaml key=value` (one machine; Ray starts in-process);
+on a Slurm cluster the same entry point runs on the Ray head (slurm/).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cipo_nemo.algorithms.advantages import group_advantages
+from cipo_nemo.algorithms.correction import (
+    AnchorSelection,
+    RhoController,
+    build_correction_prompt,
+    build_training_batch,
+    select_anchors,
+)
+from cipo_nemo.algorithms.loss import PolicyLoss
+from cipo_nemo.algorithms.rollout import encode_prompts, responses_to_batch
+from cipo_nemo.config import MasterConfig, to_yaml
+from cipo_nemo.data.batch import Batch
+from cipo_nemo.data.prompts import drop_long_prompts, problem_text, render_chat, render_prompt
+from cipo_nemo.data.sampler import PromptSampler
+from cipo_nemo.data.sources import TaskItem, describe, load_items
+from cipo_nemo.environments.scoring import TaskScorer
+from cipo_nemo.eval.passk import pass_at_k
+from cipo_nemo.models.factory import build_cluster, build_generation, build_policy, build_tokenizer, needs_ray, refit_weights
+from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, SamplingSettings
+from cipo_nemo.utils.checkpoint import CheckpointManager
+from cipo_nemo.utils.logger import MetricsLogger
+from cipo_nemo.utils.timing import StageTimer, format_duration
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.pt"
+POLICY_DIR = "policy"
+HF_MODEL_DIR = "hf_model"
+
+
+@dataclass
+class Components:
+    """Everything a run holds; built once by `setup`."""
+
+    cfg: MasterConfig
+    run_dir: Path
+    tokenizer: Any
+    train_items: list[TaskItem]
+    validation_items: list[TaskItem]
+    sampler: PromptSampler
+    scorer: TaskScorer
+    policy: PolicyBackend
+    generation: GenerationBackend
+    loss_fn: PolicyLoss
+    rho: RhoController
+    metrics: MetricsLogger
+    checkpoints: CheckpointManager
+    cluster: Any  # the Ray virtual cluster, or None when every backend runs in this process
+    timer: StageTimer = field(default_factory=StageTimer)
+    start_step: int = 0
+
+
+@dataclass(frozen=True)
+class StepRollouts:
+    """What the sampling stages of one step produced."""
+
+    items: list[TaskItem]
+    base: Batch
+    anchors: AnchorSelection | None
+    corrections: Batch | None
+    dropped_anchors: int  # anchors whose correction prompt did not fit max_total_sequence_length
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+def setup(cfg: MasterConfig) -> Components:
+    """Build every component (data, scorer, workers, loss, logger) and resume from a checkpoint if asked."""
+    run_dir = Path(cfg.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    tokenizer = build_tokenizer(cfg.policy)
+    cluster = build_cluster(cfg) if needs_ray(cfg) else None
+    train_items = load_prompts(cfg, tokenizer, split="train")
+    validation_items = load_prompts(cfg, tokenizer, split="validation") if cfg.data.validation else []
+    components = Components(
+        cfg=cfg,
+        run_dir=run_dir,
+        tokenizer=tokenizer,
+        train_items=train_items,
+        validation_items=validation_items[: cfg.validation.max_items],
+        sampler=PromptSampler(train_items, batch_size=cfg.grpo.prompts_per_step, seed=cfg.run.seed,
+                              shuffle=cfg.data.shuffle),
+        scorer=TaskScorer(verifier=cfg.verifier),
+        policy=build_policy(cfg, cluster),
+        generation=build_generation(cfg, cluster),
+        loss_fn=build_loss(cfg),
+        rho=RhoController(**cfg.cipo.rho.model_dump()),
+        metrics=MetricsLogger(logger_cfg=cfg.logger, run_dir=run_dir, run_name=cfg.run.name,
+                              config=cfg.model_dump(mode="json")),
+        checkpoints=CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpointing.keep_last),
+        cluster=cluster,
+    )
+    maybe_resume(components)
+    return components
+
+
+def load_prompts(cfg: MasterConfig, tokenizer: Any, *, split: str) -> list[TaskItem]:
+    source = cfg.data.train if split == "train" else cfg.data.validation
+    items, report = load_items(source)
+    logger.info("data.%s: %s", split, describe(report))
+    kept, _ = drop_long_prompts(items, tokenizer=tokenizer, instructions=cfg.data.instructions,
+                                system_prompt=cfg.data.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens)
+    return kept
+
+
+def build_loss(cfg: MasterConfig) -> PolicyLoss:
+    loss = cfg.loss
+    return PolicyLoss(clip_low=loss.clip_low, clip_high=loss.clip_high, normalization=loss.normalization,
+                      kl_beta=loss.kl_beta, kl_estimator=loss.kl_estimator,
+                      importance_sampling=loss.importance_sampling, is_truncation=loss.is_truncation,
+                      correction_weight=cfg.cipo.loss_weight)
+
+
+# ----------------------------------------------------------------------------------------------- the step
+
+
+def cipo_step(c: Components, step: int) -> dict[str, float | None]:
+    """One CIPO (or GRPO) step; returns its metrics."""
+    timer = c.timer
+    items = c.sampler.next_batch()
+    with timer.time("rollout"):
+        base = rollout(c, items, step)
+    with timer.time("verify"):
+        verify(c, base, items)
+    with timer.time("select_anchors"):
+        anchors = maybe_select_anchors(c, base, step)
+    with timer.time("correction_rollout"):
+        corrections, dropped = correction_rollout(c, base, anchors, items, step)
+    with timer.time("verify_corrections"):
+        if corrections is not None:
+            verify(c, corrections, items)
+    c.generation.sleep()
+    rollouts = StepRollouts(items, base, anchors, corrections, dropped)
+    with timer.time("shape_and_join"):
+        batch, cipo_metrics = build_training_batch(base, corrections, anchors=anchors, rho=c.rho.rho,
+                                                   risk_penalty=c.cfg.cipo.risk_penalty)
+    with timer.time("advantages"):
+        compute_advantages(c, batch)
+    with timer.time("logprobs"):
+        compute_logprobs(c, batch)
+    with timer.time("train"):
+        train_metrics = c.policy.train(batch, c.loss_fn)
+    with timer.time("refit"):
+        refit(c)
+    c.rho.update(cipo_metrics.retention)
+    return step_metrics(c, rollouts, batch, cipo_metrics.as_dict(), train_metrics)
+
+
+def sampling_settings(c: Components, *, n: int, seed: int, temperature: float | None = None) -> SamplingSettings:
+    gen = c.cfg.generation
+    return SamplingSettings(n=n, max_new_tokens=gen.max_new_tokens,
+                            temperature=gen.temperature if temperature is None else temperature,
+                            top_p=gen.top_p, stop_strings=tuple(gen.stop_strings), seed=seed)
+
+
+def step_seed(c: Components, step: int, stream: int) -> int:
+    # Derived, not drawn: a resumed run samples exactly what the uninterrupted run would have.
+    return (c.cfg.run.seed * 1_000_003 + step * 101 + stream) % (2**31)
+
+
+def rollout(c: Components, items: list[TaskItem], step: int) -> Batch:
+    """Base stream: G samples per prompt from the current policy."""
+    cfg = c.cfg
+    rendered = [render_prompt(item, tokenizer=c.tokenizer, instructions=cfg.data.instructions,
+                              system_prompt=cfg.data.system_prompt) for item in items]
+    prompt_ids = encode_prompts(rendered, tokenizer=c.tokenizer)
+    settings = sampling_settings(c, n=cfg.grpo.samples_per_prompt, seed=step_seed(c, step, 0))
+    responses = c.generation.generate(prompt_ids, settings)
+    return responses_to_batch(prompt_ids, responses, item_indices=list(range(len(items))), sample_kind="base",
+                              tokenizer=c.tokenizer)
+
+
+def verify(c: Components, batch: Batch, items: list[TaskItem]) -> None:
+    """Score every sample against its item's ground truth; writes `rewards` and `verifier_reason`."""
+    scores = c.scorer.score([items[i] for i in batch["item_index"]], batch["response_text"])
+    batch["rewards"] = torch.tensor(scores.rewards, dtype=torch.float32)
+    batch["verifier_reason"] = scores.reasons
+
+
+def maybe_select_anchors(c: Components, base: Batch, step: int) -> AnchorSelection | None:
+    """Difficulty-aware anchors (paper section 3.3): none for GRPO."""
+    correction = c.cfg.cipo
+    if not correction.enabled:
+        return None
+    generator = torch.Generator().manual_seed(step_seed(c, step, 1))
+    return select_anchors(base["rewards"], base["group_id"], rho=c.rho.rho,
+                          max_anchors=correction.max_anchors_per_step, p_low=correction.difficulty_low,
+                          p_high=correction.difficulty_high, allow_out_of_window=correction.allow_out_of_window,
+                          generator=generator)
+
+
+def correction_rollout(
+    c: Components, base: Batch, anchors: AnchorSelection | None, items: list[TaskItem], step: int
+) -> tuple[Batch | None, int]:
+    """Correction stream: G_c samples per correction prompt (problem + the anchor attempt), same pi_old."""
+    if anchors is None or len(anchors) == 0:
+        return None, 0
+    cfg = c.cfg
+    prompt_ids, kept_anchor_positions = [], []
+    budget = cfg.policy.max_total_sequence_length - cfg.generation.max_new_tokens
+    for position, base_index in enumerate(anchors.indices):
+        item = items[base["item_index"][base_index]]
+        text = build_correction_prompt(
+            problem=problem_text(item, cfg.data.instructions), attempt=base["response_text"][base_index],
+            family=item.family, templates=cfg.cipo.templates, tokenizer=c.tokenizer,
+            attempt_max_tokens=cfg.cipo.attempt_max_tokens, strip_think=cfg.cipo.strip_thinking)
+        ids = encode_prompts([render_chat(text, tokenizer=c.tokenizer, system_prompt=cfg.data.system_prompt)],
+                             tokenizer=c.tokenizer)[0]
+        if len(ids) <= budget:
+            prompt_ids.append(ids)
+            kept_anchor_positions.append(position)
+    if not prompt_ids:
+        return None, len(anchors)
+    settings = sampling_settings(c, n=cfg.cipo.samples_per_anchor, seed=step_seed(c, step, 2))
+    responses = c.generation.generate(prompt_ids, settings)
+    item_indices = [base["item_index"][anchors.indices[p]] for p in kept_anchor_positions]
+    corrections = responses_to_batch(prompt_ids, responses, item_indices=item_indices, sample_kind="correction",
+                                     tokenizer=c.tokenizer)
+    # anchor_index: position in anchors.indices of the anchor each correction answers
+    corrections["anchor_index"] = torch.tensor([kept_anchor_positions[g] for g in corrections["group_id"].tolist()],
+                                               dtype=torch.long)
+    return corrections, len(anchors) - len(kept_anchor_positions)
+
+
+def compute_advantages(c: Components, batch: Batch) -> None:
+    """A = (r - mean_group) / (std_group + eps) per explicit group; correction groups are their own groups."""
+    grpo = c.cfg.grpo
+    batch["advantages"] = group_advantages(batch["rewards"], batch["group_id"], normalize_std=grpo.normalize_std,
+                                           leave_one_out=grpo.leave_one_out, eps=grpo.std_eps)
+
+
+def compute_logprobs(c: Components, batch: Batch) -> None:
+    """pi_old (the trainer's recompute of the sampled tokens) and, for the KL term, the reference policy."""
+    batch["old_logprobs"] = c.policy.get_logprobs(batch)
+    if c.cfg.loss.kl_beta > 0:
+        batch["reference_logprobs"] = c.policy.get_reference_logprobs(batch)
+
+
+def refit(c: Components) -> None:
+    """Stream the policy's HF-named weights into the generation engine (colocated: wake it first)."""
+    c.generation.wake()
+    refit_weights(c.policy, c.generation)
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def step_metrics(
+    c: Components,
+    rollouts: StepRollouts,
+    batch: Batch,
+    cipo_metrics: dict[str, float],
+    train_metrics: dict[str, float],
+) -> dict[str, float | None]:
+    base = rollouts.base
+    metrics: dict[str, float | None] = {
+        "reward/base_mean": float(base["rewards"].mean()),
+        "reward/base_pass_rate": float((base["rewards"] > 0.5).float().mean()),
+        "reward/prompts_all_correct": _share_of_groups(base, lambda r: bool((r > 0.5).all())),
+        "reward/prompts_all_wrong": _share_of_groups(base, lambda r: bool((r <= 0.5).all())),
+        "reward/correction_mean": None,
+        "tokens/generated": float(_response_tokens(base) + _response_tokens(rollouts.corrections)),
+        "tokens/trained": float(batch.num_valid_tokens()),
+        "response_length/base_mean": float(base["response_mask"].sum(dim=1).float().mean()),
+        "cipo/anchors_dropped_too_long": float(rollouts.dropped_anchors),
+        "cipo/rho_next": c.rho.rho,
+        **cipo_metrics,  # cipo/anchors_*, cipo/correction_success, cipo/retention, cipo/rho (used this step)
+        **{f"train/{k}": v for k, v in train_metrics.items()},
+    }
+    if rollouts.corrections is not None:
+        metrics["reward/correction_mean"] = float(rollouts.corrections["rewards"].mean())
+    for reason in sorted(set(batch["verifier_reason"])):
+        metrics[f"verifier/{reason}"] = float(sum(r == reason for r in batch["verifier_reason"]))
+    timings = c.timer.pop()
+    metrics.update(timings)
+    generation_seconds = timings.get("timing/rollout", 0.0) + timings.get("timing/correction_rollout", 0.0)
+    metrics["throughput/generated_tokens_per_s"] = metrics["tokens/generated"] / max(generation_seconds, 1e-9)
+    metrics["throughput/trained_tokens_per_s"] = metrics["tokens/trained"] / max(timings.get("timing/train", 0.0), 1e-9)
+    return metrics
+
+
+def _response_tokens(batch: Batch | None) -> int:
+    return 0 if batch is None else batch.num_valid_tokens()
+
+
+def _share_of_groups(batch: Batch, predicate: Any) -> float:
+    groups = batch.group_indices()
+    hits = sum(predicate(batch["rewards"][indices]) for indices in groups.values())
+    return hits / max(len(groups), 1)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def validate(c: Components, step: int) -> dict[str, float]:
+    """pass@1 (avg over n samples) and pass@k on the held-out set, single-turn prompts as in the paper's eval."""
+    val = c.cfg.validation
+    items = c.validation_items
+    rendered = [render_prompt(item, tokenizer=c.tokenizer, instructions=c.cfg.data.instructions,
+                              system_prompt=c.cfg.data.system_prompt) for item in items]
+    prompt_ids = encode_prompts(rendered, tokenizer=c.tokenizer)
+    settings = sampling_settings(c, n=val.samples_per_prompt, seed=step_seed(c, step, 3), temperature=val.temperature)
+    responses = c.generation.generate(prompt_ids, settings)
+    batch = responses_to_batch(prompt_ids, responses, item_indices=list(range(len(items))), sample_kind="base",
+                               tokenizer=c.tokenizer)
+    verify(c, batch, items)
+    correct_per_item = [int((batch["rewards"][idx] > 0.5).sum()) for idx in batch.group_indices().values()]
+    metrics = {"val/reward_mean": float(batch["rewards"].mean())}
+    for k in val.pass_k:
+        scores = [pass_at_k(val.samples_per_prompt, correct, k) for correct in correct_per_item]
+        metrics[f"val/pass@{k}"] = sum(scores) / max(len(scores), 1)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(c: Components, step: int) -> Path:
+    """Policy (weights + optimizer, dist_checkpointing on Megatron) and trainer state, published atomically."""
+
+    def write(directory: Path) -> None:
+        c.policy.save_checkpoint(directory / POLICY_DIR)
+        torch.save(trainer_state(c, step), directory / TRAINER_STATE)
+        (directory / "config.yaml").write_text(to_yaml(c.cfg))
+
+    path = c.checkpoints.save(step, write)
+    logger.info("checkpoint step %d -> %s", step, path)
+    return path
+
+
+def trainer_state(c: Components, step: int) -> dict[str, Any]:
+    return {
+        "step": step,
+        "sampler": c.sampler.state_dict(),
+        "rho": c.rho.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+    }
+
+
+def maybe_resume(c: Components) -> None:
+    """`checkpointing.resume: auto` continues from the latest complete checkpoint of this run directory."""
+    latest = c.checkpoints.latest() if c.cfg.checkpointing.resume == "auto" else None
+    if latest is None:
+        return
+    state = torch.load(latest / TRAINER_STATE, weights_only=False)
+    c.policy.load_checkpoint(latest / POLICY_DIR)
+    c.sampler.load_state_dict(state["sampler"])
+    c.rho.load_state_dict(state["rho"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    c.start_step = state["step"]
+    refit(c)  # the engine still holds the initial weights
+    logger.info("resumed from %s at step %d", latest, c.start_step)
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_dir: Path
+    steps_done: int
+    last_metrics: dict[str, float | None]
+    plot: Path | None
+
+
+def train(c: Components) -> RunSummary:
+    """Steps start_step+1 .. num_steps, with validation, checkpoints and a progress line per step."""
+    cfg = c.cfg
+    total = cfg.grpo.num_steps
+    last: dict[str, float | None] = {}
+    started = time.monotonic()
+    for step in range(c.start_step + 1, total + 1):
+        last = cipo_step(c, step)
+        if cfg.validation.every and step % cfg.validation.every == 0:
+            last.update(validate(c, step))
+        c.metrics.log(step, last)
+        print_progress(step, total, last, elapsed=time.monotonic() - started, done=step - c.start_step)
+        if (cfg.checkpointing.save_every and step % cfg.checkpointing.save_every == 0) or step == total:
+            save_checkpoint(c, step)
+    if cfg.checkpointing.save_hf_at_end:
+        c.policy.save_hf(c.run_dir / HF_MODEL_DIR)
+    plot = maybe_plot(c)
+    return RunSummary(run_dir=c.run_dir, steps_done=total - c.start_step, last_metrics=last, plot=plot)
+
+
+def print_progress(step: int, total: int, m: dict[str, float | None], *, elapsed: float, done: int) -> None:
+    eta = elapsed / done * (total - step)
+    parts = [f"step {step}/{total}", f"reward {m['reward/base_mean']:.3f}", f"pass {m['reward/base_pass_rate']:.2f}"]
+    if m["cipo/anchors_total"]:
+        for label, key in (("corr", "reward/correction_mean"), ("fix", "cipo/correction_success"),
+                           ("keep", "cipo/retention"), ("rho", "cipo/rho")):
+            if m[key] is not None:
+                parts.append(f"{label} {m[key]:.2f}")
+    parts += [f"loss {m['train/loss']:.4f}", f"{m['timing/step']:.1f}s/step", f"ETA {format_duration(eta)}"]
+    print(" | ".join(parts), flush=True)
+
+
+def maybe_plot(c: Components) -> Path | None:
+    if not c.cfg.logger.plot:
+        return None
+    from cipo_nemo.utils.plots import plot_training_curves
+
+    return plot_training_curves(c.run_dir)
+
+
+def shutdown(c: Components) -> None:
+    """Close workers inside their actors before anything else goes (vLLM leaves /dev/shm files otherwise)."""
+    c.metrics.close()
+    c.scorer.close()
+    c.generation.shutdown()
+    c.policy.shutdown()
+    if c.cluster is not None:
+        import ray
+
+        c.cluster.shutdown()
+        ray.shutdown()
+

@@ -1,0 +1,109 @@
+"""Build the tokenizer, the Ray cluster, the policy and the generation backend from the config.
+
+Placement (DESIGN.md "Architecture"): with `policy.backend: megatron` the policy is a worker group of
+`cluster.num_nodes x cluster.devices_per_node` ranks; a vLLM generation group sits on the same bundles when
+`generation.colocated` (each group takes half of every bundle, NeMo-RL's colocation by fractional resources).
+The HF backends run in the controller process: small models, tests, and the reference implementation.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cipo_nemo.config import MasterConfig
+from cipo_nemo.config.schema import PolicyConfig
+from cipo_nemo.models.hub import resolve_model_dir
+from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend
+
+logger = logging.getLogger(__name__)
+
+_SHARED_MEMORY = Path("/dev/shm")
+
+
+def build_tokenizer(policy: PolicyConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_dir(policy.tokenizer or policy.model_name))
+
+
+def needs_ray(cfg: MasterConfig) -> bool:
+    return cfg.policy.backend == "megatron" or cfg.generation.backend == "vllm"
+
+
+def build_cluster(cfg: MasterConfig) -> Any:
+    """A Ray virtual cluster (Ray started in-process unless cluster.ray_address names a running one)."""
+    from cipo_nemo.distributed import VirtualCluster, init_ray
+
+    init_ray(address=cfg.cluster.ray_address)
+    return VirtualCluster(num_nodes=cfg.cluster.num_nodes, devices_per_node=cfg.cluster.devices_per_node,
+                          use_gpus=torch.cuda.is_available())
+
+
+def _colocated_fraction(cfg: MasterConfig) -> float:
+    both_on_ray = cfg.policy.backend == "megatron" and cfg.generation.backend == "vllm"
+    return 0.5 if both_on_ray and cfg.generation.colocated else 1.0
+
+
+def _worker_env() -> dict[str, str]:
+    # Ray pins actors to OMP_NUM_THREADS=1; the phases alternate (generate, then train), so each may use the node.
+    return {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
+def build_policy(cfg: MasterConfig, cluster: Any) -> PolicyBackend:
+    policy = cfg.policy.model_copy(update={"model_name": str(resolve_model_dir(cfg.policy.model_name))})
+    match policy.backend:
+        case "hf":
+            from cipo_nemo.models.policy.hf_policy import HFPolicy
+
+            return HFPolicy(policy=policy, num_steps=cfg.grpo.num_steps, seed=cfg.run.seed)
+        case "megatron":
+            from cipo_nemo.models.policy.megatron_policy import MegatronPolicy
+
+            return MegatronPolicy(policy=policy, cluster=cluster, num_steps=cfg.grpo.num_steps, seed=cfg.run.seed,
+                                  resource_fraction=_colocated_fraction(cfg), env_vars=_worker_env())
+        case _:
+            raise ValueError(f"policy.backend: unknown backend {policy.backend!r}")
+
+
+def build_generation(cfg: MasterConfig, cluster: Any) -> GenerationBackend:
+    model_dir = resolve_model_dir(cfg.policy.model_name)
+    max_model_len = cfg.policy.max_total_sequence_length
+    match cfg.generation.backend:
+        case "hf":
+            from cipo_nemo.models.generation import build_generation_backend
+
+            return build_generation_backend(model_dir=model_dir, generation=cfg.generation,
+                                            max_model_len=max_model_len, seed=cfg.run.seed)
+        case "vllm":
+            from cipo_nemo.models.generation.ray_generation import RayGeneration
+
+            return RayGeneration(cluster=cluster, model_dir=model_dir, generation=cfg.generation,
+                                 max_model_len=max_model_len, seed=cfg.run.seed,
+                                 resource_fraction=_colocated_fraction(cfg), env_vars=_worker_env())
+        case _:
+            raise ValueError(f"generation.backend: unknown backend {cfg.generation.backend!r}")
+
+
+@contextmanager
+def refit_file() -> Iterator[Path]:
+    """A fresh path for one weight hand-off (in /dev/shm when there is one), removed afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix="cipo-refit-", dir=_SHARED_MEMORY if _SHARED_MEMORY.is_dir() else None))
+    try:
+        yield directory / "weights.pt"
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def refit_weights(policy: PolicyBackend, generation: GenerationBackend) -> int:
+    """Policy -> generation through one file: rank 0 writes the HF-named weights, every engine loads them."""
+    with refit_file() as path:
+        policy.export_hf_weights_to(path)
+        return generation.update_weights_from_path(path)

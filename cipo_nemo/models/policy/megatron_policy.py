@@ -1,0 +1,78 @@
+"""The controller's view of a Megatron policy: one PolicyBackend over a Ray worker group of TP x PP x DP ranks.
+
+Dispatch axes: data is sharded on `dp` (each data-parallel group gets one shard; its TP/PP ranks get the same
+shard), and results are taken from one rank per DP group (TP rank 0 on the last pipeline stage). The loss
+denominator is computed here over the whole global batch and handed to every rank, so micro-batch and DP sizes
+do not change the step (cipo_nemo/algorithms/loss.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cipo_nemo.algorithms.loss import PolicyLoss
+from cipo_nemo.config.schema import PolicyConfig
+from cipo_nemo.data.batch import Batch
+from cipo_nemo.distributed import VirtualCluster, WorkerGroup
+
+
+class MegatronPolicy:
+    def __init__(
+        self,
+        *,
+        policy: PolicyConfig,
+        cluster: VirtualCluster,
+        num_steps: int,
+        seed: int,
+        resource_fraction: float,
+        env_vars: dict[str, str],
+    ) -> None:
+        from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
+
+        self._group = WorkerGroup(cluster, MegatronPolicyWorker, name="policy",
+                                  init_kwargs={"policy": policy, "num_steps": num_steps, "seed": seed},
+                                  resource_fraction=resource_fraction, env_vars=env_vars)
+        infos = self._group.run_all("parallel_info")
+        self._dp_rank_of = [info["dp_rank"] for info in infos]
+        self._dp_size = infos[0]["dp_size"]
+        self._output_rank = {info["dp_rank"]: rank for rank, info in enumerate(infos) if info["is_output_rank"]}
+
+    def get_logprobs(self, batch: Batch) -> torch.Tensor:
+        return self._sharded_logprobs("get_logprobs", batch)
+
+    def get_reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        return self._sharded_logprobs("get_reference_logprobs", batch)
+
+    def train(self, batch: Batch, loss_fn: PolicyLoss) -> dict[str, float]:
+        denominator = float(loss_fn.local_denominator([batch]))  # the whole global batch
+        shards = batch.shard_by_groups(self._dp_size) if self._dp_size > 1 else [batch]
+        results = self._group.run_sharded("train", shards, dp_rank_of=self._dp_rank_of, loss_fn=loss_fn,
+                                          global_denominator=denominator)
+        return results[self._output_rank[0]]  # every output rank reports the all-reduced step metrics
+
+    def export_hf_weights(self) -> dict[str, torch.Tensor]:
+        return self._group.run_all("export_hf_weights")[0]  # gathered on global rank 0
+
+    def export_hf_weights_to(self, path: Path) -> int:
+        return self._group.run_all("export_hf_weights_to", str(path))[0]
+
+    def save_checkpoint(self, path: Path) -> None:
+        self._group.run_all("save_checkpoint", str(path))
+
+    def load_checkpoint(self, path: Path) -> None:
+        self._group.run_all("load_checkpoint", str(path))
+
+    def save_hf(self, path: Path) -> None:
+        self._group.run_all("save_hf", str(path))
+
+    def shutdown(self) -> None:
+        self._group.shutdown()
+
+    def _sharded_logprobs(self, method: str, batch: Batch) -> torch.Tensor:
+        # Contiguous slices keep the sample order, so the shards' outputs concatenate back into place.
+        bounds = [round(i * len(batch) / self._dp_size) for i in range(self._dp_size + 1)]
+        shards = [batch.slice(bounds[d], bounds[d + 1]) for d in range(self._dp_size)]
+        results = self._group.run_sharded(method, shards, dp_rank_of=self._dp_rank_of)
+        return torch.cat([results[self._output_rank[d]] for d in range(self._dp_size)])
