@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.pt"
 POLICY_DIR = "policy"
 HF_MODEL_DIR = "hf_model"
+SAVE_REQUEST = "SAVE_NOW"
 
 
 @dataclass
@@ -403,12 +404,22 @@ def train(c: Components) -> RunSummary:
             last.update(validate(c, step))
         c.metrics.log(step, last)
         print_progress(step, total, last, elapsed=time.monotonic() - started, done=step - c.start_step)
-        if (cfg.checkpointing.save_every and step % cfg.checkpointing.save_every == 0) or step == total:
+        if checkpoint_due(c, step):
             save_checkpoint(c, step)
     if cfg.checkpointing.save_hf_at_end:
         c.policy.save_hf(c.run_dir / HF_MODEL_DIR)
     plot = maybe_plot(c)
     return RunSummary(run_dir=c.run_dir, steps_done=total - c.start_step, last_metrics=last, plot=plot)
+
+
+def checkpoint_due(c: Components, step: int) -> bool:
+    """Every `save_every` steps, at the last step, and on demand: `touch <output_dir>/SAVE_NOW` during a run."""
+    request = c.run_dir / SAVE_REQUEST
+    on_demand = request.exists()
+    if on_demand:
+        request.unlink()
+    every = c.cfg.checkpointing.save_every
+    return on_demand or step == c.cfg.grpo.num_steps or (every > 0 and step % every == 0)
 
 
 def print_progress(step: int, total: int, m: dict[str, float | None], *, elapsed: float, done: int) -> None:

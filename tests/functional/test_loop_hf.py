@@ -64,7 +64,12 @@ def test_cipo_run_writes_every_metric(arithmetic_model, tmp_path):
 
 
 def test_grpo_run_has_no_correction_stream(arithmetic_model, tmp_path):
-    _run(arithmetic_model, tmp_path / "grpo", "cipo.enabled=false")
+    (tmp_path / "grpo").mkdir()
+    (tmp_path / "grpo" / "SAVE_NOW").touch()  # an on-demand checkpoint after the first step
+    _run(arithmetic_model, tmp_path / "grpo", "cipo.enabled=false", "checkpointing.save_every=0")
+    checkpoints = sorted(p.name for p in (tmp_path / "grpo" / "checkpoints").glob("step_*"))
+    assert checkpoints == ["step_000001", "step_000002"]
+    assert not (tmp_path / "grpo" / "SAVE_NOW").exists()
     records = _records(tmp_path / "grpo")
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["cipo/anchors_total"] == 0 and r["reward/correction_mean"] is None for r in records)
