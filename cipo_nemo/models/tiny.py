@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -128,7 +128,8 @@ def warm_start_tiny_model(
     return model_dir
 
 
-def _sft_batch(pairs: list[tuple[list[int], list[int]]], *, pad_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+def _sft_batch(pairs: list[tuple[list[int], list[int]]], *, pad_id: int) -> tuple[Any, Any]:
+    """(input_ids, labels) tensors; labels are -100 outside the responses."""
     import torch
 
     width = max(len(p) + len(r) for p, r in pairs)

@@ -2,7 +2,6 @@
 colocated on one bundle, a tiny warm-started model. A 2-step CIPO run and a 2-step GRPO run write every metric,
 and after a train step and a refit vLLM's logprobs of its own samples agree with Megatron's recompute."""
 
-import json
 import os
 import signal
 import subprocess

@@ -8,7 +8,6 @@ gradient clipping on the global norm, and the same learning-rate schedule (megat
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from cipo_nemo.algorithms.loss import PolicyLoss, aggregate_metrics
 from cipo_nemo.config.schema import OptimizerConfig, PolicyConfig
 from cipo_nemo.data.batch import Batch
+from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import build_lr_scheduler, resolve_param_dtype
 
 CHECKPOINT_FILE = "policy.pt"
@@ -42,7 +42,7 @@ class HFPolicy:
         self._model = AutoModelForCausalLM.from_pretrained(policy.model_name, dtype=torch.float32).to(self._device)
         self._optimizer = build_adamw(optimizer_cfg=policy.optimizer, model=self._model)
         self._lr_schedule = build_lr_scheduler(optimizer_cfg=policy.optimizer, num_steps=num_steps)
-        self._reference_weights = self._maybe_snapshot_reference_weights()
+        self._reference_weights = maybe_snapshot_reference(policy.reference_policy, self._model.named_parameters)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -64,7 +64,7 @@ class HFPolicy:
         """Logprobs under the initial weights: the CPU copy is swapped in and the current weights back out."""
         if self._reference_weights is None:
             raise ValueError("reference logprobs need policy.reference_policy = cpu_copy (it is 'none')")
-        with self._weights_swapped_in(self._reference_weights):
+        with weights_swapped_in(self._model.named_parameters, self._reference_weights):
             return self.get_logprobs(batch)
 
     def _micro_batch_logprobs(self, micro_batch: Batch) -> torch.Tensor:
@@ -115,29 +115,6 @@ class HFPolicy:
 
     # ----- weights ------------------------------------------------------------------------------
 
-    def _maybe_snapshot_reference_weights(self) -> dict[str, torch.Tensor] | None:
-        match self._policy.reference_policy:
-            case "none":
-                return None
-            case "cpu_copy":
-                return {name: p.detach().to("cpu", copy=True) for name, p in self._model.named_parameters()}
-            case _:
-                raise ValueError(f"policy.reference_policy must be cpu_copy|none, got "
-                                 f"{self._policy.reference_policy!r}")
-
-    @contextlib.contextmanager
-    def _weights_swapped_in(self, weights: dict[str, torch.Tensor]) -> Iterator[None]:
-        current = {name: p.detach().to("cpu", copy=True) for name, p in self._model.named_parameters()}
-        self._copy_into_parameters(weights)
-        try:
-            yield
-        finally:
-            self._copy_into_parameters(current)
-
-    @torch.no_grad()
-    def _copy_into_parameters(self, weights: dict[str, torch.Tensor]) -> None:
-        for name, parameter in self._model.named_parameters():
-            parameter.copy_(weights[name])
 
     def export_hf_weights(self) -> list[tuple[str, torch.Tensor]]:
         """HF-named weights, cloned to CPU; tied duplicates (e.g. a tied lm_head.weight) are left out, as

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from cipo_nemo.algorithms.loss import PolicyLoss, aggregate_metrics
 from cipo_nemo.config.schema import PolicyConfig
 from cipo_nemo.data.batch import Batch
+from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import (
     build_lr_scheduler,
     build_megatron_model,
@@ -63,7 +64,7 @@ class MegatronPolicyWorker:
         self._bridge, self._chunks = model.bridge, model.chunks
         self._optimizer = build_optimizer(optimizer_cfg=policy.optimizer, model=model)
         self._lr_schedule = build_lr_scheduler(optimizer_cfg=policy.optimizer, num_steps=num_steps)
-        self._reference_weights = self._maybe_snapshot_reference_weights()
+        self._reference_weights = maybe_snapshot_reference(policy.reference_policy, self._named_parameters)
 
     # ----- placement ----------------------------------------------------------------------------
 
@@ -112,7 +113,7 @@ class MegatronPolicyWorker:
         """
         if self._reference_weights is None:
             raise ValueError("reference logprobs need policy.reference_policy = cpu_copy (it is 'none')")
-        with self._weights_swapped_in(self._reference_weights):
+        with weights_swapped_in(self._named_parameters, self._reference_weights):
             return self.get_logprobs(batch)
 
     def _collect_logprobs(
@@ -248,30 +249,6 @@ class MegatronPolicyWorker:
         for index, chunk in enumerate(self._chunks):
             for name, parameter in chunk.named_parameters():
                 yield f"{index}.{name}", parameter
-
-    def _maybe_snapshot_reference_weights(self) -> dict[str, torch.Tensor] | None:
-        match self._policy.reference_policy:
-            case "none":
-                return None
-            case "cpu_copy":
-                return {name: p.detach().to("cpu", copy=True) for name, p in self._named_parameters()}
-            case _:
-                raise ValueError(f"policy.reference_policy must be cpu_copy|none, got "
-                                 f"{self._policy.reference_policy!r}")
-
-    @contextlib.contextmanager
-    def _weights_swapped_in(self, weights: dict[str, torch.Tensor]) -> Iterator[None]:
-        current = {name: p.detach().to("cpu", copy=True) for name, p in self._named_parameters()}
-        self._copy_into_parameters(weights)
-        try:
-            yield
-        finally:
-            self._copy_into_parameters(current)
-
-    @torch.no_grad()
-    def _copy_into_parameters(self, weights: dict[str, torch.Tensor]) -> None:
-        for name, parameter in self._named_parameters():
-            parameter.copy_(weights[name])
 
     def export_hf_weights(self) -> dict[str, torch.Tensor] | None:
         """Full (TP/PP-gathered) HF-named weights, cloned, on global rank 0; None elsewhere. Collective.
