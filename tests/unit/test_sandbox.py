@@ -324,13 +324,13 @@ def test_writes_outside_the_working_directory_fail_and_leave_nothing() -> None:
                 with open(path, "w") as file:
                     file.write("escaped")
                 print(name, "written")
-            except OSError as error:
-                print(name, type(error).__name__)
+            except OSError:  # read-only mount, or (checkout under /tmp) a path the private /tmp does not have
+                print(name, "blocked")
     """)
     result = run_bounded(source)
     assert result.status == "ok"
     assert result.stdout.splitlines() == [
-        "tmp OSError", "var_tmp OSError", "project OSError", "etc OSError", "shm written",
+        "tmp blocked", "var_tmp blocked", "project blocked", "etc blocked", "shm written",
     ]
     for path in targets.values():
         assert not os.path.exists(path), path
