@@ -39,7 +39,8 @@ from cipo_nemo.data.prompts import drop_long_prompts, problem_text, render_chat,
 from cipo_nemo.data.sampler import PromptSampler
 from cipo_nemo.data.sources import TaskItem, describe, load_items
 from cipo_nemo.environments.scoring import TaskScorer
-from cipo_nemo.eval.passk import pass_at_k
+from cipo_nemo.eval.benchmarks import Benchmark
+from cipo_nemo.eval.harness import EvalContext, evaluate_benchmarks
 from cipo_nemo.models.factory import build_cluster, build_generation, build_policy, build_tokenizer, needs_ray, refit_weights
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, SamplingSettings
 from cipo_nemo.utils.checkpoint import CheckpointManager
@@ -319,24 +320,18 @@ def _share_of_groups(batch: Batch, predicate: Any) -> float:
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def validate(c: Components, step: int) -> dict[str, float]:
-    """pass@1 (avg over n samples) and pass@k on the held-out set, single-turn prompts as in the paper's eval."""
+def validate(c: Components, step: int) -> dict[str, float | None]:
+    """The evaluation harness on the held-out set (single-turn prompts, as the paper evaluates): avg@n and pass@k."""
     val = c.cfg.validation
-    items = c.validation_items
-    rendered = [render_prompt(item, tokenizer=c.tokenizer, instructions=c.cfg.data.instructions,
-                              system_prompt=c.cfg.data.system_prompt) for item in items]
-    prompt_ids = encode_prompts(rendered, tokenizer=c.tokenizer)
-    settings = sampling_settings(c, n=val.samples_per_prompt, seed=step_seed(c, step, 3), temperature=val.temperature)
-    responses = c.generation.generate(prompt_ids, settings)
-    batch = responses_to_batch(prompt_ids, responses, item_indices=list(range(len(items))), sample_kind="base",
-                               tokenizer=c.tokenizer)
-    verify(c, batch, items)
-    correct_per_item = [int((batch["rewards"][idx] > 0.5).sum()) for idx in batch.group_indices().values()]
-    metrics = {"val/reward_mean": float(batch["rewards"].mean())}
-    for k in val.pass_k:
-        scores = [pass_at_k(val.samples_per_prompt, correct, k) for correct in correct_per_item]
-        metrics[f"val/pass@{k}"] = sum(scores) / max(len(scores), 1)
-    return metrics
+    context = EvalContext(generation_backend=c.generation, tokenizer=c.tokenizer, scorer=c.scorer, data=c.cfg.data,
+                          correction=c.cfg.cipo,
+                          generation=c.cfg.generation.model_copy(update={"temperature": val.temperature}),
+                          max_model_len=c.cfg.policy.max_total_sequence_length)
+    held_out = Benchmark(name="validation", kind="answer", items=c.validation_items, source="data.validation")
+    results, _ = evaluate_benchmarks([held_out], context, n=val.samples_per_prompt, k_list=val.pass_k,
+                                     max_items=None, seed=step_seed(c, step, 3))
+    metrics = results["benchmarks"]["validation"]["metrics"]
+    return {"val/reward_mean": metrics["avg"], **{f"val/pass@{k}": v for k, v in metrics["pass@k"].items()}}
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

@@ -306,7 +306,7 @@ class CheckpointConfig(StrictModel):
 class ValidationConfig(StrictModel):
     every: Annotated[int, Field(ge=0)] = Field(description="Validate every N steps (0 = never).")
     samples_per_prompt: PositiveInt = Field(description="n samples per held-out problem (pass@k needs n >= k).")
-    pass_k: list[PositiveInt] = Field(description="k values reported as pass@k.")
+    pass_k: list[PositiveInt] = Field(min_length=1, description="k values reported as pass@k.")
     max_items: PositiveInt = Field(description="Held-out problems used per validation.")
     temperature: NonNegativeFloat = Field(description="Sampling temperature at validation.")
 
