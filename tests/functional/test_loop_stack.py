@@ -56,29 +56,30 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-def _engine_processes() -> set[int]:
-    """PIDs of Ray and vLLM processes (by the names they give themselves)."""
-    found = set()
+def _processes() -> dict[int, int]:
+    """pid -> parent pid of every process on the machine."""
+    parents = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                name = (entry / "cmdline").read_bytes().split(b"\0")[0]
+                stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            if name.startswith((b"VLLM::", b"ray::")) or b"raylet" in name or b"gcs_server" in name:
-                found.add(int(entry.name))
-    return found
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parents
 
 
 def _remove_orphans_of_the_killed_run(pids_before: set[int], shm_before: set[Path]) -> None:
-    # SIGKILL of the driver's process group does not reach vLLM's engine processes (children of a Ray actor,
-    # in their own group): on a cluster Slurm's cgroup ends them; here the test does.
+    # SIGKILL of the driver's process group does not reach what Ray started in other groups (its daemons, the
+    # actors' children: vLLM's engine processes, dist_checkpointing's spawned manager). On a cluster Slurm's
+    # cgroup ends them; here the test removes every process that appeared during the run and is now an orphan.
     time.sleep(2)
-    for pid in _engine_processes() - pids_before:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    for pid, parent in _processes().items():
+        if pid not in pids_before and parent == 1:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     for path in set(Path("/dev/shm").glob("psm_*")) - shm_before:
         path.unlink(missing_ok=True)
 
@@ -87,7 +88,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(arithmetic_model, tmp_path
     common = ("grpo.num_steps=4", "validation.every=0", "logger.plot=false", "logger.tensorboard=false")
     _run(arithmetic_model, tmp_path / "straight", *common)
     killed_dir = tmp_path / "killed"
-    pids_before, shm_before = _engine_processes(), set(Path("/dev/shm").glob("psm_*"))
+    pids_before, shm_before = set(_processes()), set(Path("/dev/shm").glob("psm_*"))
     process = subprocess.Popen(_cli(arithmetic_model, killed_dir, *common), cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     try:
