@@ -62,8 +62,8 @@ class LoadReport:
     skipped: Counter[str] = field(default_factory=Counter)
 
 
-class _RowSkipped(Exception):
-    """Internal: a row is unusable for `reason` (a LoadReport reason key)."""
+class RowSkipped(Exception):
+    """A row is unusable for `reason` (a LoadReport reason key)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -100,7 +100,7 @@ def _load_reasoning_gym(cfg: ReasoningGymSourceConfig, *, family: str) -> tuple[
         try:
             answer = _check_answer(entry["answer"], family=family)
             prompt = _check_prompt(entry["question"])
-        except _RowSkipped as skip:
+        except RowSkipped as skip:
             report.skipped[skip.reason] += 1
             logger.warning("%s: skipped (%s)", origin, skip.reason)
             continue
@@ -161,7 +161,7 @@ def _load_file(cfg: FileSourceConfig, *, family: str) -> tuple[list[TaskItem], L
     if cfg.split is not None and file_format != "hf_disk":
         raise DataError(f"{cfg.path}: file.split={cfg.split!r} only applies to a saved DatasetDict (hf_disk)")
     if file_format == "jsonl":
-        rows = _jsonl_rows(path, label=cfg.path)
+        rows = jsonl_rows(path, label=cfg.path)
     elif file_format == "parquet":
         rows = _parquet_rows(path, label=cfg.path, fields=cfg.fields)
     else:
@@ -188,11 +188,12 @@ def _resolve_format(path: Path, configured: str) -> str:
 
 
 # A row is (location, parsed row) or (location, reason it could not even be parsed).
-_Row = tuple[str, Mapping[str, Any] | _RowSkipped]
+_Row = tuple[str, Mapping[str, Any] | RowSkipped]
 
 
-def _jsonl_rows(path: Path, *, label: str) -> Iterator[_Row]:
-    """Rows of a JSON Lines file, read as bytes so that one line that is not UTF-8 skips only itself."""
+def jsonl_rows(path: Path, *, label: str) -> Iterator[_Row]:
+    """Rows of a JSON Lines file, read as bytes so that one line that is not UTF-8 skips only itself; a line that
+    is not a JSON object is a RowSkipped("not_json"), blank lines are passed over. Shared with the eval harness."""
     with path.open("rb") as handle:
         for line_number, raw_line in enumerate(handle, start=1):
             location = f"{label}:{line_number}"
@@ -200,16 +201,16 @@ def _jsonl_rows(path: Path, *, label: str) -> Iterator[_Row]:
                 # utf-8-sig on line 1 tolerates the byte-order mark some editors write.
                 text = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
             except UnicodeDecodeError:
-                yield location, _RowSkipped("not_utf8")
+                yield location, RowSkipped("not_utf8")
                 continue
             if not text.strip():
                 continue
             try:
                 row = json.loads(text)
             except json.JSONDecodeError:
-                yield location, _RowSkipped("not_json")
+                yield location, RowSkipped("not_json")
                 continue
-            yield location, row if isinstance(row, dict) else _RowSkipped("not_json")
+            yield location, row if isinstance(row, dict) else RowSkipped("not_json")
 
 
 def _parquet_rows(path: Path, *, label: str, fields: FileFields) -> Iterator[_Row]:
@@ -276,12 +277,12 @@ def _collect_items(
     seen_ids: set[str] = set()
     for location, row in rows:
         try:
-            if isinstance(row, _RowSkipped):
+            if isinstance(row, RowSkipped):
                 raise row
             item = _row_to_item(row, location=location, fields=fields, default_family=family)
             if item.id in seen_ids:
-                raise _RowSkipped("duplicate_id")
-        except _RowSkipped as skip:
+                raise RowSkipped("duplicate_id")
+        except RowSkipped as skip:
             _record_skip(report, location=location, reason=skip.reason)
             continue
         seen_ids.add(item.id)
@@ -305,7 +306,7 @@ def _record_skip(report: LoadReport, *, location: str, reason: str) -> None:
 def _row_to_item(row: Mapping[str, Any], *, location: str, fields: FileFields, default_family: str) -> TaskItem:
     family = default_family if fields.family is None else _required_value(row, fields.family)
     if family not in TASK_FAMILIES:
-        raise _RowSkipped("bad_family")
+        raise RowSkipped("bad_family")
     prompt = None if fields.prompt is None else _check_prompt(_required_value(row, fields.prompt))
     messages = None if fields.messages is None else _check_messages(_required_value(row, fields.messages))
     answer = _check_answer(_required_value(row, fields.answer), family=family)
@@ -318,30 +319,30 @@ def _row_to_item(row: Mapping[str, Any], *, location: str, fields: FileFields, d
 def _required_value(row: Mapping[str, Any], column: str) -> Any:
     value = row.get(column)
     if value is None:
-        raise _RowSkipped(f"missing_field:{column}")
+        raise RowSkipped(f"missing_field:{column}")
     return value
 
 
 def _check_prompt(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise _RowSkipped("bad_prompt")
+        raise RowSkipped("bad_prompt")
     return value
 
 
 def _check_messages(value: Any) -> tuple[dict[str, str], ...]:
     """A non-empty list of {role, content} string dicts with known roles, ending with the user's turn."""
     if not isinstance(value, list) or not value:
-        raise _RowSkipped("bad_messages")
+        raise RowSkipped("bad_messages")
     messages = []
     for message in value:
         if not isinstance(message, dict):
-            raise _RowSkipped("bad_messages")
+            raise RowSkipped("bad_messages")
         role, content = message.get("role"), message.get("content")
         if role not in CHAT_ROLES or not isinstance(content, str):
-            raise _RowSkipped("bad_messages")
+            raise RowSkipped("bad_messages")
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "user":
-        raise _RowSkipped("bad_messages")
+        raise RowSkipped("bad_messages")
     return tuple(messages)
 
 
@@ -349,10 +350,10 @@ def _check_answer(value: Any, *, family: str) -> Any:
     """Math answers become non-empty strings; code answers are any non-empty JSON value."""
     if family == "math":
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise _RowSkipped("bad_answer")
+            raise RowSkipped("bad_answer")
         value = str(value)
     if _is_empty(value):
-        raise _RowSkipped("empty_answer")
+        raise RowSkipped("empty_answer")
     return value
 
 

@@ -19,7 +19,6 @@ math benchmark reads exactly like a training file.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cipo_nemo.config.schema import DataSourceConfig, FileFields, FileSourceConfig, ReasoningGymSourceConfig
-from cipo_nemo.data.sources import MAX_WARNINGS_PER_SOURCE, LoadReport, TaskItem, describe, load_items
+from cipo_nemo.data.sources import (
+    MAX_WARNINGS_PER_SOURCE,
+    LoadReport,
+    RowSkipped,
+    TaskItem,
+    describe,
+    jsonl_rows,
+    load_items,
+)
 from cipo_nemo.environments.code import CodeTask, code_task_from_record, load_humaneval
 
 logger = logging.getLogger(__name__)
@@ -192,7 +199,7 @@ def _finish(benchmark: Benchmark, report: LoadReport) -> Benchmark:
 
 def detect_file_family(path: Path) -> Literal["math", "code", "correction"]:
     """The family of a benchmark file, from its first line that holds a JSON object."""
-    for _, row in _json_rows(path):
+    for _, row in jsonl_rows(path, label=str(path)):
         if isinstance(row, dict):
             if "solution" in row:
                 return "correction"
@@ -200,26 +207,6 @@ def detect_file_family(path: Path) -> Literal["math", "code", "correction"]:
                 return "code"
             return "math"
     raise BenchmarkError(f"{path}: no line holds a JSON object (one object per line: JSON Lines)")
-
-
-def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """(``file:line``, the parsed JSON value or a _Skip) per non-blank line; read as bytes so that one line
-    that is not UTF-8 skips only itself."""
-    with path.open("rb") as handle:
-        for line_number, raw_line in enumerate(handle, start=1):
-            where = f"{path}:{line_number}"
-            try:
-                # utf-8-sig on line 1 tolerates the byte-order mark some editors write.
-                text = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
-            except UnicodeDecodeError:
-                yield where, _Skip("not_utf8")
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield where, json.loads(text)
-            except json.JSONDecodeError:
-                yield where, _Skip("not_json")
 
 
 @dataclass(frozen=True)
@@ -231,13 +218,8 @@ class _Skip:
 def _rows_as(path: Path, report: LoadReport, convert: Any) -> Iterator[tuple[str, Any]]:
     """``convert(row, where)`` of every row; rows it rejects (a _Skip) are counted and logged, not yielded."""
     seen_ids: set[str] = set()
-    for where, row in _json_rows(path):
-        if isinstance(row, _Skip):
-            result = row
-        elif not isinstance(row, dict):
-            result = _Skip("not_json", "the line is JSON but not an object")
-        else:
-            result = convert(row, where)
+    for where, row in jsonl_rows(path, label=str(path)):
+        result = _Skip(row.reason) if isinstance(row, RowSkipped) else convert(row, where)
         if not isinstance(result, _Skip) and _item_of(result).id in seen_ids:
             result = _Skip("duplicate_id")
         if isinstance(result, _Skip):
