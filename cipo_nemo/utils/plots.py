@@ -19,6 +19,7 @@ def plot_training_curves(run_dir: Path, filename: str = "curves.png") -> Path:
 
     matplotlib.use("Agg")  # no display on training nodes
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     records = read_metrics(run_dir)
     figure, axes = plt.subplots(1, len(CURVES), figsize=(4.5 * len(CURVES), 3.4))
@@ -30,6 +31,7 @@ def plot_training_curves(run_dir: Path, filename: str = "curves.png") -> Path:
                 axis.plot(steps, values, marker="o", markersize=3, label=key)
         axis.set_title(title)
         axis.set_xlabel("step")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
