@@ -56,31 +56,40 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-def _processes() -> dict[int, int]:
-    """pid -> parent pid of every process on the machine."""
-    parents = {}
+def _processes() -> dict[int, tuple[int, bytes]]:
+    """pid -> (parent pid, first word of the command line) of every process on the machine."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 stat = (entry / "stat").read_text()
+                command = (entry / "cmdline").read_bytes().split(b"\0")[0]
             except OSError:
                 continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return parents
+            table[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), command)
+    return table
+
+
+def _left_by_the_killed_run(pids_before: set[int]) -> list[int]:
+    # Tests run one at a time, so a new Ray or vLLM process, or a new orphan, belongs to the killed run.
+    return [pid for pid, (parent, command) in _processes().items() if pid not in pids_before and (
+        parent == 1 or command.startswith((b"VLLM::", b"ray::")) or b"raylet" in command or b"gcs_server" in command)]
 
 
 def _remove_orphans_of_the_killed_run(pids_before: set[int], shm_before: set[Path]) -> None:
     # SIGKILL of the driver's process group does not reach what Ray started in other groups (its daemons, the
     # actors' children: vLLM's engine processes, dist_checkpointing's spawned manager). On a cluster Slurm's
-    # cgroup ends them; here the test removes every process that appeared during the run and is now an orphan.
-    time.sleep(2)
-    for pid, parent in _processes().items():
-        if pid not in pids_before and parent == 1:
+    # cgroup ends them; here the test does, until none is left (an actor may outlive its raylet for a moment).
+    deadline = time.monotonic() + 30
+    while (leftovers := _left_by_the_killed_run(pids_before)) and time.monotonic() < deadline:
+        for pid in leftovers:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    for path in set(Path("/dev/shm").glob("psm_*")) - shm_before:
+        time.sleep(1)
+    assert not _left_by_the_killed_run(pids_before), "processes of the killed run survived SIGKILL"
+    for path in (set(Path("/dev/shm").glob("psm_*")) | set(Path("/dev/shm").glob("sem.mp-*"))) - shm_before:
         path.unlink(missing_ok=True)
 
 
@@ -88,7 +97,8 @@ def test_kill_and_resume_matches_an_uninterrupted_run(arithmetic_model, tmp_path
     common = ("grpo.num_steps=4", "validation.every=0", "logger.plot=false", "logger.tensorboard=false")
     _run(arithmetic_model, tmp_path / "straight", *common)
     killed_dir = tmp_path / "killed"
-    pids_before, shm_before = set(_processes()), set(Path("/dev/shm").glob("psm_*"))
+    pids_before = set(_processes())
+    shm_before = set(Path("/dev/shm").glob("psm_*")) | set(Path("/dev/shm").glob("sem.mp-*"))
     process = subprocess.Popen(_cli(arithmetic_model, killed_dir, *common), cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     try:
