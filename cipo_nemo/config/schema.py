@@ -256,7 +256,10 @@ class PolicyConfig(StrictModel):
     micro_batch_size: PositiveInt = Field(description="Samples per micro-batch in train().")
     logprob_micro_batch_size: PositiveInt = Field(description="Samples per micro-batch in get_logprobs().")
     max_total_sequence_length: PositiveInt = Field(description="Prompt + response tokens, at most.")
-    sequence_packing: bool = Field(description="Pack several samples into one row per micro-batch.")
+    sequence_packing: bool = Field(
+        description="Pack whole samples into rows of micro_batch_size x max_total_sequence_length tokens (no "
+        "padding; THD with Transformer Engine, a block-diagonal mask otherwise)."
+    )
     reference_policy: Literal["cpu_copy", "none"] = Field(
         description="cpu_copy: the initial weights kept on CPU and swapped in for reference logprobs (needed by kl_beta)."
     )

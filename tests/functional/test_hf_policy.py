@@ -1,4 +1,5 @@
-"""HFPolicy on tiny random models (fp32, CPU): micro-batch invariance, checkpoints, reference policy, export."""
+"""HFPolicy on tiny random models (fp32, CPU): micro-batch invariance, sequence packing, checkpoints, reference
+policy, export."""
 
 from __future__ import annotations
 
@@ -48,6 +49,29 @@ def test_one_and_four_micro_batches_take_the_same_step(llama_dir: Path) -> None:
     for name in ("clip_fraction_low", "clip_fraction_high", "ratio_mean", "tis_weight_mean"):
         assert metrics_four[name] == pytest.approx(metrics_one[name], rel=1e-6)
     assert max_weight_diff(_weights(one), _weights(four)) < STEP_WEIGHT_TOLERANCE
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+def test_packed_sequences_give_the_unpacked_numbers(model: str, request: pytest.FixtureRequest) -> None:
+    from cipo_nemo.data.packing import plan_packed_rows, sequence_lengths
+
+    model_dir = request.getfixturevalue("llama_dir" if model == "llama" else "tied_qwen2_dir")
+    batch = make_batch(vocab_size=_vocab_size(model_dir))
+    # rows of 2 x 24 tokens for 8 samples of 5-24 tokens: several rows, several samples in most of them
+    assert len(plan_packed_rows(sequence_lengths(batch), capacity=2 * 24)) in range(2, 8)
+    results = {}
+    for packing in (False, True):
+        policy = HFPolicy(policy=make_policy(model_dir, micro_batch_size=2, logprob_micro_batch_size=3,
+                                             max_total_sequence_length=24, sequence_packing=packing),
+                          num_steps=4, seed=0)
+        results[packing] = (policy.get_logprobs(batch), policy.train(batch, LOSS), policy.get_logprobs(batch))
+    (plain, plain_step, plain_after), (packed, packed_step, packed_after) = results[False], results[True]
+    assert max_abs_diff(packed, plain) < 1e-5
+    assert torch.equal(packed == 0, plain == 0)
+    assert packed_step["loss"] == pytest.approx(plain_step["loss"], rel=1e-5)
+    assert packed_step["grad_norm"] == pytest.approx(plain_step["grad_norm"], rel=1e-5)
+    assert max_abs_diff(packed_after, plain_after) < 1e-5
+    assert max_abs_diff(plain_after, plain) > 0.05  # the step moved the policy far beyond the tolerance
 
 
 def test_checkpoint_round_trip_continues_the_same_run(llama_dir: Path, tmp_path: Path) -> None:

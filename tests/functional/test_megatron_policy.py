@@ -2,9 +2,9 @@
 
 Four multi-rank runs, each a module fixture that checks several things at once (imports dominate their cost):
   single: 1 rank   - logprobs, train step, 1 vs 4 micro-batches (and plain vs distributed optimizer), export
-                     round trip, reference policy, import shims, configuration errors
-  tp2:    2 ranks  - TP=2 logprobs and train step; checkpoint after step 1, step 2; save_hf
-  pp2:    2 ranks  - PP=2 logprobs and train step; loads tp2's checkpoint, step 2 again
+                     round trip, reference policy, sequence packing, import shims, configuration errors
+  tp2:    2 ranks  - TP=2 logprobs and train step (also packed); checkpoint after step 1, step 2; save_hf
+  pp2:    2 ranks  - PP=2 logprobs and train step (also packed); loads tp2's checkpoint, step 2 again
   dp2:    2 ranks  - DP=2 (+ activation recompute) train step on the same global batch, sharded by groups
 """
 
@@ -74,6 +74,22 @@ def _policy(reference: HFReference, **megatron: Any) -> PolicyConfig:
     return make_policy(reference.model_dir, micro_batch_size=2, logprob_micro_batch_size=3, megatron=megatron)
 
 
+def _packed(policy: PolicyConfig) -> PolicyConfig:
+    """Sequence packing into rows of 2 x 24 tokens (train) and 3 x 24 (logprobs): several rows, several samples
+    in most of them, for the 8 samples of 5-24 tokens in make_batch."""
+    return policy.model_copy(update={"sequence_packing": True, "max_total_sequence_length": 24})
+
+
+def _packed_checks(policy: PolicyConfig, batch: Batch, denominator: float) -> dict[str, Any]:
+    from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
+
+    worker = MegatronPolicyWorker(policy=_packed(policy), num_steps=4, seed=0)
+    result = {"is_output_rank": worker.is_output_rank, "initial_logprobs": worker.get_logprobs(batch)}
+    result["step"] = worker.train(batch, LOSS, global_denominator=denominator)
+    result["stepped_logprobs"] = worker.get_logprobs(batch)
+    return result
+
+
 def _denominator(shard_micro_batches: list[Batch]) -> float:
     """The global loss denominator: this rank's count summed over the world (= over DP when TP = PP = 1)."""
     count = torch.tensor(float(LOSS.local_denominator(shard_micro_batches)), dtype=torch.float64)
@@ -115,10 +131,10 @@ def single_rank_checks(rank: int, world_size: int, policies: dict[str, PolicyCon
         "transformer_engine_left_in_sys_modules": "transformer_engine" in sys.modules,
         "typing_override": hasattr(typing, "override"),
     }
+    results["llama_packed"] = _packed_checks(llama, batches["llama"], _denominator([batches["llama"]]))
     results["errors"] = {
         "tp2_in_world_of_1": _error_of(MegatronPolicyWorker, llama.model_copy(
             update={"megatron": llama.megatron.model_copy(update={"tensor_parallel": 2})})),
-        "sequence_packing": _error_of(MegatronPolicyWorker, llama.model_copy(update={"sequence_packing": True})),
     }
     return results
 
@@ -151,6 +167,8 @@ def tp2_checks(rank: int, world_size: int, policies: dict[str, PolicyConfig], ba
             result["second_step"] = worker.train(batch, LOSS, global_denominator=denominator)
             result["second_step_export"] = worker.export_hf_weights()
         results[name] = result
+    denominator = float(LOSS.local_denominator([batches["llama"]]))
+    results["llama_packed"] = _packed_checks(policies["llama"], batches["llama"], denominator)
     return results
 
 
@@ -174,6 +192,8 @@ def pp2_checks(rank: int, world_size: int, policies: dict[str, PolicyConfig], ba
             result["step"] = worker.train(batch, LOSS, global_denominator=denominator)
             result["stepped_logprobs"] = worker.get_logprobs(batch)
         results[name] = result
+    denominator = float(LOSS.local_denominator([batches["qwen2_tied"]]))
+    results["qwen2_tied_packed"] = _packed_checks(policies["qwen2_tied"], batches["qwen2_tied"], denominator)
     return results
 
 
@@ -287,6 +307,29 @@ def test_one_and_four_micro_batches_take_the_same_step(single: dict[str, Any]) -
     assert max_weight_diff(one["stepped_export"], four["stepped_export"]) < STEP_WEIGHT_TOLERANCE
 
 
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
+def test_packed_sequences_give_the_unpacked_numbers(layout: str, request: pytest.FixtureRequest,
+                                                    references: dict[str, HFReference]) -> None:
+    from cipo_nemo.data.packing import plan_packed_rows, sequence_lengths
+
+    model = "qwen2_tied" if layout == "pp2" else "llama"
+    reference = references[model]
+    rows = plan_packed_rows(sequence_lengths(reference.batch), capacity=2 * 24)
+    assert 1 < len(rows) < len(reference.batch) and max(len(row.indices) for row in rows) > 1  # a real packing
+    match layout:
+        case "tp1":
+            result = request.getfixturevalue("single")[f"{model}_packed"]
+        case _:
+            run = request.getfixturevalue(layout)
+            result = _output(run, f"{model}_packed")
+    assert max_abs_diff(result["initial_logprobs"], reference.initial_logprobs) < LOGPROB_TOLERANCE
+    assert torch.equal(result["initial_logprobs"] == 0, reference.initial_logprobs == 0)
+    assert result["step"]["num_valid_tokens"] == reference.step["num_valid_tokens"]
+    assert result["step"]["loss"] == pytest.approx(reference.step["loss"], rel=1e-5, abs=1e-7)
+    assert result["step"]["grad_norm"] == pytest.approx(reference.step["grad_norm"], rel=1e-5)
+    assert max_abs_diff(result["stepped_logprobs"], reference.stepped_logprobs) < LOGPROB_TOLERANCE
+
+
 def test_data_parallel_step_equals_single_rank_step(dp2: list[dict[str, Any]], single: dict[str, Any],
                                                    tp2: dict[str, Any]) -> None:
     assert [result["dp"] for result in dp2] == [(0, 2), (1, 2)]
@@ -370,7 +413,6 @@ def test_import_shims_and_configuration_errors(single: dict[str, Any]) -> None:
     assert single["import_shims"] == {"transformer_engine_left_in_sys_modules": False, "typing_override": True}
     assert single["errors"]["tp2_in_world_of_1"].startswith("ValueError: world size 1 is not divisible")
     assert "policy.megatron.tensor_parallel" in single["errors"]["tp2_in_world_of_1"]
-    assert single["errors"]["sequence_packing"].startswith("NotImplementedError: policy.sequence_packing=true")
 
 
 def test_cpu_compat_is_a_no_op_with_cuda(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,6 +16,14 @@ import torch.nn.functional as F
 from cipo_nemo.algorithms.loss import PolicyLoss, aggregate_metrics
 from cipo_nemo.config.schema import OptimizerConfig, PolicyConfig
 from cipo_nemo.data.batch import Batch
+from cipo_nemo.data.packing import (
+    PackedRow,
+    pack_row,
+    plan_packed_rows,
+    restore_order,
+    sequence_lengths,
+    unpack_logprobs,
+)
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import build_lr_scheduler, resolve_param_dtype
 
@@ -28,8 +36,6 @@ class HFPolicy:
     def __init__(self, *, policy: PolicyConfig, num_steps: int, seed: int) -> None:
         from transformers import AutoModelForCausalLM
 
-        if policy.sequence_packing:
-            raise NotImplementedError("the HF policy does not pack sequences; set policy.sequence_packing=false")
         torch.manual_seed(seed)
         self._policy = policy
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -53,12 +59,20 @@ class HFPolicy:
     def get_logprobs(self, batch: Batch) -> torch.Tensor:
         """(N, T) logprobs under the current weights, in micro-batches of `logprob_micro_batch_size`."""
         self._model.eval()
+        micro_batches = self._micro_batches(batch, self._policy.logprob_micro_batch_size)
         with torch.no_grad():
-            parts = [
-                self._micro_batch_logprobs(micro_batch).cpu()
-                for micro_batch in batch.micro_batches(self._policy.logprob_micro_batch_size)
-            ]
+            parts = [self._micro_batch_logprobs(samples, row).cpu() for samples, row in micro_batches]
+        if self._policy.sequence_packing:
+            return restore_order(parts, [row for _, row in micro_batches])
         return torch.cat(parts)
+
+    def _micro_batches(self, batch: Batch, micro_batch_size: int) -> list[tuple[Batch, PackedRow | None]]:
+        """Micro-batches of `micro_batch_size` samples, or packed rows of that many full-length samples' tokens."""
+        if not self._policy.sequence_packing:
+            return [(samples, None) for samples in batch.micro_batches(micro_batch_size)]
+        capacity = micro_batch_size * self._policy.max_total_sequence_length
+        rows = plan_packed_rows(sequence_lengths(batch), capacity)
+        return [(batch.select(list(row.indices)), row) for row in rows]
 
     def get_reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """Logprobs under the initial weights: the CPU copy is swapped in and the current weights back out."""
@@ -67,42 +81,52 @@ class HFPolicy:
         with weights_swapped_in(self._model.named_parameters, self._reference_weights):
             return self.get_logprobs(batch)
 
-    def _micro_batch_logprobs(self, micro_batch: Batch) -> torch.Tensor:
+    def _micro_batch_logprobs(self, micro_batch: Batch, packed_row: PackedRow | None) -> torch.Tensor:
+        """(n, T) logprobs of one micro-batch; a packed one runs as a single row and is split back per sample."""
         sequence_mask = (micro_batch["prompt_mask"] | micro_batch["response_mask"]).to(self._device)
         full_length = sequence_mask.shape[1]
-        # right padding: the causal mask alone is exact for real tokens, so trim to the longest and pass no mask
-        length = int((torch.arange(full_length, device=self._device) * sequence_mask).max().item()) + 1
-        input_ids = micro_batch["input_ids"][:, :length].long().to(self._device)
+        if packed_row is None:
+            # right padding: the causal mask alone is exact for real tokens, so trim to the longest, pass no mask
+            length = int((torch.arange(full_length, device=self._device) * sequence_mask).max().item()) + 1
+            input_ids, position_ids = micro_batch["input_ids"][:, :length].long().to(self._device), None
+        else:
+            # no attention mask and no KV cache: then transformers builds the block-diagonal causal mask from the
+            # restarting position ids (masking_utils._preprocess_mask_arguments skips that when a cache exists)
+            packed = pack_row(micro_batch["input_ids"], _row_within(packed_row), packed_row.num_tokens)
+            input_ids, position_ids = packed.input_ids.to(self._device), packed.position_ids.to(self._device)
         with self._autocast:
-            logits = self._model(input_ids=input_ids).logits  # (n, S, V)
+            logits = self._model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits  # (rows, S, V)
         # logits[:, s] predict token s + 1; the last column's target wraps around and is masked below
         targets = torch.roll(input_ids, shifts=-1, dims=1)
         next_token_logprobs = -F.cross_entropy(
             logits.float().flatten(0, 1), targets.flatten(), reduction="none"
         ).view_as(targets)
         logprobs = F.pad(next_token_logprobs[:, :-1], (1, 0))
-        logprobs = torch.where(sequence_mask[:, :length], logprobs, torch.zeros_like(logprobs))
-        return F.pad(logprobs, (0, full_length - length))
+        if packed_row is None:
+            logprobs = F.pad(logprobs, (0, full_length - logprobs.shape[1]))
+        else:
+            logprobs = unpack_logprobs(logprobs[0], packed_row, full_length)
+        return torch.where(sequence_mask, logprobs, torch.zeros_like(logprobs))
 
     # ----- training -----------------------------------------------------------------------------
 
     def train(
         self, batch: Batch, loss_fn: PolicyLoss, *, global_denominator: float | None = None
     ) -> dict[str, float]:
-        """One optimizer step on `batch` in micro-batches of `micro_batch_size`.
+        """One optimizer step on `batch` in micro-batches of `micro_batch_size` (or packed rows of as many tokens).
 
         Every micro-batch loss is divided by the denominator of the whole batch (counted here unless given), so
         the accumulated gradient is the full-batch gradient whatever the micro-batch size.
         """
-        micro_batches = batch.micro_batches(self._policy.micro_batch_size)
+        micro_batches = self._micro_batches(batch, self._policy.micro_batch_size)
         if global_denominator is None:
-            global_denominator = float(loss_fn.local_denominator(micro_batches))
+            global_denominator = float(loss_fn.local_denominator([samples for samples, _ in micro_batches]))
         self._model.train()
         self._optimizer.zero_grad(set_to_none=True)
         lr = self._lr_schedule.apply_to(self._optimizer.param_groups)
         per_micro_batch = []
-        for micro_batch in micro_batches:
-            logprobs = self._micro_batch_logprobs(micro_batch)
+        for micro_batch, packed_row in micro_batches:
+            logprobs = self._micro_batch_logprobs(micro_batch, packed_row)
             loss, metrics = loss_fn(logprobs, micro_batch, global_denominator=global_denominator)
             loss.backward()
             per_micro_batch.append(metrics)
@@ -182,3 +206,8 @@ def build_adamw(*, optimizer_cfg: OptimizerConfig, model: torch.nn.Module) -> to
         betas=(optimizer_cfg.adam_beta1, optimizer_cfg.adam_beta2),
         eps=optimizer_cfg.adam_eps,
     )
+
+
+def _row_within(row: PackedRow) -> PackedRow:
+    """The row indexing its own micro-batch (`batch.select(row.indices)`) instead of the shard."""
+    return PackedRow(indices=tuple(range(len(row.indices))), lengths=row.lengths)

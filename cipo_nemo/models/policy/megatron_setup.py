@@ -177,13 +177,6 @@ def build_megatron_model(*, policy_cfg: PolicyConfig) -> MegatronModel:
     megatron_cfg = policy_cfg.megatron
     layer_spec = resolve_layer_spec(megatron_cfg)
     dtype = resolve_param_dtype(policy_cfg)
-    if policy_cfg.sequence_packing:
-        # THD packing needs TE attention (the local spec asserts packed_seq_params is None,
-        # transformer/dot_product_attention.py:153) and is not implemented by this worker yet
-        raise NotImplementedError(
-            "policy.sequence_packing=true is not supported by the Megatron policy yet (it needs the Transformer "
-            "Engine layer spec and THD micro-batches); set policy.sequence_packing=false"
-        )
     bridge = AutoBridge.from_hf_pretrained(policy_cfg.model_name, torch_dtype=dtype)
     provider = bridge.to_megatron_provider(load_weights=True)
     apply_parallel_layout(provider, megatron_cfg=megatron_cfg)

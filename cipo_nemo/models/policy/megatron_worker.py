@@ -6,8 +6,10 @@ of one DP group get the same shard; results come from the output rank of each DP
 pipeline stage, `is_output_rank`), except where a method says otherwise.
 
 Logprob convention (cipo_nemo/models/interfaces.py): `logprobs[:, t] = log p(input_ids[:, t] | input_ids[:, :t])`,
-0 at t = 0 and on padding (positions outside `prompt_mask | response_mask`). Rows are right-padded, so megatron's
-causal mask suffices and no attention mask is built.
+0 at t = 0 and on padding (positions outside `prompt_mask | response_mask`). Unpacked rows are right-padded, so
+megatron's causal mask suffices and no attention mask is built; packed rows (`policy.sequence_packing`,
+cipo_nemo/data/packing.py) carry their sample boundaries as THD `cu_seqlens` (Transformer Engine) or as a
+block-diagonal causal mask (local spec).
 """
 
 from __future__ import annotations
@@ -26,6 +28,17 @@ import torch.nn.functional as F
 from cipo_nemo.algorithms.loss import PolicyLoss, aggregate_metrics
 from cipo_nemo.config.schema import PolicyConfig
 from cipo_nemo.data.batch import Batch
+from cipo_nemo.data.packing import (
+    PackedRow,
+    block_causal_mask,
+    cu_seqlens,
+    pack_row,
+    packed_length,
+    plan_packed_rows,
+    restore_order,
+    sequence_lengths,
+    unpack_logprobs,
+)
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import (
     build_lr_scheduler,
@@ -48,10 +61,12 @@ class _MicroBatch:
     """One micro-batch as the model sees it; `samples` are the real rows (for the loss), the rest is padding."""
 
     samples: Batch
-    input_ids: torch.Tensor  # (rows, S) with rows >= len(samples), S <= the batch's T
+    input_ids: torch.Tensor  # (rows, S); rows >= len(samples) unpacked, 1 packed
     position_ids: torch.Tensor  # (rows, S)
-    sequence_mask: torch.Tensor  # (rows, S) bool, prompt or response token
     full_length: int  # the batch's T: logprobs are right-padded back to it
+    packed_row: PackedRow | None = None  # which samples the single packed row holds, and their lengths
+    attention_mask: torch.Tensor | None = None  # packed, local spec: (1, 1, S, S) block-diagonal, True = masked
+    packed_seq_params: Any = None  # packed, Transformer Engine: megatron's PackedSeqParams (THD)
 
 
 class MegatronPolicyWorker:
@@ -61,7 +76,7 @@ class MegatronPolicyWorker:
         self._policy = policy
         self._owns_process_group = init_parallel_state(megatron_cfg=policy.megatron, seed=seed)
         model = build_megatron_model(policy_cfg=policy)
-        self._bridge, self._chunks = model.bridge, model.chunks
+        self._bridge, self._chunks, self._layer_spec = model.bridge, model.chunks, model.layer_spec
         self._optimizer = build_optimizer(optimizer_cfg=policy.optimizer, model=model)
         self._lr_schedule = build_lr_scheduler(optimizer_cfg=policy.optimizer, num_steps=num_steps)
         self._reference_weights = maybe_snapshot_reference(policy.reference_policy, self._named_parameters)
@@ -102,7 +117,10 @@ class MegatronPolicyWorker:
             outputs = self._run_schedule(micro_batches, self._collect_logprobs, forward_only=True)
         if not self.is_output_rank:
             return None
-        return torch.cat([output["logprobs"] for output in outputs])
+        parts = [output["logprobs"] for output in outputs]
+        if self._policy.sequence_packing:
+            return restore_order(parts, [micro_batch.packed_row for micro_batch in micro_batches])
+        return torch.cat(parts)
 
     def get_reference_logprobs(self, batch: Batch) -> torch.Tensor | None:
         """Logprobs under the initial weights (`reference_policy: cpu_copy`).
@@ -123,7 +141,8 @@ class MegatronPolicyWorker:
         return logprobs.new_zeros(()), {"logprobs": logprobs.detach().cpu()}
 
     def _token_logprobs(self, logits: torch.Tensor, micro_batch: _MicroBatch) -> torch.Tensor:
-        """(n_real, T) logprobs from this rank's vocab shard of the logits, per the module's alignment."""
+        """(n_real, T) logprobs from this rank's vocab shard of the logits, per the module's alignment; a packed
+        row is split back into its samples."""
         from megatron.core import tensor_parallel
 
         # logits[:, s] predict token s + 1; the last column's target wraps around and is masked below
@@ -131,9 +150,14 @@ class MegatronPolicyWorker:
         # fp32 per micro-batch only: (rows, S, V / TP) -> (rows, S); full-vocab logits are never gathered
         next_token_logprobs = -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets)
         logprobs = F.pad(next_token_logprobs[:, :-1], (1, 0))
-        logprobs = torch.where(micro_batch.sequence_mask, logprobs, torch.zeros_like(logprobs))
-        num_samples = len(micro_batch.samples)
-        return F.pad(logprobs[:num_samples], (0, micro_batch.full_length - logprobs.shape[1]))
+        if micro_batch.packed_row is None:
+            num_samples = len(micro_batch.samples)
+            logprobs = F.pad(logprobs[:num_samples], (0, micro_batch.full_length - logprobs.shape[1]))
+        else:
+            logprobs = unpack_logprobs(logprobs[0], micro_batch.packed_row, micro_batch.full_length)
+        samples = micro_batch.samples
+        sequence_mask = (samples["prompt_mask"] | samples["response_mask"]).to(logprobs.device)
+        return torch.where(sequence_mask, logprobs, torch.zeros_like(logprobs))
 
     # ----- training -----------------------------------------------------------------------------
 
@@ -201,7 +225,7 @@ class MegatronPolicyWorker:
             micro_batch = next(data_iterator)
             # later pipeline stages ignore input_ids and take the previous stage's activations
             output = model(input_ids=micro_batch.input_ids, position_ids=micro_batch.position_ids,
-                           attention_mask=None)
+                           attention_mask=micro_batch.attention_mask, packed_seq_params=micro_batch.packed_seq_params)
             return output, partial(loss_func, micro_batch)
 
         rows, seq_length = micro_batches[0].input_ids.shape
@@ -216,31 +240,62 @@ class MegatronPolicyWorker:
         )
 
     def _build_micro_batches(self, batch: Batch, micro_batch_size: int) -> list[_MicroBatch]:
-        """Micro-batches trimmed to the shard's longest sequence; padded to full rows under PP (fixed p2p shapes)."""
+        """Micro-batches trimmed to the shard's longest sequence; padded to full rows under PP (fixed p2p shapes).
+        With sequence packing, packed rows of `micro_batch_size x max_total_sequence_length` tokens instead."""
         from megatron.core import parallel_state
 
         if len(batch) == 0:
             raise ValueError("the policy got an empty data-parallel shard; every DP rank needs >= 1 sample")
+        if self._policy.sequence_packing:
+            return self._build_packed_micro_batches(batch, micro_batch_size)
         sequence_mask = batch["prompt_mask"] | batch["response_mask"]
         full_length = sequence_mask.shape[1]
         positions = torch.arange(full_length)
         length = int((positions[None, :] * sequence_mask).max().item()) + 1
         pad_rows = parallel_state.get_pipeline_model_parallel_world_size() > 1
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         micro_batches = []
         for samples in batch.micro_batches(micro_batch_size):
             rows = micro_batch_size if pad_rows else len(samples)
             input_ids = _pad_rows(samples["input_ids"][:, :length].long(), rows)
-            mask = _pad_rows((samples["prompt_mask"] | samples["response_mask"])[:, :length], rows)
             micro_batches.append(
                 _MicroBatch(
                     samples=samples,
-                    input_ids=input_ids.to(device),
-                    position_ids=positions[:length].expand(rows, length).to(device),
-                    sequence_mask=mask.to(device),
+                    input_ids=input_ids.to(_device()),
+                    position_ids=positions[:length].expand(rows, length).to(_device()),
                     full_length=full_length,
                 )
             )
+        return micro_batches
+
+    def _build_packed_micro_batches(self, batch: Batch, micro_batch_size: int) -> list[_MicroBatch]:
+        """One packed row per micro-batch; every row the same length under PP, a multiple of TP (sequence
+        parallelism splits the sequence over TP ranks)."""
+        from megatron.core import parallel_state
+
+        capacity = micro_batch_size * self._policy.max_total_sequence_length
+        rows = plan_packed_rows(sequence_lengths(batch), capacity)
+        lengths = packed_length(
+            rows,
+            multiple=parallel_state.get_tensor_model_parallel_world_size(),
+            uniform=parallel_state.get_pipeline_model_parallel_world_size() > 1,
+        )
+        micro_batches = []
+        for row, length in zip(rows, lengths):
+            packed = pack_row(batch["input_ids"], row, length)
+            micro_batch = _MicroBatch(
+                samples=batch.select(list(row.indices)),
+                input_ids=packed.input_ids.to(_device()),
+                position_ids=packed.position_ids.to(_device()),
+                full_length=batch["input_ids"].shape[1],
+                packed_row=row,
+            )
+            if self._layer_spec == "transformer_engine":
+                micro_batch.packed_seq_params = _thd_params(row, length)
+            else:
+                # the local spec's attention takes no PackedSeqParams (dot_product_attention.py asserts it); the
+                # mask gives the same attention: RoPE scores depend on q - k only, which packing leaves unchanged
+                micro_batch.attention_mask = block_causal_mask(packed.segment_ids).to(_device())
+            micro_batches.append(micro_batch)
         return micro_batches
 
     # ----- weights ------------------------------------------------------------------------------
@@ -437,6 +492,20 @@ def _write_safetensors(weights: dict[str, torch.Tensor], path: Path) -> None:
     if plan.is_sharded:
         index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _device() -> torch.device | str:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+
+
+def _thd_params(row: PackedRow, length: int) -> Any:
+    """megatron's PackedSeqParams for one THD row: the same boundaries for queries and keys (self-attention)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    boundaries = cu_seqlens(row, length).to(_device())
+    longest = int((boundaries[1:] - boundaries[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=boundaries, cu_seqlens_kv=boundaries,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
