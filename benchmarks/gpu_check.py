@@ -2,8 +2,8 @@
 
 On one GPU: build a Qwen2-shaped model (random weights, HF directory written here), load it into Megatron-core
 through megatron-bridge in bf16 (Transformer Engine layers when TE is importable, else the local spec), compare
-its logprobs with Hugging Face transformers on the same weights, run train steps through the real
-MegatronPolicyWorker, and print tokens/s for the forward+backward of a train step next to HF's, measured in the
+its logprobs with Hugging Face transformers on the same weights (also with sequence packing: THD under TE),
+run train steps through the real MegatronPolicyWorker, and print tokens/s for the forward+backward of a train step next to HF's, measured in the
 same run. Without a GPU it runs the same path in fp32 on CPU at a tiny size (a smoke check of this script).
 
     python benchmarks/gpu_check.py [--hidden 1024 --layers 8 --batch 8 --seq 1024 --steps 3]
@@ -126,6 +126,12 @@ def main() -> int:
     print(f"tokens/s (fwd+bwd+optimizer, best of {args.steps}): Megatron {megatron_tokens_per_s:,.0f}, "
           f"HF {hf_tokens_per_s:,.0f}, ratio Megatron/HF {megatron_tokens_per_s / hf_tokens_per_s:.2f}")
     worker.shutdown()
+    # the same initial weights with sequence packing: THD rows with Transformer Engine, a block mask otherwise
+    packed_worker = MegatronPolicyWorker(policy=policy.model_copy(update={"sequence_packing": True}),
+                                         num_steps=args.steps, seed=0)
+    packed_diff = (packed_worker.get_logprobs(batch).float() - hf_logprobs).abs()[batch["response_mask"]].max()
+    print(f"packed logprobs Megatron vs HF: max abs diff {packed_diff.item():.3e}")
+    packed_worker.shutdown()
     return 0
 
 
