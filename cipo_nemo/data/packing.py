@@ -81,8 +81,12 @@ def plan_packed_rows(lengths: Sequence[int], capacity: int) -> list[PackedRow]:
 
 def packed_length(rows: Sequence[PackedRow], *, multiple: int, uniform: bool) -> list[int]:
     """Padded length of every row: a multiple of `multiple`; the longest row's for all when `uniform` (PP)."""
-    lengths = [-(-row.num_tokens // multiple) * multiple for row in rows]
+    lengths = [round_up(row.num_tokens, multiple) for row in rows]
     return [max(lengths)] * len(rows) if uniform else lengths
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cipo_nemo.config.schema import PolicyConfig
 from cipo_nemo.data.batch import Batch
+from cipo_nemo.data.packing import plan_packed_rows, sequence_lengths
 from cipo_nemo.models.policy.hf_policy import HFPolicy
 from cipo_nemo.models.tiny import build_tiny_model_dir
 
 LOGPROB_TOLERANCE = 1e-4
+ODD_LENGTH_ROWS = [1, 3, 4, 7]  # make_batch's samples of 10, 11, 11 and 7 tokens
 MODELS = ("llama", "qwen2_tied")
 
 
@@ -156,6 +158,8 @@ def tp2_checks(rank: int, world_size: int, policies: dict[str, PolicyConfig], ba
         batch = batches[name]
         worker = MegatronPolicyWorker(policy=policy, num_steps=4, seed=0)
         result = {"is_output_rank": worker.is_output_rank, "initial_logprobs": worker.get_logprobs(batch)}
+        # rows whose longest sequence has an odd length: padded to a multiple of TP (sequence parallelism needs it)
+        result["odd_length_logprobs"] = worker.get_logprobs(batch.select(ODD_LENGTH_ROWS))
         # TP ranks of one DP group share the shard: the denominator is counted once per DP group
         denominator = float(LOSS.local_denominator([batch]))
         result["step"] = worker.train(batch, LOSS, global_denominator=denominator)
@@ -275,6 +279,11 @@ def test_logprobs_equal_hf(layout: str, model: str, request: pytest.FixtureReque
     assert max_abs_diff(logprobs, expected) < LOGPROB_TOLERANCE
     # padding and t = 0 are exactly 0, as in the HF policy
     assert torch.equal(logprobs == 0, expected == 0)
+    if layout == "tp2":
+        odd_rows = references[model].batch.select(ODD_LENGTH_ROWS)
+        assert max(sequence_lengths(odd_rows)) % 2 == 1
+        odd = _output(request.getfixturevalue(layout), model)["odd_length_logprobs"]
+        assert max_abs_diff(odd, expected[ODD_LENGTH_ROWS]) < LOGPROB_TOLERANCE
 
 
 # ----- train step -------------------------------------------------------------------------------------------
@@ -310,8 +319,6 @@ def test_one_and_four_micro_batches_take_the_same_step(single: dict[str, Any]) -
 @pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
 def test_packed_sequences_give_the_unpacked_numbers(layout: str, request: pytest.FixtureRequest,
                                                     references: dict[str, HFReference]) -> None:
-    from cipo_nemo.data.packing import plan_packed_rows, sequence_lengths
-
     model = "qwen2_tied" if layout == "pp2" else "llama"
     reference = references[model]
     rows = plan_packed_rows(sequence_lengths(reference.batch), capacity=2 * 24)

@@ -36,6 +36,7 @@ from cipo_nemo.data.packing import (
     packed_length,
     plan_packed_rows,
     restore_order,
+    round_up,
     sequence_lengths,
     unpack_logprobs,
 )
@@ -152,7 +153,8 @@ class MegatronPolicyWorker:
         logprobs = F.pad(next_token_logprobs[:, :-1], (1, 0))
         if micro_batch.packed_row is None:
             num_samples = len(micro_batch.samples)
-            logprobs = F.pad(logprobs[:num_samples], (0, micro_batch.full_length - logprobs.shape[1]))
+            logprobs = logprobs[:num_samples, : micro_batch.full_length]  # rounding to TP may exceed T
+            logprobs = F.pad(logprobs, (0, micro_batch.full_length - logprobs.shape[1]))
         else:
             logprobs = unpack_logprobs(logprobs[0], micro_batch.packed_row, micro_batch.full_length)
         samples = micro_batch.samples
@@ -240,7 +242,8 @@ class MegatronPolicyWorker:
         )
 
     def _build_micro_batches(self, batch: Batch, micro_batch_size: int) -> list[_MicroBatch]:
-        """Micro-batches trimmed to the shard's longest sequence; padded to full rows under PP (fixed p2p shapes).
+        """Micro-batches trimmed to the shard's longest sequence (rounded up to a multiple of TP); padded to full
+        rows under PP (fixed p2p shapes).
         With sequence packing, packed rows of `micro_batch_size x max_total_sequence_length` tokens instead."""
         from megatron.core import parallel_state
 
@@ -248,20 +251,21 @@ class MegatronPolicyWorker:
             raise ValueError("the policy got an empty data-parallel shard; every DP rank needs >= 1 sample")
         if self._policy.sequence_packing:
             return self._build_packed_micro_batches(batch, micro_batch_size)
-        sequence_mask = batch["prompt_mask"] | batch["response_mask"]
-        full_length = sequence_mask.shape[1]
-        positions = torch.arange(full_length)
-        length = int((positions[None, :] * sequence_mask).max().item()) + 1
+        full_length = batch["input_ids"].shape[1]
+        # a multiple of TP: sequence parallelism scatters the sequence over the TP ranks
+        length = round_up(max(sequence_lengths(batch)), parallel_state.get_tensor_model_parallel_world_size())
+        positions = torch.arange(length)
         pad_rows = parallel_state.get_pipeline_model_parallel_world_size() > 1
         micro_batches = []
         for samples in batch.micro_batches(micro_batch_size):
             rows = micro_batch_size if pad_rows else len(samples)
-            input_ids = _pad_rows(samples["input_ids"][:, :length].long(), rows)
+            columns = samples["input_ids"][:, :length].long()
+            input_ids = _pad_rows(F.pad(columns, (0, length - columns.shape[1])), rows)
             micro_batches.append(
                 _MicroBatch(
                     samples=samples,
                     input_ids=input_ids.to(_device()),
-                    position_ids=positions[:length].expand(rows, length).to(_device()),
+                    position_ids=positions.expand(rows, length).to(_device()),
                     full_length=full_length,
                 )
             )
