@@ -1,9 +1,10 @@
 """Preflight: everything about a run that can be checked before workers start.
 
-Resolves and validates the config, loads every data source (counting skipped rows), checks that the verifier
-can read the gold answers (each gold, quoted back as `\\boxed{gold}`, must score as correct), and computes the
-per-step plan. The training loop runs this first so that a bad config, an empty dataset or gold answers the
-verifier cannot parse stop the run before any heavy work.
+Resolves and validates the config, checks its layout and memory against the cluster (cipo_nemo/plan.py), loads
+every data source (counting skipped rows), checks that the verifier can read the gold answers (each gold, quoted
+back as `\\boxed{gold}`, must score as correct), and computes the per-step plan. The training loop runs this first
+so that a bad config or layout, an empty dataset or gold answers the verifier cannot parse stop the run before any
+heavy work.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from cipo_nemo.config import MasterConfig
 from cipo_nemo.data.sources import DataError, LoadReport, TaskItem, describe, load_items
 from cipo_nemo.environments.math import MathVerifierPool, reason_counts
+from cipo_nemo.plan import LaunchPlan, LayoutError, plan_launch
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class StepPlan:
 @dataclass
 class PreflightReport:
     plan: StepPlan
+    launch: LaunchPlan | None = None  # the config resolved against its cluster (cipo_nemo/plan.py)
     data: list[LoadReport] = field(default_factory=list)
     gold_check: dict[str, int] = field(default_factory=dict)  # verifier reason -> count, on math golds
 
@@ -45,7 +48,7 @@ class PreflightReport:
             f"per step: {plan.base_samples} base rollouts, up to {plan.max_anchors} anchors and "
             f"{plan.max_correction_samples} correction rollouts ({plan.max_samples} samples at most)"
         )
-        return lines
+        return lines + (self.launch.lines() if self.launch else [])
 
 
 def plan_step(cfg: MasterConfig) -> StepPlan:
@@ -67,9 +70,16 @@ def check_gold_answers(items: list[TaskItem], *, num_workers: int, timeout_s: fl
     return reason_counts(verdicts)
 
 
-def run_preflight(cfg: MasterConfig) -> PreflightReport:
-    """Load and check everything a run needs before workers start; raises DataError on unusable data."""
-    report = PreflightReport(plan=plan_step(cfg))
+def run_preflight(cfg: MasterConfig, *, check_memory: bool = True) -> PreflightReport:
+    """Load and check everything a run needs before workers start. Raises LayoutError (a ConfigError) when the
+    layout does not fit the cluster or the model, or, with `check_memory`, when the memory estimate exceeds a GPU;
+    ModelNotFoundError when the model's architecture is unknown; DataError on unusable data."""
+    step = plan_step(cfg)
+    # the layout first: it needs no data, and a 70B layout error should not wait for a dataset to load
+    launch = plan_launch(cfg, base_samples=step.base_samples, max_correction_samples=step.max_correction_samples)
+    if check_memory and launch.memory_problems:
+        raise LayoutError("\n".join(launch.memory_problems))
+    report = PreflightReport(plan=step, launch=launch)
     sources = {"train": cfg.data.train, "validation": cfg.data.validation}
     for name, source in sources.items():
         if source is None:

@@ -291,6 +291,9 @@ class ClusterConfig(StrictModel):
     devices_per_node: PositiveInt = Field(description="GPUs per node (on CPU: worker processes per node).")
     ray_address: str | None = Field(description="Existing Ray cluster to join (null: start one in-process).")
 
+    gpu_memory_gib: PositiveFloat | None = Field(
+        description="Memory of one GPU in GiB, the budget of the dry run's per-GPU estimate (null: CPU worker processes)."
+    )
 
 class LoggerConfig(StrictModel):
     tensorboard: bool = Field(description="Write TensorBoard events (JSONL metrics are always written).")

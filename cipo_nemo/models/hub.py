@@ -31,6 +31,21 @@ def cache_root() -> Path:
 
 
 def resolve_model_dir(name: str) -> Path:
+    found = find_local_model_dir(name)
+    if found is not None:
+        return found
+    if name == SMOLLM2_ID:
+        return convert_bundled_smollm2(cache_root() / "models" / "SmolLM2-135M-Instruct")
+    raise ModelNotFoundError(
+        f"policy.model_name: {name!r} is not a local directory and not in the offline Hugging Face cache; "
+        "nothing is downloaded at run time, so pass the path of a checkpoint directory"
+    )
+
+
+def find_local_model_dir(name: str) -> Path | None:
+    """The checkpoint directory `name` names, if it is here already (a directory, the HF cache, or our converted
+    copy of a bundled model); None for a hub id that is not. Never downloads or converts: the dry run uses it,
+    and a dry run must work where the weights are not (a login node, a laptop). A bad path is still an error."""
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -41,12 +56,10 @@ def resolve_model_dir(name: str) -> Path:
     cached = _from_hf_cache(name)
     if cached is not None:
         return cached
-    if name == SMOLLM2_ID:
-        return convert_bundled_smollm2(cache_root() / "models" / "SmolLM2-135M-Instruct")
-    raise ModelNotFoundError(
-        f"policy.model_name: {name!r} is not a local directory and not in the offline Hugging Face cache; "
-        "nothing is downloaded at run time, so pass the path of a checkpoint directory"
-    )
+    converted = cache_root() / "models" / "SmolLM2-135M-Instruct"
+    if name == SMOLLM2_ID and (converted / "config.json").is_file():
+        return converted
+    return None
 
 
 def looks_like_a_path(name: str) -> bool:

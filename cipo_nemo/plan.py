@@ -1,0 +1,605 @@
+"""Launch plan: the config resolved against the cluster it will run on, checked before anything starts.
+
+The preflight builds it for every run and `python -m cipo_nemo --dry-run` prints it. It answers four questions:
+
+1. Does the parallel layout fit? world = num_nodes x devices_per_node GPUs, DP = world / (TP x PP) must be whole,
+   and the model must split the way megatron-core and vLLM split it (heads and KV heads by TP, layers by PP,
+   vocab by TP). Each rule is checked here with the error megatron / vLLM / this loop would raise minutes into the
+   job, naming the config keys to change.
+2. Where does everything sit? Policy ranks, vLLM engines, colocated or not.
+3. How much work is one step? Rollouts (base + the most corrections) and token upper bounds.
+4. Does one GPU hold it? A per-GPU memory estimate against `cluster.gpu_memory_gib`.
+
+The memory figures are an ESTIMATE from the model's shape, not a measurement. Assumptions (each also a constant
+or a one-line formula below): Llama/Qwen-style decoder (RMSNorm, GQA, SwiGLU MLP, no dropout); bf16 weights with
+megatron's fp32 gradient buffer (`grad_reduce_in_fp32=True` in megatron_setup.py) and fp32 main weights + two Adam
+moments in the optimizer, sharded over DP by the distributed optimizer; activations after Korthikanti et al. 2022
+("Reducing Activation Recomputation in Large Transformer Models") adapted to GQA/SwiGLU, with flash attention
+(no s^2 term) for the Transformer Engine spec and an unfused s^2 term for the local spec; every sample as long
+as `policy.max_total_sequence_length`; 1F1B keeps min(PP, micro-batches) micro-batches in flight on the first
+stage; colocated vLLM takes `gpu_memory_utilization x gpu_memory_gib` while awake and sleeps at level 1 (weights
+to CPU, KV cache freed) while the policy trains; the policy keeps its weights, gradients and optimizer state on
+the GPU during generation and its freed activation blocks stay cached by PyTorch's allocator (this version does
+not offload or `empty_cache` before waking vLLM). Fixed overheads (CUDA contexts, NCCL, fragmentation) are rough.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cipo_nemo.config import ConfigError, MasterConfig
+from cipo_nemo.models.hub import ModelNotFoundError, find_local_model_dir
+
+GIB = 2**30
+PROCESS_OVERHEAD_GIB = 2.0  # policy process: CUDA context, NCCL buffers, allocator fragmentation
+VLLM_ASLEEP_GIB = 1.0  # a sleeping (level 1) vLLM engine keeps its CUDA context and a few buffers on the GPU
+VLLM_RESERVE_GIB = 2.0  # inside vLLM's share: its profiled activation peak and sampler buffers (no CUDA graphs)
+LOGIT_BYTES_TRAIN = 10  # per logit: bf16 output + fp32 copy + fp32 softmax kept for backward (vocab-parallel CE)
+LOGIT_BYTES_FORWARD = 6  # per logit in the logprob pass: bf16 output + fp32 copy
+FP8_WEIGHT_BYTES = 2  # per parameter with TE FP8: the FP8 copy of each weight and of its transpose
+TEMPLATE_TOKENS = 100  # correction template text around the problem and the quoted attempt (rough)
+
+
+class LayoutError(ConfigError):
+    """The config does not fit its cluster or its model; one line per broken rule, naming the keys to change."""
+
+
+# ----------------------------------------------------------------------------------------------- model shape
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs of a decoder: the fields of its Hugging Face config.json."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tied_embeddings: bool
+    dtype_bytes: int = 2  # torch_dtype of the checkpoint (bf16 for every model in KNOWN_MODELS)
+
+    def layer_params(self) -> int:
+        h, qd, kvd = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return 2 * h * qd + 2 * h * kvd + 3 * h * self.ffn_hidden_size + 2 * h  # q,o + k,v + gated MLP + 2 norms
+
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    def total_params(self) -> int:
+        # L * layer + embedding (+ separate output layer when untied) + final norm
+        outputs = 1 if self.tied_embeddings else 2
+        return self.num_layers * self.layer_params() + outputs * self.embedding_params() + self.hidden_size
+
+    def describe(self) -> str:
+        return (f"{self.num_layers} layers, hidden {self.hidden_size}, ffn {self.ffn_hidden_size}, "
+                f"{self.num_attention_heads} heads, {self.num_kv_heads} KV heads, head dim {self.head_dim}, "
+                f"vocab {self.vocab_size}{', tied embeddings' if self.tied_embeddings else ''}, "
+                f"{_params(self.total_params())} parameters")
+
+
+_LLAMA3_70B = ModelShape(num_layers=80, hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64,
+                         num_kv_heads=8, head_dim=128, vocab_size=128256, tied_embeddings=False)
+_LLAMA3_8B = ModelShape(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+                        num_kv_heads=8, head_dim=128, vocab_size=128256, tied_embeddings=False)
+_SEED_CODER_8B = ModelShape(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+                            num_kv_heads=8, head_dim=128, vocab_size=155136, tied_embeddings=False)
+_QWEN3_4B = ModelShape(num_layers=36, hidden_size=2560, ffn_hidden_size=9728, num_attention_heads=32,
+                       num_kv_heads=8, head_dim=128, vocab_size=151936, tied_embeddings=True)
+_QWEN3_8B = ModelShape(num_layers=36, hidden_size=4096, ffn_hidden_size=12288, num_attention_heads=32,
+                       num_kv_heads=8, head_dim=128, vocab_size=151936, tied_embeddings=False)
+_QWEN25_7B = ModelShape(num_layers=28, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28,
+                        num_kv_heads=4, head_dim=128, vocab_size=152064, tied_embeddings=False)
+_SMOLLM2_135M = ModelShape(num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9,
+                           num_kv_heads=3, head_dim=64, vocab_size=49152, tied_embeddings=True)
+
+# Architectures of public checkpoints, copied from their published config.json, for dry runs where the weights
+# are not (a login node, a laptop). A local checkpoint directory always wins over this table.
+KNOWN_MODELS: dict[str, ModelShape] = {
+    "meta-llama/Llama-3.3-70B-Instruct": _LLAMA3_70B,
+    "meta-llama/Llama-3.1-70B-Instruct": _LLAMA3_70B,
+    "meta-llama/Llama-3.1-70B": _LLAMA3_70B,
+    "meta-llama/Llama-3.1-8B-Instruct": _LLAMA3_8B,
+    "meta-llama/Llama-3.1-8B": _LLAMA3_8B,
+    "ByteDance-Seed/Seed-Coder-8B-Instruct": _SEED_CODER_8B,
+    "ByteDance-Seed/Seed-Coder-8B-Base": _SEED_CODER_8B,
+    "ByteDance-Seed/Seed-Coder-8B-Reasoning": _SEED_CODER_8B,
+    "Qwen/Qwen3-4B": _QWEN3_4B,
+    "Qwen/Qwen3-8B": _QWEN3_8B,
+    "Qwen/Qwen2.5-7B-Instruct": _QWEN25_7B,
+    "Qwen/Qwen2.5-7B": _QWEN25_7B,
+    "HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2_135M,
+}
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def shape_from_config_json(path: Path) -> ModelShape:
+    """The shape from a checkpoint's config.json (Llama, Qwen2/3, Mistral field names)."""
+    config = json.loads(path.read_text())
+    heads = config["num_attention_heads"]
+    return ModelShape(
+        num_layers=config["num_hidden_layers"],
+        hidden_size=config["hidden_size"],
+        ffn_hidden_size=config["intermediate_size"],
+        num_attention_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,  # absent in MHA configs: one KV head per head
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,  # Qwen3 sets it; Llama derives it
+        vocab_size=config["vocab_size"],
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),  # transformers' default is untied
+        dtype_bytes=_DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype")), 2),
+    )
+
+
+def find_model_shape(name: str) -> tuple[ModelShape, str]:
+    """(shape, where it came from): the local checkpoint's config.json, else the table of public models."""
+    local = find_local_model_dir(name)
+    if local is not None:
+        return shape_from_config_json(local / "config.json"), f"{local / 'config.json'}"
+    if name in KNOWN_MODELS:
+        return KNOWN_MODELS[name], "architecture from the built-in table of published config.json values"
+    raise ModelNotFoundError(
+        f"policy.model_name: {name!r} is not a local checkpoint directory, not in the offline Hugging Face cache, "
+        f"and not a model whose architecture the dry run knows ({', '.join(sorted(KNOWN_MODELS))}); "
+        "pass the checkpoint's directory (its config.json is all the dry run reads)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class Layout:
+    num_nodes: int
+    devices_per_node: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    vllm_tensor_parallel: int
+
+    @property
+    def world(self) -> int:
+        return self.num_nodes * self.devices_per_node
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world // (self.tensor_parallel * self.pipeline_parallel)  # DP = world / (TP * PP)
+
+    @property
+    def vllm_engines(self) -> int:
+        return self.world // self.vllm_tensor_parallel
+
+
+def layout_of(cfg: MasterConfig) -> Layout:
+    megatron = cfg.policy.backend == "megatron"  # the HF policy is one process: no model parallelism
+    return Layout(
+        num_nodes=cfg.cluster.num_nodes,
+        devices_per_node=cfg.cluster.devices_per_node,
+        tensor_parallel=cfg.policy.megatron.tensor_parallel if megatron else 1,
+        pipeline_parallel=cfg.policy.megatron.pipeline_parallel if megatron else 1,
+        vllm_tensor_parallel=cfg.generation.vllm.tensor_parallel,
+    )
+
+
+def _fits_heads(heads: int, kv_heads: int, tp: int) -> list[str]:
+    """Why `tp` cannot split these heads ([] when it can); KV heads may also be replicated (TP a multiple)."""
+    problems = []
+    if heads % tp:
+        problems.append(f"the model's {heads} attention heads are not divisible by {{key}} ({tp})")
+    if kv_heads % tp and tp % kv_heads:
+        problems.append(f"the model's {kv_heads} KV heads are neither a multiple nor a divisor of {{key}} ({tp})")
+    return problems
+
+
+def check_cluster(cfg: MasterConfig, layout: Layout) -> list[str]:
+    """TP x PP must tile the cluster's GPUs into whole data-parallel replicas."""
+    model_parallel = layout.tensor_parallel * layout.pipeline_parallel
+    if cfg.policy.backend != "megatron" or layout.world % model_parallel == 0:
+        return []
+    return [f"policy.megatron.tensor_parallel x pipeline_parallel = {layout.tensor_parallel} x "
+            f"{layout.pipeline_parallel} = {model_parallel} does not divide the {layout.world} GPUs "
+            f"(cluster.num_nodes x cluster.devices_per_node = {layout.num_nodes} x {layout.devices_per_node}): "
+            "data parallel = GPUs / (TP x PP) must be a whole number"]
+
+
+def check_model_split(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> list[str]:
+    """The splits megatron-core checks when it builds the model (transformer_config.py, tensor_parallel/utils.py)."""
+    if cfg.policy.backend != "megatron":
+        return []
+    tp, pp, megatron = layout.tensor_parallel, layout.pipeline_parallel, cfg.policy.megatron
+    problems = [p.format(key="policy.megatron.tensor_parallel") for p in
+                _fits_heads(shape.num_attention_heads, shape.num_kv_heads, tp)]
+    if shape.num_layers % pp:
+        problems.append(f"the model's {shape.num_layers} layers are not divisible by policy.megatron.pipeline_parallel "
+                        f"({pp}): every pipeline stage holds the same number of layers")
+    # AutoBridge providers keep should_pad_vocab=False, so megatron splits the vocab exactly (no padding is added)
+    if shape.vocab_size % tp:
+        problems.append(f"the model's vocab ({shape.vocab_size}) is not divisible by policy.megatron.tensor_parallel "
+                        f"({tp}): the vocab-parallel embedding and output layer split it exactly (megatron-bridge's "
+                        "AutoBridge does not pad it)")
+    if megatron.sequence_parallel and tp > 1 and megatron.layer_spec == "local":
+        problems.append("policy.megatron.sequence_parallel needs the Transformer Engine layer spec "
+                        "(megatron's local norms assert), but policy.megatron.layer_spec is 'local'")
+    return problems
+
+
+def check_batch(cfg: MasterConfig, layout: Layout) -> list[str]:
+    """The loop shards the training batch by whole GRPO groups; a step may hold only its B base groups."""
+    if cfg.policy.backend != "megatron" or layout.data_parallel <= cfg.grpo.prompts_per_step:
+        return []
+    return [f"data parallel ({layout.data_parallel} = GPUs / (TP x PP)) is larger than grpo.prompts_per_step "
+            f"({cfg.grpo.prompts_per_step}): the batch is split over DP ranks by whole groups (Batch.shard_by_groups) "
+            "and a step may have only its base groups, so some rank would get no sample; raise prompts_per_step or "
+            "TP x PP"]
+
+
+def check_generation(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> list[str]:
+    """vLLM engines live inside one node and split heads like megatron; colocation is the only placement."""
+    if cfg.generation.backend != "vllm":
+        return []
+    vtp, problems = layout.vllm_tensor_parallel, []
+    if layout.devices_per_node % vtp:
+        problems.append(f"generation.vllm.tensor_parallel ({vtp}) does not divide cluster.devices_per_node "
+                        f"({layout.devices_per_node}): each vLLM engine must fit inside one node")
+    problems += [p.format(key="generation.vllm.tensor_parallel") for p in
+                 _fits_heads(shape.num_attention_heads, shape.num_kv_heads, vtp)]
+    if cfg.policy.backend == "megatron" and not cfg.generation.colocated:
+        problems.append("generation.colocated is false, but this version places the vLLM engines on the policy's "
+                        "own cluster bundles (each group then asks for whole bundles and cannot be placed); "
+                        "set generation.colocated=true")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Per GPU (per worker process on CPU), in GiB; see the module docstring for the assumptions."""
+
+    params_per_gpu: int
+    weights: float
+    gradients: float
+    optimizer: float
+    fp8_weights: float
+    activations: float
+    logits: float
+    overhead: float
+    vllm_share: float  # colocated vLLM while awake (gpu_memory_utilization x GPU memory); 0 when not on the GPU
+    vllm_asleep: float
+    vllm_weights: float
+    vllm_kv_cache: float
+    kv_bytes_per_token: int
+    budget: float | None  # cluster.gpu_memory_gib; None on CPU
+
+    @property
+    def policy_state(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.fp8_weights
+
+    @property
+    def training(self) -> float:
+        return self.policy_state + self.activations + self.logits + self.overhead + self.vllm_asleep
+
+    @property
+    def generation(self) -> float:
+        # the policy's state stays, its freed activations stay cached by the allocator, and vLLM takes its share
+        return self.policy_state + self.activations + self.logits + self.overhead + self.vllm_share
+
+    @property
+    def peak(self) -> float:
+        return max(self.training, self.generation)
+
+    @property
+    def peak_phase(self) -> str:
+        return "generation" if self.generation >= self.training else "training"
+
+
+def params_per_gpu(shape: ModelShape, tp: int, pp: int) -> int:
+    """Parameters on the busiest GPU: a stage's layers plus the embedding (first) or output layer (last), / TP."""
+    layers = shape.num_layers // pp * shape.layer_params()
+    if pp == 1:
+        stage = layers + shape.embedding_params() * (1 if shape.tied_embeddings else 2)
+    else:  # with tied embeddings the last stage still holds its own copy for the output layer
+        stage = layers + shape.embedding_params()
+    return math.ceil(stage / tp)
+
+
+def layer_activation_elements(shape: ModelShape, *, tp: int, sp: bool, seq: int, fused_attention: bool) -> float:
+    """Activation elements one layer keeps per token for its backward (Korthikanti et al. 2022, adapted)."""
+    h, f = shape.hidden_size, shape.ffn_hidden_size
+    qd, kvd = shape.num_attention_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    sp_split = tp if sp else 1
+    # 2 norm inputs + QKV and fc1 inputs: 4h (split by SP); q, k, v, attention out: 2qd + 2kvd; SwiGLU: 3f (split by TP)
+    elements = 4 * h / sp_split + (2 * qd + 2 * kvd + 3 * f) / tp
+    if not fused_attention:
+        elements += 2 * shape.num_attention_heads * seq / tp  # unfused attention keeps scores and softmax: 2as
+    return elements
+
+
+def estimate_memory(cfg: MasterConfig, shape: ModelShape, layout: Layout, *, samples_per_step: int) -> MemoryEstimate:
+    megatron_backend = cfg.policy.backend == "megatron"
+    megatron = cfg.policy.megatron
+    tp, pp, dp = layout.tensor_parallel, layout.pipeline_parallel, max(layout.data_parallel, 1)
+    seq = cfg.policy.max_total_sequence_length
+    bf16 = cfg.policy.precision == "bf16"
+    params = params_per_gpu(shape, tp, pp)
+
+    # bytes per parameter. megatron: bf16|fp32 weights, fp32 grad buffer, fp32 main copy (bf16 only) + 2 Adam
+    # moments, / DP with the distributed optimizer. HF policy: fp32 weights (the master copy), fp32 grads, 2 moments.
+    weight_bytes = (2 if bf16 else 4) if megatron_backend else 4
+    optimizer_bytes = (12 if bf16 else 8) if megatron_backend else 8
+    if megatron_backend and megatron.distributed_optimizer:
+        optimizer_bytes /= dp
+    fp8_bytes = FP8_WEIGHT_BYTES if megatron_backend and megatron.fp8 else 0
+
+    activations, logits = _activation_gib(cfg, shape, layout, samples_per_step=samples_per_step, seq=seq)
+    vllm = _vllm_gib(cfg, shape, layout)
+    on_gpu = cfg.cluster.gpu_memory_gib is not None
+    colocated_vllm = on_gpu and cfg.generation.backend == "vllm" and cfg.generation.colocated
+    return MemoryEstimate(
+        params_per_gpu=params,
+        weights=params * weight_bytes / GIB,
+        gradients=params * 4 / GIB,
+        optimizer=params * optimizer_bytes / GIB,
+        fp8_weights=params * fp8_bytes / GIB,
+        activations=activations,
+        logits=logits,
+        overhead=PROCESS_OVERHEAD_GIB if on_gpu else 0.0,
+        vllm_share=vllm["share"] if colocated_vllm else 0.0,
+        vllm_asleep=VLLM_ASLEEP_GIB if colocated_vllm else 0.0,
+        vllm_weights=vllm["weights"],
+        vllm_kv_cache=vllm["kv_cache"],
+        kv_bytes_per_token=int(vllm["kv_bytes_per_token"]),
+        budget=cfg.cluster.gpu_memory_gib,
+    )
+
+
+def _activation_gib(cfg: MasterConfig, shape: ModelShape, layout: Layout, *, samples_per_step: int,
+                    seq: int) -> tuple[float, float]:
+    """(layer activations, logits) in GiB on the worst pipeline stage, over the train and the logprob passes."""
+    megatron = cfg.policy.megatron
+    is_megatron = cfg.policy.backend == "megatron"
+    tp, pp = layout.tensor_parallel, layout.pipeline_parallel
+    sp = is_megatron and megatron.sequence_parallel and tp > 1
+    fused = cfg.cluster.gpu_memory_gib is not None and not (is_megatron and megatron.layer_spec == "local")
+    act_bytes = 2 if cfg.policy.precision == "bf16" else 4
+    layers = shape.num_layers // pp
+    micro_batches = math.ceil(math.ceil(samples_per_step / max(layout.data_parallel, 1)) / cfg.policy.micro_batch_size)
+    in_flight = min(pp, micro_batches)  # 1F1B: the first stage holds up to PP micro-batches' activations
+
+    def tokens(rows: int) -> int:
+        return rows * seq
+
+    full_layer = layer_activation_elements(shape, tp=tp, sp=sp, seq=seq, fused_attention=fused) * act_bytes
+    train_tokens = tokens(cfg.policy.micro_batch_size)
+    if is_megatron and megatron.activation_recompute:
+        # full recompute keeps each layer's input (h per token, split by SP) and rebuilds one layer at a time
+        kept = layers * train_tokens * shape.hidden_size / (tp if sp else 1) * act_bytes
+        stored, transient = kept, train_tokens * full_layer
+    else:
+        stored, transient = layers * train_tokens * full_layer, 0.0
+    first_stage = in_flight * stored + transient
+    logits_train = train_tokens * shape.vocab_size / tp * LOGIT_BYTES_TRAIN  # last stage
+    last_stage = stored + transient
+    logprob_tokens = tokens(cfg.policy.logprob_micro_batch_size)
+    logits_forward = logprob_tokens * shape.vocab_size / tp * LOGIT_BYTES_FORWARD
+    if pp == 1:
+        return first_stage / GIB, max(logits_train, logits_forward) / GIB
+    if first_stage >= last_stage + logits_train:
+        return first_stage / GIB, 0.0
+    return last_stage / GIB, max(logits_train, logits_forward) / GIB
+
+
+def _vllm_gib(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> dict[str, float]:
+    """vLLM's share, its weights per GPU and the KV cache left for sequences (CPU: the configured KV space)."""
+    vllm, vtp = cfg.generation.vllm, layout.vllm_tensor_parallel
+    dtype_bytes = {"auto": shape.dtype_bytes, "float32": 4, "bfloat16": 2, "float16": 2}[vllm.dtype]
+    linear_bytes = 1 if vllm.quantization == "fp8" else dtype_bytes  # fp8 quantizes the linear layers only
+    embeddings = shape.embedding_params() * (1 if shape.tied_embeddings else 2)
+    weights = (shape.num_layers * shape.layer_params() * linear_bytes + embeddings * dtype_bytes) / vtp / GIB
+    kv_heads_per_gpu = math.ceil(shape.num_kv_heads / vtp)  # KV heads are replicated when vLLM's TP exceeds them
+    kv_bytes_per_token = 2 * shape.num_layers * kv_heads_per_gpu * shape.head_dim * dtype_bytes  # K and V
+    if cfg.cluster.gpu_memory_gib is None:
+        return {"share": 0.0, "weights": weights, "kv_cache": float(vllm.cpu_kv_cache_gib),
+                "kv_bytes_per_token": kv_bytes_per_token}
+    share = vllm.gpu_memory_utilization * cfg.cluster.gpu_memory_gib
+    return {"share": share, "weights": weights, "kv_cache": share - weights - VLLM_RESERVE_GIB,
+            "kv_bytes_per_token": kv_bytes_per_token}
+
+
+def check_memory(cfg: MasterConfig, memory: MemoryEstimate) -> list[str]:
+    """The estimate must fit the GPU; vLLM's share must hold its weights with room for a KV cache."""
+    everything_in_the_driver = cfg.generation.backend != "vllm" and cfg.policy.backend != "megatron"
+    if memory.budget is None or everything_in_the_driver:
+        return []
+    problems = []
+    if cfg.generation.backend == "vllm" and memory.vllm_kv_cache <= 0:
+        problems.append(
+            f"generation.vllm.gpu_memory_utilization ({cfg.generation.vllm.gpu_memory_utilization}) x "
+            f"cluster.gpu_memory_gib ({memory.budget:g}) = {memory.vllm_share:.1f} GiB does not hold vLLM's weights "
+            f"({memory.vllm_weights:.1f} GiB per GPU) plus its {VLLM_RESERVE_GIB:g} GiB working reserve: no room for a "
+            "KV cache; raise gpu_memory_utilization or generation.vllm.tensor_parallel")
+    if memory.peak > memory.budget:
+        problems.append(
+            f"estimated peak memory per GPU ({memory.peak_phase}) {memory.peak:.1f} GiB exceeds cluster.gpu_memory_gib "
+            f"({memory.budget:g} GiB): policy state {memory.policy_state:.1f} + activations "
+            f"{memory.activations + memory.logits:.1f} + vLLM {max(memory.vllm_share, memory.vllm_asleep):.1f} + "
+            f"overhead {memory.overhead:.1f}; lower generation.vllm.gpu_memory_utilization, raise TP/PP, or turn on "
+            "policy.megatron.activation_recompute / distributed_optimizer (--ignore-memory-estimate launches anyway)")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    cfg: MasterConfig
+    shape: ModelShape
+    shape_source: str
+    layout: Layout
+    base_samples: int
+    max_correction_samples: int
+    memory: MemoryEstimate
+    notes: list[str] = field(default_factory=list)
+    memory_problems: list[str] = field(default_factory=list)
+
+    @property
+    def max_samples(self) -> int:
+        return self.base_samples + self.max_correction_samples
+
+    def lines(self) -> list[str]:
+        return [self._devices_line(), self._model_line(), *self._placement_lines(), self._rollouts_line(),
+                self._tokens_line(), *self._memory_lines(), *(f"note: {note}" for note in self.notes)]
+
+    def _devices_line(self) -> str:
+        layout, budget = self.layout, self.cfg.cluster.gpu_memory_gib
+        if budget is None:
+            return (f"cluster: {layout.num_nodes} node(s) x {layout.devices_per_node} CPU worker process(es) "
+                    f"= {layout.world} (no GPU: the workers share the host's memory; figures below are per process)")
+        return (f"cluster: {layout.num_nodes} node(s) x {layout.devices_per_node} GPUs = {layout.world} GPUs "
+                f"of {budget:g} GiB")
+
+    def _model_line(self) -> str:
+        return f"model: {self.cfg.policy.model_name} ({self.shape_source}): {self.shape.describe()}"
+
+    def _placement_lines(self) -> list[str]:
+        cfg, layout = self.cfg, self.layout
+        if cfg.policy.backend == "megatron":
+            megatron = cfg.policy.megatron
+            sequence_parallel = megatron.sequence_parallel and layout.tensor_parallel > 1
+            switches = [f"{cfg.policy.precision}", f"{megatron.layer_spec} layer spec",
+                        f"sequence parallel {'on' if sequence_parallel else 'off'}",
+                        f"distributed optimizer {'on' if megatron.distributed_optimizer else 'off'}",
+                        f"activation recompute {'full' if megatron.activation_recompute else 'off'}"]
+            if megatron.fp8:
+                switches.append(f"fp8 {megatron.fp8} ({megatron.fp8_recipe})")
+            stage_layers = self.shape.num_layers // layout.pipeline_parallel
+            policy = (f"policy: Megatron TP {layout.tensor_parallel} x PP {layout.pipeline_parallel} x DP "
+                      f"{layout.data_parallel} = {layout.world} ranks, {stage_layers} "
+                      f"layers per stage, {_params(self.memory.params_per_gpu)} parameters on the busiest rank; "
+                      + ", ".join(switches))
+        else:
+            policy = "policy: HF transformers in the driver process (one device, no model parallelism)"
+        if cfg.generation.backend != "vllm":
+            return [policy, "generation: HF transformers generate in the driver process"]
+        vllm = cfg.generation.vllm
+        weights = f"{vllm.dtype} weights" + (", fp8 quantized" if vllm.quantization == "fp8" else "")
+        sleeps = " (vLLM sleeps while the policy trains)" if cfg.cluster.gpu_memory_gib is not None else ""
+        where = f"colocated on the policy's devices{sleeps}" if cfg.generation.colocated else "on separate devices"
+        engines = layout.vllm_engines
+        return [policy, f"generation: {engines} vLLM engine(s) x TP {layout.vllm_tensor_parallel} "
+                        f"({layout.devices_per_node // layout.vllm_tensor_parallel} per node), {weights}, {where}"]
+
+    def _rollouts_line(self) -> str:
+        cfg = self.cfg
+        base = f"{self.base_samples} base ({cfg.grpo.prompts_per_step} prompts x {cfg.grpo.samples_per_prompt})"
+        if self.max_correction_samples:
+            anchors = self.max_correction_samples // cfg.cipo.samples_per_anchor
+            base += (f" + up to {self.max_correction_samples} corrections ({anchors} anchors x "
+                     f"{cfg.cipo.samples_per_anchor}) = {self.max_samples}")
+        dp = max(self.layout.data_parallel, 1)
+        per_rank = math.ceil(self.max_samples / dp)
+        micro = math.ceil(per_rank / cfg.policy.micro_batch_size)
+        rows, length = cfg.policy.micro_batch_size, cfg.policy.max_total_sequence_length
+        unit = (f"packed rows of {rows} x {length} tokens (fewer when samples are short)" if cfg.policy.sequence_packing
+                else f"micro-batch(es) of {rows}")
+        return f"rollouts per step: {base}; per DP rank up to {per_rank} samples = at most {micro} {unit}"
+
+    def _tokens_line(self) -> str:
+        cfg = self.cfg
+        generated = self.max_samples * cfg.generation.max_new_tokens  # every response at max_new_tokens
+        trained = self.max_samples * cfg.policy.max_total_sequence_length  # every sample at the sequence cap
+        return (f"tokens per step (upper bounds): generated <= {_count(generated)} ({self.max_samples} x "
+                f"{cfg.generation.max_new_tokens}), trained <= {_count(trained)} ({self.max_samples} x "
+                f"{cfg.policy.max_total_sequence_length} prompt + response)")
+
+    def _memory_lines(self) -> list[str]:
+        m, cfg = self.memory, self.cfg
+        unit = "process" if m.budget is None else "GPU"
+        dp = max(self.layout.data_parallel, 1)
+        optimizer = ("sharded over DP " + str(dp)) if cfg.policy.backend == "megatron" and \
+            cfg.policy.megatron.distributed_optimizer else "not sharded"
+        lines = [f"memory per {unit} (estimate, busiest pipeline stage):",
+                 f"  policy state {m.policy_state:.1f} GiB = weights {m.weights:.1f} + fp32 gradients "
+                 f"{m.gradients:.1f} + optimizer {m.optimizer:.1f} ({optimizer})"
+                 + (f" + FP8 weight copies {m.fp8_weights:.1f}" if m.fp8_weights else ""),
+                 f"  activations {m.activations:.1f} GiB + logits {m.logits:.1f} GiB (micro-batch "
+                 f"{cfg.policy.micro_batch_size} x {cfg.policy.max_total_sequence_length} tokens)"]
+        if cfg.generation.backend == "vllm":
+            tokens = m.vllm_kv_cache * GIB / m.kv_bytes_per_token if m.vllm_kv_cache > 0 else 0
+            sequences = tokens / cfg.policy.max_total_sequence_length
+            share = (f"vLLM share {m.vllm_share:.1f} GiB (gpu_memory_utilization "
+                     f"{cfg.generation.vllm.gpu_memory_utilization} x {m.budget:g}): " if m.vllm_share else "vLLM: ")
+            lines.append(f"  {share}weights {m.vllm_weights:.1f} GiB + KV cache {m.vllm_kv_cache:.1f} GiB "
+                         f"(~{_count(tokens)} tokens = {sequences:.0f} full-length sequences per engine)")
+        if m.budget is None:
+            engine = m.vllm_weights + m.vllm_kv_cache if cfg.generation.backend == "vllm" else 0.0
+            lines.append(f"  host memory: policy worker {m.training:.1f} GiB + vLLM engine {engine:.1f} GiB per device "
+                         "(CPU: no per-device budget is checked)")
+            return lines
+        verdict = "fits" if not self.memory_problems else "DOES NOT FIT"
+        lines.append(f"  peak {m.peak:.1f} GiB of {m.budget:g} GiB ({m.peak_phase}; training {m.training:.1f}, "
+                     f"generation {m.generation:.1f}, overhead {m.overhead:.1f}): {verdict}")
+        return lines
+
+
+def _params(count: int) -> str:
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
+
+
+def _count(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def plan_notes(cfg: MasterConfig, layout: Layout, *, max_samples: int) -> list[str]:
+    """Things that will not stop the run but that the user should know."""
+    notes, megatron = [], cfg.policy.megatron
+    if cfg.policy.backend == "megatron" and megatron.sequence_parallel and layout.tensor_parallel == 1:
+        notes.append("policy.megatron.sequence_parallel is ignored at tensor_parallel 1")
+    dp = max(layout.data_parallel, 1)
+    micro = math.ceil(math.ceil(max_samples / dp) / cfg.policy.micro_batch_size)
+    if cfg.policy.backend == "megatron" and layout.pipeline_parallel > 1 and micro < layout.pipeline_parallel:
+        notes.append(f"only {micro} micro-batch(es) per DP rank for {layout.pipeline_parallel} pipeline stages: "
+                     "most of each step is pipeline bubble")
+    if (cfg.policy.backend == "megatron" and megatron.sequence_parallel and layout.tensor_parallel > 1
+            and not cfg.policy.sequence_packing):
+        notes.append("sequence parallelism without policy.sequence_packing: unpacked micro-batches are trimmed to the "
+                     "longest sample, which megatron's sequence-parallel scatter needs to be a multiple of TP; packed "
+                     "rows are padded to one")
+    longest = cfg.data.max_prompt_tokens + cfg.cipo.attempt_max_tokens + TEMPLATE_TOKENS
+    if cfg.cipo.enabled and longest + cfg.generation.max_new_tokens > cfg.policy.max_total_sequence_length:
+        notes.append(f"a correction prompt may reach ~{longest} tokens (data.max_prompt_tokens + "
+                     f"cipo.attempt_max_tokens + template); with max_new_tokens {cfg.generation.max_new_tokens} that "
+                     f"exceeds policy.max_total_sequence_length ({cfg.policy.max_total_sequence_length}), so the "
+                     "longest corrections are cut short or their anchors dropped")
+    if cfg.generation.backend == "vllm" and layout.vllm_tensor_parallel > 1:
+        notes.append("generation.vllm.tensor_parallel > 1: this version's Ray generation group still refuses it at "
+                     "setup (one engine per device, models/generation/ray_generation.py); the layout is checked here, "
+                     "the run needs multi-GPU engines wired first")
+    return notes
+
+
+def plan_launch(cfg: MasterConfig, *, base_samples: int, max_correction_samples: int) -> LaunchPlan:
+    """Resolve the config against its cluster; raises LayoutError naming every broken rule (memory separately)."""
+    shape, source = find_model_shape(cfg.policy.model_name)
+    layout = layout_of(cfg)
+    problems = check_cluster(cfg, layout)
+    if not problems:  # the rules below divide by DP
+        problems += check_model_split(cfg, shape, layout) + check_batch(cfg, layout)
+    problems += check_generation(cfg, shape, layout)
+    if problems:
+        raise LayoutError("\n".join(problems))
+    max_samples = base_samples + max_correction_samples
+    memory = estimate_memory(cfg, shape, layout, samples_per_step=max_samples)
+    return LaunchPlan(cfg=cfg, shape=shape, shape_source=source, layout=layout, base_samples=base_samples,
+                      max_correction_samples=max_correction_samples, memory=memory,
+                      notes=plan_notes(cfg, layout, max_samples=max_samples),
+                      memory_problems=check_memory(cfg, memory))
