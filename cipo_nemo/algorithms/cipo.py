@@ -45,6 +45,7 @@ from cipo_nemo.models.factory import build_cluster, build_generation, build_poli
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, SamplingSettings
 from cipo_nemo.utils.checkpoint import CheckpointManager
 from cipo_nemo.utils.logger import MetricsLogger
+from cipo_nemo.utils.preemption import StopRequest, driver_uptime_s, next_step_crosses, parse_duration, stop_handlers
 from cipo_nemo.utils.timing import StageTimer, format_duration
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ TRAINER_STATE = "trainer_state.pt"
 POLICY_DIR = "policy"
 HF_MODEL_DIR = "hf_model"
 SAVE_REQUEST = "SAVE_NOW"
+# Exit status of `python -m cipo_nemo` when the run stopped early on purpose (SIGUSR1/SIGTERM, or
+# checkpointing.checkpoint_must_save_by) after writing a complete checkpoint: "not done, resume me". 75 is
+# EX_TEMPFAIL of sysexits.h; slurm/ray_on_slurm.sh requeues the job on it.
+REQUEUE_EXIT_CODE = 75
 
 
 @dataclass
@@ -385,26 +390,67 @@ class RunSummary:
     steps_done: int
     last_metrics: dict[str, float | None]
     plot: Path | None
+    stopped_early: str | None = None  # why the run stopped before num_steps (a checkpoint of the last step exists)
 
 
 def train(c: Components) -> RunSummary:
-    """Steps start_step+1 .. num_steps, with validation, checkpoints and a progress line per step."""
+    """Steps start_step+1 .. num_steps, with validation, checkpoints and a progress line per step.
+
+    Stops early, after the step in flight and a checkpoint, on SIGUSR1/SIGTERM or before
+    checkpointing.checkpoint_must_save_by; the summary then says why (`python -m cipo_nemo` exits with
+    REQUEUE_EXIT_CODE).
+    """
+    with stop_handlers() as stop:
+        try:
+            return _train_steps(c, stop)
+        finally:
+            stop.clear()  # honoured (or the run ended): a later run in this process starts clean
+
+
+def _train_steps(c: Components, stop: StopRequest) -> RunSummary:
     cfg = c.cfg
     total = cfg.grpo.num_steps
     last: dict[str, float | None] = {}
     started = time.monotonic()
+    longest_step_s, last_save_s = 0.0, 0.0
+    if stop.reason is not None and c.start_step < total:  # asked during setup: the latest checkpoint is this state
+        return _stopped(c, last, stop.reason)
     for step in range(c.start_step + 1, total + 1):
+        step_started = time.monotonic()
         last = cipo_step(c, step)
         if cfg.validation.every and step % cfg.validation.every == 0:
             last.update(validate(c, step))
         c.metrics.log(step, last)
         print_progress(step, total, last, elapsed=time.monotonic() - started, done=step - c.start_step)
-        if checkpoint_due(c, step):
+        longest_step_s = max(longest_step_s, time.monotonic() - step_started)
+        stop_reason = None if step == total else (stop.reason or deadline_reached(c, longest_step_s, last_save_s))
+        if checkpoint_due(c, step) or stop_reason is not None:
+            save_started = time.monotonic()
             save_checkpoint(c, step)
+            last_save_s = time.monotonic() - save_started
+        if stop_reason is not None:
+            return _stopped(c, last, stop_reason, steps_done=step - c.start_step)
     if cfg.checkpointing.save_hf_at_end:
         c.policy.save_hf(c.run_dir / HF_MODEL_DIR)
     plot = maybe_plot(c)
     return RunSummary(run_dir=c.run_dir, steps_done=total - c.start_step, last_metrics=last, plot=plot)
+
+
+def deadline_reached(c: Components, step_s: float, save_s: float) -> str | None:
+    """checkpointing.checkpoint_must_save_by: stop now when one more step (the longest so far) and its save would
+    end after the limit."""
+    limit = c.cfg.checkpointing.checkpoint_must_save_by
+    if limit is None:
+        return None
+    elapsed = driver_uptime_s()
+    if next_step_crosses(elapsed_s=elapsed, step_s=step_s, save_s=save_s, limit_s=parse_duration(limit)):
+        return f"checkpoint_must_save_by {limit} (driver up {elapsed:.0f} s, a step takes up to {step_s:.0f} s)"
+    return None
+
+
+def _stopped(c: Components, last: dict[str, float | None], reason: str, *, steps_done: int = 0) -> RunSummary:
+    logger.warning("stopping early (%s); resume continues from %s", reason, c.checkpoints.latest())
+    return RunSummary(run_dir=c.run_dir, steps_done=steps_done, last_metrics=last, plot=None, stopped_early=reason)
 
 
 def checkpoint_due(c: Components, step: int) -> bool:

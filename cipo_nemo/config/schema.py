@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from cipo_nemo.utils.preemption import parse_duration
+
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
@@ -289,11 +291,11 @@ class GenerationConfig(StrictModel):
 class ClusterConfig(StrictModel):
     num_nodes: PositiveInt = Field(description="Nodes in the Ray cluster.")
     devices_per_node: PositiveInt = Field(description="GPUs per node (on CPU: worker processes per node).")
-    ray_address: str | None = Field(description="Existing Ray cluster to join (null: start one in-process).")
-
     gpu_memory_gib: PositiveFloat | None = Field(
         description="Memory of one GPU in GiB, the budget of the dry run's per-GPU estimate (null: CPU worker processes)."
     )
+    ray_address: str | None = Field(description="Existing Ray cluster to join (null: start one in-process).")
+
 
 class LoggerConfig(StrictModel):
     tensorboard: bool = Field(description="Write TensorBoard events (JSONL metrics are always written).")
@@ -307,6 +309,19 @@ class CheckpointConfig(StrictModel):
     keep_last: PositiveInt = Field(description="Complete checkpoints kept; older ones are deleted.")
     resume: Literal["auto", "never"] = Field(description="auto: continue from the latest complete checkpoint.")
     save_hf_at_end: bool = Field(description="Write the final policy as a Hugging Face directory (run_dir/hf_model).")
+    checkpoint_must_save_by: str | None = Field(
+        description="'DD:HH:MM:SS' or 'HH:MM:SS' since the driver started: checkpoint and stop (exit code 75) "
+        "when the next step would likely end later (null: no limit)."
+    )
+
+    @field_validator("checkpoint_must_save_by", mode="before")
+    @classmethod
+    def _duration_parses(cls, value: object) -> object:
+        if isinstance(value, int):  # YAML 1.1 reads an unquoted 1:30:00 as the base-60 number 5400
+            raise ValueError(f"got the number {value}: write the duration as a quoted string, e.g. '01:30:00'")
+        if isinstance(value, str):
+            parse_duration(value)
+        return value
 
 
 class ValidationConfig(StrictModel):

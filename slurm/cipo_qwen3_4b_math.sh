@@ -1,0 +1,19 @@
+#!/bin/bash
+# CIPO on Qwen3-4B, math: 1 node x 8 GPUs.
+#   sbatch slurm/cipo_qwen3_4b_math.sh [key=value overrides...]      (from the repository root; docs/launching.md)
+#   CONFIG=... sbatch slurm/cipo_qwen3_4b_math.sh selects another config.
+# The USR1 comes 600 s before the time limit: the driver finishes its step, checkpoints, and the job requeues itself
+# and resumes. Make it longer than one step plus one checkpoint save (both are in driver.log).
+#SBATCH --job-name=cipo-qwen3-4b
+#SBATCH --nodes=1
+#SBATCH --gpus-per-node=8
+#SBATCH --ntasks-per-node=1
+#SBATCH --exclusive
+#SBATCH --time=04:00:00
+#SBATCH --signal=B:USR1@600
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out
+export CONFIG=${CONFIG:-conf/cipo_qwen3_4b_math.yaml}
+# sbatch runs a copy of this file from Slurm's spool: find the launcher through the submit directory.
+exec "${REPO_DIR:-$SLURM_SUBMIT_DIR}/slurm/ray_on_slurm.sh" "$@"
