@@ -16,6 +16,10 @@ start through the actor's runtime_env, before torch is imported) or calls ``torc
 GPUs: Ray limits ``CUDA_VISIBLE_DEVICES`` to the actor's own GPU. As Ray Train does, the group widens it to all
 GPUs its actors hold on that node (NCCL then sees its peers for P2P/NVLink), and ``LOCAL_RANK`` is the index of
 the actor's GPU in that list; the host calls ``torch.cuda.set_device(LOCAL_RANK)`` before NCCL starts.
+A group with ``actor_gpus=False`` holds only its CPU share: its workers start child actors that take the GPU
+shares themselves (vLLM's Ray executor, which finds the node's placement group through
+``ray.util.get_current_placement_group()``), and Ray 2.60 leaves ``CUDA_VISIBLE_DEVICES`` of a zero-GPU actor
+as it is.
 
 Failures never hang the driver: a method that raises becomes ``WorkerError`` carrying the remote traceback; an
 actor that dies (``os._exit``, OOM killer) becomes ``WorkerError`` naming the worker as soon as Ray notices; every
@@ -184,9 +188,12 @@ class WorkerGroup:
     """One actor per cluster bundle hosting ``worker_cls(**init_kwargs)``; rank i sits on ``cluster.bundles()[i]``.
 
     ``resource_fraction`` (0, 1] is the share of each bundle's CPU (and GPU) every actor asks for: two groups
-    with 0.5 colocate on the same bundles. Placement must succeed within ``placement_timeout_s``; worker
-    construction (which may load a large model) waits ``start_timeout_s`` (None: no limit, but a dead actor
-    still fails at once). The group is a context manager that calls ``shutdown`` on exit.
+    with 0.5 colocate on the same bundles. ``actor_gpus=False``: the actors ask for no GPU (child actors of the
+    workers take it); ``capture_child_tasks``: tasks and actors a worker starts without a scheduling strategy are
+    placed in its node's placement group too (on a fully reserved cluster they would find no resources outside
+    it). Placement must succeed within ``placement_timeout_s``; worker construction (which may load a large
+    model) waits ``start_timeout_s`` (None: no limit, but a dead actor still fails at once). The group is a
+    context manager that calls ``shutdown`` on exit.
     """
 
     def __init__(
@@ -199,6 +206,8 @@ class WorkerGroup:
         resource_fraction: float = 1.0,
         env_vars: dict[str, str] | None = None,
         torch_distributed: bool = True,
+        actor_gpus: bool = True,
+        capture_child_tasks: bool = False,
         placement_timeout_s: float = 60.0,
         start_timeout_s: float | None = None,
     ) -> None:
@@ -206,12 +215,13 @@ class WorkerGroup:
             raise ValueError(f"worker group '{name}': resource_fraction must be in (0, 1], got {resource_fraction}")
         self.name = name
         self.worker_cls_name = worker_cls.__name__
-        self._use_gpus = cluster.use_gpus
+        self._use_gpus = cluster.use_gpus and actor_gpus
         self.placements = [
             WorkerPlacement(rank=rank, node_group=rank // cluster.devices_per_node, bundle_index=bundle_index)
             for rank, (_, bundle_index) in enumerate(cluster.bundles())
         ]
-        self._hosts = _create_hosts(cluster, resource_fraction=resource_fraction, env_vars=env_vars or {})
+        self._hosts = _create_hosts(cluster, resource_fraction=resource_fraction, env_vars=env_vars or {},
+                                    actor_gpus=actor_gpus, capture_child_tasks=capture_child_tasks)
         try:
             self._start(
                 worker_cls,
@@ -392,11 +402,18 @@ class WorkerGroup:
         )
 
 
-def _create_hosts(cluster: VirtualCluster, *, resource_fraction: float, env_vars: dict[str, str]) -> list[ActorHandle]:
+def _create_hosts(
+    cluster: VirtualCluster,
+    *,
+    resource_fraction: float,
+    env_vars: dict[str, str],
+    actor_gpus: bool,
+    capture_child_tasks: bool,
+) -> list[ActorHandle]:
     host_actor = ray.remote(_WorkerHost)
     options: dict[str, Any] = {
         "num_cpus": cluster.bundle_resources["CPU"] * resource_fraction,
-        "num_gpus": resource_fraction if cluster.use_gpus else 0,
+        "num_gpus": resource_fraction if cluster.use_gpus and actor_gpus else 0,
         "max_restarts": 0,
     }
     if env_vars:
@@ -407,7 +424,9 @@ def _create_hosts(cluster: VirtualCluster, *, resource_fraction: float, env_vars
         host_actor.options(
             **options,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=group, placement_group_bundle_index=bundle_index
+                placement_group=group,
+                placement_group_bundle_index=bundle_index,
+                placement_group_capture_child_tasks=capture_child_tasks,
             ),
         ).remote()
         for group, bundle_index in cluster.bundles()

