@@ -569,21 +569,12 @@ def plan_notes(cfg: MasterConfig, layout: Layout, *, max_samples: int) -> list[s
     if cfg.policy.backend == "megatron" and layout.pipeline_parallel > 1 and micro < layout.pipeline_parallel:
         notes.append(f"only {micro} micro-batch(es) per DP rank for {layout.pipeline_parallel} pipeline stages: "
                      "most of each step is pipeline bubble")
-    if (cfg.policy.backend == "megatron" and megatron.sequence_parallel and layout.tensor_parallel > 1
-            and not cfg.policy.sequence_packing):
-        notes.append("sequence parallelism without policy.sequence_packing: unpacked micro-batches are trimmed to the "
-                     "longest sample, which megatron's sequence-parallel scatter needs to be a multiple of TP; packed "
-                     "rows are padded to one")
     longest = cfg.data.max_prompt_tokens + cfg.cipo.attempt_max_tokens + TEMPLATE_TOKENS
     if cfg.cipo.enabled and longest + cfg.generation.max_new_tokens > cfg.policy.max_total_sequence_length:
         notes.append(f"a correction prompt may reach ~{longest} tokens (data.max_prompt_tokens + "
                      f"cipo.attempt_max_tokens + template); with max_new_tokens {cfg.generation.max_new_tokens} that "
                      f"exceeds policy.max_total_sequence_length ({cfg.policy.max_total_sequence_length}), so the "
                      "longest corrections are cut short or their anchors dropped")
-    if cfg.generation.backend == "vllm" and layout.vllm_tensor_parallel > 1:
-        notes.append("generation.vllm.tensor_parallel > 1: this version's Ray generation group still refuses it at "
-                     "setup (one engine per device, models/generation/ray_generation.py); the layout is checked here, "
-                     "the run needs multi-GPU engines wired first")
     return notes
 
 
