@@ -103,7 +103,11 @@ def refit_file() -> Iterator[Path]:
 
 
 def refit_weights(policy: PolicyBackend, generation: GenerationBackend) -> int:
-    """Policy -> generation through one file: rank 0 writes the HF-named weights, every engine loads them."""
+    """Policy -> generation through one file per node: each node's first policy rank writes the HF-named
+    weights, every engine loads its node's copy, then every copy is removed (refit_file only sees this node)."""
     with refit_file() as path:
         policy.export_hf_weights_to(path)
-        return generation.update_weights_from_path(path)
+        try:
+            return generation.update_weights_from_path(path)
+        finally:
+            policy.remove_exported_weights(path)

@@ -61,9 +61,13 @@ class PolicyBackend(Protocol):
         optimizer or DDP buffers)."""
 
     def export_hf_weights_to(self, path: Path) -> int:
-        """Write export_hf_weights() with torch.save to `path` (once, from one rank); returns the tensor count.
-        This is the refit hand-off: a file in /dev/shm moves weights between actors faster than Ray's object
-        store (PLATFORM.md)."""
+        """Write export_hf_weights() with torch.save to `path` once per node (from its first rank; the parent
+        directory is created where missing); returns the tensor count. This is the refit hand-off: a file in
+        /dev/shm moves weights between actors faster than Ray's object store (PLATFORM.md), and every node's
+        engines read their own node's copy."""
+
+    def remove_exported_weights(self, path: Path) -> None:
+        """Delete what export_hf_weights_to wrote, on every node."""
 
     def save_checkpoint(self, path: Path) -> None:
         """Weights + optimizer + scheduler state into `path` (a directory that does not exist yet)."""

@@ -10,6 +10,7 @@ Four multi-rank runs, each a module fixture that checks several things at once (
 
 from __future__ import annotations
 
+import os
 import sys
 import typing
 from dataclasses import dataclass
@@ -166,6 +167,7 @@ def tp2_checks(rank: int, world_size: int, policies: dict[str, PolicyConfig], ba
         result["stepped_logprobs"] = worker.get_logprobs(batch)
         result["stepped_export"] = worker.export_hf_weights()
         if name == "llama":
+            result["refit_files"] = _refit_file_checks(worker, rank, Path(checkpoint_dir).parent / "refit")
             worker.save_checkpoint(checkpoint_dir)
             worker.save_hf(hf_dir)
             result["second_step"] = worker.train(batch, LOSS, global_denominator=denominator)
@@ -174,6 +176,23 @@ def tp2_checks(rank: int, world_size: int, policies: dict[str, PolicyConfig], ba
     denominator = float(LOSS.local_denominator([batches["llama"]]))
     results["llama_packed"] = _packed_checks(policies["llama"], batches["llama"], denominator)
     return results
+
+
+def _refit_file_checks(worker: Any, rank: int, directory: Path) -> dict[str, Any]:
+    """export_hf_weights_to writes once per node: here one node (LOCAL_RANK 0, 1), then two simulated nodes (both
+    ranks LOCAL_RANK 0, one shared filesystem), each followed by remove_exported_weights."""
+    checks: dict[str, Any] = {}
+    for layout, local_rank in (("one_node", rank), ("two_nodes", 0)):
+        os.environ["LOCAL_RANK"] = str(local_rank)
+        path = directory / layout / "weights.pt"  # the directory does not exist yet: the writers make it
+        count = worker.export_hf_weights_to(path)
+        checks[layout] = {"count": count, "file_tensors": len(torch.load(path, weights_only=True))}
+        dist.barrier()
+        worker.remove_exported_weights(path)
+        dist.barrier()
+        checks[layout]["left_behind"] = sorted(str(p) for p in directory.rglob("*"))
+    os.environ["LOCAL_RANK"] = str(rank)
+    return checks
 
 
 def pp2_checks(rank: int, world_size: int, policies: dict[str, PolicyConfig], batches: dict[str, Batch],
@@ -383,6 +402,18 @@ def test_export_round_trips_into_hf(model: str, single: dict[str, Any], referenc
     stepped = HFPolicy(policy=make_policy(reference.model_dir), num_steps=1, seed=0)
     stepped.model.load_state_dict(hf_model.state_dict())
     assert max_abs_diff(stepped.get_logprobs(reference.batch), result["stepped_logprobs"]) < LOGPROB_TOLERANCE
+
+
+def test_refit_file_is_written_once_per_node_and_removed(tp2: dict[str, Any],
+                                                        references: dict[str, HFReference]) -> None:
+    expected = len(references["llama"].initial_weights)
+    rank0, rank1 = (ranks["llama"]["refit_files"] for ranks in tp2["per_rank"])
+    assert rank0["one_node"]["count"] == expected and rank1["one_node"]["count"] == 0  # LOCAL_RANK 0 writes
+    assert rank0["two_nodes"]["count"] == rank1["two_nodes"]["count"] == expected  # each node's first rank
+    for checks in (rank0, rank1):
+        assert checks["one_node"]["file_tensors"] == checks["two_nodes"]["file_tensors"] == expected
+        assert checks["one_node"]["left_behind"] == []
+    assert rank0["two_nodes"]["left_behind"] == rank1["two_nodes"]["left_behind"] == []
 
 
 def test_export_to_file_and_save_hf(single: dict[str, Any], tp2: dict[str, Any],

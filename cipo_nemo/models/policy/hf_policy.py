@@ -156,6 +156,9 @@ class HFPolicy:
         torch.save(weights, path)
         return len(weights)
 
+    def remove_exported_weights(self, path: str | Path) -> None:
+        Path(path).unlink(missing_ok=True)
+
     # ----- checkpoints --------------------------------------------------------------------------
 
     def save_checkpoint(self, path: str | Path) -> None:

@@ -56,7 +56,10 @@ class MegatronPolicy:
         return self._group.run_all("export_hf_weights")[0]  # gathered on global rank 0
 
     def export_hf_weights_to(self, path: Path) -> int:
-        return self._group.run_all("export_hf_weights_to", str(path))[0]
+        return self._group.run_all("export_hf_weights_to", str(path))[0]  # one file per node
+
+    def remove_exported_weights(self, path: Path) -> None:
+        self._group.run_all("remove_exported_weights", str(path))
 
     def save_checkpoint(self, path: Path) -> None:
         self._group.run_all("save_checkpoint", str(path))

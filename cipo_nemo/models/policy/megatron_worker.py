@@ -15,6 +15,7 @@ block-diagonal causal mask (local spec).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -323,15 +324,31 @@ class MegatronPolicyWorker:
         return weights if keep else None
 
     def export_hf_weights_to(self, path: str | Path) -> int:
-        """torch.save the HF-named weights to `path` on rank 0 (e.g. /dev/shm for a refit); returns the tensor
-        count on rank 0 (0 elsewhere). Collective; the file is complete when any rank returns."""
-        weights = self.export_hf_weights()
-        count = 0
-        if weights is not None:
-            torch.save(weights, path)
-            count = len(weights)
+        """torch.save the HF-named weights to `path` on the first rank of every node (the refit hand-off: each
+        node's engines read their own node's copy, e.g. in /dev/shm); returns the tensor count on those ranks, 0
+        elsewhere. Collective; every node's file is complete when any rank returns. megatron-bridge gives every
+        rank the full tensors (stream_weights_megatron_to_hf), so no extra transfer is needed."""
+        writer = _first_rank_on_node()
+        weights: dict[str, torch.Tensor] = {}
+        for name, tensor in self._bridge.export_hf_weights(self._chunks, cpu=True, show_progress=False):
+            if writer:
+                weights[name] = tensor.detach().clone()
+        if writer:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)  # on other nodes the driver's directory does not exist
+            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # writers sharing a filesystem
+            torch.save(weights, partial)
+            partial.replace(path)
         dist.barrier()
-        return count
+        return len(weights)
+
+    def remove_exported_weights(self, path: str | Path) -> None:
+        """Delete this node's copy written by export_hf_weights_to (and its directory, when empty)."""
+        if _first_rank_on_node():
+            path = Path(path)
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
 
     # ----- checkpoints --------------------------------------------------------------------------
 
@@ -496,6 +513,11 @@ def _write_safetensors(weights: dict[str, torch.Tensor], path: Path) -> None:
     if plan.is_sharded:
         index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _first_rank_on_node() -> bool:
+    """LOCAL_RANK 0 (set by worker groups, torchrun and Slurm wrappers); global rank 0 when it is not set."""
+    return int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
 
 
 def _device() -> torch.device | str:
