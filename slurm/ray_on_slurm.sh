@@ -142,6 +142,7 @@ requeue_or_exit() {
     fi
     cleanup; trap - EXIT  # Ray down before Slurm ends this attempt
     log "requeueing job $SLURM_JOB_ID; it resumes from the latest checkpoint"
+    trap '' USR1 TERM  # the requeue ends this attempt with a TERM: nothing is left to stop
     scontrol requeue "$SLURM_JOB_ID" || { log "scontrol requeue failed"; exit 75; }
     exit 0
 }

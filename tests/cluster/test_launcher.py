@@ -97,16 +97,23 @@ def test_job_completes_on_the_launchers_ray_cluster(slurm_cluster, tiny_run, tmp
 
 
 def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tiny_run, tmp_path):
-    run_dir, num_steps = tmp_path / "run", 20
+    run_dir, num_steps = tmp_path / "run", 8  # the signal comes after step 1; steps take seconds
     job_id, log_dir = _submit(slurm_cluster, tmp_path, _overrides(tiny_run, run_dir, num_steps))
-    _wait_for(lambda: (run_dir / "metrics.jsonl").is_file(), slurm_cluster, job_id, log_dir, "step 1")
+    # metrics.jsonl is opened at setup: wait until step 1 is in it
+    _wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and _steps(run_dir), slurm_cluster, job_id, log_dir,
+              "step 1")
     # What `#SBATCH --signal=B:USR1@300` does before the time limit: the signal to the batch shell only.
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id)
     # The attempt ends (COMPLETING), then the job waits as PENDING for its next start.
     _wait_for(lambda: (lambda i: (i["Restarts"], i["JobState"]) == ("1", "PENDING"))(slurm_cluster.job(job_id)),
               slurm_cluster, job_id, log_dir, "the requeue")
     assert slurm_cluster.job(job_id)["Reason"] == "BeginTime"
-    # Slurm holds a requeued job for ~2 min (EligibleTime = requeue + 121 s): release it at once.
+    # Slurm holds a requeued job for ~2 min (EligibleTime = requeue + 121 s) so that its next launch credential
+    # postdates the revoked one (whole seconds). Release it sooner, but only once the node has finished the first
+    # attempt and a new second has begun: released at once, slurmd refused it ("Job credential revoked").
+    _wait_for(lambda: slurm_cluster.run("sinfo", "-h", "-N", "-o", "%t").strip() == "idle", slurm_cluster, job_id,
+              log_dir, "the node to be idle")
+    time.sleep(2)
     slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     info = slurm_cluster.wait_until_done(job_id, JOB_TIMEOUT_S)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), \
