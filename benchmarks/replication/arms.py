@@ -1,0 +1,71 @@
+"""One RL arm through the project's real loop (cipo_nemo.algorithms.cipo: setup -> train -> shutdown).
+
+Two observations are added around the loop, without changing it:
+- the prompt ids each step trains on (data_order.json), recorded by wrapping the run's PromptSampler, so that the
+  report can show, not just assume, that both arms saw the same data in the same order;
+- a step-0 validation (val0.json) with the loop's own `validate`, so that curves start at the shared warm start.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cipo_nemo.algorithms.cipo import setup, shutdown, train, validate
+from cipo_nemo.config import MasterConfig
+from cipo_nemo.data.sampler import PromptSampler
+from cipo_nemo.utils.logger import read_metrics
+
+DATA_ORDER_FILE = "data_order.json"
+VAL0_FILE = "val0.json"
+
+
+class RecordingSampler:
+    """A PromptSampler that remembers the ids of every batch it hands out."""
+
+    def __init__(self, inner: PromptSampler) -> None:
+        self._inner = inner
+        self.batches: list[list[str]] = []
+
+    def next_batch(self):
+        batch = self._inner.next_batch()
+        self.batches.append([item.id for item in batch])
+        return batch
+
+    def __getattr__(self, name: str) -> Any:  # state_dict, load_state_dict, epoch: the real sampler's
+        return getattr(self._inner, name)
+
+
+@dataclass(frozen=True)
+class ArmResult:
+    run_dir: Path
+    records: list[dict[str, Any]]
+    val0: dict[str, float | None]
+    data_order: list[list[str]]
+    seconds: float
+
+    @property
+    def hf_model(self) -> Path:
+        return self.run_dir / "hf_model"
+
+
+def run_arm(cfg: MasterConfig) -> ArmResult:
+    """Validate the starting policy, train cfg.grpo.num_steps steps, save the final policy; return its records."""
+    started = time.monotonic()
+    components = setup(cfg)
+    recorder = RecordingSampler(components.sampler)
+    components.sampler = recorder
+    try:
+        val0 = validate(components, 0) if cfg.validation.every else {}
+        train(components)
+    finally:
+        shutdown(components)
+    run_dir = Path(cfg.run.output_dir)
+    (run_dir / VAL0_FILE).write_text(json.dumps(val0, indent=1))
+    (run_dir / DATA_ORDER_FILE).write_text(json.dumps(recorder.batches))
+    return ArmResult(run_dir=run_dir, records=read_metrics(run_dir), val0=val0, data_order=recorder.batches,
+                     seconds=time.monotonic() - started)
+
