@@ -78,3 +78,14 @@ def test_input_validation():
         group_advantages(torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="eps"):
         group_advantages(torch.zeros(2), torch.zeros(2, dtype=torch.long), eps=-1.0)
+
+
+def test_risk_penalty_is_cancelled_by_group_std_normalization_only():
+    # a correction group of one correct anchor: r~ = r - lambda_risk * [r == 0] = r (1 + lambda) - lambda
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0])
+    shaped = rewards - 1.0 * (rewards == 0)
+    groups = torch.zeros(5, dtype=torch.long)
+    assert torch.allclose(group_advantages(shaped, groups), group_advantages(rewards, groups), atol=1e-5)
+    # without std normalization the penalty scales the group's advantages by (1 + lambda)
+    unscaled, plain = (group_advantages(r, groups, normalize_std=False) for r in (shaped, rewards))
+    assert torch.allclose(unscaled, 2.0 * plain)

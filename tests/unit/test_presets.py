@@ -52,6 +52,15 @@ def test_cpu_default_dry_run_says_devices_are_processes(capsys):
     assert "vLLM sleeps" not in out  # sleep/wake is a GPU-only no-op on CPU
 
 
+def test_dry_run_says_when_the_risk_penalty_cannot_act(capsys):
+    code, out, err = _dry_run(capsys, "cipo_smollm2_cpu.yaml")
+    assert code == 0, err
+    assert "cipo.risk_penalty does not change the advantages" in out
+    code, out, err = _dry_run(capsys, "cipo_smollm2_cpu.yaml", "grpo.normalize_std=false")
+    assert code == 0, err
+    assert "cipo.risk_penalty" not in out
+
+
 def test_fp8_preset_inherits_the_70b_layout_and_turns_on_tis():
     bf16, fp8 = load_config(CONF / "cipo_llama3_70b_math.yaml"), load_config(CONF / "cipo_llama3_70b_math_fp8.yaml")
     assert fp8.policy.megatron.model_copy(update={"fp8": None}) == bf16.policy.megatron
