@@ -5,6 +5,7 @@
 # Usage: bash multinode_up.sh BASE_DIR; then export SLURM_CONF=BASE_DIR/slurm.conf. Stop with multinode_down.sh.
 # The controller listens on 6827 (not 6817) so that it can run beside the one-node test Slurm.
 set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
 BASE=${1:?usage: multinode_up.sh BASE_DIR}
 mkdir -p "$BASE"/{state,spool,log,run}
 ip link add simbr0 type bridge
@@ -22,19 +23,7 @@ printf '10.200.0.1 ctl # simcluster\n10.200.0.11 n1 # simcluster\n10.200.0.12 n2
 cat > "$BASE/slurm.conf" <<CONF
 ClusterName=ciposim
 SlurmctldHost=$(hostname -s)(10.200.0.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
+Include $HERE/slurm_common.conf
 SlurmdParameters=config_overrides
 StateSaveLocation=$BASE/state
 SlurmdSpoolDir=$BASE/spool/%n
@@ -43,12 +32,6 @@ SlurmdPidFile=$BASE/run/slurmd-%n.pid
 SlurmctldLogFile=$BASE/log/slurmctld.log
 SlurmdLogFile=$BASE/log/slurmd-%n.log
 SlurmctldPort=6827
-SlurmdPort=6818
-SlurmctldTimeout=30
-SlurmdTimeout=30
-InactiveLimit=0
-KillWait=5
-MinJobAge=300
 NodeName=n1 NodeAddr=10.200.0.11 CPUs=2 RealMemory=2000 State=UNKNOWN
 NodeName=n2 NodeAddr=10.200.0.12 CPUs=2 RealMemory=2000 State=UNKNOWN
 PartitionName=sim Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP

@@ -3,6 +3,7 @@
 # Usage: bash slurm_up.sh BASE_DIR; then export SLURM_CONF=BASE_DIR/slurm.conf. Stop with slurm_down.sh BASE_DIR.
 # Installs Debian's Slurm and munge when missing; everything but the munge key lives under BASE_DIR.
 set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
 BASE=${1:?usage: slurm_up.sh BASE_DIR}
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null \
         || ! command -v munged >/dev/null; then
@@ -32,23 +33,11 @@ if scontrol ping 2>/dev/null | grep -q UP; then
     echo "slurm_up: a slurmctld already answers on this machine; refusing to start a second one" >&2
     exit 1
 fi
-# No cgroups (linuxproc, task/none), no accounting: what runs without systemd. KillWait short: tests cancel jobs.
+# The settings both test clusters share are in slurm_common.conf.
 cat > "$BASE/slurm.conf" <<CONF
 ClusterName=cipotest
 SlurmctldHost=$HOST
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
+Include $HERE/slurm_common.conf
 StateSaveLocation=$BASE/state
 SlurmdSpoolDir=$BASE/spool
 SlurmctldPidFile=$BASE/run/slurmctld.pid
@@ -56,12 +45,6 @@ SlurmdPidFile=$BASE/run/slurmd.pid
 SlurmctldLogFile=$BASE/log/slurmctld.log
 SlurmdLogFile=$BASE/log/slurmd.log
 SlurmctldPort=6817
-SlurmdPort=6818
-SlurmctldTimeout=30
-SlurmdTimeout=30
-InactiveLimit=0
-KillWait=5
-MinJobAge=300
 NodeName=$HOST CPUs=$NCPU RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF

@@ -317,11 +317,16 @@ class MegatronPolicyWorker:
         ships the whole buffer (PLATFORM.md). A tied output layer is not emitted (HF does not store it either).
         """
         keep = dist.get_rank() == 0
+        weights = self._gathered_hf_weights(keep=keep)
+        return weights if keep else None
+
+    def _gathered_hf_weights(self, *, keep: bool) -> dict[str, torch.Tensor]:
+        """Every rank takes part in the bridge's gather (it is collective); only a `keep` rank stores clones."""
         weights: dict[str, torch.Tensor] = {}
         for name, tensor in self._bridge.export_hf_weights(self._chunks, cpu=True, show_progress=False):
             if keep:
                 weights[name] = tensor.detach().clone()
-        return weights if keep else None
+        return weights
 
     def export_hf_weights_to(self, path: str | Path) -> int:
         """torch.save the HF-named weights to `path` on the first rank of every node (the refit hand-off: each
@@ -329,10 +334,7 @@ class MegatronPolicyWorker:
         elsewhere. Collective; every node's file is complete when any rank returns. megatron-bridge gives every
         rank the full tensors (stream_weights_megatron_to_hf), so no extra transfer is needed."""
         writer = _first_rank_on_node()
-        weights: dict[str, torch.Tensor] = {}
-        for name, tensor in self._bridge.export_hf_weights(self._chunks, cpu=True, show_progress=False):
-            if writer:
-                weights[name] = tensor.detach().clone()
+        weights = self._gathered_hf_weights(keep=writer)
         if writer:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)  # on other nodes the driver's directory does not exist
