@@ -29,7 +29,7 @@ from cipo_nemo.models.tiny import build_tiny_model_dir, build_tiny_tokenizer
 
 BASE = Path(__file__).resolve().parents[1] / "conf" / "cipo_base.yaml"
 LOSS = PolicyLoss(clip_low=0.2, clip_high=0.2, normalization="token", kl_beta=0.0, kl_estimator="k3",
-                  importance_sampling=False, is_truncation=2.0, correction_weight=1.0)
+                  importance_sampling=False, is_truncation=2.0, loss_weight=1.0)
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """Does our CIPO do what the paper says? A controlled CIPO-vs-GRPO replication at small scale, on 2 CPU cores.
 
 Per seed: build a tiny Llama and a BPE from the task text, warm-start it on procedural multi-step sums (shared by
-both arms), train GRPO (`cipo.enabled=false`) and CIPO from it through the real loop (cipo_nemo.algorithms.cipo
+both arms), train GRPO (`cipo.enabled=false`) and CIPO from it through the real loop (cipo_nemo.trainer
 setup/train/shutdown, HF backends) with identical seeds, data order, batch sizes and hyperparameters, and evaluate
 the warm start and both final policies with cipo_nemo.eval (held-out and harder sums: avg@n, pass@k up to n;
 correction of the warm start's own attempts: wrong->right, right->right). Then aggregate over seeds and write the

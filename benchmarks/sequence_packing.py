@@ -35,7 +35,7 @@ from cipo_nemo.models.tiny import build_tiny_model_dir  # noqa: E402
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "cipo_base.yaml"
 MICRO_BATCH_SIZE = 4
 LOSS = PolicyLoss(clip_low=0.2, clip_high=0.28, normalization="token", kl_beta=0.0, kl_estimator="k3",
-                  importance_sampling=False, is_truncation=2.0, correction_weight=1.0)
+                  importance_sampling=False, is_truncation=2.0, loss_weight=1.0)
 
 
 def make_batch(*, samples: int, max_response: int, vocab_size: int, seed: int = 0) -> Batch:

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_training(cfg) -> int:
-    from cipo_nemo.algorithms.cipo import REQUEUE_EXIT_CODE, setup, shutdown, train
+    from cipo_nemo.trainer import REQUEUE_EXIT_CODE, setup, shutdown, train
 
     components = setup(cfg)
     try:

@@ -1,4 +1,4 @@
-"""One RL arm through the project's real loop (cipo_nemo.algorithms.cipo: setup -> train -> shutdown).
+"""One RL arm through the project's real loop (cipo_nemo.trainer: setup -> train -> shutdown).
 
 Two observations are added around the loop, without changing it:
 - the prompt ids each step trains on (data_order.json), recorded by wrapping the run's PromptSampler, so that the
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cipo_nemo.algorithms.cipo import setup, shutdown, train, validate
+from cipo_nemo.trainer import setup, shutdown, train, validate
 from cipo_nemo.config import MasterConfig
 from cipo_nemo.data.sampler import PromptSampler
 from cipo_nemo.utils.logger import read_metrics

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cipo_nemo.algorithms.correction import SUCCESS_THRESHOLD
+from cipo_nemo.algorithms.rewards import SUCCESS_THRESHOLD
 from cipo_nemo.config import MasterConfig
 from cipo_nemo.eval.benchmarks import Benchmark
 from cipo_nemo.eval.harness import evaluate

@@ -59,7 +59,7 @@ def render(*, seeds: list[dict[str, Any]], sizes: dict[str, Any], k_list: Sequen
         "(pass@1 of 20-50% was the target, so that RL has signal); a quarter of the examples are correction "
         "prompts (the trainer's own template around a right or a slipped solution -> the right solution), because "
         "the paper starts from an instruct model that can already follow them.",
-        f"- **RL** (both arms, identical except `cipo.enabled`): the real loop (`cipo_nemo.algorithms.cipo` "
+        f"- **RL** (both arms, identical except `cipo.enabled`): the real loop (`cipo_nemo.trainer` "
         f"setup/train/shutdown) with HF policy and generation backends, {sizes['rl_steps']} steps, "
         f"{sizes['prompts_per_step']} prompts x {sizes['samples_per_prompt']} samples, lr {sizes['lr']} constant, "
         "temperature 1, no KL, clip 0.2, token-level loss; CIPO: up to one anchor per prompt, "

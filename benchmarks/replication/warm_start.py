@@ -13,9 +13,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from cipo_nemo.algorithms.correction import build_correction_prompt
 from cipo_nemo.config import MasterConfig
-from cipo_nemo.data.prompts import problem_text, render_chat, render_prompt
+from cipo_nemo.data.correction_prompts import render_correction_prompt
+from cipo_nemo.data.prompts import render_prompt
 from cipo_nemo.data.sources import TaskItem
 from cipo_nemo.models.tiny import build_tiny_model_dir, build_tiny_tokenizer, warm_start_tiny_model
 
@@ -55,19 +55,12 @@ def sft_examples(problems: list[SumProblem], cfg: MasterConfig, tokenizer, *, se
         target = solution(problem.terms)
         if rng.random() < CORRECTION_SHARE:
             attempt = target if rng.random() < 0.5 else flawed_solution(problem.terms, rng)
-            pairs.append((correction_prompt(item, attempt, cfg, tokenizer), target))
+            pairs.append((render_correction_prompt(item, attempt, tokenizer=tokenizer, data=cfg.data,
+                                                   correction=cfg.cipo), target))
         else:
             pairs.append((render_prompt(item, tokenizer=tokenizer, instructions=cfg.data.instructions,
                                         system_prompt=cfg.data.system_prompt), target))
     return pairs
-
-
-def correction_prompt(item: TaskItem, attempt: str, cfg: MasterConfig, tokenizer) -> str:
-    """Exactly what the trainer builds for a correction rollout (cipo.correction_rollout)."""
-    text = build_correction_prompt(problem=problem_text(item, cfg.data.instructions), attempt=attempt,
-                                   family="math", templates=cfg.cipo.templates, tokenizer=tokenizer,
-                                   attempt_max_tokens=cfg.cipo.attempt_max_tokens, strip_think=cfg.cipo.strip_thinking)
-    return render_chat(text, tokenizer=tokenizer, system_prompt=cfg.data.system_prompt)
 
 
 def build_warm_start(model_dir: Path, problems: list[SumProblem], cfg: MasterConfig, plan: WarmStartPlan, *,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+from cipo_nemo.algorithms.tensor_checks import check_rewards_and_groups
 
 
 def group_advantages(
@@ -68,18 +68,7 @@ def group_advantages(
 
 
 def _validate_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float) -> None:
-    if rewards.dim() != 1 or group_ids.dim() != 1:
-        raise ValueError(
-            f"rewards and group_ids must be 1-D, got shapes {tuple(rewards.shape)} and {tuple(group_ids.shape)}"
-        )
-    if rewards.shape[0] != group_ids.shape[0]:
-        raise ValueError(f"rewards has {rewards.shape[0]} entries but group_ids has {group_ids.shape[0]}")
-    if rewards.device != group_ids.device:
-        raise ValueError(f"rewards are on {rewards.device} but group_ids are on {group_ids.device}")
-    if not rewards.dtype.is_floating_point:
-        raise TypeError(f"rewards must be a floating tensor, got dtype {rewards.dtype}")
-    if group_ids.dtype not in _INTEGER_DTYPES:
-        raise TypeError(f"group_ids must be an integer tensor, got dtype {group_ids.dtype}")
+    check_rewards_and_groups(rewards, group_ids)
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
 

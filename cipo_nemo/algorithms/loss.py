@@ -193,7 +193,7 @@ class PolicyLoss:
 
     L = sum_t w_t l_t / D + kl_beta * sum_t KL_t / D, with l_t the clipped surrogate above.
 
-    - ``correction_weight`` (lambda_c): w_t includes lambda_c on tokens of samples whose
+    - ``loss_weight`` (lambda_c, `cipo.loss_weight`): w_t includes lambda_c on tokens of samples whose
       ``sample_kind`` is "correction" (1 on "base" samples). Both streams share one D.
     - ``importance_sampling`` (TIS): w_t also includes min(exp(old_t - gen_t), is_truncation),
       detached. It corrects the mismatch between the sampler (vLLM, possibly FP8) that drew the
@@ -224,7 +224,7 @@ class PolicyLoss:
     kl_estimator: KLEstimator
     importance_sampling: bool
     is_truncation: float
-    correction_weight: float
+    loss_weight: float
 
     def __post_init__(self) -> None:
         if not 0 <= self.clip_low < 1:
@@ -239,8 +239,8 @@ class PolicyLoss:
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
         if self.is_truncation <= 0:
             raise ValueError(f"is_truncation must be > 0, got {self.is_truncation}")
-        if self.correction_weight < 0:
-            raise ValueError(f"correction_weight must be >= 0, got {self.correction_weight}")
+        if self.loss_weight < 0:
+            raise ValueError(f"loss_weight must be >= 0, got {self.loss_weight}")
 
     def local_denominator(self, batches: Sequence[Batch]) -> int:
         """This rank's share of D: valid tokens or sequences of its micro-batches (all-reduce SUM)."""
@@ -306,7 +306,7 @@ class PolicyLoss:
 
     def _stream_weights(self, batch: Batch, logprobs: torch.Tensor) -> torch.Tensor:
         # lambda_c on correction samples, 1 on base samples: (N,)
-        weights = [self.correction_weight if kind == "correction" else 1.0 for kind in batch["sample_kind"]]
+        weights = [self.loss_weight if kind == "correction" else 1.0 for kind in batch["sample_kind"]]
         return torch.tensor(weights, dtype=logprobs.dtype, device=logprobs.device)
 
     def _tis_weights(

@@ -57,11 +57,30 @@ def render_prompt(item: TaskItem, *, tokenizer: Any, instructions: InstructionCo
     return _apply_chat_template(messages, tokenizer=tokenizer)
 
 
-def count_prompt_tokens(rendered: Sequence[str], *, tokenizer: Any) -> list[int]:
-    """Token counts of already rendered prompts (the template's special tokens are in the text already)."""
+def encode_prompts(rendered: Sequence[str], *, tokenizer: Any) -> list[list[int]]:
+    """Token ids of prompts that already went through the chat template (its special tokens are in the text)."""
     if not rendered:
         return []
-    return [len(ids) for ids in tokenizer(list(rendered), add_special_tokens=False)["input_ids"]]
+    return [list(ids) for ids in tokenizer(list(rendered), add_special_tokens=False)["input_ids"]]
+
+
+def count_prompt_tokens(rendered: Sequence[str], *, tokenizer: Any) -> list[int]:
+    """Token counts of already rendered prompts."""
+    return [len(ids) for ids in encode_prompts(rendered, tokenizer=tokenizer)]
+
+
+def prompt_token_budget(*, max_total_sequence_length: int, max_new_tokens: int) -> int:
+    """Tokens a prompt may have so that the full response budget still fits the context (trainer and eval)."""
+    budget = max_total_sequence_length - max_new_tokens
+    if budget < 1:
+        raise DataError(f"generation.max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the context of "
+                        f"{max_total_sequence_length} tokens (policy.max_total_sequence_length)")
+    return budget
+
+
+def indices_within_budget(prompt_ids: Sequence[Sequence[int]], budget: int) -> list[int]:
+    """Positions of the prompts with at most `budget` tokens (longer ones are dropped and counted by the caller)."""
+    return [index for index, ids in enumerate(prompt_ids) if len(ids) <= budget]
 
 
 def drop_long_prompts(

@@ -2,8 +2,8 @@
 correction benchmarks, correction success (wrong -> right) and retention (right -> right).
 
 Prompts are built exactly as in training: `render_prompt` (problem + the family's instruction, through the
-tokenizer's chat template) for answer benchmarks, and the trainer's correction template (`build_correction_prompt`
-with ``cipo.templates``, then `render_chat`) for correction benchmarks. Responses are decoded by the same
+tokenizer's chat template) for answer benchmarks, and the trainer's correction template (`render_correction_prompt`
+with ``cipo.templates``) for correction benchmarks. Responses are decoded by the same
 `responses_to_batch` and scored by the same `TaskScorer` (math verifier pool, code sandbox) as rollouts.
 
 Two entry points:
@@ -27,22 +27,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cipo_nemo.algorithms.correction import SUCCESS_THRESHOLD, build_correction_prompt
-from cipo_nemo.algorithms.rollout import encode_prompts, responses_to_batch
+from cipo_nemo.algorithms.rewards import SUCCESS_THRESHOLD
 from cipo_nemo.config import MasterConfig
 from cipo_nemo.config.schema import CorrectionConfig, DataConfig, GenerationConfig
-from cipo_nemo.data.prompts import problem_text, render_chat, render_prompt
-from cipo_nemo.data.sources import TaskItem
+from cipo_nemo.data.correction_prompts import render_correction_prompt
+from cipo_nemo.data.prompts import encode_prompts, indices_within_budget, prompt_token_budget, render_prompt
+from cipo_nemo.data.sources import DataError
 from cipo_nemo.environments.scoring import TaskScorer
 from cipo_nemo.eval.benchmarks import Benchmark, check_unique_names, load_benchmark
 from cipo_nemo.eval.report import num_correct, summarize, summarize_correction, write_results
 from cipo_nemo.models.hub import ModelNotFoundError, resolve_model_dir
 from cipo_nemo.models.interfaces import GenerationBackend, SamplingSettings
+from cipo_nemo.models.rollout import responses_to_batch
 
 logger = logging.getLogger(__name__)
 
-# A training run directory (cipo_nemo/algorithms/cipo.py): its resolved config and its final policy as an HF
-# directory. Named here, not imported: the trainer will import this module for its validation.
+# A training run directory (cipo_nemo/trainer.py): its resolved config and its final policy as an HF
+# directory. Named here, not imported: the trainer sits above eval/ and imports this module for validation.
 RUN_CONFIG_FILE = "config.yaml"
 RUN_HF_MODEL_DIR = "hf_model"
 _ANSWER_STREAM, _CORRECTION_STREAM = 0, 1
@@ -203,7 +204,8 @@ def evaluate_benchmark(
     labels: list[dict[str, Any]] = []
     if benchmark.kind == "correction":
         labels = judge_given_solutions(benchmark, context.scorer)
-        prompts = [correction_prompt(item, attempt, context)
+        prompts = [render_correction_prompt(item, attempt, tokenizer=context.tokenizer, data=context.data,
+                                            correction=context.correction)
                    for item, attempt in zip(benchmark.items, benchmark.attempts)]
     else:
         prompts = [render_prompt(item, tokenizer=context.tokenizer, instructions=context.data.instructions,
@@ -221,16 +223,6 @@ def evaluate_benchmark(
                         "responses": outcome["responses"], **outcome["scores"]})
     record = benchmark_record(benchmark, problems, dropped=len(prompts) - len(kept), n=n, k_list=k_list)
     return record, samples
-
-
-def correction_prompt(item: TaskItem, attempt: str, context: EvalContext) -> str:
-    """The trainer's correction prompt for `attempt` at `item`, through the chat template."""
-    correction = context.correction
-    text = build_correction_prompt(
-        problem=problem_text(item, context.data.instructions), attempt=attempt, family=item.family,
-        templates=correction.templates, tokenizer=context.tokenizer,
-        attempt_max_tokens=correction.attempt_max_tokens, strip_think=correction.strip_thinking)
-    return render_chat(text, tokenizer=context.tokenizer, system_prompt=context.data.system_prompt)
 
 
 def judge_given_solutions(benchmark: Benchmark, scorer: TaskScorer) -> list[dict[str, Any]]:
@@ -257,19 +249,18 @@ def sample_and_score(
     """Generate n responses for every prompt that fits and score them. Returns the kept problem indices and,
     per kept problem, ``{"responses": [...], "scores": {"rewards", "reasons", "correct", "truncated"}}``."""
     prompt_ids = encode_prompts(prompts, tokenizer=context.tokenizer)
-    budget = context.max_model_len - context.generation.max_new_tokens
-    if budget < 1:
-        raise EvalError(f"generation.max_new_tokens ({context.generation.max_new_tokens}) leaves no room for a prompt "
-                        f"in the context of {context.max_model_len} tokens (policy.max_total_sequence_length)")
-    kept = [index for index, ids in enumerate(prompt_ids) if len(ids) <= budget]
+    try:
+        budget = prompt_token_budget(max_total_sequence_length=context.max_model_len,
+                                     max_new_tokens=context.generation.max_new_tokens)
+    except DataError as err:
+        raise EvalError(str(err)) from None
+    kept = indices_within_budget(prompt_ids, budget)
     if len(kept) < len(prompt_ids):
         logger.warning("%s: dropped %d of %d prompts longer than %d tokens (max_model_len - max_new_tokens)",
                        benchmark.name, len(prompt_ids) - len(kept), len(prompt_ids), budget)
     if not kept:
         return [], []
-    generation = context.generation
-    settings = SamplingSettings(n=n, max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
-                                top_p=generation.top_p, stop_strings=tuple(generation.stop_strings), seed=seed)
+    settings = SamplingSettings.from_config(context.generation, n=n, seed=seed)
     kept_ids = [prompt_ids[index] for index in kept]
     responses = context.generation_backend.generate(kept_ids, settings)
     kind = "correction" if benchmark.kind == "correction" else "base"

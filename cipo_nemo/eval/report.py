@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cipo_nemo.algorithms.correction import SUCCESS_THRESHOLD
+from cipo_nemo.algorithms.rewards import SUCCESS_THRESHOLD
 from cipo_nemo.eval.passk import mean_pass_at_k
 
 RESULTS_FILE = "results.json"

@@ -1,6 +1,6 @@
 """The contracts between the controller and the workers.
 
-The controller (cipo_nemo/algorithms/) sees global batches and talks to a policy and a generation backend
+The controller (cipo_nemo/trainer.py) sees global batches and talks to a policy and a generation backend
 through these two interfaces; whether a backend is one in-process object (HF, tests) or a Ray worker group
 spanning many ranks (Megatron TP/PP/DP, vLLM engines) is hidden behind them.
 
@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from cipo_nemo.algorithms.loss import PolicyLoss
+from cipo_nemo.config.schema import GenerationConfig
 from cipo_nemo.data.batch import Batch
 
 
@@ -39,6 +40,15 @@ class SamplingSettings:
     top_p: float
     stop_strings: tuple[str, ...]
     seed: int  # per call; the same seed and weights give the same samples
+
+    @classmethod
+    def from_config(
+        cls, generation: GenerationConfig, *, n: int, seed: int, temperature: float | None = None
+    ) -> SamplingSettings:
+        """`generation.*` as sampling settings (trainer rollouts, validation and evaluation alike)."""
+        return cls(n=n, max_new_tokens=generation.max_new_tokens,
+                   temperature=generation.temperature if temperature is None else temperature,
+                   top_p=generation.top_p, stop_strings=tuple(generation.stop_strings), seed=seed)
 
 
 @runtime_checkable
@@ -63,7 +73,7 @@ class PolicyBackend(Protocol):
     def export_hf_weights_to(self, path: Path) -> int:
         """Write export_hf_weights() with torch.save to `path` once per node (from its first rank; the parent
         directory is created where missing); returns the tensor count. This is the refit hand-off: a file in
-        /dev/shm moves weights between actors faster than Ray's object store (PLATFORM.md), and every node's
+        /dev/shm moves weights between actors faster than Ray's object store (docs/platform.md), and every node's
         engines read their own node's copy."""
 
     def remove_exported_weights(self, path: Path) -> None:

@@ -4,7 +4,7 @@ On Slurm the batch script gets SIGUSR1 some minutes before the time limit (`#SBA
 launcher (slurm/ray_on_slurm.sh) forwards it, or SIGTERM, to the driver. The driver must not die of it (Python's
 default action for both is to exit at once, losing the step): the handler here only records the request, and the
 training loop finishes the step it is in, writes a checkpoint and ends with `REQUEUE_EXIT_CODE`
-(cipo_nemo.algorithms.cipo). `checkpointing.checkpoint_must_save_by` does the same without a signal: stop when the
+(cipo_nemo.trainer). `checkpointing.checkpoint_must_save_by` does the same without a signal: stop when the
 next step would likely end after that much time since the driver started.
 """
 

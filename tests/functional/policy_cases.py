@@ -33,7 +33,7 @@ LOSS = PolicyLoss(
     kl_estimator="k3",
     importance_sampling=True,
     is_truncation=2.0,
-    correction_weight=0.5,
+    loss_weight=0.5,
 )
 
 

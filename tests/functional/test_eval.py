@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from cipo_nemo.algorithms.correction import build_correction_prompt
+from cipo_nemo.data.correction_prompts import build_correction_prompt
 from cipo_nemo.config import load_config
 from cipo_nemo.data.prompts import problem_text, render_chat, render_prompt
 from cipo_nemo.environments.code import OUTCOMES
@@ -169,7 +169,7 @@ def test_correction_benchmark_uses_the_trainer_template_and_splits_by_given_solu
     for item, solution, sample in zip(benchmark.items, benchmark.attempts, samples, strict=True):
         text = build_correction_prompt(problem=problem_text(item, cfg.data.instructions), attempt=solution,
                                        family="math", templates=cfg.cipo.templates, tokenizer=tokenizer,
-                                       attempt_max_tokens=32, strip_think=True)
+                                       attempt_max_tokens=32, strip_thinking=True)
         assert sample["prompt"] == render_chat(text, tokenizer=tokenizer, system_prompt=None)
         assert f"### Previous attempt\n{solution}\n" in sample["prompt"]
     assert_rewards_hand_checked(samples)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cipo_nemo.algorithms.cipo import setup, shutdown, train
+from cipo_nemo.trainer import setup, shutdown, train
 from cipo_nemo.config import load_config
 from cipo_nemo.models.policy.hf_policy import CHECKPOINT_FILE
 

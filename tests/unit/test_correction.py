@@ -9,19 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cipo_nemo.algorithms.correction import (
-    AnchorSelection,
-    CorrectionMetrics,
-    RhoController,
-    build_correction_prompt,
-    build_training_batch,
-    shape_correction_rewards,
-    select_anchors,
-    strip_thinking,
-    truncate_left,
-)
+from cipo_nemo.algorithms.anchors import AnchorSelection, select_anchors
+from cipo_nemo.algorithms.correction import CorrectionMetrics, build_training_batch, shape_correction_rewards
+from cipo_nemo.algorithms.rho import RhoController
 from cipo_nemo.config.loader import load_config
-from cipo_nemo.config.schema import CorrectionTemplates
+from cipo_nemo.config.schema import CorrectionTemplates, RhoConfig
+from cipo_nemo.data.correction_prompts import build_correction_prompt, remove_thinking, truncate_left
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.models.tiny import build_tiny_tokenizer
 
@@ -42,9 +35,9 @@ def _select(*, rho: float, max_anchors: int, fallback: bool, seed: int = 0) -> A
         REWARDS,
         GROUP_IDS,
         rho=rho,
-        max_anchors=max_anchors,
-        p_low=0.25,
-        p_high=0.75,
+        max_anchors_per_step=max_anchors,
+        difficulty_low=0.25,
+        difficulty_high=0.75,
         allow_out_of_window=fallback,
         generator=torch.Generator().manual_seed(seed),
     )
@@ -144,11 +137,13 @@ def test_zero_anchors_gives_an_empty_selection() -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"rho": 1.5}, {"rho": -0.1}, {"max_anchors": -1}, {"p_low": 0.8, "p_high": 0.2}, {"rewards": REWARDS[:3]}],
+    [{"rho": 1.5}, {"rho": -0.1}, {"rewards": REWARDS[:3]}],
 )
 def test_select_anchors_rejects_bad_arguments(overrides: dict) -> None:
+    # the config-derived arguments (cap, window) are validated by the schema (tests/unit/test_config.py)
     arguments = dict(
-        rewards=REWARDS, rho=0.5, max_anchors=4, p_low=0.25, p_high=0.75, allow_out_of_window=True
+        rewards=REWARDS, rho=0.5, max_anchors_per_step=4, difficulty_low=0.25, difficulty_high=0.75,
+        allow_out_of_window=True,
     ) | overrides
     rewards = arguments.pop("rewards")
     with pytest.raises(ValueError):
@@ -181,7 +176,7 @@ def tokenizer():
     ],
 )
 def test_strip_thinking(text: str, expected: str) -> None:
-    assert strip_thinking(text) == expected
+    assert remove_thinking(text) == expected
 
 
 def _num_tokens(tokenizer, text: str) -> int:
@@ -233,7 +228,7 @@ def _prompt(tokenizer, **overrides) -> str:
         templates=TEMPLATES,
         tokenizer=tokenizer,
         attempt_max_tokens=1000,
-        strip_think=True,
+        strip_thinking=True,
     ) | overrides
     return build_correction_prompt(**arguments)
 
@@ -248,7 +243,7 @@ def test_math_prompt_is_the_template_with_literal_substitution(tokenizer) -> Non
 
 
 def test_thinking_is_kept_when_strip_think_is_off(tokenizer) -> None:
-    prompt = _prompt(tokenizer, attempt="<think>hmm</think> 2", strip_think=False)
+    prompt = _prompt(tokenizer, attempt="<think>hmm</think> 2", strip_thinking=False)
     assert prompt.splitlines()[1] == "Attempt: <think>hmm</think> 2"
 
 
@@ -325,8 +320,7 @@ def test_shaping_uses_the_success_threshold_of_anchor_selection() -> None:
 def test_shaping_validates_its_inputs() -> None:
     with pytest.raises(ValueError, match="anchor_correct"):
         shape_correction_rewards(torch.zeros(3), torch.tensor([True, False]), 1.0)
-    with pytest.raises(ValueError, match="penalty"):
-        shape_correction_rewards(torch.zeros(2), torch.tensor([True, False]), -1.0)
+    # a negative cipo.risk_penalty is rejected by the schema (tests/unit/test_config.py)
 
 
 # ----- rho controller -----------------------------------------------------------------------------------------
@@ -338,7 +332,7 @@ RHO_DEFAULTS = dict(
 
 
 def _controller(**overrides) -> RhoController:
-    return RhoController(**(RHO_DEFAULTS | overrides))
+    return RhoController(RhoConfig(**(RHO_DEFAULTS | overrides)))
 
 
 def test_multiplicative_trajectory() -> None:
@@ -426,7 +420,7 @@ def test_rho_controller_rejects_bad_arguments(overrides: dict) -> None:
 
 def test_rho_controller_accepts_the_config_block() -> None:
     rho_config = load_config(REPO_ROOT / "conf" / "cipo_base.yaml").cipo.rho
-    controller = RhoController(**rho_config.model_dump())
+    controller = RhoController(rho_config)
     assert controller.rho == rho_config.init
 
 

@@ -136,7 +136,7 @@ def make_loss(**overrides) -> PolicyLoss:
         "kl_estimator": "k3",
         "importance_sampling": False,
         "is_truncation": 2.0,
-        "correction_weight": 1.0,
+        "loss_weight": 1.0,
     }
     return PolicyLoss(**(options | overrides))
 
@@ -209,16 +209,16 @@ def test_truncated_importance_sampling_weights_and_prob_error():
     assert loss.item() == pytest.approx(-1.0, abs=1e-12) and metrics["tis_weight_mean"] == 1.0
 
 
-def test_correction_weight_scales_correction_tokens_only():
+def test_loss_weight_scales_correction_tokens_only():
     old_logprobs = torch.full((3, 1), -1.0, dtype=F64)
     batch = make_policy_batch(old_logprobs, sample_kind=["base", "correction", "correction"])
     logprobs = old_logprobs.clone().requires_grad_()
-    loss, _ = make_loss(correction_weight=0.5)(logprobs, batch, global_denominator=3)
+    loss, _ = make_loss(loss_weight=0.5)(logprobs, batch, global_denominator=3)
     loss.backward()
     # r = 1, A = 1: -(1 + 0.5 + 0.5) / 3 (all 3 tokens count in the shared denominator)
     assert loss.item() == pytest.approx(-2 / 3, abs=1e-12)
     torch.testing.assert_close(logprobs.grad, torch.tensor([[-1 / 3], [-1 / 6], [-1 / 6]], dtype=F64))
-    loss, _ = make_loss(correction_weight=0.0)(logprobs, batch, global_denominator=3)
+    loss, _ = make_loss(loss_weight=0.0)(logprobs, batch, global_denominator=3)
     assert loss.item() == pytest.approx(-1 / 3, abs=1e-12)
 
 
@@ -267,7 +267,7 @@ def joint_loss(normalization: str) -> PolicyLoss:
         kl_beta=0.05,
         importance_sampling=True,
         is_truncation=1.2,
-        correction_weight=0.7,
+        loss_weight=0.7,
     )
 
 

@@ -8,7 +8,7 @@ engine parameter it would have left stale) and counted afterwards (the number of
 
 Transport: one `torch.save` file under /dev/shm (shared memory: no disk I/O) that the engine's worker processes
 map with `torch.load(mmap=True)`. vLLM's `collective_rpc` cannot carry tensors (they arrive as nested lists), and
-a path was measured faster than Ray's object store (1.3 s vs 4.6 s for SmolLM2-135M, PLATFORM.md).
+a path was measured faster than Ray's object store (1.3 s vs 4.6 s for SmolLM2-135M, docs/platform.md).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def detach_for_transfer(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU copy that owns exactly its own storage.
 
     Exported weights can be views into a whole DDP / optimizer buffer; pickling or `torch.save` of a view writes
-    the entire underlying storage (it reached 18 GB for a 0.5 GB model, PLATFORM.md), so always copy.
+    the entire underlying storage (it reached 18 GB for a 0.5 GB model, docs/platform.md), so always copy.
     """
     return tensor.detach().to(device="cpu", copy=True, memory_format=torch.contiguous_format)
 

@@ -314,7 +314,7 @@ class MegatronPolicyWorker:
         """Full (TP/PP-gathered) HF-named weights, cloned, on global rank 0; None elsewhere. Collective.
 
         Clones because the bridge yields views into DDP's contiguous parameter buffer, and serializing a view
-        ships the whole buffer (PLATFORM.md). A tied output layer is not emitted (HF does not store it either).
+        ships the whole buffer (docs/platform.md). A tied output layer is not emitted (HF does not store it either).
         """
         keep = dist.get_rank() == 0
         weights = self._gathered_hf_weights(keep=keep)

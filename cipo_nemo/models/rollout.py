@@ -17,11 +17,6 @@ from cipo_nemo.data.batch import Batch
 from cipo_nemo.models.interfaces import SampledResponse
 
 
-def encode_prompts(rendered: Sequence[str], *, tokenizer: Any) -> list[list[int]]:
-    """Token ids of prompts that already went through the chat template (its special tokens are in the text)."""
-    return [list(ids) for ids in tokenizer(list(rendered), add_special_tokens=False)["input_ids"]]
-
-
 def responses_to_batch(
     prompt_ids: Sequence[list[int]],
     responses: Sequence[Sequence[SampledResponse]],

@@ -4,7 +4,7 @@
     -> advantages -> logprobs -> train -> refit -> update rho
 
 GRPO is the same loop with `cipo.enabled: false` (the correction stages then do nothing). Differences from the
-paper, whose exact choices are not public (docs: ../shared/reference/cipo_paper.md): the rho rule, the anchor
+paper, whose exact choices are not public (docs/paper_reconstruction.md): the rho rule, the anchor
 rounding and the templates are the reconstruction's defaults, all config keys.
 
 Launch: `python -m cipo_nemo --config conf/X.yaml key=value` (one machine; Ray starts in-process);
@@ -24,18 +24,21 @@ import numpy as np
 import torch
 
 from cipo_nemo.algorithms.advantages import group_advantages
-from cipo_nemo.algorithms.correction import (
-    AnchorSelection,
-    RhoController,
-    build_correction_prompt,
-    build_training_batch,
-    select_anchors,
-)
+from cipo_nemo.algorithms.anchors import AnchorSelection, select_anchors
+from cipo_nemo.algorithms.correction import build_training_batch
 from cipo_nemo.algorithms.loss import PolicyLoss
-from cipo_nemo.algorithms.rollout import encode_prompts, responses_to_batch
+from cipo_nemo.algorithms.rewards import is_success
+from cipo_nemo.algorithms.rho import RhoController
 from cipo_nemo.config import MasterConfig, to_yaml
 from cipo_nemo.data.batch import Batch
-from cipo_nemo.data.prompts import drop_long_prompts, problem_text, render_chat, render_prompt
+from cipo_nemo.data.correction_prompts import render_correction_prompt
+from cipo_nemo.data.prompts import (
+    drop_long_prompts,
+    encode_prompts,
+    indices_within_budget,
+    prompt_token_budget,
+    render_prompt,
+)
 from cipo_nemo.data.sampler import PromptSampler
 from cipo_nemo.data.sources import TaskItem, describe, load_items
 from cipo_nemo.environments.scoring import TaskScorer
@@ -43,6 +46,7 @@ from cipo_nemo.eval.benchmarks import Benchmark
 from cipo_nemo.eval.harness import EvalContext, evaluate_benchmarks
 from cipo_nemo.models.factory import build_cluster, build_generation, build_policy, build_tokenizer, needs_ray, refit_weights
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, SamplingSettings
+from cipo_nemo.models.rollout import responses_to_batch
 from cipo_nemo.utils.checkpoint import CheckpointManager
 from cipo_nemo.utils.logger import MetricsLogger
 from cipo_nemo.utils.preemption import StopRequest, driver_uptime_s, next_step_crosses, parse_duration, stop_handlers
@@ -117,7 +121,7 @@ def setup(cfg: MasterConfig) -> Components:
         policy=build_policy(cfg, cluster),
         generation=build_generation(cfg, cluster),
         loss_fn=build_loss(cfg),
-        rho=RhoController(**cfg.cipo.rho.model_dump()),
+        rho=RhoController(cfg.cipo.rho),
         metrics=MetricsLogger(logger_cfg=cfg.logger, run_dir=run_dir, run_name=cfg.run.name,
                               config=cfg.model_dump(mode="json")),
         checkpoints=CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpointing.keep_last),
@@ -141,7 +145,7 @@ def build_loss(cfg: MasterConfig) -> PolicyLoss:
     return PolicyLoss(clip_low=loss.clip_low, clip_high=loss.clip_high, normalization=loss.normalization,
                       kl_beta=loss.kl_beta, kl_estimator=loss.kl_estimator,
                       importance_sampling=loss.importance_sampling, is_truncation=loss.is_truncation,
-                      correction_weight=cfg.cipo.loss_weight)
+                      loss_weight=cfg.cipo.loss_weight)
 
 
 # ----------------------------------------------------------------------------------------------- the step
@@ -179,13 +183,6 @@ def cipo_step(c: Components, step: int) -> dict[str, float | None]:
     return step_metrics(c, rollouts, batch, cipo_metrics.as_dict(), train_metrics)
 
 
-def sampling_settings(c: Components, *, n: int, seed: int, temperature: float | None = None) -> SamplingSettings:
-    gen = c.cfg.generation
-    return SamplingSettings(n=n, max_new_tokens=gen.max_new_tokens,
-                            temperature=gen.temperature if temperature is None else temperature,
-                            top_p=gen.top_p, stop_strings=tuple(gen.stop_strings), seed=seed)
-
-
 def step_seed(c: Components, step: int, stream: int) -> int:
     # Derived, not drawn: a resumed run samples exactly what the uninterrupted run would have.
     return (c.cfg.run.seed * 1_000_003 + step * 101 + stream) % (2**31)
@@ -197,7 +194,7 @@ def rollout(c: Components, items: list[TaskItem], step: int) -> Batch:
     rendered = [render_prompt(item, tokenizer=c.tokenizer, instructions=cfg.data.instructions,
                               system_prompt=cfg.data.system_prompt) for item in items]
     prompt_ids = encode_prompts(rendered, tokenizer=c.tokenizer)
-    settings = sampling_settings(c, n=cfg.grpo.samples_per_prompt, seed=step_seed(c, step, 0))
+    settings = SamplingSettings.from_config(cfg.generation, n=cfg.grpo.samples_per_prompt, seed=step_seed(c, step, 0))
     responses = c.generation.generate(prompt_ids, settings)
     return responses_to_batch(prompt_ids, responses, item_indices=list(range(len(items))), sample_kind="base",
                               tokenizer=c.tokenizer)
@@ -217,9 +214,9 @@ def maybe_select_anchors(c: Components, base: Batch, step: int) -> AnchorSelecti
         return None
     generator = torch.Generator().manual_seed(step_seed(c, step, 1))
     return select_anchors(base["rewards"], base["group_id"], rho=c.rho.rho,
-                          max_anchors=correction.max_anchors_per_step, p_low=correction.difficulty_low,
-                          p_high=correction.difficulty_high, allow_out_of_window=correction.allow_out_of_window,
-                          generator=generator)
+                          max_anchors_per_step=correction.max_anchors_per_step,
+                          difficulty_low=correction.difficulty_low, difficulty_high=correction.difficulty_high,
+                          allow_out_of_window=correction.allow_out_of_window, generator=generator)
 
 
 def correction_rollout(
@@ -229,22 +226,16 @@ def correction_rollout(
     if anchors is None or len(anchors) == 0:
         return None, 0
     cfg = c.cfg
-    prompt_ids, kept_anchor_positions = [], []
-    budget = cfg.policy.max_total_sequence_length - cfg.generation.max_new_tokens
-    for position, base_index in enumerate(anchors.indices):
-        item = items[base["item_index"][base_index]]
-        text = build_correction_prompt(
-            problem=problem_text(item, cfg.data.instructions), attempt=base["response_text"][base_index],
-            family=item.family, templates=cfg.cipo.templates, tokenizer=c.tokenizer,
-            attempt_max_tokens=cfg.cipo.attempt_max_tokens, strip_think=cfg.cipo.strip_thinking)
-        ids = encode_prompts([render_chat(text, tokenizer=c.tokenizer, system_prompt=cfg.data.system_prompt)],
-                             tokenizer=c.tokenizer)[0]
-        if len(ids) <= budget:
-            prompt_ids.append(ids)
-            kept_anchor_positions.append(position)
-    if not prompt_ids:
+    rendered = [render_correction_prompt(items[base["item_index"][i]], base["response_text"][i], tokenizer=c.tokenizer,
+                                         data=cfg.data, correction=cfg.cipo) for i in anchors.indices]
+    all_prompt_ids = encode_prompts(rendered, tokenizer=c.tokenizer)
+    budget = prompt_token_budget(max_total_sequence_length=cfg.policy.max_total_sequence_length,
+                                 max_new_tokens=cfg.generation.max_new_tokens)
+    kept_anchor_positions = indices_within_budget(all_prompt_ids, budget)
+    if not kept_anchor_positions:
         return None, len(anchors)
-    settings = sampling_settings(c, n=cfg.cipo.samples_per_anchor, seed=step_seed(c, step, 2))
+    prompt_ids = [all_prompt_ids[position] for position in kept_anchor_positions]
+    settings = SamplingSettings.from_config(cfg.generation, n=cfg.cipo.samples_per_anchor, seed=step_seed(c, step, 2))
     responses = c.generation.generate(prompt_ids, settings)
     item_indices = [base["item_index"][anchors.indices[p]] for p in kept_anchor_positions]
     corrections = responses_to_batch(prompt_ids, responses, item_indices=item_indices, sample_kind="correction",
@@ -288,9 +279,9 @@ def step_metrics(
     base = rollouts.base
     metrics: dict[str, float | None] = {
         "reward/base_mean": float(base["rewards"].mean()),
-        "reward/base_pass_rate": float((base["rewards"] > 0.5).float().mean()),
-        "reward/prompts_all_correct": _share_of_groups(base, lambda r: bool((r > 0.5).all())),
-        "reward/prompts_all_wrong": _share_of_groups(base, lambda r: bool((r <= 0.5).all())),
+        "reward/base_pass_rate": float(is_success(base["rewards"]).float().mean()),
+        "reward/prompts_all_correct": _share_of_groups(base, lambda r: bool(is_success(r).all())),
+        "reward/prompts_all_wrong": _share_of_groups(base, lambda r: bool((~is_success(r)).all())),
         "reward/correction_mean": None,
         "tokens/generated": float(_response_tokens(base) + _response_tokens(rollouts.corrections)),
         "tokens/trained": float(batch.num_valid_tokens()),
