@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from math_verify import parse, verify  # noqa: E402
 
-from cipo_nemo.environments.math import MathVerifierPool, reason_counts  # noqa: E402
+from cipo_nemo.environments.math import reason_counts  # noqa: E402
+from cipo_nemo.environments.math_pool import MathVerifierPool  # noqa: E402
 
 Pair = tuple[str, str]  # (response, gold)
 

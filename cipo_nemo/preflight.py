@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from cipo_nemo.config import MasterConfig
 from cipo_nemo.data.sources import DataError, LoadReport, TaskItem, describe, load_items
-from cipo_nemo.environments.math import MathVerifierPool, reason_counts
+from cipo_nemo.environments.math import reason_counts
+from cipo_nemo.environments.math_pool import MathVerifierPool
 from cipo_nemo.plan import LaunchPlan, LayoutError, plan_launch
 
 logger = logging.getLogger(__name__)

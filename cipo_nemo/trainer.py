@@ -49,7 +49,8 @@ from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, Sampli
 from cipo_nemo.models.rollout import responses_to_batch
 from cipo_nemo.utils.checkpoint import CheckpointManager
 from cipo_nemo.utils.logger import MetricsLogger
-from cipo_nemo.utils.preemption import StopRequest, driver_uptime_s, next_step_crosses, parse_duration, stop_handlers
+from cipo_nemo.config.durations import parse_duration
+from cipo_nemo.utils.preemption import StopRequest, driver_uptime_s, next_step_crosses, stop_handlers
 from cipo_nemo.utils.timing import StageTimer, format_duration
 
 logger = logging.getLogger(__name__)

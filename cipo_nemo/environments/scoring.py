@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from cipo_nemo.config.schema import VerifierConfig
 from cipo_nemo.data.sources import TaskItem
 from cipo_nemo.environments.code import CodeTask, code_task_from_record, score_code_batch
-from cipo_nemo.environments.math import MathVerifierPool
+from cipo_nemo.environments.math_pool import MathVerifierPool
 
 
 @dataclass(frozen=True)

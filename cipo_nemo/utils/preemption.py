@@ -11,7 +11,6 @@ next step would likely end after that much time since the driver started.
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import time
 from collections.abc import Iterator
@@ -22,7 +21,6 @@ import psutil
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-_DURATION = re.compile(r"^(?:(\d+):)?(\d+):(\d+):(\d+)$")
 
 
 class StopRequest:
@@ -69,17 +67,6 @@ def stop_handlers() -> Iterator[StopRequest]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def parse_duration(text: str) -> int:
-    """'DD:HH:MM:SS' or 'HH:MM:SS' (Slurm's and NeMo-RL's spelling) -> seconds."""
-    match = _DURATION.match(text.strip())
-    if match is None:
-        raise ValueError(f"expected 'DD:HH:MM:SS' or 'HH:MM:SS', got {text!r}")
-    days, hours, minutes, seconds = (int(part) if part else 0 for part in match.groups())
-    if minutes >= 60 or seconds >= 60:
-        raise ValueError(f"minutes and seconds must be < 60 in {text!r}")
-    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 def driver_uptime_s() -> float:

@@ -1,4 +1,4 @@
-"""Tests for cipo_nemo.environments.math: extraction, fast path, math-verify fallback and the timeout pool."""
+"""Tests for cipo_nemo.environments.math and math_pool: extraction, fast path, math-verify fallback and the timeout pool."""
 
 from __future__ import annotations
 
@@ -11,15 +11,14 @@ import cipo_nemo.environments.math as math_env
 from cipo_nemo.environments.math import (
     REASONS,
     MathVerdict,
-    MathVerifierPool,
     extract_answer,
     fast_path_reason,
     math_verify_equivalent,
     reason_counts,
-    score_math_batch,
     score_one,
     verify_math,
 )
+from cipo_nemo.environments.math_pool import MathVerifierPool, score_math_batch
 
 STALL_ANSWER = "STALL"
 CRASH_ANSWER = "CRASH"

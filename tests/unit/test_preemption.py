@@ -6,11 +6,11 @@ import signal
 import pytest
 
 from cipo_nemo.config import ConfigError, load_config
+from cipo_nemo.config.durations import parse_duration
 from cipo_nemo.utils.preemption import (
     STOP_REQUEST,
     driver_uptime_s,
     next_step_crosses,
-    parse_duration,
     stop_handlers,
 )
 
