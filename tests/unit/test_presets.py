@@ -8,7 +8,8 @@ import pytest
 
 from cipo_nemo.__main__ import main
 from cipo_nemo.config import load_config
-from cipo_nemo.plan import KNOWN_MODELS, find_model_shape, layout_of, plan_launch, shape_from_config_json
+from cipo_nemo.models.shapes import KNOWN_MODELS, find_model_shape, shape_from_config_json
+from cipo_nemo.plan import layout_of, plan_launch
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
