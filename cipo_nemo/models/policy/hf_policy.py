@@ -16,14 +16,8 @@ import torch.nn.functional as F
 from cipo_nemo.algorithms.loss import PolicyLoss, aggregate_metrics
 from cipo_nemo.config.schema import OptimizerConfig, PolicyConfig
 from cipo_nemo.data.batch import Batch
-from cipo_nemo.data.packing import (
-    PackedRow,
-    pack_row,
-    plan_packed_rows,
-    restore_order,
-    sequence_lengths,
-    unpack_logprobs,
-)
+from cipo_nemo.data.packing import PackedRow, pack_row, restore_order
+from cipo_nemo.models.policy.microbatches import align_logprobs, next_token_targets, plan_micro_batches
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import build_lr_scheduler, resolve_param_dtype
 
@@ -67,12 +61,8 @@ class HFPolicy:
         return torch.cat(parts)
 
     def _micro_batches(self, batch: Batch, micro_batch_size: int) -> list[tuple[Batch, PackedRow | None]]:
-        """Micro-batches of `micro_batch_size` samples, or packed rows of that many full-length samples' tokens."""
-        if not self._policy.sequence_packing:
-            return [(samples, None) for samples in batch.micro_batches(micro_batch_size)]
-        capacity = micro_batch_size * self._policy.max_total_sequence_length
-        rows = plan_packed_rows(sequence_lengths(batch), capacity)
-        return [(batch.select(list(row.indices)), row) for row in rows]
+        return plan_micro_batches(batch, micro_batch_size, sequence_packing=self._policy.sequence_packing,
+                                  max_total_sequence_length=self._policy.max_total_sequence_length)
 
     def get_reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """Logprobs under the initial weights: the CPU copy is swapped in and the current weights back out."""
@@ -96,17 +86,11 @@ class HFPolicy:
             input_ids, position_ids = packed.input_ids.to(self._device), packed.position_ids.to(self._device)
         with self._autocast:
             logits = self._model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits  # (rows, S, V)
-        # logits[:, s] predict token s + 1; the last column's target wraps around and is masked below
-        targets = torch.roll(input_ids, shifts=-1, dims=1)
+        targets = next_token_targets(input_ids)
         next_token_logprobs = -F.cross_entropy(
             logits.float().flatten(0, 1), targets.flatten(), reduction="none"
         ).view_as(targets)
-        logprobs = F.pad(next_token_logprobs[:, :-1], (1, 0))
-        if packed_row is None:
-            logprobs = F.pad(logprobs, (0, full_length - logprobs.shape[1]))
-        else:
-            logprobs = unpack_logprobs(logprobs[0], packed_row, full_length)
-        return torch.where(sequence_mask, logprobs, torch.zeros_like(logprobs))
+        return align_logprobs(next_token_logprobs, samples=micro_batch, packed_row=packed_row, full_length=full_length)
 
     # ----- training -----------------------------------------------------------------------------
 

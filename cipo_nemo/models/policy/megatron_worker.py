@@ -35,12 +35,11 @@ from cipo_nemo.data.packing import (
     cu_seqlens,
     pack_row,
     packed_length,
-    plan_packed_rows,
     restore_order,
     round_up,
     sequence_lengths,
-    unpack_logprobs,
 )
+from cipo_nemo.models.policy.microbatches import align_logprobs, next_token_targets, plan_micro_batches
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import (
     build_lr_scheduler,
@@ -147,20 +146,11 @@ class MegatronPolicyWorker:
         row is split back into its samples."""
         from megatron.core import tensor_parallel
 
-        # logits[:, s] predict token s + 1; the last column's target wraps around and is masked below
-        targets = torch.roll(micro_batch.input_ids, shifts=-1, dims=1)
+        targets = next_token_targets(micro_batch.input_ids)
         # fp32 per micro-batch only: (rows, S, V / TP) -> (rows, S); full-vocab logits are never gathered
         next_token_logprobs = -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets)
-        logprobs = F.pad(next_token_logprobs[:, :-1], (1, 0))
-        if micro_batch.packed_row is None:
-            num_samples = len(micro_batch.samples)
-            logprobs = logprobs[:num_samples, : micro_batch.full_length]  # rounding to TP may exceed T
-            logprobs = F.pad(logprobs, (0, micro_batch.full_length - logprobs.shape[1]))
-        else:
-            logprobs = unpack_logprobs(logprobs[0], micro_batch.packed_row, micro_batch.full_length)
-        samples = micro_batch.samples
-        sequence_mask = (samples["prompt_mask"] | samples["response_mask"]).to(logprobs.device)
-        return torch.where(sequence_mask, logprobs, torch.zeros_like(logprobs))
+        return align_logprobs(next_token_logprobs, samples=micro_batch.samples, packed_row=micro_batch.packed_row,
+                              full_length=micro_batch.full_length)
 
     # ----- training -----------------------------------------------------------------------------
 
@@ -250,15 +240,17 @@ class MegatronPolicyWorker:
 
         if len(batch) == 0:
             raise ValueError("the policy got an empty data-parallel shard; every DP rank needs >= 1 sample")
+        planned = plan_micro_batches(batch, micro_batch_size, sequence_packing=self._policy.sequence_packing,
+                                     max_total_sequence_length=self._policy.max_total_sequence_length)
         if self._policy.sequence_packing:
-            return self._build_packed_micro_batches(batch, micro_batch_size)
+            return self._build_packed_micro_batches(batch, planned)
         full_length = batch["input_ids"].shape[1]
         # a multiple of TP: sequence parallelism scatters the sequence over the TP ranks
         length = round_up(max(sequence_lengths(batch)), parallel_state.get_tensor_model_parallel_world_size())
         positions = torch.arange(length)
         pad_rows = parallel_state.get_pipeline_model_parallel_world_size() > 1
         micro_batches = []
-        for samples in batch.micro_batches(micro_batch_size):
+        for samples, _ in planned:
             rows = micro_batch_size if pad_rows else len(samples)
             columns = samples["input_ids"][:, :length].long()
             input_ids = _pad_rows(F.pad(columns, (0, length - columns.shape[1])), rows)
@@ -272,23 +264,24 @@ class MegatronPolicyWorker:
             )
         return micro_batches
 
-    def _build_packed_micro_batches(self, batch: Batch, micro_batch_size: int) -> list[_MicroBatch]:
+    def _build_packed_micro_batches(
+        self, batch: Batch, planned: list[tuple[Batch, PackedRow | None]]
+    ) -> list[_MicroBatch]:
         """One packed row per micro-batch; every row the same length under PP, a multiple of TP (sequence
         parallelism splits the sequence over TP ranks)."""
         from megatron.core import parallel_state
 
-        capacity = micro_batch_size * self._policy.max_total_sequence_length
-        rows = plan_packed_rows(sequence_lengths(batch), capacity)
+        rows = [row for _, row in planned]
         lengths = packed_length(
             rows,
             multiple=parallel_state.get_tensor_model_parallel_world_size(),
             uniform=parallel_state.get_pipeline_model_parallel_world_size() > 1,
         )
         micro_batches = []
-        for row, length in zip(rows, lengths):
+        for (samples, row), length in zip(planned, lengths):
             packed = pack_row(batch["input_ids"], row, length)
             micro_batch = _MicroBatch(
-                samples=batch.select(list(row.indices)),
+                samples=samples,
                 input_ids=packed.input_ids.to(_device()),
                 position_ids=packed.position_ids.to(_device()),
                 full_length=batch["input_ids"].shape[1],

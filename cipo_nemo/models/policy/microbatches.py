@@ -1,0 +1,49 @@
+"""What both policy backends share about micro-batches: which samples go together, and how per-position
+next-token logprobs become the interfaces.py alignment.
+
+Alignment (cipo_nemo/models/interfaces.py): `logprobs[:, t] = log p(input_ids[:, t] | input_ids[:, :t])`, 0 at
+t = 0 and outside `prompt_mask | response_mask`. A model's output at position s predicts token s + 1, so the
+per-position logprobs are shifted right by one; a packed row is split back into its samples.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cipo_nemo.data.batch import Batch
+from cipo_nemo.data.packing import PackedRow, plan_packed_rows, sequence_lengths, unpack_logprobs
+
+
+def plan_micro_batches(
+    batch: Batch, micro_batch_size: int, *, sequence_packing: bool, max_total_sequence_length: int
+) -> list[tuple[Batch, PackedRow | None]]:
+    """Micro-batches of `micro_batch_size` samples, or (packing) rows of as many tokens as that many full-length
+    samples hold, filled first-fit decreasing; each with its samples and, when packed, its row."""
+    if not sequence_packing:
+        return [(samples, None) for samples in batch.micro_batches(micro_batch_size)]
+    capacity = micro_batch_size * max_total_sequence_length
+    rows = plan_packed_rows(sequence_lengths(batch), capacity)
+    return [(batch.select(list(row.indices)), row) for row in rows]
+
+
+def next_token_targets(input_ids: torch.Tensor) -> torch.Tensor:
+    """targets[:, s] = input_ids[:, s + 1]; the last column wraps around and is masked by `align_logprobs`."""
+    return torch.roll(input_ids, shifts=-1, dims=1)
+
+
+def align_logprobs(
+    next_token_logprobs: torch.Tensor, *, samples: Batch, packed_row: PackedRow | None, full_length: int
+) -> torch.Tensor:
+    """(n, full_length) logprobs from (rows, S) per-position ones (column s scores token s + 1).
+
+    Unpacked: rows beyond the n samples (pipeline padding) and columns beyond `full_length` (TP rounding) are
+    dropped, short ones padded. Packed: the single row is split back per sample. Zero outside each sample."""
+    logprobs = F.pad(next_token_logprobs[:, :-1], (1, 0))  # logprobs[:, t] scores token t
+    if packed_row is None:
+        logprobs = logprobs[: len(samples), :full_length]
+        logprobs = F.pad(logprobs, (0, full_length - logprobs.shape[1]))
+    else:
+        logprobs = unpack_logprobs(logprobs[0], packed_row, full_length)
+    sequence_mask = (samples["prompt_mask"] | samples["response_mask"]).to(logprobs.device)
+    return torch.where(sequence_mask, logprobs, torch.zeros_like(logprobs))
