@@ -57,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print("dry run: preflight passed, nothing trained")
         return 0
-    return run_training(cfg)
+    return run_training(cfg, report.items)
 
 
-def run_training(cfg) -> int:
+def run_training(cfg, loaded_items) -> int:
     from cipo_nemo.trainer import REQUEUE_EXIT_CODE, setup, shutdown, train
 
-    components = setup(cfg)
+    components = setup(cfg, loaded_items)
     try:
         summary = train(components)
     finally:

@@ -37,6 +37,7 @@ class PreflightReport:
     plan: StepPlan
     launch: LaunchPlan | None = None  # the config resolved against its cluster (cipo_nemo/plan.py)
     data: list[LoadReport] = field(default_factory=list)
+    items: dict[str, list[TaskItem]] = field(default_factory=dict)  # split -> loaded items, handed to the trainer
     gold_check: dict[str, int] = field(default_factory=dict)  # verifier reason -> count, on math golds
 
     def lines(self) -> list[str]:
@@ -90,6 +91,7 @@ def run_preflight(cfg: MasterConfig, *, check_memory: bool = True) -> PreflightR
         except DataError as err:
             raise DataError(f"data.{name}: {err}") from None
         report.data.append(load_report)
+        report.items[name] = items
         if name == "train":
             report.gold_check = check_gold_answers(
                 items, num_workers=cfg.verifier.num_workers, timeout_s=cfg.verifier.timeout_s

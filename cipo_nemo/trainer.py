@@ -101,15 +101,19 @@ class StepRollouts:
 # ----------------------------------------------------------------------------------------------- setup
 
 
-def setup(cfg: MasterConfig) -> Components:
-    """Build every component (data, scorer, workers, loss, logger) and resume from a checkpoint if asked."""
+def setup(cfg: MasterConfig, loaded_items: dict[str, list[TaskItem]] | None = None) -> Components:
+    """Build every component (data, scorer, workers, loss, logger) and resume from a checkpoint if asked.
+
+    `loaded_items` (split -> items) are the preflight's: the data sources are then not read a second time."""
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     tokenizer = build_tokenizer(cfg.policy)
     cluster = build_cluster(cfg) if needs_ray(cfg) else None
-    train_items = load_prompts(cfg, tokenizer, split="train")
-    validation_items = load_prompts(cfg, tokenizer, split="validation") if cfg.data.validation else []
+    loaded_items = loaded_items or {}
+    train_items = load_prompts(cfg, tokenizer, split="train", items=loaded_items.get("train"))
+    validation_items = (load_prompts(cfg, tokenizer, split="validation", items=loaded_items.get("validation"))
+                        if cfg.data.validation else [])
     components = Components(
         cfg=cfg,
         run_dir=run_dir,
@@ -132,10 +136,11 @@ def setup(cfg: MasterConfig) -> Components:
     return components
 
 
-def load_prompts(cfg: MasterConfig, tokenizer: Any, *, split: str) -> list[TaskItem]:
-    source = cfg.data.train if split == "train" else cfg.data.validation
-    items, report = load_items(source)
-    logger.info("data.%s: %s", split, describe(report))
+def load_prompts(cfg: MasterConfig, tokenizer: Any, *, split: str, items: list[TaskItem] | None) -> list[TaskItem]:
+    """The split's items (loaded here unless the preflight already did) without prompts over data.max_prompt_tokens."""
+    if items is None:
+        items, report = load_items(cfg.data.train if split == "train" else cfg.data.validation)
+        logger.info("data.%s: %s", split, describe(report))
     kept, _ = drop_long_prompts(items, tokenizer=tokenizer, instructions=cfg.data.instructions,
                                 system_prompt=cfg.data.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens)
     return kept

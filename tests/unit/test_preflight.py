@@ -9,7 +9,7 @@ import pytest
 
 from cipo_nemo.config import load_config
 from cipo_nemo.data.sources import DataError
-from cipo_nemo.models.tiny import build_tiny_model_dir
+from cipo_nemo.models.tiny import build_tiny_model_dir, build_tiny_tokenizer
 from cipo_nemo.preflight import plan_step, run_preflight
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,6 +50,24 @@ def test_gold_check_counts_golds_the_verifier_cannot_read(tmp_path):
     assert report.data[0].loaded == 3
     assert report.gold_check["correct"] == 2
     assert sum(report.gold_check.values()) == 3
+
+
+def test_preflight_hands_its_loaded_items_to_the_trainer(tmp_path, monkeypatch):
+    """The data sources are read once: the preflight's items go to trainer.setup, which reads nothing again."""
+    data = _jsonl(tmp_path / "train.jsonl", [{"prompt": "1+1?", "answer": "2"}, {"prompt": "2+2?", "answer": "4"}])
+    cfg = load_config(BASE, ["data.train.kind=file", f"data.train.file.path={data}", "verifier.num_workers=1"])
+    report = run_preflight(cfg)
+    assert [item.answer for item in report.items["train"]] == ["2", "4"] and "validation" not in report.items
+
+    import cipo_nemo.trainer as trainer
+
+    def no_second_read(source):
+        raise AssertionError("setup read a data source that the preflight had loaded")
+
+    monkeypatch.setattr(trainer, "load_items", no_second_read)
+    tokenizer = build_tiny_tokenizer()
+    kept = trainer.load_prompts(cfg, tokenizer, split="train", items=report.items["train"])
+    assert [item.answer for item in kept] == ["2", "4"]
 
 
 def test_dataset_with_no_usable_row_stops_naming_the_section(tmp_path):
