@@ -467,11 +467,11 @@ def plan_notes(cfg: MasterConfig, layout: Layout, *, max_samples: int) -> list[s
                      f"cipo.attempt_max_tokens + template); with max_new_tokens {cfg.generation.max_new_tokens} that "
                      f"exceeds policy.max_total_sequence_length ({cfg.policy.max_total_sequence_length}), so the "
                      "longest corrections are cut short or their anchors dropped")
-    if cfg.cipo.enabled and cfg.cipo.risk_penalty > 0 and cfg.grpo.normalize_std:
+    if cfg.cipo.enabled and cfg.cipo.risk_penalty > 0 and cfg.cipo.advantage_mode == "group":
         # a correct anchor's group: r~ = r (1 + lambda_risk) - lambda_risk, affine, and (r~ - mean) / std undoes it
-        notes.append("cipo.risk_penalty does not change the advantages while grpo.normalize_std is true: every "
+        notes.append("cipo.risk_penalty does not change the advantages while cipo.advantage_mode is group: every "
                      "sample of a correction group shares its anchor, so the penalty rescales that group's rewards "
-                     "and the group std normalization cancels it (docs/results/cipo_vs_grpo.md)")
+                     "and the group std normalization cancels it; use advantage_mode stream or anchor")
     return notes
 
 

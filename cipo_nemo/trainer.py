@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cipo_nemo.algorithms.advantages import group_advantages
+from cipo_nemo.algorithms.advantages import correction_advantages, group_advantages
 from cipo_nemo.algorithms.anchors import AnchorSelection, select_anchors
 from cipo_nemo.algorithms.correction import build_training_batch
 from cipo_nemo.algorithms.loss import PolicyLoss
@@ -253,10 +253,21 @@ def correction_rollout(
 
 
 def compute_advantages(c: Components, batch: Batch) -> None:
-    """A = (r - mean_group) / (std_group + eps) per explicit group; correction groups are their own groups."""
+    """Base stream: GRPO, A = (r - mean_group) / (std_group + eps) per prompt group. Correction stream:
+    `correction_advantages` in `cipo.advantage_mode` from the raw rewards, the risk penalty applied there."""
     grpo = c.cfg.grpo
-    batch["advantages"] = group_advantages(batch["rewards"], batch["group_id"], normalize_std=grpo.normalize_std,
-                                           leave_one_out=grpo.leave_one_out, eps=grpo.std_eps)
+    is_correction = torch.tensor([kind == "correction" for kind in batch["sample_kind"]], dtype=torch.bool)
+    advantages = torch.zeros_like(batch["raw_rewards"])
+    base = ~is_correction
+    advantages[base] = group_advantages(batch["raw_rewards"][base], batch["group_id"][base],
+                                        normalize_std=grpo.normalize_std, leave_one_out=grpo.leave_one_out,
+                                        eps=grpo.std_eps)
+    if bool(is_correction.any()):
+        advantages[is_correction] = correction_advantages(
+            batch["raw_rewards"][is_correction], batch["group_id"][is_correction],
+            batch["anchor_correct"][is_correction], mode=c.cfg.cipo.advantage_mode,
+            risk_penalty=c.cfg.cipo.risk_penalty, eps=grpo.std_eps)
+    batch["advantages"] = advantages
 
 
 def compute_logprobs(c: Components, batch: Batch) -> None:

@@ -1,14 +1,18 @@
-"""Group-relative advantages (DESIGN step 1 for the base stream, step 5 for corrections).
+"""Advantages: group-relative for the base stream (DESIGN step 1), `correction_advantages` for the correction
+stream (step 5).
 
-Config keys: ``grpo.normalize_std`` (false = Dr.GRPO), ``grpo.leave_one_out`` (RLOO
-baseline), ``grpo.std_eps``.
+Config keys: ``grpo.normalize_std`` (false = Dr.GRPO), ``grpo.leave_one_out`` (RLOO baseline), ``grpo.std_eps``;
+``cipo.advantage_mode`` and ``cipo.risk_penalty`` for corrections.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-from cipo_nemo.algorithms.tensor_checks import check_rewards_and_groups
+from cipo_nemo.algorithms.rewards import is_success
+from cipo_nemo.algorithms.tensor_checks import check_rewards_and_groups, describe_value
 
 
 def group_advantages(
@@ -81,3 +85,78 @@ def _is_constant_per_group(values: torch.Tensor, inverse: torch.Tensor, num_grou
     group_min = values.new_zeros(num_groups).scatter_reduce_(0, inverse, values, "amin", include_self=False)
     group_max = values.new_zeros(num_groups).scatter_reduce_(0, inverse, values, "amax", include_self=False)
     return group_min == group_max
+
+
+# ----- the correction stream (DESIGN step 5) ---------------------------------------------------------------
+
+CorrectionAdvantageMode = Literal["stream", "anchor", "group"]
+
+
+def correction_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    anchor_correct: torch.Tensor,
+    *,
+    mode: CorrectionAdvantageMode,
+    risk_penalty: float,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Advantages of correction samples (`cipo.advantage_mode`), with the risk penalty applied first.
+
+    A correction group shares one anchor, so the shaped reward r~ = r - lambda * 1[anchor right, r wrong] is
+    (1 + lambda * a) r - lambda * a with a = 1[anchor right]: any baseline that does not depend on the sampled
+    correction can only weight retention contexts (a = 1) by (1 + lambda) against fix contexts (a = 0).
+
+    - ``stream``: d_j = r~_j - mean over j's group of r~, divided by ONE scale for the whole correction stream,
+      sigma_C = sqrt(mean of d_j^2 over the samples of groups with some d_j != 0). Retention groups get exactly
+      (1 + lambda) times the advantages they would get without the penalty; constant groups get 0.
+    - ``anchor``: the anchor's own reward as the baseline (SCoRe-style progress, arXiv 2409.12917),
+      d_j = r~_j - r(anchor), with the same stream-wide scale: kept 0, broken -(1 + lambda), fixed +1,
+      unfixed 0 (before scaling). A group that breaks its right anchor every time still gets a signal.
+    - ``group``: per-group std normalization of r~ (the first design). The penalty is an affine map of each
+      group's rewards and this normalization cancels it: lambda_risk is inert here (kept for ablations).
+
+    Args:
+        rewards: raw verifier rewards (N,) of the correction samples, floating.
+        group_ids: correction group of each sample (N,), integer.
+        anchor_correct: bool (N,), the verdict on each sample's anchor (constant within a group).
+        mode: stream | anchor | group.
+        risk_penalty: lambda_risk >= 0.
+        eps: added to the scale before dividing.
+
+    Returns:
+        Advantages (N,), same dtype and device as `rewards`.
+    """
+    _validate_inputs(rewards, group_ids, eps)
+    if not isinstance(anchor_correct, torch.Tensor) or anchor_correct.dtype != torch.bool:
+        raise TypeError(f"anchor_correct must be a bool tensor, got {describe_value(anchor_correct)}")
+    if anchor_correct.shape != rewards.shape:
+        raise ValueError(f"anchor_correct has shape {tuple(anchor_correct.shape)}, rewards {tuple(rewards.shape)}")
+    correct = anchor_correct.to(rewards.dtype)
+    # r~ = r - lambda_risk * 1[anchor correct and r wrong]
+    shaped = rewards - risk_penalty * correct * (~is_success(rewards)).to(rewards.dtype)
+    if mode == "group":
+        return group_advantages(shaped, group_ids, normalize_std=True, eps=eps)
+    if mode == "stream":
+        _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+        group_mean = _sum_per_group(shaped, inverse, counts.numel())[inverse] / counts.to(rewards.dtype)[inverse]
+        deviation = shaped - group_mean  # d_j = r~_j - mean_g(r~)
+        deviation = torch.where(_is_constant_per_group(shaped, inverse, counts.numel())[inverse],
+                                torch.zeros_like(deviation), deviation)
+    elif mode == "anchor":
+        deviation = shaped - correct  # d_j = r~_j - r(anchor), r(anchor) = 1[anchor correct]
+    else:
+        raise ValueError(f"mode must be 'stream', 'anchor' or 'group', got {mode!r}")
+    scale = _stream_scale(deviation, group_ids)
+    if scale is None:  # no group carries any signal: every advantage is exactly 0
+        return torch.zeros_like(deviation)
+    return deviation / (scale + eps)  # A_j = d_j / (sigma_C + eps)
+
+
+def _stream_scale(deviation: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor | None:
+    """sigma_C = sqrt(mean of d_j^2 over the samples of groups whose d is not all zero); None when there are none."""
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    group_signal = _sum_per_group(deviation.abs(), inverse, counts.numel())[inverse] > 0
+    if not bool(group_signal.any()):
+        return None
+    return deviation[group_signal].pow(2).mean().sqrt()

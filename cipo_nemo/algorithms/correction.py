@@ -73,8 +73,9 @@ def build_training_batch(
     correction prompt) and ``anchor_index`` (position in ``anchors.indices`` of the anchor it corrects).
 
     The result holds every sample with ``raw_rewards`` (verifier rewards), ``rewards`` (base: unchanged;
-    corrections: shaped by `shape_correction_rewards` with `risk_penalty`) and ``anchor_index`` (long; -1 for
-    base samples, also without corrections, so GRPO and CIPO batches have the same keys). Correction group ids
+    corrections: shaped by `shape_correction_rewards` with `risk_penalty`), ``anchor_index`` (long; -1 for
+    base samples, also without corrections, so GRPO and CIPO batches have the same keys) and ``anchor_correct``
+    (bool; the verdict on each correction's anchor, False for base samples). Correction group ids
     are shifted to max(base id) + 1 + local id, disjoint from the base ids. Token tensors of different length
     T are right-padded by `Batch.concat` (masks with False, so the padding is never trained). `rho` is the
     share used to select this step's anchors; it is only reported.
@@ -82,6 +83,7 @@ def build_training_batch(
     _validate_base(base)
     base = _with_raw_rewards(base)
     base["anchor_index"] = torch.full((len(base),), -1, dtype=torch.long, device=base["group_id"].device)
+    base["anchor_correct"] = torch.zeros(len(base), dtype=torch.bool, device=base["group_id"].device)
     if corrections is None:
         return base, _metrics(anchors, None, None, rho)
     if anchors is None:
@@ -108,6 +110,7 @@ def _shift_and_shape(
     shaped["group_id"] = (corrections["group_id"] + offset).to(base["group_id"].dtype)
     shaped["anchor_index"] = corrections["anchor_index"].long()
     shaped["rewards"] = shape_correction_rewards(corrections["rewards"], anchor_correct, risk_penalty)
+    shaped["anchor_correct"] = anchor_correct
     return shaped
 
 

@@ -116,6 +116,10 @@ class CorrectionConfig(StrictModel):
     max_anchors_per_step: PositiveInt = Field(description="Cap on anchors (correction prompts) per step.")
     loss_weight: NonNegativeFloat = Field(description="lambda_c: weight of the correction stream in the loss.")
     risk_penalty: NonNegativeFloat = Field(description="lambda_risk: subtracted when a correct anchor is broken.")
+    advantage_mode: Literal["stream", "anchor", "group"] = Field(
+        description="Correction advantages: stream (group-mean baseline, one scale for the stream), anchor (the "
+        "anchor's reward as baseline) or group (per-group std; makes risk_penalty inert)."
+    )
     difficulty_low: Probability = Field(description="p_low: preferred anchors come from prompts with p >= p_low.")
     difficulty_high: Probability = Field(description="p_high: preferred anchors come from prompts with p <= p_high.")
     allow_out_of_window: bool = Field(description="Fill missing anchors from prompts outside [p_low, p_high].")

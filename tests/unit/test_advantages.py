@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from cipo_nemo.algorithms.advantages import group_advantages
+from cipo_nemo.algorithms.advantages import correction_advantages, group_advantages
 
 # Non-contiguous group ids, interleaved:
 #   group 7 at samples 0, 2, 4, 5 with rewards [1, 0, 0, 0]
@@ -89,3 +89,80 @@ def test_risk_penalty_is_cancelled_by_group_std_normalization_only():
     # without std normalization the penalty scales the group's advantages by (1 + lambda)
     unscaled, plain = (group_advantages(r, groups, normalize_std=False) for r in (shaped, rewards))
     assert torch.allclose(unscaled, 2.0 * plain)
+
+
+# ----- correction_advantages ------------------------------------------------------------------------------------
+
+# Two correction groups of 4: group 0 corrects a right anchor (retention), group 1 a wrong one (fix).
+CORRECTION_REWARDS = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+CORRECTION_GROUPS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+ANCHOR_RIGHT = torch.tensor([True] * 4 + [False] * 4)
+
+
+def _corr(mode: str, risk_penalty: float, rewards=CORRECTION_REWARDS, groups=CORRECTION_GROUPS, anchors=ANCHOR_RIGHT):
+    return correction_advantages(rewards, groups, anchors, mode=mode, risk_penalty=risk_penalty, eps=0.0)
+
+
+@pytest.mark.parametrize("penalty", [0.5, 1.0, 3.0])
+def test_stream_mode_weights_retention_groups_by_one_plus_lambda(penalty):
+    plain, shaped = _corr("stream", 0.0), _corr("stream", penalty)
+    retention, fix = ANCHOR_RIGHT, ~ANCHOR_RIGHT
+    # deviations: retention (1 + lambda) * (r - mean), fix (r - mean); one scale for both groups
+    ratio_retention_to_fix = shaped[retention].abs().max() / shaped[fix].abs().max()
+    assert ratio_retention_to_fix.item() == pytest.approx((1 + penalty) * plain[retention].abs().max().item()
+                                                         / plain[fix].abs().max().item())
+    # by hand: d = [+(1+l)/2, -(1+l)/2, +(1+l)/2, -(1+l)/2, 3/4, -1/4, -1/4, -1/4]
+    d = torch.tensor([(1 + penalty) / 2, -(1 + penalty) / 2] * 2 + [0.75, -0.25, -0.25, -0.25], dtype=torch.float64)
+    torch.testing.assert_close(shaped, d / d.pow(2).mean().sqrt())
+    # the penalty changes the stream's advantages (it was inert under per-group std)
+    assert not torch.allclose(shaped, plain)
+
+
+def test_group_mode_is_unchanged_by_the_penalty():
+    torch.testing.assert_close(_corr("group", 0.0), _corr("group", 2.0), atol=1e-9, rtol=0)
+
+
+def test_anchor_mode_four_cases():
+    # one sample per case, each in its own group: kept (right->right), broken (right->wrong),
+    # fixed (wrong->right), unfixed (wrong->wrong)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    anchors = torch.tensor([True, True, False, False])
+    groups = torch.arange(4)
+    advantages = _corr("anchor", 1.0, rewards=rewards, groups=groups, anchors=anchors)
+    # d = [0, -(1 + 1), +1, 0]; sigma over groups with signal = sqrt((4 + 1) / 2)
+    expected = torch.tensor([0.0, -2.0, 1.0, 0.0], dtype=torch.float64) / (2.5 ** 0.5)
+    torch.testing.assert_close(advantages, expected)
+    assert advantages[0] == 0 and advantages[3] == 0 and advantages[1] < 0 < advantages[2]
+    # a broken anchor costs (1 + lambda) times a fix
+    assert (-advantages[1] / advantages[2]).item() == pytest.approx(2.0)
+
+
+def test_anchor_mode_gives_signal_when_every_correction_breaks_a_right_anchor():
+    rewards = torch.zeros(4, dtype=torch.float64)
+    advantages = _corr("anchor", 1.0, rewards=rewards, groups=torch.zeros(4, dtype=torch.long),
+                       anchors=torch.ones(4, dtype=torch.bool))
+    assert (advantages < 0).all()
+    # stream mode has nothing to compare within that group
+    assert (_corr("stream", 1.0, rewards=rewards, groups=torch.zeros(4, dtype=torch.long),
+                  anchors=torch.ones(4, dtype=torch.bool)) == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["stream", "anchor", "group"])
+def test_constant_groups_get_zero(mode):
+    # group 0: a right anchor kept by every correction; group 1: a wrong anchor never fixed
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 1, 1])
+    anchors = torch.tensor([True, True, False, False])
+    assert (_corr(mode, 1.0, rewards=rewards, groups=groups, anchors=anchors) == 0).all()
+
+
+def test_correction_advantages_reject_bad_inputs():
+    with pytest.raises(ValueError, match="mode"):
+        _corr("median", 1.0)
+    with pytest.raises(TypeError, match="anchor_correct must be a bool"):
+        correction_advantages(CORRECTION_REWARDS, CORRECTION_GROUPS, ANCHOR_RIGHT.long(), mode="stream",
+                              risk_penalty=1.0)
+    with pytest.raises(ValueError, match="anchor_correct has shape"):
+        correction_advantages(CORRECTION_REWARDS, CORRECTION_GROUPS, ANCHOR_RIGHT[:3], mode="stream", risk_penalty=1.0)
+    with pytest.raises(ValueError, match="entries but group_ids"):
+        correction_advantages(CORRECTION_REWARDS, CORRECTION_GROUPS[:3], ANCHOR_RIGHT, mode="stream", risk_penalty=1.0)

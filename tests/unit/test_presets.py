@@ -54,10 +54,14 @@ def test_cpu_default_dry_run_says_devices_are_processes(capsys):
 
 
 def test_dry_run_says_when_the_risk_penalty_cannot_act(capsys):
-    code, out, err = _dry_run(capsys, "cipo_smollm2_cpu.yaml")
+    code, out, err = _dry_run(capsys, "cipo_smollm2_cpu.yaml", "cipo.advantage_mode=group")
     assert code == 0, err
     assert "cipo.risk_penalty does not change the advantages" in out
-    code, out, err = _dry_run(capsys, "cipo_smollm2_cpu.yaml", "grpo.normalize_std=false")
+    for mode in ("stream", "anchor"):
+        code, out, err = _dry_run(capsys, "cipo_smollm2_cpu.yaml", f"cipo.advantage_mode={mode}")
+        assert code == 0, err
+        assert "cipo.risk_penalty" not in out
+    code, out, err = _dry_run(capsys, "cipo_smollm2_cpu.yaml", "cipo.advantage_mode=group", "cipo.risk_penalty=0")
     assert code == 0, err
     assert "cipo.risk_penalty" not in out
 
