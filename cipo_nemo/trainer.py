@@ -222,7 +222,8 @@ def maybe_select_anchors(c: Components, base: Batch, step: int) -> AnchorSelecti
     return select_anchors(base["rewards"], base["group_id"], rho=c.rho.rho,
                           max_anchors_per_step=correction.max_anchors_per_step,
                           difficulty_low=correction.difficulty_low, difficulty_high=correction.difficulty_high,
-                          allow_out_of_window=correction.allow_out_of_window, generator=generator)
+                          allow_out_of_window=correction.allow_out_of_window, generator=generator,
+                          truncated=[reason == "length" for reason in base["finish_reason"]])
 
 
 def correction_rollout(

@@ -6,7 +6,9 @@ preferably from prompts whose accuracy p lies in [cipo.difficulty_low, cipo.diff
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,7 @@ class AnchorSelection:
     anchor_correct: list[bool]
     in_window: list[bool]
     prompt_accuracy: dict[int, float]
+    truncated: list[bool] | None = None  # per anchor: its generation hit max_new_tokens (None: not known)
 
     def __post_init__(self) -> None:
         if not len(self.indices) == len(self.anchor_correct) == len(self.in_window):
@@ -45,6 +48,10 @@ class AnchorSelection:
     @property
     def num_failed(self) -> int:
         return len(self.indices) - self.num_successful
+
+    @property
+    def num_truncated(self) -> int:
+        return sum(self.truncated or [])
 
     @property
     def num_in_window(self) -> int:
@@ -66,6 +73,7 @@ def select_anchors(
     difficulty_high: float,
     allow_out_of_window: bool,
     generator: torch.Generator,
+    truncated: Sequence[bool] | None = None,
 ) -> AnchorSelection:
     """Choose up to `max_anchors_per_step` base rollouts to be corrected, a share `rho` of them successful.
 
@@ -76,6 +84,8 @@ def select_anchors(
 
     Candidates of one kind come in tiers: first rollouts of in-window prompts (difficulty_low <= p <= difficulty_high, p = mean
     reward of the prompt's group), then, only with `allow_out_of_window`, rollouts of the other prompts.
+    Within each of those, rollouts whose generation stopped on its own come before `truncated` ones (cut at
+    max_new_tokens: often not an attempt at all, so a poor thing to correct or to keep).
     Inside a tier the anchors are spread over prompts: each round visits the prompts that still hold
     candidates in a random order and takes one random rollout from each, until the count is reached.
 
@@ -89,14 +99,19 @@ def select_anchors(
     group_list = [int(g) for g in group_ids.tolist()]
     accuracy = _prompt_accuracy(reward_list, group_list)
     in_window_prompt = {group: difficulty_low <= p <= difficulty_high for group, p in accuracy.items()}
+    cut = [False] * len(reward_list) if truncated is None else [bool(t) for t in truncated]
+    if len(cut) != len(reward_list):
+        raise ValueError(f"truncated has {len(cut)} entries, rewards {len(reward_list)}")
     num_successful = math.floor(rho * max_anchors_per_step + 0.5)  # n_s = floor(rho * N + 0.5)
+    window_tiers = (True, False) if allow_out_of_window else (True,)  # in-window prompts first
     indices: list[int] = []
     for successful, quota in ((True, num_successful), (False, max_anchors_per_step - num_successful)):
-        for window_tier in (True, False) if allow_out_of_window else (True,):  # in-window prompts first
+        for window_tier, truncated_tier in itertools.product(window_tiers, (False, True)):  # finished ones first
             tier = [
                 i
                 for i, reward in enumerate(reward_list)
                 if (reward > SUCCESS_THRESHOLD) == successful and in_window_prompt[group_list[i]] == window_tier
+                and cut[i] == truncated_tier
             ]
             picked = _spread_over_prompts(tier, group_list, quota=quota, generator=generator)
             indices += picked
@@ -106,6 +121,7 @@ def select_anchors(
         anchor_correct=[reward_list[i] > SUCCESS_THRESHOLD for i in indices],
         in_window=[in_window_prompt[group_list[i]] for i in indices],
         prompt_accuracy=accuracy,
+        truncated=[cut[i] for i in indices],
     )
 
 

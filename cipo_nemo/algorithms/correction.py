@@ -45,6 +45,7 @@ class CorrectionMetrics:
     anchors_failed: int
     anchors_in_window: int
     anchors_fallback: int
+    anchors_truncated: int
     correction_samples: int
     correction_reward_mean: float | None
     correction_success: float | None
@@ -128,6 +129,7 @@ def _metrics(
         anchors_failed=anchors.num_failed,
         anchors_in_window=anchors.num_in_window,
         anchors_fallback=anchors.num_fallback,
+        anchors_truncated=anchors.num_truncated,
         correction_samples=len(correction_rewards) if has_corrections else 0,
         correction_reward_mean=_mean_or_none(correction_rewards) if has_corrections else None,
         correction_success=_mean_or_none(correction_rewards[~anchor_correct]) if has_corrections else None,

@@ -150,6 +150,24 @@ def test_select_anchors_rejects_bad_arguments(overrides: dict) -> None:
         select_anchors(rewards, GROUP_IDS, generator=torch.Generator().manual_seed(0), **arguments)
 
 
+def test_finished_rollouts_are_preferred_over_truncated_ones_within_a_class() -> None:
+    # every in-window failed rollout except 9 was cut at max_new_tokens: 9 must be the first failed pick
+    truncated = [i in {5, 6, 7, 11} for i in range(16)]
+    selection = select_anchors(REWARDS, GROUP_IDS, rho=0.0, max_anchors_per_step=3, difficulty_low=0.25,
+                               difficulty_high=0.75, allow_out_of_window=True,
+                               generator=torch.Generator().manual_seed(0), truncated=truncated)
+    assert selection.indices[0] == 9
+    # the class order stays: truncated in-window rollouts still come before out-of-window ones
+    assert all(selection.in_window) and selection.truncated == [False, True, True]
+    assert selection.num_truncated == 2
+    # nothing truncated: exactly the selection without the argument (same draws)
+    plain = _select(rho=0.5, max_anchors=6, fallback=True, seed=3)
+    same = select_anchors(REWARDS, GROUP_IDS, rho=0.5, max_anchors_per_step=6, difficulty_low=0.25,
+                          difficulty_high=0.75, allow_out_of_window=True,
+                          generator=torch.Generator().manual_seed(3), truncated=[False] * 16)
+    assert same.indices == plain.indices and same.num_truncated == 0
+
+
 def test_anchor_selection_rejects_lists_of_different_lengths() -> None:
     with pytest.raises(ValueError, match="differ in length"):
         AnchorSelection(indices=[1, 2], anchor_correct=[True], in_window=[True, True], prompt_accuracy={})
@@ -487,6 +505,7 @@ def test_training_batch_metrics() -> None:
         anchors_failed=2,
         anchors_in_window=2,
         anchors_fallback=1,
+        anchors_truncated=0,
         correction_samples=6,
         correction_reward_mean=pytest.approx(2 / 6),  # raw rewards 1+0+1+0+0+0 over 6
         correction_success=0.25,  # failed anchors 1 and 2: raw (1 + 0 + 0 + 0) / 4
