@@ -26,6 +26,7 @@ class StepPlan:
     base_samples: int  # B * G
     max_anchors: int  # min(anchor cap, B * G); 0 for GRPO
     max_correction_samples: int  # max_anchors * G_c
+    optimizer_steps: int  # per RL step, at the most: epochs x ceil(samples / policy.train_global_batch_size)
 
     @property
     def max_samples(self) -> int:
@@ -48,7 +49,8 @@ class PreflightReport:
             lines.append(f"verifier on the gold answers: {counts}")
         lines.append(
             f"per step: {plan.base_samples} base rollouts, up to {plan.max_anchors} anchors and "
-            f"{plan.max_correction_samples} correction rollouts ({plan.max_samples} samples at most)"
+            f"{plan.max_correction_samples} correction rollouts ({plan.max_samples} samples at most), "
+            f"up to {plan.optimizer_steps} optimizer step(s)"
         )
         return lines + (self.launch.lines() if self.launch else [])
 
@@ -56,7 +58,9 @@ class PreflightReport:
 def plan_step(cfg: MasterConfig) -> StepPlan:
     base = cfg.grpo.prompts_per_step * cfg.grpo.samples_per_prompt
     anchors = min(cfg.cipo.max_anchors_per_step, base) if cfg.cipo.enabled else 0
-    return StepPlan(base_samples=base, max_anchors=anchors, max_correction_samples=anchors * cfg.cipo.samples_per_anchor)
+    return StepPlan(base_samples=base, max_anchors=anchors,
+                    max_correction_samples=cfg.max_samples_per_step() - base,
+                    optimizer_steps=cfg.max_optimizer_steps() // cfg.grpo.num_steps)
 
 
 def check_gold_answers(items: list[TaskItem], *, num_workers: int, timeout_s: float) -> dict[str, int]:

@@ -46,6 +46,7 @@ from cipo_nemo.eval.benchmarks import Benchmark
 from cipo_nemo.eval.harness import EvalContext, evaluate_benchmarks
 from cipo_nemo.models.factory import build_cluster, build_generation, build_policy, build_tokenizer, needs_ray, refit_weights
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, SamplingSettings
+from cipo_nemo.models.policy.microbatches import combine_optimizer_steps, plan_mini_batches
 from cipo_nemo.models.rollout import responses_to_batch
 from cipo_nemo.utils.checkpoint import CheckpointManager
 from cipo_nemo.utils.logger import MetricsLogger
@@ -182,7 +183,7 @@ def cipo_step(c: Components, step: int) -> dict[str, float | None]:
     with timer.time("logprobs"):
         compute_logprobs(c, batch)
     with timer.time("train"):
-        train_metrics = c.policy.train(batch, c.loss_fn)
+        train_metrics = train_policy(c, batch, step)
     with timer.time("refit"):
         refit(c)
     c.rho.update(cipo_metrics.retention)
@@ -276,6 +277,18 @@ def compute_logprobs(c: Components, batch: Batch) -> None:
     batch["old_logprobs"] = c.policy.get_logprobs(batch)
     if c.cfg.loss.kl_beta > 0:
         batch["reference_logprobs"] = c.policy.get_reference_logprobs(batch)
+
+
+def train_policy(c: Components, batch: Batch, step: int) -> dict[str, float]:
+    """`policy.epochs_per_batch` passes over the step's samples in shuffled mini-batches of
+    `policy.train_global_batch_size`, one optimizer step each; every mini-batch's loss has its own global
+    denominator, and pi_old stays the rollout policy's (computed once, before the first step), so from the second
+    step on the ratio pi / pi_old moves away from 1 and the clip ranges bind."""
+    policy = c.cfg.policy
+    generator = torch.Generator().manual_seed(step_seed(c, step, 4))
+    plan = plan_mini_batches(len(batch), size=policy.train_global_batch_size, epochs=policy.epochs_per_batch,
+                             generator=generator)
+    return combine_optimizer_steps([c.policy.train(batch.select(indices), c.loss_fn) for indices in plan])
 
 
 def refit(c: Components) -> None:

@@ -260,6 +260,11 @@ class PolicyConfig(StrictModel):
     tokenizer: str | None = Field(description="Tokenizer directory (null: the model's).")
     precision: Literal["fp32", "bf16"] = Field(description="Training dtype (fp32 on CPU).")
     micro_batch_size: PositiveInt = Field(description="Samples per micro-batch in train().")
+    train_global_batch_size: PositiveInt | None = Field(
+        description="Samples per optimizer step; a step's rollouts are split into mini-batches of this many "
+        "(null: all of them, one optimizer step)."
+    )
+    epochs_per_batch: PositiveInt = Field(description="Passes over a step's rollouts (shuffled per epoch).")
     logprob_micro_batch_size: PositiveInt = Field(description="Samples per micro-batch in get_logprobs().")
     max_total_sequence_length: PositiveInt = Field(description="Prompt + response tokens, at most.")
     sequence_packing: bool = Field(
@@ -349,6 +354,19 @@ class MasterConfig(StrictModel):
     logger: LoggerConfig
     checkpointing: CheckpointConfig
     validation: ValidationConfig
+
+    def max_samples_per_step(self) -> int:
+        """B x G base rollouts plus, for CIPO, at most min(anchor cap, B x G) anchors x G_c corrections."""
+        base = self.grpo.prompts_per_step * self.grpo.samples_per_prompt
+        anchors = min(self.cipo.max_anchors_per_step, base) if self.cipo.enabled else 0
+        return base + anchors * self.cipo.samples_per_anchor
+
+    def max_optimizer_steps(self) -> int:
+        """The learning-rate schedule's length: per RL step, epochs x ceil(samples / train_global_batch_size)
+        optimizer steps at the most (correction counts vary, so shorter steps take fewer)."""
+        samples = self.max_samples_per_step()
+        mini_batch = min(self.policy.train_global_batch_size or samples, samples)
+        return self.grpo.num_steps * self.policy.epochs_per_batch * -(-samples // mini_batch)
 
     # Rules that span sections sit on the later section, so the error names where to change things.
     @field_validator("policy")

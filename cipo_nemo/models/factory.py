@@ -63,11 +63,11 @@ def build_policy(cfg: MasterConfig, cluster: Any) -> PolicyBackend:
         case "hf":
             from cipo_nemo.models.policy.hf_policy import HFPolicy
 
-            return HFPolicy(policy=policy, num_steps=cfg.grpo.num_steps, seed=cfg.run.seed)
+            return HFPolicy(policy=policy, num_steps=cfg.max_optimizer_steps(), seed=cfg.run.seed)
         case "megatron":
             from cipo_nemo.models.policy.megatron_policy import MegatronPolicy
 
-            return MegatronPolicy(policy=policy, cluster=cluster, num_steps=cfg.grpo.num_steps, seed=cfg.run.seed,
+            return MegatronPolicy(policy=policy, cluster=cluster, num_steps=cfg.max_optimizer_steps(), seed=cfg.run.seed,
                                   resource_fraction=_colocated_fraction(cfg), env_vars=_worker_env())
         case _:
             raise ValueError(f"policy.backend: unknown backend {policy.backend!r}")

@@ -3,6 +3,7 @@ policy, export."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cipo_nemo.models.policy.hf_policy import HFPolicy
 from cipo_nemo.models.policy.megatron_setup import build_lr_scheduler
+from cipo_nemo.models.policy.microbatches import combine_optimizer_steps, plan_mini_batches
 from cipo_nemo.models.tiny import build_tiny_model_dir
 
 
@@ -135,3 +137,43 @@ def test_learning_rate_schedule_warmup_then_cosine(llama_dir: Path) -> None:
     batch = make_batch(vocab_size=_vocab_size(llama_dir), num_samples=4)
     policy = HFPolicy(policy=policy_cfg.model_copy(update={"optimizer": optimizer_cfg}), num_steps=6, seed=0)
     assert [policy.train(batch, LOSS)["lr"] for _ in range(3)] == pytest.approx(expected[:3])
+
+
+def _hand_loss(logprobs: torch.Tensor, batch, loss) -> tuple[float, float, float]:
+    """Loss, low and high clip fractions of `loss` (no TIS, no KL) on one mini-batch, from the formula."""
+    valid = batch["response_mask"]
+    ratio = (logprobs - batch["old_logprobs"]).exp()
+    advantages = batch["advantages"][:, None].expand_as(ratio)
+    weights = torch.tensor([loss.loss_weight if kind == "correction" else 1.0 for kind in batch["sample_kind"]])
+    # l_t = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) * w, summed over valid tokens / their count
+    clipped = ratio.clamp(1 - loss.clip_low, 1 + loss.clip_high)
+    per_token = -torch.minimum(ratio * advantages, clipped * advantages) * weights[:, None]
+    count = valid.sum().item()
+    low = (valid & (advantages < 0) & (ratio < 1 - loss.clip_low)).sum().item() / count
+    high = (valid & (advantages > 0) & (ratio > 1 + loss.clip_high)).sum().item() / count
+    return per_token[valid].sum().item() / count, low, high
+
+
+def test_mini_batches_make_the_clip_bind_and_match_a_hand_computation(llama_dir: Path) -> None:
+    """Two epochs of four mini-batches: pi_old stays the rollout policy, so after the first optimizer step the
+    ratio leaves 1 and the clip ranges bind; each step's loss equals the clipped surrogate computed by hand."""
+    loss = dataclasses.replace(LOSS, importance_sampling=False)
+    policy = HFPolicy(policy=make_policy(llama_dir, micro_batch_size=2), num_steps=8, seed=0)
+    batch = make_batch(vocab_size=_vocab_size(llama_dir))
+    batch["old_logprobs"] = policy.get_logprobs(batch)  # on-policy: pi_old is the policy that sampled
+    plan = plan_mini_batches(len(batch), size=2, epochs=2, generator=torch.Generator().manual_seed(0))
+    assert len(plan) == 8 and sorted(sum(plan[:4], [])) == list(range(8))
+    steps = []
+    for indices in plan:
+        mini_batch = batch.select(indices)
+        expected_loss, expected_low, expected_high = _hand_loss(policy.get_logprobs(mini_batch), mini_batch, loss)
+        metrics = policy.train(mini_batch, loss)
+        assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-5, abs=1e-7)
+        assert metrics["clip_fraction_low"] == pytest.approx(expected_low, abs=1e-6)
+        assert metrics["clip_fraction_high"] == pytest.approx(expected_high, abs=1e-6)
+        steps.append(metrics)
+    assert steps[0]["ratio_min"] == pytest.approx(1.0, abs=1e-5) and steps[0]["ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert steps[0]["clip_fraction_low"] == steps[0]["clip_fraction_high"] == 0.0
+    combined = combine_optimizer_steps(steps)
+    assert combined["optimizer_steps"] == 8 and combined["num_valid_tokens"] == 2 * batch.num_valid_tokens()
+    assert combined["clip_fraction_low"] + combined["clip_fraction_high"] > 0

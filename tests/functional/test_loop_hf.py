@@ -82,13 +82,20 @@ def test_grpo_run_has_no_correction_stream(arithmetic_model, tmp_path):
 
 
 def test_resume_continues_exactly(arithmetic_model, tmp_path):
-    _run(arithmetic_model, tmp_path / "straight", "validation.every=0")
+    # two epochs of shuffled mini-batches of 8 samples: several optimizer steps per RL step, pi_old fixed
+    mini_batches = ("validation.every=0", "policy.train_global_batch_size=8", "policy.epochs_per_batch=2",
+                    "policy.optimizer.lr=3e-3", "policy.optimizer.min_lr=3e-3")
+    _run(arithmetic_model, tmp_path / "straight", *mini_batches)
     # Same run stopped after step 1 (as if killed after its checkpoint), then resumed to step 2.
-    _run(arithmetic_model, tmp_path / "resumed", "validation.every=0", "grpo.num_steps=1")
-    _run(arithmetic_model, tmp_path / "resumed", "validation.every=0")
+    _run(arithmetic_model, tmp_path / "resumed", *mini_batches, "grpo.num_steps=1")
+    _run(arithmetic_model, tmp_path / "resumed", *mini_batches)
     straight, resumed = _records(tmp_path / "straight"), _records(tmp_path / "resumed")
     assert resumed[-1]["step"] == 2
-    for key in ("reward/base_mean", "train/loss", "train/grad_norm", "cipo/rho", "tokens/generated"):
+    for record in straight:  # >= 16 base samples: at least 2 x 2 optimizer steps, and the clip ranges bind
+        assert record["train/optimizer_steps"] >= 4
+    assert sum(r["train/clip_fraction_low"] + r["train/clip_fraction_high"] for r in straight) > 0
+    for key in ("reward/base_mean", "train/loss", "train/grad_norm", "train/clip_fraction_low",
+                "train/optimizer_steps", "cipo/rho", "tokens/generated"):
         assert resumed[-1][key] == pytest.approx(straight[-1][key], rel=1e-5, abs=1e-7), key
     weights = [torch.load(tmp_path / run / "checkpoints" / "step_000002" / "policy" / CHECKPOINT_FILE,
                           weights_only=True)["model"] for run in ("straight", "resumed")]

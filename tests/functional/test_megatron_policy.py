@@ -35,6 +35,7 @@ from cipo_nemo.config.schema import PolicyConfig
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.packing import plan_packed_rows, sequence_lengths
 from cipo_nemo.models.policy.hf_policy import HFPolicy
+from cipo_nemo.models.policy.microbatches import plan_mini_batches
 from cipo_nemo.models.tiny import build_tiny_model_dir
 
 LOGPROB_TOLERANCE = 1e-4
@@ -130,6 +131,13 @@ def single_rank_checks(rank: int, world_size: int, policies: dict[str, PolicyCon
         "stepped_export": worker.export_hf_weights(),
         "exported_count": worker.export_hf_weights_to(export_path),
     }
+    # two epochs of two shuffled mini-batches: four optimizer steps from one batch, pi_old fixed (issue: clipping
+    # that binds); the HF policy takes the same steps in test_mini_batch_steps_match_hf
+    worker = MegatronPolicyWorker(policy=llama, num_steps=4, seed=0)
+    results["llama_mini_batches"] = [
+        worker.train(mini_batch, LOSS, global_denominator=_denominator([mini_batch]))
+        for mini_batch in (batches["llama"].select(indices) for indices in _mini_batch_plan(len(batches["llama"])))
+    ]
     results["import_shims"] = {
         "transformer_engine_left_in_sys_modules": "transformer_engine" in sys.modules,
         "typing_override": hasattr(typing, "override"),
@@ -140,6 +148,10 @@ def single_rank_checks(rank: int, world_size: int, policies: dict[str, PolicyCon
             update={"megatron": llama.megatron.model_copy(update={"tensor_parallel": 2})})),
     }
     return results
+
+
+def _mini_batch_plan(num_samples: int) -> list[list[int]]:
+    return plan_mini_batches(num_samples, size=4, epochs=2, generator=torch.Generator().manual_seed(0))
 
 
 def _error_of(worker_class: type, policy: PolicyConfig) -> str:
@@ -324,6 +336,24 @@ def test_train_step_matches_hf(model: str, single: dict[str, Any], tp2: dict[str
         assert max_abs_diff(result["stepped_logprobs"], reference.stepped_logprobs) < LOGPROB_TOLERANCE, layout
     # the step moved the policy far beyond the tolerance
     assert max_abs_diff(reference.stepped_logprobs, reference.initial_logprobs) > 0.05
+
+
+def test_mini_batch_steps_match_hf(single: dict[str, Any], references: dict[str, HFReference]) -> None:
+    reference = references["llama"]
+    policy = HFPolicy(policy=_policy(reference), num_steps=4, seed=0)
+    expected = [policy.train(reference.batch.select(indices), LOSS)
+                for indices in _mini_batch_plan(len(reference.batch))]
+    steps = single["llama_mini_batches"]
+    assert len(steps) == len(expected) == 4
+    for number, (step, hf_step) in enumerate(zip(steps, expected)):
+        assert step["num_valid_tokens"] == hf_step["num_valid_tokens"], number
+        assert step["loss"] == pytest.approx(hf_step["loss"], rel=1e-4, abs=1e-6), number
+        assert step["grad_norm"] == pytest.approx(hf_step["grad_norm"], rel=1e-4), number
+        for name in ("clip_fraction_low", "clip_fraction_high", "ratio_mean"):
+            assert step[name] == pytest.approx(hf_step[name], abs=1e-4), (number, name)
+    # the later steps see a policy that moved away from pi_old: the clip binds on the Megatron backend too
+    assert sum(step["clip_fraction_low"] + step["clip_fraction_high"] for step in steps[2:]) > 0
+    assert steps[3]["ratio_max"] > steps[0]["ratio_max"]
 
 
 def test_one_and_four_micro_batches_take_the_same_step(single: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """What both policy backends share about micro-batches: which samples go together, and how per-position
-next-token logprobs become the interfaces.py alignment.
+next-token logprobs become the interfaces.py alignment. Also the mini-batches of one rollout batch (one optimizer
+step each), which the trainer plans the same way for every backend.
 
 Alignment (cipo_nemo/models/interfaces.py): `logprobs[:, t] = log p(input_ids[:, t] | input_ids[:, :t])`, 0 at
 t = 0 and outside `prompt_mask | response_mask`. A model's output at position s predicts token s + 1, so the
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cipo_nemo.algorithms.loss import MAX_METRICS, MIN_METRICS
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.packing import PackedRow, plan_packed_rows, sequence_lengths, unpack_logprobs
 
@@ -47,3 +49,44 @@ def align_logprobs(
         logprobs = unpack_logprobs(logprobs[0], packed_row, full_length)
     sequence_mask = (samples["prompt_mask"] | samples["response_mask"]).to(logprobs.device)
     return torch.where(sequence_mask, logprobs, torch.zeros_like(logprobs))
+
+
+# ----- mini-batches: several optimizer steps per rollout batch --------------------------------------------------
+
+
+def plan_mini_batches(
+    num_samples: int, *, size: int | None, epochs: int, generator: torch.Generator
+) -> list[list[int]]:
+    """Sample indices of each optimizer step: `epochs` passes, each a fresh permutation (drawn from `generator`)
+    cut into mini-batches of `size` (the last one may be smaller). One step over all samples in their own order
+    when `size` is None or covers the batch and `epochs` is 1 (no reordering: today's single step)."""
+    size = num_samples if size is None else min(size, num_samples)
+    if epochs == 1 and size == num_samples:
+        return [list(range(num_samples))]
+    plan = []
+    for _ in range(epochs):
+        order = torch.randperm(num_samples, generator=generator).tolist()
+        plan += [order[start : start + size] for start in range(0, num_samples, size)]
+    return plan
+
+
+def combine_optimizer_steps(per_step: list[dict[str, float]]) -> dict[str, float]:
+    """One step's train metrics from several optimizer steps: losses, ratios, clip fractions and grad norms are
+    means over the optimizer steps (each step's loss is normalized by its own mini-batch), token and sequence
+    counts add up, ratio_min / ratio_max are extremes, lr is the last one; plus `optimizer_steps`."""
+    if len(per_step) == 1:
+        return {**per_step[0], "optimizer_steps": 1.0}
+    combined = {}
+    for name in per_step[0]:
+        values = [metrics[name] for metrics in per_step]
+        if name in ("num_valid_tokens", "num_valid_sequences"):
+            combined[name] = sum(values)
+        elif name in MIN_METRICS:
+            combined[name] = min(values)
+        elif name in MAX_METRICS:
+            combined[name] = max(values)
+        elif name == "lr":
+            combined[name] = values[-1]
+        else:
+            combined[name] = sum(values) / len(values)
+    return {**combined, "optimizer_steps": float(len(per_step))}

@@ -1,0 +1,53 @@
+"""Mini-batches of one rollout batch: the plan of optimizer steps, their combined metrics, the LR schedule length."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cipo_nemo.config import load_config
+from cipo_nemo.models.policy.microbatches import combine_optimizer_steps, plan_mini_batches
+
+BASE = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
+
+
+def _plan(num_samples: int, size: int | None, epochs: int, seed: int = 0) -> list[list[int]]:
+    return plan_mini_batches(num_samples, size=size, epochs=epochs, generator=torch.Generator().manual_seed(seed))
+
+
+def test_default_is_one_step_over_all_samples_in_order():
+    assert _plan(10, None, 1) == [list(range(10))]
+    assert _plan(10, 16, 1) == [list(range(10))]
+
+
+def test_every_epoch_covers_every_sample_once_in_a_new_order():
+    plan = _plan(10, 4, 3)
+    assert [len(indices) for indices in plan] == [4, 4, 2] * 3
+    epochs = [sum(plan[i : i + 3], []) for i in range(0, 9, 3)]
+    assert all(sorted(epoch) == list(range(10)) for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) == 3  # reshuffled every epoch
+    assert _plan(10, 4, 3) == plan and _plan(10, 4, 3, seed=1) != plan  # a function of the seed
+
+
+def test_combined_metrics_average_steps_and_add_counts():
+    steps = [
+        {"loss": 1.0, "clip_fraction_low": 0.0, "ratio_min": 1.0, "ratio_max": 1.0, "num_valid_tokens": 10.0,
+         "grad_norm": 2.0, "lr": 1e-3},
+        {"loss": 3.0, "clip_fraction_low": 0.2, "ratio_min": 0.5, "ratio_max": 1.5, "num_valid_tokens": 30.0,
+         "grad_norm": 4.0, "lr": 5e-4},
+    ]
+    combined = combine_optimizer_steps(steps)
+    assert combined == {"loss": 2.0, "clip_fraction_low": pytest.approx(0.1), "ratio_min": 0.5, "ratio_max": 1.5,
+                        "num_valid_tokens": 40.0, "grad_norm": 3.0, "lr": 5e-4, "optimizer_steps": 2.0}
+    assert combine_optimizer_steps(steps[:1])["optimizer_steps"] == 1.0
+
+
+@pytest.mark.parametrize(("overrides", "per_step"), [
+    ([], 1),  # 8 x 8 base + 8 anchors x 8 = 128 samples in one step
+    (["policy.train_global_batch_size=32"], 4),
+    (["policy.train_global_batch_size=50", "policy.epochs_per_batch=2"], 6),  # ceil(128 / 50) = 3, twice
+    (["policy.train_global_batch_size=32", "cipo.enabled=false"], 2),  # GRPO: 64 samples
+])
+def test_the_learning_rate_schedule_spans_every_optimizer_step(overrides, per_step):
+    cfg = load_config(BASE, ["grpo.num_steps=10", *overrides])
+    assert cfg.max_optimizer_steps() == 10 * per_step
