@@ -46,6 +46,8 @@ RUN_INFO_FILE = "run_info.json"  # the training run's command and wall time, for
 ABLATIONS = (
     ("lambda_c=0.5", "cipo.loss_weight=0.5"),
     ("no risk penalty", "cipo.risk_penalty=0.0"),
+    ("advantage mode anchor", "cipo.advantage_mode=anchor"),
+    ("advantage mode group", "cipo.advantage_mode=group"),
     ("rho fixed at 0.3", "cipo.rho.min=0.3,cipo.rho.max=0.3"),
     ("no difficulty window", "cipo.difficulty_low=0.0,cipo.difficulty_high=1.0"),
 )
@@ -133,7 +135,7 @@ def run_ablations(seed: int, sizes: Sizes, sets: dict[str, list[SumProblem]], ou
     benchmarks = [answer_benchmark(HELDOUT, sets[HELDOUT]), answer_benchmark(HARD, sets[HARD]),
                   correction_benchmark(sets[HELDOUT], seed_dir / "eval" / "warm")]
     summary["ablations"] = []
-    for name, override in ABLATIONS:
+    for name, override in [(name, override) for name, override in ABLATIONS if name in sizes.ablations]:
         slug = name.replace(" ", "_").replace("=", "")
         result = run_arm(arm_config(_with_run_dir(overrides, seed_dir / "runs" / f"ablation_{slug}"), arm="cipo",
                                     extra=tuple(override.split(","))))

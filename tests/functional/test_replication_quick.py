@@ -23,7 +23,8 @@ def quick_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("replication")
     report = root / "docs" / "cipo_vs_grpo.md"
     completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--output-dir", str(root / "out"), "--report", str(report)],
+        [sys.executable, str(SCRIPT), "--quick", "--ablations", "--output-dir", str(root / "out"), "--report",
+         str(report)],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
@@ -100,3 +101,18 @@ def test_report_has_table_for_both_arms_and_all_seeds_and_plots(quick_run):
     assert all(v["verdict"].split(" ")[0] in ("held", "not", "mixed") for v in verdicts)
     assert "python benchmarks/replicate_cipo_vs_grpo.py --quick" in text
     assert stdout.count("[seed ") >= 3 * len(summaries)  # warm start + both arms, per seed
+
+
+def test_the_risk_penalty_changes_training_from_the_same_start(quick_run):
+    """Liveness of lambda_risk: default CIPO and cipo.risk_penalty=0 sample the same first step (same start and
+    seeds) but must train differently. Under per-group std normalization (advantage_mode group) they were equal to
+    every digit."""
+    _, _, summaries, _ = quick_run
+    first = summaries[0]
+    (ablation,) = [a for a in first["ablations"] if a["override"] == "cipo.risk_penalty=0.0"]
+    default, no_penalty = first["cipo"]["records"], ablation["records"]
+    assert default[0]["reward/base_mean"] == no_penalty[0]["reward/base_mean"]  # the same rollouts at step 1
+    assert default[0]["cipo/anchors_successful"] > 0
+    differences = [abs(a[key] - b[key]) for a, b in zip(default, no_penalty)
+                   for key in ("train/loss", "train/grad_norm")]
+    assert max(differences) > 1e-6, differences
