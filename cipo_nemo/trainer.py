@@ -273,10 +273,21 @@ def compute_advantages(c: Components, batch: Batch) -> None:
 
 
 def compute_logprobs(c: Components, batch: Batch) -> None:
-    """pi_old (the trainer's recompute of the sampled tokens) and, for the KL term, the reference policy."""
-    batch["old_logprobs"] = c.policy.get_logprobs(batch)
+    """pi_old (the trainer's recompute of the sampled tokens) when it can differ from the policy being trained,
+    and, for the KL term, the reference policy."""
+    if needs_old_logprobs(c, len(batch)):
+        batch["old_logprobs"] = c.policy.get_logprobs(batch)
     if c.cfg.loss.kl_beta > 0:
         batch["reference_logprobs"] = c.policy.get_reference_logprobs(batch)
+
+
+def needs_old_logprobs(c: Components, num_samples: int) -> bool:
+    """A separate pi_old pass, unless one optimizer step sees the whole batch (pi_old is then the policy being
+    trained: the loss takes it from the training forward pass, detached) and neither the KL term nor truncated
+    importance sampling asks for the recompute."""
+    policy, loss = c.cfg.policy, c.cfg.loss
+    one_step = policy.epochs_per_batch == 1 and (policy.train_global_batch_size or num_samples) >= num_samples
+    return not one_step or loss.kl_beta > 0 or loss.importance_sampling
 
 
 def train_policy(c: Components, batch: Batch, step: int) -> dict[str, float]:

@@ -203,7 +203,7 @@ class PolicyLoss:
       unclamped), normalized with the same D. Neither lambda_c nor TIS weights the KL term.
 
     Batch keys read: ``response_mask``, ``advantages`` (N,), ``old_logprobs`` (pi_old recomputed
-    by the trainer), ``generation_logprobs`` (from the sampler), ``sample_kind``, and
+    by the trainer; absent: pi_old is the policy being trained, detached), ``generation_logprobs`` (from the sampler), ``sample_kind``, and
     ``reference_logprobs`` when kl_beta > 0. Batch tensors are cast to the dtype of `logprobs`.
 
     Metrics (python floats) of one call: ``loss``, ``pg_loss``, ``kl_loss`` (beta * normalized KL),
@@ -257,7 +257,11 @@ class PolicyLoss:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one micro-batch, already divided by the global `global_denominator`."""
         valid = self._token_tensor(batch, "response_mask", logprobs, "it marks the trained tokens").bool()
-        old_logprobs = self._token_tensor(batch, "old_logprobs", logprobs, "it is pi_old of the ratio")
+        # without old_logprobs pi_old is the policy being trained (one optimizer step, on-policy): the ratio is
+        # exp(lp - lp.detach()) = 1 with the gradient of lp, as a separate recompute would give (TRL's
+        # num_iterations=1); the trainer decides that (trainer.needs_old_logprobs)
+        old_logprobs = (self._token_tensor(batch, "old_logprobs", logprobs, "it is pi_old of the ratio")
+                        if "old_logprobs" in batch else logprobs.detach())
         generation_logprobs = self._token_tensor(
             batch, "generation_logprobs", logprobs, "TIS and token_mult_prob_error use it"
         )

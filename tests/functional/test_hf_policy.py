@@ -12,6 +12,7 @@ import torch
 from policy_cases import LOSS, STEP_WEIGHT_TOLERANCE, make_batch, make_policy, max_abs_diff, max_weight_diff
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cipo_nemo.data.batch import Batch
 from cipo_nemo.models.policy.hf_policy import HFPolicy
 from cipo_nemo.models.policy.megatron_setup import build_lr_scheduler
 from cipo_nemo.models.policy.microbatches import combine_optimizer_steps, plan_mini_batches
@@ -177,3 +178,17 @@ def test_mini_batches_make_the_clip_bind_and_match_a_hand_computation(llama_dir:
     combined = combine_optimizer_steps(steps)
     assert combined["optimizer_steps"] == 8 and combined["num_valid_tokens"] == 2 * batch.num_valid_tokens()
     assert combined["clip_fraction_low"] + combined["clip_fraction_high"] > 0
+
+
+def test_a_step_without_the_pi_old_pass_takes_the_same_step(llama_dir: Path) -> None:
+    """One on-policy optimizer step: pi_old from a separate logprob pass, or from the training pass itself."""
+    loss = dataclasses.replace(LOSS, importance_sampling=False)
+    batch = make_batch(vocab_size=_vocab_size(llama_dir))
+    recomputed = HFPolicy(policy=make_policy(llama_dir, micro_batch_size=2), num_steps=4, seed=0)
+    batch["old_logprobs"] = recomputed.get_logprobs(batch)
+    skipped = HFPolicy(policy=make_policy(llama_dir, micro_batch_size=2), num_steps=4, seed=0)
+    without = Batch({key: value for key, value in batch.items() if key != "old_logprobs"})
+    metrics_a, metrics_b = recomputed.train(batch, loss), skipped.train(without, loss)
+    for name in ("loss", "grad_norm", "token_mult_prob_error", "clip_fraction_low", "ratio_mean"):
+        assert metrics_b[name] == pytest.approx(metrics_a[name], rel=1e-6, abs=1e-9), name
+    assert max_weight_diff(_weights(recomputed), _weights(skipped)) < STEP_WEIGHT_TOLERANCE / 100

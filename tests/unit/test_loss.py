@@ -209,6 +209,29 @@ def test_truncated_importance_sampling_weights_and_prob_error():
     assert loss.item() == pytest.approx(-1.0, abs=1e-12) and metrics["tis_weight_mean"] == 1.0
 
 
+def test_without_old_logprobs_pi_old_is_the_trained_policy():
+    """The trainer skips the pi_old pass for one on-policy optimizer step: the loss and its gradient are those of
+    an explicit pi_old equal to the current logprobs, and token_mult_prob_error is still reported."""
+    current = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], dtype=F64)
+    generation = current + 0.1
+    advantages = torch.tensor([1.0, -2.0], dtype=F64)
+    explicit = make_policy_batch(current.clone(), generation_logprobs=generation, advantages=advantages)
+    implicit = Batch({key: value for key, value in explicit.items() if key != "old_logprobs"})
+    results = []
+    for batch in (explicit, implicit):
+        logprobs = current.clone().requires_grad_()
+        loss, metrics = make_loss()(logprobs, batch, global_denominator=4)
+        loss.backward()
+        results.append((loss.item(), logprobs.grad, metrics))
+    (loss_a, grad_a, metrics_a), (loss_b, grad_b, metrics_b) = results
+    # r = 1: loss = -sum(A) over tokens / D = -(2 * 1 - 2 * 2) / 4 = 0.5; grad = -A / D
+    assert loss_a == loss_b == pytest.approx(0.5, abs=1e-12)
+    torch.testing.assert_close(grad_b, grad_a, rtol=0, atol=0)
+    torch.testing.assert_close(grad_b, torch.tensor([[-0.25, -0.25], [0.5, 0.5]], dtype=F64))
+    assert metrics_b["token_mult_prob_error"] == pytest.approx(math.exp(0.1), abs=1e-12) == metrics_a["token_mult_prob_error"]
+    assert metrics_b["ratio_max"] == metrics_b["ratio_min"] == 1.0
+
+
 def test_loss_weight_scales_correction_tokens_only():
     old_logprobs = torch.full((3, 1), -1.0, dtype=F64)
     batch = make_policy_batch(old_logprobs, sample_kind=["base", "correction", "correction"])

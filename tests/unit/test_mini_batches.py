@@ -51,3 +51,20 @@ def test_combined_metrics_average_steps_and_add_counts():
 def test_the_learning_rate_schedule_spans_every_optimizer_step(overrides, per_step):
     cfg = load_config(BASE, ["grpo.num_steps=10", *overrides])
     assert cfg.max_optimizer_steps() == 10 * per_step
+
+
+@pytest.mark.parametrize(("overrides", "separate_pass"), [
+    ([], False),  # one on-policy optimizer step, no KL, no TIS: pi_old comes from the training forward pass
+    (["policy.train_global_batch_size=64"], True),  # 128 samples -> 2 optimizer steps: pi_old must be fixed
+    (["policy.epochs_per_batch=2"], True),
+    (["policy.train_global_batch_size=500"], False),
+    (["loss.kl_beta=0.01", "policy.reference_policy=cpu_copy"], True),
+    (["loss.importance_sampling=true"], True),
+])
+def test_the_pi_old_pass_runs_only_when_it_can_change_something(overrides, separate_pass):
+    from types import SimpleNamespace
+
+    from cipo_nemo.trainer import needs_old_logprobs
+
+    cfg = load_config(BASE, overrides)
+    assert needs_old_logprobs(SimpleNamespace(cfg=cfg), cfg.max_samples_per_step()) is separate_pass
