@@ -96,8 +96,24 @@ def run_preflight(cfg: MasterConfig, *, check_memory: bool = True) -> PreflightR
             raise DataError(f"data.{name}: {err}") from None
         report.data.append(load_report)
         report.items[name] = items
+        unreadable_golds = 0
         if name == "train":
             report.gold_check = check_gold_answers(
                 items, num_workers=cfg.verifier.num_workers, timeout_s=cfg.verifier.timeout_s
             )
+            unreadable_golds = sum(count for reason, count in report.gold_check.items() if reason != "correct")
+        check_bad_rows(f"data.{name}", load_report, unreadable_golds, max_share=cfg.data.max_bad_rows)
     return report
+
+
+def check_bad_rows(section: str, load_report: LoadReport, unreadable_golds: int, *, max_share: float) -> None:
+    """Stop when more than `data.max_bad_rows` of a source's rows were skipped as malformed or carry a gold answer
+    the verifier cannot read: a dataset that broken is a wrong field mapping or a wrong file, not noise."""
+    rows = load_report.loaded + sum(load_report.skipped.values())
+    bad = sum(load_report.skipped.values()) + unreadable_golds
+    if rows and bad / rows > max_share:
+        raise DataError(
+            f"{section}: {bad} of {rows} rows are unusable ({describe(load_report)}; golds the verifier cannot "
+            f"read: {unreadable_golds}), more than data.max_bad_rows = {max_share:.0%}; check data.*.file.fields "
+            "or raise data.max_bad_rows"
+        )

@@ -109,7 +109,7 @@ def setup(cfg: MasterConfig, loaded_items: dict[str, list[TaskItem]] | None = No
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    tokenizer = build_tokenizer(cfg.policy)
+    tokenizer = build_tokenizer(cfg.policy, chat_template=cfg.data.chat_template)
     cluster = build_cluster(cfg) if needs_ray(cfg) else None
     loaded_items = loaded_items or {}
     train_items = load_prompts(cfg, tokenizer, split="train", items=loaded_items.get("train"))
@@ -143,6 +143,7 @@ def load_prompts(cfg: MasterConfig, tokenizer: Any, *, split: str, items: list[T
         items, report = load_items(cfg.data.train if split == "train" else cfg.data.validation)
         logger.info("data.%s: %s", split, describe(report))
     kept, _ = drop_long_prompts(items, tokenizer=tokenizer, instructions=cfg.data.instructions,
+                                template_kwargs=cfg.data.chat_template_kwargs,
                                 system_prompt=cfg.data.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens)
     return kept
 
@@ -199,6 +200,7 @@ def rollout(c: Components, items: list[TaskItem], step: int) -> Batch:
     """Base stream: G samples per prompt from the current policy."""
     cfg = c.cfg
     rendered = [render_prompt(item, tokenizer=c.tokenizer, instructions=cfg.data.instructions,
+                              template_kwargs=cfg.data.chat_template_kwargs,
                               system_prompt=cfg.data.system_prompt) for item in items]
     prompt_ids = encode_prompts(rendered, tokenizer=c.tokenizer)
     settings = SamplingSettings.from_config(cfg.generation, n=cfg.grpo.samples_per_prompt, seed=step_seed(c, step, 0))

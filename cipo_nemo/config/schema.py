@@ -152,9 +152,10 @@ class FileFields(StrictModel):
     """Which column of a file holds what. Exactly one of `prompt` and `messages` names a column."""
 
     id: str | None = Field(description="Column with a stable item id (null: '<file>:<row>').")
-    prompt: str | None = Field(description="Column with the problem text.")
+    prompt: str | None = Field(description="Column with the problem text, or with a list of chat messages.")
     messages: str | None = Field(description="Column with chat messages [{role, content}] instead of a prompt.")
-    answer: str = Field(min_length=1, description="Column with the ground truth.")
+    answer: str = Field(min_length=1, description="Column with the ground truth (dotted paths reach into nested "
+                        "columns, e.g. reward_model.ground_truth).")
     family: str | None = Field(description="Column with a per-row task family (null: the source's family).")
 
     @field_validator("messages")
@@ -205,6 +206,14 @@ class DataConfig(StrictModel):
     system_prompt: str | None = Field(description="System message for the chat template (null: none).")
     shuffle: bool = Field(description="Shuffle the training items each epoch (seeded by run.seed).")
     max_prompt_tokens: PositiveInt = Field(description="Items whose rendered prompt is longer are skipped and counted.")
+    max_bad_rows: Probability = Field(
+        description="Largest share of a source's rows that may be skipped as malformed, or whose gold answer the "
+        "verifier cannot read, before the preflight stops (exit 2)."
+    )
+    chat_template: str | None = Field(description="Jinja chat template file for a tokenizer without one (null: its own).")
+    chat_template_kwargs: dict[str, Any] = Field(
+        description="Extra variables for the chat template, e.g. {enable_thinking: false} for Qwen3."
+    )
 
 
 class VerifierConfig(StrictModel):

@@ -124,4 +124,5 @@ def render_correction_prompt(
         problem=problem_text(item, data.instructions), attempt=attempt, family=item.family,
         templates=correction.templates, tokenizer=tokenizer, attempt_max_tokens=correction.attempt_max_tokens,
         strip_thinking=correction.strip_thinking)
-    return render_chat(text, tokenizer=tokenizer, system_prompt=data.system_prompt)
+    return render_chat(text, tokenizer=tokenizer, system_prompt=data.system_prompt,
+                       template_kwargs=data.chat_template_kwargs)

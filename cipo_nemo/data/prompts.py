@@ -7,13 +7,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from cipo_nemo.config.schema import InstructionConfig
 from cipo_nemo.data.sources import DataError, TaskItem
 
 logger = logging.getLogger(__name__)
+
+EMPTY: Mapping[str, Any] = MappingProxyType({})  # no extra chat-template variables
 
 
 def family_instruction(family: str, instructions: InstructionConfig) -> str:
@@ -37,24 +41,28 @@ def problem_text(item: TaskItem, instructions: InstructionConfig) -> str:
     return with_instruction(_last_user_message(item)["content"], instruction)
 
 
-def render_chat(user_text: str, *, tokenizer: Any, system_prompt: str | None) -> str:
-    """One user turn (after an optional system message) through the chat template, ready for generation."""
+def render_chat(user_text: str, *, tokenizer: Any, system_prompt: str | None,
+                template_kwargs: Mapping[str, Any] = EMPTY) -> str:
+    """One user turn (after an optional system message) through the chat template, ready for generation;
+    `template_kwargs` are extra template variables (`data.chat_template_kwargs`, e.g. enable_thinking)."""
     messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
     messages.append({"role": "user", "content": user_text})
-    return _apply_chat_template(messages, tokenizer=tokenizer)
+    return _apply_chat_template(messages, tokenizer=tokenizer, template_kwargs=template_kwargs)
 
 
-def render_prompt(item: TaskItem, *, tokenizer: Any, instructions: InstructionConfig, system_prompt: str | None) -> str:
+def render_prompt(item: TaskItem, *, tokenizer: Any, instructions: InstructionConfig, system_prompt: str | None,
+                  template_kwargs: Mapping[str, Any] = EMPTY) -> str:
     """The full prompt string of `item`: for a chat item its own messages, with the instruction on the last user
     turn and `system_prompt` prepended when the messages carry no system message of their own."""
     if item.prompt is not None:
-        return render_chat(problem_text(item, instructions), tokenizer=tokenizer, system_prompt=system_prompt)
+        return render_chat(problem_text(item, instructions), tokenizer=tokenizer, system_prompt=system_prompt,
+                           template_kwargs=template_kwargs)
     messages = [dict(message) for message in item.messages]
     last_user = max(index for index, message in enumerate(messages) if message["role"] == "user")
     messages[last_user]["content"] = problem_text(item, instructions)
     if system_prompt is not None and not any(message["role"] == "system" for message in messages):
         messages.insert(0, {"role": "system", "content": system_prompt})
-    return _apply_chat_template(messages, tokenizer=tokenizer)
+    return _apply_chat_template(messages, tokenizer=tokenizer, template_kwargs=template_kwargs)
 
 
 def encode_prompts(rendered: Sequence[str], *, tokenizer: Any) -> list[list[int]]:
@@ -90,11 +98,13 @@ def drop_long_prompts(
     instructions: InstructionConfig,
     system_prompt: str | None,
     max_prompt_tokens: int,
+    template_kwargs: Mapping[str, Any] = EMPTY,
 ) -> tuple[list[TaskItem], int]:
     """Keep the items whose rendered prompt has at most `max_prompt_tokens` tokens; return them and the number
     dropped. Dropping every item is a DataError: a run with no prompt left cannot train."""
     rendered = [
-        render_prompt(item, tokenizer=tokenizer, instructions=instructions, system_prompt=system_prompt)
+        render_prompt(item, tokenizer=tokenizer, instructions=instructions, system_prompt=system_prompt,
+                      template_kwargs=template_kwargs)
         for item in items
     ]
     lengths = count_prompt_tokens(rendered, tokenizer=tokenizer)
@@ -119,10 +129,22 @@ def _last_user_message(item: TaskItem) -> dict[str, str]:
     return user_messages[-1]
 
 
-def _apply_chat_template(messages: list[dict[str, str]], *, tokenizer: Any) -> str:
+def _apply_chat_template(messages: list[dict[str, str]], *, tokenizer: Any, template_kwargs: Mapping[str, Any]) -> str:
     if tokenizer.chat_template is None:
         raise DataError(
             f"tokenizer {tokenizer.name_or_path!r} has no chat template; use an instruct/chat tokenizer "
-            "(policy.tokenizer) or one whose tokenizer_config.json sets chat_template"
+            "(policy.tokenizer), one whose tokenizer_config.json sets chat_template, or data.chat_template"
         )
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
+
+
+def use_chat_template_file(tokenizer: Any, path: str | None) -> Any:
+    """`data.chat_template`: a Jinja template file for tokenizers that ship none (base models); returns the
+    tokenizer. None leaves the tokenizer's own template."""
+    if path is None:
+        return tokenizer
+    template = Path(path)
+    if not template.is_file():
+        raise DataError(f"data.chat_template: no such file {path} (resolved to {template.resolve()})")
+    tokenizer.chat_template = template.read_text()
+    return tokenizer

@@ -168,7 +168,8 @@ def _load_file(cfg: FileSourceConfig, *, family: str) -> tuple[list[TaskItem], L
         rows = _hf_disk_rows(path, label=cfg.path, split=cfg.split, fields=cfg.fields)
     items, report = _collect_items(rows, source=cfg.path, fields=cfg.fields, family=family)
     if not items:
-        raise DataError(f"{cfg.path}: no usable row ({_skip_counts(report)}){_json_array_hint(path, file_format)}")
+        raise DataError(f"{cfg.path}: no usable row ({_skip_counts(report)}){_json_array_hint(path, file_format)}"
+                        f"{_missing_field_hint(path, file_format, report)}")
     return items, report
 
 
@@ -255,8 +256,9 @@ def _hf_disk_rows(path: Path, *, label: str, split: str | None, fields: FileFiel
 
 
 def _required_columns(fields: FileFields) -> list[str]:
+    """Top-level columns the fields read (a dotted path `reward_model.ground_truth` reads `reward_model`)."""
     names = (fields.id, fields.prompt, fields.messages, fields.answer, fields.family)
-    return list(dict.fromkeys(name for name in names if name is not None))
+    return list(dict.fromkeys(name.split(".")[0] for name in names if name is not None))
 
 
 def _check_columns(label: str, *, available: Iterable[str], required: list[str]) -> None:
@@ -265,7 +267,8 @@ def _check_columns(label: str, *, available: Iterable[str], required: list[str])
     missing = [column for column in required if column not in available]
     if missing:
         raise DataError(
-            f"{label}: no column(s) {', '.join(missing)} (see file.fields); columns: {', '.join(available)}"
+            f"{label}: no column(s) {', '.join(missing)} (set data.<train|validation>.file.fields.*); "
+            f"columns: {', '.join(available)}"
         )
 
 
@@ -307,8 +310,13 @@ def _row_to_item(row: Mapping[str, Any], *, location: str, fields: FileFields, d
     family = default_family if fields.family is None else _required_value(row, fields.family)
     if family not in TASK_FAMILIES:
         raise RowSkipped("bad_family")
-    prompt = None if fields.prompt is None else _check_prompt(_required_value(row, fields.prompt))
-    messages = None if fields.messages is None else _check_messages(_required_value(row, fields.messages))
+    prompt, messages = None, None
+    if fields.prompt is not None:
+        value = _required_value(row, fields.prompt)
+        # a list in the prompt column is a chat (verl's parquet, TRL's conversational datasets)
+        prompt, messages = (None, _check_messages(value)) if isinstance(value, list) else (_check_prompt(value), None)
+    else:
+        messages = _check_messages(_required_value(row, fields.messages))
     answer = _check_answer(_required_value(row, fields.answer), family=family)
     item_id = location if fields.id is None else str(_required_value(row, fields.id))
     return TaskItem(
@@ -317,9 +325,12 @@ def _row_to_item(row: Mapping[str, Any], *, location: str, fields: FileFields, d
 
 
 def _required_value(row: Mapping[str, Any], column: str) -> Any:
-    value = row.get(column)
-    if value is None:
-        raise RowSkipped(f"missing_field:{column}")
+    """`row[column]`, or along a dotted path into nested mappings (`reward_model.ground_truth`)."""
+    value: Any = row
+    for key in column.split("."):
+        value = value.get(key) if isinstance(value, Mapping) else None
+        if value is None:
+            raise RowSkipped(f"missing_field:{column}")
     return value
 
 
@@ -369,6 +380,16 @@ def _skip_counts(report: LoadReport) -> str:
     if not report.skipped:
         return "nothing skipped"
     return ", ".join(f"{reason}={count}" for reason, count in report.skipped.most_common())
+
+
+def _missing_field_hint(path: Path, file_format: str, report: LoadReport) -> str:
+    """When rows lack a field, the keys the first row of a JSON Lines file does have."""
+    if file_format != "jsonl" or not any(reason.startswith("missing_field:") for reason in report.skipped):
+        return ""
+    first = next((row for _, row in jsonl_rows(path, label=str(path)) if not isinstance(row, RowSkipped)), None)
+    if first is None:
+        return ""
+    return f"; set data.<train|validation>.file.fields.* to the keys present: {', '.join(first)}"
 
 
 def _json_array_hint(path: Path, file_format: str) -> str:

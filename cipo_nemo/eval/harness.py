@@ -31,7 +31,13 @@ from cipo_nemo.algorithms.rewards import SUCCESS_THRESHOLD
 from cipo_nemo.config import MasterConfig
 from cipo_nemo.config.schema import CorrectionConfig, DataConfig, GenerationConfig
 from cipo_nemo.data.correction_prompts import render_correction_prompt
-from cipo_nemo.data.prompts import encode_prompts, indices_within_budget, prompt_token_budget, render_prompt
+from cipo_nemo.data.prompts import (
+    encode_prompts,
+    indices_within_budget,
+    prompt_token_budget,
+    render_prompt,
+    use_chat_template_file,
+)
 from cipo_nemo.data.sources import DataError
 from cipo_nemo.environments.scoring import TaskScorer
 from cipo_nemo.eval.benchmarks import Benchmark, check_unique_names, load_benchmark
@@ -98,7 +104,7 @@ def evaluate(
     from cipo_nemo.models.generation import build_generation_backend  # lazy: the backends import vllm/transformers
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = use_chat_template_file(AutoTokenizer.from_pretrained(model_path), cfg.data.chat_template)
     scorer = TaskScorer(verifier=cfg.verifier)
     backend = None
     try:
@@ -209,6 +215,7 @@ def evaluate_benchmark(
                    for item, attempt in zip(benchmark.items, benchmark.attempts)]
     else:
         prompts = [render_prompt(item, tokenizer=context.tokenizer, instructions=context.data.instructions,
+                                 template_kwargs=context.data.chat_template_kwargs,
                                  system_prompt=context.data.system_prompt) for item in benchmark.items]
     stream = _CORRECTION_STREAM if benchmark.kind == "correction" else _ANSWER_STREAM
     kept, outcomes = sample_and_score(benchmark, prompts, context, n=n,

@@ -20,6 +20,7 @@ import torch
 
 from cipo_nemo.config import MasterConfig
 from cipo_nemo.config.schema import PolicyConfig
+from cipo_nemo.data.prompts import use_chat_template_file
 from cipo_nemo.models.hub import resolve_model_dir
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend
 
@@ -28,10 +29,12 @@ logger = logging.getLogger(__name__)
 _SHARED_MEMORY = Path("/dev/shm")
 
 
-def build_tokenizer(policy: PolicyConfig) -> Any:
+def build_tokenizer(policy: PolicyConfig, *, chat_template: str | None) -> Any:
+    """The policy's tokenizer (`policy.tokenizer` or the model's), with `data.chat_template` when set."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_dir(policy.tokenizer or policy.model_name))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(policy.tokenizer or policy.model_name))
+    return use_chat_template_file(tokenizer, chat_template)
 
 
 def needs_ray(cfg: MasterConfig) -> bool:

@@ -246,3 +246,29 @@ def test_unreadable_parquet_names_the_file(tmp_path):
     path.write_text("not parquet at all")
     with pytest.raises(DataError, match=r"broken\.parquet: not a readable parquet file"):
         load_items(file_source(path))
+
+
+def test_verl_parquet_layout_with_dotted_fields_and_a_chat_prompt(tmp_path):
+    """verl's layout: `prompt` is a list of chat messages, the gold sits in reward_model.ground_truth."""
+    path = tmp_path / "train.parquet"
+    rows = [
+        {"data_source": "gsm8k", "prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+         "reward_model": {"style": "rule", "ground_truth": "4"}, "extra_info": {"index": 0}},
+        {"data_source": "gsm8k", "prompt": [{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "What is 3 + 4?"}],
+         "reward_model": {"style": "rule", "ground_truth": "7"}, "extra_info": {"index": 1}},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    items, report = load_items(file_source(path, "data.train.file.fields.answer=reward_model.ground_truth"))
+    assert report.loaded == 2 and not report.skipped
+    assert [item.answer for item in items] == ["4", "7"]
+    assert items[0].prompt is None and items[0].messages == ({"role": "user", "content": "What is 2 + 2?"},)
+    assert items[1].messages[0] == {"role": "system", "content": "Be brief."}
+
+
+def test_a_wrong_jsonl_field_names_the_keys_present(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"question": "1+1?", "solution": "2"}\n{"question": "2+2?", "solution": "4"}\n')
+    with pytest.raises(DataError, match=r"missing_field:prompt=2.*file\.fields\.\* to the keys present: question, "
+                                        r"solution"):
+        load_items(file_source(path))

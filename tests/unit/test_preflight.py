@@ -45,7 +45,8 @@ def test_gold_check_counts_golds_the_verifier_cannot_read(tmp_path):
         {"prompt": "half?", "answer": "\\frac{1}{2}"},
         {"prompt": "broken gold", "answer": "\\frac{1}{"},  # unbalanced: no answer the verifier can read
     ])
-    cfg = load_config(BASE, ["data.train.kind=file", f"data.train.file.path={data}", "verifier.num_workers=1"])
+    cfg = load_config(BASE, ["data.train.kind=file", f"data.train.file.path={data}", "verifier.num_workers=1",
+                             "data.max_bad_rows=0.5"])
     report = run_preflight(cfg)
     assert report.data[0].loaded == 3
     assert report.gold_check["correct"] == 2
@@ -68,6 +69,22 @@ def test_preflight_hands_its_loaded_items_to_the_trainer(tmp_path, monkeypatch):
     tokenizer = build_tiny_tokenizer()
     kept = trainer.load_prompts(cfg, tokenizer, split="train", items=report.items["train"])
     assert [item.answer for item in kept] == ["2", "4"]
+
+
+def test_too_many_bad_rows_stop_the_preflight(tmp_path):
+    # 3 of 5 rows malformed (no answer, not JSON, empty prompt) and 1 of the 2 kept golds unreadable
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n" + json.dumps({"prompt": "x"}) + "\n"
+                    + "not json\n" + json.dumps({"prompt": " ", "answer": "3"}) + "\n"
+                    + json.dumps({"prompt": "half?", "answer": "\\frac{1}{"}) + "\n")
+    overrides = ["data.train.kind=file", f"data.train.file.path={data}", "verifier.num_workers=1"]
+    with pytest.raises(DataError, match=r"data\.train: 4 of 5 rows are unusable.*data\.max_bad_rows = 5%"):
+        run_preflight(load_config(BASE, overrides))
+    assert run_preflight(load_config(BASE, [*overrides, "data.max_bad_rows=0.8"])).data[0].loaded == 2
+    # through the CLI: one line, exit code 2
+    completed = subprocess.run([sys.executable, "-m", "cipo_nemo", "--dry-run", "--config", str(BASE), *overrides],
+                               capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert completed.returncode == 2 and "data error: data.train: 4 of 5 rows are unusable" in completed.stderr
 
 
 def test_dataset_with_no_usable_row_stops_naming_the_section(tmp_path):

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from cipo_nemo.config.schema import InstructionConfig
-from cipo_nemo.data.prompts import drop_long_prompts, problem_text, render_chat, render_prompt
+from cipo_nemo.data.prompts import drop_long_prompts, problem_text, render_chat, render_prompt, use_chat_template_file
 from cipo_nemo.data.sources import DataError, TaskItem
 from cipo_nemo.models.tiny import build_tiny_tokenizer
 
@@ -99,6 +99,21 @@ def test_render_chat_without_a_chat_template_is_a_data_error():
     no_template.name_or_path = "models/base-only"
     with pytest.raises(DataError, match="tokenizer 'models/base-only' has no chat template"):
         render_chat("Hi", tokenizer=no_template, system_prompt=None)
+
+
+def test_a_chat_template_file_and_template_variables(tmp_path):
+    """data.chat_template gives a base tokenizer a template; data.chat_template_kwargs reach the template."""
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}{% if terse %}!{% endif %}] {{ m.content }}\n"
+                        "{% endfor %}[assistant]")
+    no_template = build_tiny_tokenizer(chat_template=None)
+    tokenizer = use_chat_template_file(no_template, str(template))
+    assert render_chat("Hi", tokenizer=tokenizer, system_prompt=None) == "[user] Hi\n[assistant]"
+    assert render_chat("Hi", tokenizer=tokenizer, system_prompt="S", template_kwargs={"terse": True}) \
+        == "[system!] S\n[user!] Hi\n[assistant]"
+    with pytest.raises(DataError, match="data.chat_template: no such file"):
+        use_chat_template_file(build_tiny_tokenizer(chat_template=None), str(tmp_path / "missing.jinja"))
+    assert use_chat_template_file(no_template, None) is no_template
 
 
 def test_drop_long_prompts_counts_and_warns(tokenizer, caplog):
