@@ -294,6 +294,10 @@ class VllmConfig(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(description="Engine dtype.")
     quantization: Literal["fp8"] | None = Field(description="fp8 = FP8 weights/activations in vLLM (GPU).")
     enforce_eager: bool = Field(description="No CUDA graphs (always on CPU).")
+    max_num_batched_tokens: PositiveInt | None = Field(
+        description="Tokens one engine step may process (prefill + decode); null: vLLM's default (CPU: 4096 x TP, "
+        "at least max_model_len). On CPU a prompt's prefill is never split, so it must be >= max_model_len."
+    )
 
 
 class GenerationConfig(StrictModel):

