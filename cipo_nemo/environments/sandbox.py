@@ -4,43 +4,14 @@ Entry points: :func:`run_program` (one program) and :class:`SandboxPool` (many, 
 Everything that executes model-written code in this project goes through here. Linux only. See
 ``docs/sandbox.md`` for the guarantees, the non-guarantees and measured costs.
 
-Process tree of one run (the parent is a trainer thread)::
-
-    trainer --Popen--> launcher L (trainer's uid, own session; runs this file's launcher section, python -I -S)
-                        | unshare: mount, network, PID, IPC, UTS namespaces (+ a user namespace when not root)
-                        +--fork--> init I (PID 1 of the new PID namespace): builds the file system view
-                                    +--fork--> program P: rlimits, sandbox uid, no_new_privs, then
-                                               exec ``python -I -S -c WRAPPER`` which runs the source
-
-Isolation:
-
-- **PID namespace**: every process the program starts lives in it. When I exits (right after P exits) or is
-  killed, the kernel kills every process left in the namespace, so a double-forked daemon cannot outlive the
-  run. The parent ends every run with SIGKILL to L's process group (L and I; the program cannot join it), and
-  L and I carry a parent-death SIGKILL, so the namespace also dies with the trainer thread or process.
-- **Network namespace** with only a loopback device, which is down: no address, loopback included, is
-  reachable. **IPC and UTS namespaces**: no System V IPC objects or hostname shared with the host.
-- **Mount namespace**: every inherited mount is made read-only and nosuid (recursively, ``mount_setattr``,
-  Linux >= 5.12); ``/proc`` is a fresh procfs of the run's PID namespace (host processes are invisible);
-  ``/tmp`` is an empty read-only tmpfs holding the working directory ``/tmp/work`` (tmpfs, mode 0700, owned
-  by the sandbox uid, ``max_file_mb`` + the program + 1 MiB in size); ``/dev/shm`` is a private tmpfs of
-  ``max_file_mb``; ``hidden_paths`` (default ``/root``, ``/home``, ``/run`` and ``$HOME``) are covered by
-  empty read-only tmpfs mounts, except the interpreter's prefix, which is bind-mounted back read-only at its
-  own path. All of it disappears with the namespace: nothing is written to the host's disks.
-- **Credentials**: as root, P drops to a dedicated uid/gid (``_SANDBOX_UID_BASE`` + a slot leased for the
-  run, no supplementary groups) and sets ``no_new_privs``. A dedicated uid per concurrent run makes
-  RLIMIT_NPROC (counted per uid, and never enforced for root) a per-run process limit. Not root: a user
-  namespace maps the caller's uid to uid 1000 inside it and P's exec drops every capability.
-- **OOM preference**: every sandbox process has ``oom_score_adj`` 1000, so when memory runs out the kernel
-  kills sandbox processes before the trainer.
-- **rlimits** on P: RLIMIT_AS (``memory_mb``), RLIMIT_CPU (``cpu_time_s``; SIGKILL one second later),
-  RLIMIT_NPROC (``max_processes``), RLIMIT_FSIZE (``max_file_mb``), RLIMIT_CORE 0, RLIMIT_NOFILE 1024.
-- **Wall clock**: the parent kills the run ``timeout_s`` after the program's interpreter is up (sandbox
-  start-up is not charged to the program; start-up has its own ``_SETUP_TIMEOUT_S``).
-- **Output**: read into bounded buffers (the rest is spliced to /dev/null), so a program printing gigabytes
-  costs the parent at most ``output_limit_bytes`` of memory per stream.
-- **Environment**: only ``PATH``, ``LANG``, ``LC_ALL``, ``HOME`` and ``TMPDIR`` (the last two: the working
-  directory). Nothing of the trainer's environment passes.
+This module is the public API and the parent side. The code that runs in the sandbox's own processes, and
+with it how a run is isolated (namespaces, file system view, credentials, rlimits), is
+:mod:`cipo_nemo.environments.sandbox_launcher`, which the parent compiles once and hands to each launcher as a
+code object (see :func:`_launcher_code`). The parent's share: the wall clock (the run is killed
+``timeout_s`` after the program's interpreter is up; start-up has its own ``_SETUP_TIMEOUT_S``), bounded
+output buffers (the rest is spliced to /dev/null, so a program printing gigabytes costs the parent at most
+``output_limit_bytes`` per stream), a dedicated uid leased per concurrent run when root, and the teardown:
+``run_program`` returns only once every process of the run is gone.
 
 If any isolation step fails, the program is not run and the result is ``sandbox_error``: the sandbox fails
 closed and never falls back to running unsandboxed.
@@ -52,16 +23,10 @@ Outcome mapping (``SandboxResult.status``): exit 0 -> ``ok``; other exit -> ``er
 deadline or by RLIMIT_CPU -> ``timeout``; ``MemoryError`` (the wrapper exits with
 ``MEMORY_ERROR_EXIT_CODE``, or a nonzero exit whose stderr ends mentioning ``MemoryError``) -> ``memory``; any
 other signal -> ``killed``; failure to set up, including an interpreter that cannot start -> ``sandbox_error``.
-
-Layout of this file: the public API and the parent side first; the code that runs in the sandbox's own
-processes is the self-contained *launcher section* at the end. The parent compiles only that section, once,
-and hands the code object to each launcher (see :func:`_launcher_code`), so that a run pays for the
-interpreter and ``ctypes`` (~14 ms of start-up) instead of importing this module (~55 ms).
 """
 
 from __future__ import annotations
 
-import __future__
 import contextlib
 import errno
 import fcntl
@@ -80,6 +45,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from cipo_nemo.environments import sandbox_launcher
+from cipo_nemo.environments.sandbox_launcher import MEMORY_ERROR_EXIT_CODE, is_under
+
 STATUSES = ("ok", "error", "timeout", "memory", "killed", "sandbox_error")
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -89,7 +57,6 @@ DEFAULT_MAX_PROCESSES = 64
 DEFAULT_MAX_FILE_MB = 64
 DEFAULT_HIDDEN_PATHS = ("/root", "/home", "/run")
 TRUNCATION_MARKER = "\n[cipo sandbox: output truncated, {dropped} more bytes dropped]\n"
-# MEMORY_ERROR_EXIT_CODE and SANDBOX_WORKDIR are defined in the launcher section below.
 
 # Dedicated uids for root mode, far above the ranges distributions and systemd hand out. One slot is leased
 # per concurrent run; the lock is an abstract unix socket name, released when the lease ends or the process dies.
@@ -104,7 +71,6 @@ _STDERR_TAIL_FOR_MEMORY = 2048
 # The working directory holds one file of max_file_mb next to main.py and a few small files.
 _WORKDIR_SLACK_BYTES = 1 << 20
 _LAUNCHER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
-_LAUNCHER_SECTION_MARKER = "# === launcher section ==="
 
 
 @dataclass(frozen=True)
@@ -339,9 +305,9 @@ def _filesystem_plan(python: str, hidden_paths: tuple[str, ...]) -> _FilesystemP
         if blocked is not None:
             candidates.add(blocked)
     outermost = sorted(
-        path for path in candidates if not any(other != path and _is_under(path, other) for other in candidates)
+        path for path in candidates if not any(other != path and is_under(path, other) for other in candidates)
     )
-    exposed = (prefix,) if any(_is_under(prefix, hidden) for hidden in outermost) else ()
+    exposed = (prefix,) if any(is_under(prefix, hidden) for hidden in outermost) else ()
     return _FilesystemPlan(python=python, hidden=tuple(outermost), exposed=exposed)
 
 
@@ -433,15 +399,10 @@ class _RunRecord:
 
 @functools.cache
 def _launcher_code() -> bytes:
-    """The launcher section of this file compiled once, marshalled for the launcher's bootstrap.
-
-    Padded with blank lines so that tracebacks from the launcher keep this file's line numbers.
-    """
-    with open(__file__, encoding="utf-8") as file:
-        lines = file.readlines()
-    first = lines.index(_LAUNCHER_SECTION_MARKER + "\n")
-    source = "\n" * first + "".join(lines[first:])
-    code = compile(source, __file__, "exec", flags=__future__.annotations.compiler_flag, dont_inherit=True)
+    """The launcher module compiled once, marshalled for the launcher's bootstrap."""
+    path = sandbox_launcher.__file__
+    with open(path, encoding="utf-8") as file:
+        code = compile(file.read(), path, "exec", dont_inherit=True)
     return marshal.dumps(code)
 
 
@@ -618,330 +579,3 @@ def _classify(record: _RunRecord, cpu_limit_s: int, stderr_tail: str) -> tuple[s
     if signal_number == signal.SIGXCPU or (signal_number == signal.SIGKILL and record.cpu_s >= cpu_limit_s):
         return "timeout", -signal_number
     return "killed", -signal_number
-
-
-# === launcher section ===
-# Everything below also runs in the sandbox's launcher, init and program processes, compiled on its own by
-# _launcher_code: it may use only what it defines or imports itself, and must never print to stdout.
-
-import ctypes  # noqa: E402  (the launcher section's own imports; see the module docstring)
-import os  # noqa: E402,F811
-import resource  # noqa: E402
-import select  # noqa: E402
-
-MEMORY_ERROR_EXIT_CODE = 97
-SANDBOX_WORKDIR = "/tmp/work"
-_USERNS_UID = 1000
-_SETUP_FAILED_EXIT = 125
-_NOFILE_LIMIT = 1024
-_AUXILIARY_TMPFS_BYTES = 1 << 20
-_OOM_SCORE_ADJ = 1000  # the maximum: first in line for the OOM killer
-_SIGKILL = 9  # the signal module costs the launcher ~4 ms of start-up (it imports enum)
-_PROGRAM_ENV = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin",
-    "LANG": "C.UTF-8",
-    "LC_ALL": "C.UTF-8",
-    "HOME": SANDBOX_WORKDIR,
-    "TMPDIR": SANDBOX_WORKDIR,
-}
-# Linux ABI constants that Python 3.11's os module does not expose.
-_CLONE_NEWNS = 0x00020000
-_CLONE_NEWUTS = 0x04000000
-_CLONE_NEWIPC = 0x08000000
-_CLONE_NEWUSER = 0x10000000
-_CLONE_NEWPID = 0x20000000
-_CLONE_NEWNET = 0x40000000
-_MS_RDONLY = 0x1
-_MS_NOSUID = 0x2
-_MS_NODEV = 0x4
-_MS_NOEXEC = 0x8
-_MS_BIND = 0x1000
-_MS_REC = 0x4000
-_MS_PRIVATE = 0x40000
-_PR_SET_PDEATHSIG = 1
-_PR_SET_DUMPABLE = 4
-_PR_SET_NO_NEW_PRIVS = 38
-_SYS_MOUNT_SETATTR = 442  # one number on every architecture (syscalls added since 5.1 share a table)
-_AT_FDCWD = -100
-_AT_RECURSIVE = 0x8000
-_MOUNT_ATTR_RDONLY = 0x1
-_MOUNT_ATTR_NOSUID = 0x2
-
-# Runs inside the sandbox as ``python -I -S -c _WRAPPER_SOURCE STATUS_FD PROGRAM_FD``: reads the program from its
-# sealed memfd, reports "started" on the status pipe, closes both descriptors (the program never sees them),
-# then runs the program as __main__ with a clean namespace, turns MemoryError into MEMORY_ERROR_EXIT_CODE and
-# leaves its own frame out of tracebacks.
-_WRAPPER_SOURCE = f"""
-def _cipo_run():
-    import os, sys
-    status_fd, program_fd = int(sys.argv[1]), int(sys.argv[2])
-    chunks = []
-    while chunk := os.read(program_fd, 1 << 20):
-        chunks.append(chunk)
-    os.close(program_fd)
-    source = b"".join(chunks)
-    path = os.path.join(os.getcwd(), "main.py")
-    with open(path, "wb") as file:  # on disk only so that tracebacks can show source lines
-        file.write(source)
-    os.write(status_fd, b"S\\n")
-    os.close(status_fd)
-    namespace = sys.modules["__main__"].__dict__
-    for name in [name for name in namespace if not name.startswith("__")]:
-        del namespace[name]
-    namespace["__file__"] = path
-    sys.argv[:] = [path]
-    try:
-        exec(compile(source, path, "exec"), namespace)
-    except SystemExit:
-        raise
-    except MemoryError:
-        try:
-            sys.stdout.flush()
-        finally:
-            os.write(2, b"MemoryError: the sandbox memory limit was reached\\n")
-            os._exit({MEMORY_ERROR_EXIT_CODE})
-    except BaseException as error:
-        import traceback
-        # Print the traceback as Python would, minus this wrapper's frame, then exit 1 the normal way.
-        traceback.print_exception(type(error), error, error.__traceback__.tb_next)
-        sys.exit(1)
-_cipo_run()
-"""
-
-
-class _LaunchOptions:
-    """The launcher's command line (``key=value`` words; ``hide=`` and ``expose=`` may repeat)."""
-
-    def __init__(self, arguments: list[str]) -> None:
-        values: dict[str, str] = {}
-        hidden: list[str] = []
-        exposed: list[str] = []
-        for argument in arguments:
-            key, _, value = argument.partition("=")
-            if key == "hide":
-                hidden.append(value)
-            elif key == "expose":
-                exposed.append(value)
-            else:
-                values[key] = value
-        self.parent_pid = int(values["parent_pid"])
-        self.status_fd = int(values["status_fd"])
-        self.program_fd = int(values["program_fd"])
-        self.control_fd = int(values["control_fd"])
-        self.uid = int(values["uid"])
-        self.python = values["python"]
-        self.memory_bytes = int(values["memory_bytes"])
-        self.cpu_s = int(values["cpu_s"])
-        self.nproc = int(values["nproc"])
-        self.fsize_bytes = int(values["fsize_bytes"])
-        self.workdir_bytes = int(values["workdir_bytes"])
-        self.hidden = tuple(hidden)
-        self.exposed = tuple(exposed)
-
-
-def _is_under(path: str, directory: str) -> bool:
-    return path == directory or path.startswith(directory.rstrip("/") + "/")
-
-
-class _Libc:
-    """The few libc calls the launcher needs; each raises OSError on failure."""
-
-    def __init__(self) -> None:
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self._libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                                     ctypes.c_char_p]
-        self._libc.syscall.restype = ctypes.c_long
-
-    @staticmethod
-    def _check(result: int, what: str) -> None:
-        if result != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, f"{what}: {os.strerror(error)}")
-
-    def unshare(self, flags: int) -> None:
-        self._check(self._libc.unshare(flags), "unshare")
-
-    def try_unshare(self, flags: int) -> bool:
-        return self._libc.unshare(flags) == 0
-
-    def prctl(self, option: int, value: int, what: str) -> None:
-        self._check(self._libc.prctl(option, value, 0, 0, 0), what)
-
-    def mount(self, source: str | None, target: str, fstype: str | None, flags: int,
-              data: str | None = None) -> None:
-        def encode(text: str | None) -> bytes | None:
-            return None if text is None else text.encode()
-
-        result = self._libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data))
-        self._check(result, f"mount {fstype or source} on {target}")
-
-    def set_readonly(self, path: str, *, recursive: bool) -> None:
-        """Make the mount at ``path`` (and, if ``recursive``, every mount below it) read-only and nosuid."""
-        attributes = (ctypes.c_uint64 * 4)(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0, 0, 0)
-        flags = _AT_RECURSIVE if recursive else 0
-        result = self._libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, path.encode(), flags, attributes,
-                                    ctypes.sizeof(attributes))
-        self._check(result, f"mount_setattr({path}, read-only) [needs Linux >= 5.12]")
-
-    def tmpfs(self, target: str, *, size: int, mode: str, owner: int) -> None:
-        options = f"size={size},nr_inodes={max(64, size // 4096)},mode={mode},uid={owner},gid={owner}"
-        self.mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, options)
-
-
-def _report(fd: int, kind: str, text: str = "") -> None:
-    line = f"{kind} {text}".replace("\n", " ").strip() + "\n"
-    os.write(fd, line.encode("utf-8", errors="replace")[:4000])
-
-
-def launcher_main(arguments: list[str]) -> None:
-    """Launcher L: enter fresh namespaces, fork the namespace init, wait for it. Never returns.
-
-    While the init runs, L also watches the control pipe: when the parent closes it (stop request, or the
-    parent died), L SIGKILLs the init. L exits only after reaping the init, that is after the whole PID
-    namespace is gone, so the parent's wait on L is a wait on every process of the run.
-    """
-    options = _LaunchOptions(arguments)
-    try:
-        libc = _Libc()
-        libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, "prctl(PR_SET_PDEATHSIG)")
-        if os.getppid() != options.parent_pid:
-            os._exit(_SETUP_FAILED_EXIT)  # the trainer thread is already gone
-        # Inherited by init and program: under memory pressure the kernel kills sandbox processes first, even
-        # when their memory is not theirs by RSS (tmpfs, memfds), instead of the trainer.
-        with open("/proc/self/oom_score_adj", "w") as file:
-            file.write(str(_OOM_SCORE_ADJ))
-        in_user_namespace = _enter_namespaces(libc, options)
-        init_pid = os.fork()
-    except OSError as exc:
-        _report(options.status_fd, "E", f"launcher: {exc}")
-        os._exit(_SETUP_FAILED_EXIT)
-    if init_pid == 0:
-        os.close(options.control_fd)
-        _namespace_init(libc, options, in_user_namespace)
-    init_exited = os.pidfd_open(init_pid)  # safe: the init is our unreaped child
-    ready, _, _ = select.select([init_exited, options.control_fd], [], [])
-    if init_exited not in ready:
-        os.kill(init_pid, _SIGKILL)
-    os.waitpid(init_pid, 0)
-    os._exit(0)
-
-
-def _enter_namespaces(libc: _Libc, options: _LaunchOptions) -> bool:
-    """Unshare every namespace. Returns True when a user namespace was needed: not root, or root without
-    CAP_SYS_ADMIN, in which case the launcher first becomes the leased sandbox uid so that the program's
-    files and processes are never the host's uid 0."""
-    flags = _CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWPID | _CLONE_NEWIPC | _CLONE_NEWUTS
-    if os.geteuid() == 0:
-        if libc.try_unshare(flags):
-            return False
-        os.setgroups([])
-        os.setresgid(options.uid, options.uid, options.uid)
-        os.setresuid(options.uid, options.uid, options.uid)
-        # The uid change cleared both: /proc/self/uid_map needs a dumpable process.
-        libc.prctl(_PR_SET_DUMPABLE, 1, "prctl(PR_SET_DUMPABLE)")
-        libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, "prctl(PR_SET_PDEATHSIG)")
-        if os.getppid() != options.parent_pid:
-            os._exit(_SETUP_FAILED_EXIT)
-    outer_uid, outer_gid = os.geteuid(), os.getegid()
-    libc.unshare(flags | _CLONE_NEWUSER)
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{_USERNS_UID} {outer_uid} 1"),
-                       ("gid_map", f"{_USERNS_UID} {outer_gid} 1")):
-        with open(f"/proc/self/{name}", "w") as file:
-            file.write(text)
-    return True
-
-
-def _namespace_init(libc: _Libc, options: _LaunchOptions, in_user_namespace: bool) -> None:
-    """Init I, PID 1 of the run's namespace: build the file system view, fork the program, reap until the
-    program exits, report its status. Its exit ends the PID namespace, killing whatever the program left."""
-    try:
-        libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, "prctl(PR_SET_PDEATHSIG)")
-        if in_user_namespace:
-            _build_filesystem(libc, options, system_owner=_USERNS_UID, sandbox_owner=_USERNS_UID)
-        else:
-            _build_filesystem(libc, options, system_owner=0, sandbox_owner=options.uid)
-        program_pid = os.fork()
-    except OSError as exc:
-        _report(options.status_fd, "E", f"namespace init: {exc}")
-        os._exit(_SETUP_FAILED_EXIT)
-    if program_pid == 0:
-        _exec_program(libc, options, in_user_namespace)
-    while True:
-        pid, wait_status, usage = os.wait4(-1, 0)
-        if pid == program_pid:
-            _report(options.status_fd, "W", f"{wait_status} {usage.ru_utime + usage.ru_stime:.3f}")
-            os._exit(0)
-
-
-def _build_filesystem(libc: _Libc, options: _LaunchOptions, *, system_owner: int, sandbox_owner: int) -> None:
-    """Everything read-only; a fresh /proc; hidden paths covered; a private /tmp/work and /dev/shm.
-
-    ``system_owner`` owns the read-only covers (root, or the mapped uid in a user namespace, where uid 0 is
-    unmapped); ``sandbox_owner`` owns the writable directories.
-    """
-    libc.mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount propagates back to the host
-    exposed_fds = [_open_exposed(path) for path in options.exposed]  # before covering them
-    libc.set_readonly("/", recursive=True)
-    _mount_fresh_proc(libc)
-    for hidden in options.hidden:
-        libc.tmpfs(hidden, size=_AUXILIARY_TMPFS_BYTES, mode="0755", owner=system_owner)
-        for path, fd in zip(options.exposed, exposed_fds):
-            if _is_under(path, hidden):
-                os.makedirs(path, mode=0o755, exist_ok=True)
-                libc.mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
-                libc.set_readonly(path, recursive=True)
-        libc.set_readonly(hidden, recursive=False)
-    for fd in exposed_fds:
-        os.close(fd)
-    libc.tmpfs("/tmp", size=_AUXILIARY_TMPFS_BYTES, mode="0755", owner=system_owner)
-    os.mkdir(SANDBOX_WORKDIR, 0o700)
-    libc.tmpfs(SANDBOX_WORKDIR, size=options.workdir_bytes, mode="0700", owner=sandbox_owner)
-    libc.set_readonly("/tmp", recursive=False)
-    if os.path.isdir("/dev/shm"):
-        libc.tmpfs("/dev/shm", size=options.fsize_bytes, mode="0700", owner=sandbox_owner)
-
-
-def _open_exposed(path: str) -> int:
-    try:
-        return os.open(path, os.O_PATH | os.O_DIRECTORY)
-    except PermissionError as exc:
-        # Root without CAP_SYS_ADMIN: the launcher already is the sandbox uid and cannot reach the interpreter.
-        raise PermissionError(exc.errno, f"the sandbox uid cannot reach the interpreter prefix {path}; "
-                                         "pass a world-readable python_executable (e.g. /usr/bin/python3)") from exc
-
-
-def _mount_fresh_proc(libc: _Libc) -> None:
-    """procfs of this PID namespace. In a user namespace the kernel may refuse (containers mask parts of
-    /proc); then an empty tmpfs covers /proc instead, which still hides the host's processes."""
-    try:
-        libc.mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-    except PermissionError:
-        libc.mount("tmpfs", "/proc", "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC | _MS_RDONLY, "size=4096")
-
-
-def _exec_program(libc: _Libc, options: _LaunchOptions, in_user_namespace: bool) -> None:
-    """Program P: limits, credentials, then exec the wrapper. Never returns."""
-    # In a user namespace the launcher and the init run under the program's uid there and count against it.
-    nproc = options.nproc + 2 if in_user_namespace else options.nproc
-    try:
-        for which, soft, hard in (
-            (resource.RLIMIT_CORE, 0, 0),
-            (resource.RLIMIT_CPU, options.cpu_s, options.cpu_s + 1),
-            (resource.RLIMIT_AS, options.memory_bytes, options.memory_bytes),
-            (resource.RLIMIT_NPROC, nproc, nproc),
-            (resource.RLIMIT_FSIZE, options.fsize_bytes, options.fsize_bytes),
-            (resource.RLIMIT_NOFILE, _NOFILE_LIMIT, _NOFILE_LIMIT),
-        ):
-            resource.setrlimit(which, (soft, hard))
-        if not in_user_namespace:
-            os.setgroups([])
-            os.setresgid(options.uid, options.uid, options.uid)
-            os.setresuid(options.uid, options.uid, options.uid)
-        libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, "prctl(PR_SET_NO_NEW_PRIVS)")
-        libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, "prctl(PR_SET_PDEATHSIG)")  # after the uid change, which clears it
-        os.chdir(SANDBOX_WORKDIR)
-        argv = [options.python, "-I", "-S", "-c", _WRAPPER_SOURCE, str(options.status_fd), str(options.program_fd)]
-        os.execve(options.python, argv, _PROGRAM_ENV)
-    except OSError as exc:
-        _report(options.status_fd, "E", f"cannot start the program: {exc}")
-        os._exit(_SETUP_FAILED_EXIT)
