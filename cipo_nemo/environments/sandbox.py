@@ -28,6 +28,7 @@ other signal -> ``killed``; failure to set up, including an interpreter that can
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -36,17 +37,18 @@ import os
 import selectors
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
 from cipo_nemo.environments import sandbox_launcher
-from cipo_nemo.environments.sandbox_launcher import MEMORY_ERROR_EXIT_CODE, is_under
+from cipo_nemo.environments.sandbox_cgroup import CgroupLimits, oom_killed, run_cgroup, sandbox_cgroup_base
+from cipo_nemo.environments.sandbox_launcher import LINK_SEPARATOR, MEMORY_ERROR_EXIT_CODE
+from cipo_nemo.environments.sandbox_runtime import RuntimeView, runtime_view
 
 STATUSES = ("ok", "error", "timeout", "memory", "killed", "sandbox_error")
 
@@ -55,7 +57,7 @@ DEFAULT_MEMORY_MB = 1024
 DEFAULT_OUTPUT_LIMIT_BYTES = 1 << 20
 DEFAULT_MAX_PROCESSES = 64
 DEFAULT_MAX_FILE_MB = 64
-DEFAULT_HIDDEN_PATHS = ("/root", "/home", "/run")
+DEFAULT_CPU_CORES = 1.0
 TRUNCATION_MARKER = "\n[cipo sandbox: output truncated, {dropped} more bytes dropped]\n"
 
 # Dedicated uids for root mode, far above the ranges distributions and systemd hand out. One slot is leased
@@ -70,6 +72,7 @@ _STATUS_LIMIT_BYTES = 1 << 16
 _STDERR_TAIL_FOR_MEMORY = 2048
 # The working directory holds one file of max_file_mb next to main.py and a few small files.
 _WORKDIR_SLACK_BYTES = 1 << 20
+_CGROUP_LAUNCHER_BYTES = 64 << 20  # the launcher's and the init's interpreters
 _LAUNCHER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
@@ -105,6 +108,7 @@ class SandboxLimits:
     max_processes: int = DEFAULT_MAX_PROCESSES
     max_file_mb: int = DEFAULT_MAX_FILE_MB
     cpu_time_s: int | None = None
+    cpu_cores: float = DEFAULT_CPU_CORES
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
@@ -117,6 +121,8 @@ class SandboxLimits:
             raise ValueError(f"max_processes must be >= 1, got {self.max_processes}")
         if self.max_file_mb < 1:
             raise ValueError(f"max_file_mb must be >= 1, got {self.max_file_mb}")
+        if not self.cpu_cores > 0:
+            raise ValueError(f"cpu_cores must be > 0, got {self.cpu_cores}")
         if self.cpu_time_s is not None and self.cpu_time_s < 1:
             raise ValueError(f"cpu_time_s must be >= 1 (RLIMIT_CPU counts whole seconds), got {self.cpu_time_s}")
 
@@ -147,7 +153,7 @@ def run_program(
     max_processes: int = DEFAULT_MAX_PROCESSES,
     max_file_mb: int = DEFAULT_MAX_FILE_MB,
     cpu_time_s: int | None = None,
-    hidden_paths: Sequence[str] | None = None,
+    cpu_cores: float = DEFAULT_CPU_CORES,
     python_executable: str | None = None,
 ) -> SandboxResult:
     """Run Python ``source`` in the sandbox; never raises for anything the program does.
@@ -163,14 +169,14 @@ def run_program(
             directory (``max_file_mb`` + the program + 1 MiB) and its private /dev/shm (``max_file_mb``);
             tmpfs is RAM and is not counted in ``memory_mb``.
         cpu_time_s: RLIMIT_CPU in whole seconds per process (default: ``timeout_s`` rounded up, plus one).
-        hidden_paths: directories replaced by empty read-only mounts (default :data:`DEFAULT_HIDDEN_PATHS`,
-            that is ``/root``, ``/home`` and ``/run`` (service sockets), plus ``$HOME``); the interpreter's
-            prefix stays visible even when it lies under one of them.
-        python_executable: interpreter for the program (default: the real path of ``sys.executable``). Its
-            prefix, the directory above its ``bin/``, must be world-readable.
+        cpu_cores: CPU quota of the whole run in cores (cgroup ``cpu.max``; only where per-run cgroups are
+            available, see :mod:`~cipo_nemo.environments.sandbox_cgroup`).
+        python_executable: interpreter for the program (default: the real path of ``sys.executable``). The
+            program sees it, its standard library and the shared libraries it loads, read-only, and nothing
+            else of the host (see :mod:`~cipo_nemo.environments.sandbox_runtime`).
 
     Raises:
-        ValueError: invalid limits or hidden paths, or a source larger than ``max_file_mb`` (caller errors).
+        ValueError: invalid limits, or a source larger than ``max_file_mb`` (caller errors).
     """
     limits = SandboxLimits(
         timeout_s=timeout_s,
@@ -179,30 +185,27 @@ def run_program(
         max_processes=max_processes,
         max_file_mb=max_file_mb,
         cpu_time_s=cpu_time_s,
+        cpu_cores=cpu_cores,
     )
-    return run_request(
-        SandboxRequest(source=source, stdin=stdin, limits=limits),
-        hidden_paths=hidden_paths,
-        python_executable=python_executable,
-    )
+    return run_request(SandboxRequest(source=source, stdin=stdin, limits=limits), python_executable=python_executable)
 
 
-def run_request(
-    request: SandboxRequest,
-    *,
-    hidden_paths: Sequence[str] | None = None,
-    python_executable: str | None = None,
-) -> SandboxResult:
+def run_request(request: SandboxRequest, *, python_executable: str | None = None) -> SandboxResult:
     """:func:`run_program` for a :class:`SandboxRequest`."""
     python = os.path.realpath(python_executable or sys.executable)
-    plan = _filesystem_plan(python, _hidden_path_list(hidden_paths))
     source_bytes = request.source.encode("utf-8", errors="surrogateescape")
     if len(source_bytes) > request.limits.max_file_mb << 20:
         raise ValueError(f"source is larger than max_file_mb={request.limits.max_file_mb}")
     started = time.monotonic()
     try:
-        with _UidLease() as uid:
-            return _run_sandboxed(source_bytes, request.stdin, request.limits, plan, uid, started)
+        # A missing interpreter gets an empty view: its exec fails in the sandbox, reported as sandbox_error.
+        view = runtime_view(python) if os.path.isfile(python) else RuntimeView((), (), ())
+        with _UidLease() as uid, _run_cgroup(request.limits, len(source_bytes)) as cgroup:
+            plan = _RunPlan(python=python, view=view, cgroup=cgroup)
+            result = _run_sandboxed(source_bytes, request.stdin, request.limits, plan, uid, started)
+            if cgroup is not None and result.status == "killed" and oom_killed(cgroup):
+                result = dataclasses.replace(result, status="memory")
+            return result
     except OSError as exc:  # the trainer's side ran out of something (fds, pids, uid slots): report, do not raise
         return SandboxResult(status="sandbox_error", returncode=None, stdout="",
                              stderr=f"sandbox: could not start the sandbox: {exc}\n",
@@ -217,23 +220,19 @@ class SandboxPool:
     """Runs sandboxed programs on a bounded number of threads; each program is its own child process.
 
     At most ``max_workers`` programs from this pool run at once. Use it as a context manager or call
-    :meth:`close`. ``hidden_paths`` and ``python_executable`` apply to every program, as in :func:`run_program`.
+    :meth:`close`. ``python_executable`` applies to every program, as in :func:`run_program`.
     """
 
-    def __init__(self, max_workers: int, *, hidden_paths: Sequence[str] | None = None,
-                 python_executable: str | None = None) -> None:
+    def __init__(self, max_workers: int, *, python_executable: str | None = None) -> None:
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         self.max_workers = max_workers
-        self._hidden_paths = hidden_paths
         self._python_executable = python_executable
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cipo-sandbox")
 
     def submit(self, request: SandboxRequest) -> Future[SandboxResult]:
         """Start one program; the future's result is its :class:`SandboxResult`."""
-        return self._executor.submit(
-            run_request, request, hidden_paths=self._hidden_paths, python_executable=self._python_executable
-        )
+        return self._executor.submit(run_request, request, python_executable=self._python_executable)
 
     def run_many(self, requests: Iterable[SandboxRequest]) -> list[SandboxResult]:
         """Run all ``requests``, at most ``max_workers`` at a time; results in request order."""
@@ -262,53 +261,31 @@ class SandboxPool:
 
 
 @dataclass(frozen=True)
-class _FilesystemPlan:
-    """What the namespace init mounts: ``hidden`` directories get covered, ``exposed`` paths bound back."""
+class _RunPlan:
+    """Where a run's program comes from and what it sees: the interpreter, its runtime view, its cgroup."""
 
     python: str
-    hidden: tuple[str, ...]
-    exposed: tuple[str, ...]
+    view: RuntimeView
+    cgroup: str | None
 
 
-def _hidden_path_list(hidden_paths: Sequence[str] | None) -> tuple[str, ...]:
-    if hidden_paths is None:
-        home = os.environ.get("HOME", "")
-        with_home = os.path.isabs(home) and os.path.realpath(home) != "/"
-        return DEFAULT_HIDDEN_PATHS + ((home,) if with_home else ())
-    for path in hidden_paths:
-        if not os.path.isabs(path):
-            raise ValueError(f"hidden paths must be absolute, got {path!r}")
-        if os.path.realpath(path) == "/":
-            raise ValueError("cannot hide '/'")
-    return tuple(hidden_paths)
+def _workdir_bytes(limits: SandboxLimits, source_bytes: int) -> int:
+    return (limits.max_file_mb << 20) + source_bytes + _WORKDIR_SLACK_BYTES
 
 
-def _first_untraversable_ancestor(path: str) -> str | None:
-    """The highest directory on ``path`` that users other than its owner cannot enter (no o+x), if any."""
-    current = "/"
-    for part in path.strip("/").split("/"):
-        current = os.path.join(current, part)
-        if not os.stat(current).st_mode & stat.S_IXOTH:
-            return current
-    return None
-
-
-def _filesystem_plan(python: str, hidden_paths: tuple[str, ...]) -> _FilesystemPlan:
-    """Directories to cover, and the interpreter prefix to bind back when it lies under one of them."""
-    if not os.path.isfile(python):
-        return _FilesystemPlan(python=python, hidden=(), exposed=())  # exec fails: the run reports sandbox_error
-    prefix = os.path.dirname(os.path.dirname(python))
-    candidates = {os.path.realpath(path) for path in hidden_paths if os.path.isdir(path)}
-    if os.geteuid() == 0:
-        # The sandbox uid reaches the interpreter only if every directory above it can be entered by "others".
-        blocked = _first_untraversable_ancestor(prefix)
-        if blocked is not None:
-            candidates.add(blocked)
-    outermost = sorted(
-        path for path in candidates if not any(other != path and is_under(path, other) for other in candidates)
-    )
-    exposed = (prefix,) if any(is_under(prefix, hidden) for hidden in outermost) else ()
-    return _FilesystemPlan(python=python, hidden=tuple(outermost), exposed=exposed)
+@contextlib.contextmanager
+def _run_cgroup(limits: SandboxLimits, source_bytes: int) -> Iterator[str | None]:
+    """The run's own cgroup (its directory), or None where cgroups are unavailable (rlimits only)."""
+    base = sandbox_cgroup_base()
+    if base is None:
+        yield None
+        return
+    # Memory: one process's worth, the working directory and /dev/shm (tmpfs pages count), the launcher and init.
+    memory = (limits.memory_mb << 20) + _workdir_bytes(limits, source_bytes) + (limits.max_file_mb << 20)
+    cgroup_limits = CgroupLimits(memory_bytes=memory + _CGROUP_LAUNCHER_BYTES, pids=limits.max_processes + 2,
+                                 cpu_cores=limits.cpu_cores)
+    with run_cgroup(base, cgroup_limits) as path:
+        yield path
 
 
 class _UidLease:
@@ -417,7 +394,7 @@ namespace["launcher_main"](sys.argv[2:])
 """
 
 
-def _launcher_argv(fds: dict[str, int], source_bytes: int, limits: SandboxLimits, plan: _FilesystemPlan,
+def _launcher_argv(fds: dict[str, int], source_bytes: int, limits: SandboxLimits, plan: _RunPlan,
                    uid: int | None) -> list[str]:
     options = {
         "parent_pid": os.getpid(),
@@ -428,14 +405,18 @@ def _launcher_argv(fds: dict[str, int], source_bytes: int, limits: SandboxLimits
         "cpu_s": limits.effective_cpu_time_s,
         "nproc": limits.max_processes,
         "fsize_bytes": limits.max_file_mb << 20,
-        "workdir_bytes": (limits.max_file_mb << 20) + source_bytes + _WORKDIR_SLACK_BYTES,
+        "workdir_bytes": _workdir_bytes(limits, source_bytes),
+        "cgroup_procs": "" if plan.cgroup is None else os.path.join(plan.cgroup, "cgroup.procs"),
     }
     arguments = [f"{key}={value}" for key, value in options.items()]
-    arguments += [f"hide={path}" for path in plan.hidden] + [f"expose={path}" for path in plan.exposed]
+    arguments += [f"bind_dir={path}" for path in plan.view.directories]
+    arguments += [f"bind_file={path}" for path in plan.view.files]
+    arguments += [f"link={path}{LINK_SEPARATOR}{target}" for path, target in plan.view.links]
+    arguments += [f"cover={path}" for path in plan.view.covered]
     return [sys.executable, "-I", "-S", "-c", _LAUNCHER_BOOTSTRAP, str(fds["code_fd"]), *arguments]
 
 
-def _run_sandboxed(source: bytes, stdin: str, limits: SandboxLimits, plan: _FilesystemPlan,
+def _run_sandboxed(source: bytes, stdin: str, limits: SandboxLimits, plan: _RunPlan,
                    uid: int | None, started: float) -> SandboxResult:
     with contextlib.ExitStack() as cleanup:
         program_fd = _sealed_memfd(source, "cipo-program")

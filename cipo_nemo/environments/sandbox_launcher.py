@@ -42,7 +42,8 @@ Isolation:
 - **Environment**: only ``PATH``, ``LANG``, ``LC_ALL``, ``HOME`` and ``TMPDIR`` (the last two: the working
   directory). Nothing of the trainer's environment passes.
 
-The parent imports it too, for what the two sides share (:data:`MEMORY_ERROR_EXIT_CODE`, :func:`is_under`).
+The parent imports it too, for what the two sides share (:data:`MEMORY_ERROR_EXIT_CODE`, :data:`LINK_SEPARATOR`,
+:data:`PROGRAM_ENV`).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ _NOFILE_LIMIT = 1024
 _AUXILIARY_TMPFS_BYTES = 1 << 20
 _OOM_SCORE_ADJ = 1000  # the maximum: first in line for the OOM killer
 _SIGKILL = 9  # the signal module costs the launcher ~4 ms of start-up (it imports enum)
-_PROGRAM_ENV = {
+PROGRAM_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "LANG": "C.UTF-8",
     "LC_ALL": "C.UTF-8",
@@ -90,6 +91,13 @@ _AT_FDCWD = -100
 _AT_RECURSIVE = 0x8000
 _MOUNT_ATTR_RDONLY = 0x1
 _MOUNT_ATTR_NOSUID = 0x2
+_MNT_DETACH = 0x2
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}  # an old system call: numbers differ by arch
+LINK_SEPARATOR = "\x1f"
+# The device nodes a program gets (bound from the host's /dev), and the usual links into its own /proc.
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom")
+_DEVICE_LINKS = (("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
+                 ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2"))
 
 # Runs inside the sandbox as ``python -I -S -c _WRAPPER_SOURCE STATUS_FD PROGRAM_FD``: reads the program from its
 # sealed memfd, reports "started" on the status pipe, closes both descriptors (the program never sees them),
@@ -134,18 +142,16 @@ _cipo_run()
 
 
 class _LaunchOptions:
-    """The launcher's command line (``key=value`` words; ``hide=`` and ``expose=`` may repeat)."""
+    """The launcher's command line: ``key=value`` words; ``bind_file=``, ``bind_dir=``, ``cover=`` and ``link=``
+    (a path and its target, separated by :data:`LINK_SEPARATOR`) may repeat."""
 
     def __init__(self, arguments: list[str]) -> None:
         values: dict[str, str] = {}
-        hidden: list[str] = []
-        exposed: list[str] = []
+        repeated: dict[str, list[str]] = {"bind_file": [], "bind_dir": [], "link": [], "cover": []}
         for argument in arguments:
             key, _, value = argument.partition("=")
-            if key == "hide":
-                hidden.append(value)
-            elif key == "expose":
-                exposed.append(value)
+            if key in repeated:
+                repeated[key].append(value)
             else:
                 values[key] = value
         self.parent_pid = int(values["parent_pid"])
@@ -159,12 +165,11 @@ class _LaunchOptions:
         self.nproc = int(values["nproc"])
         self.fsize_bytes = int(values["fsize_bytes"])
         self.workdir_bytes = int(values["workdir_bytes"])
-        self.hidden = tuple(hidden)
-        self.exposed = tuple(exposed)
-
-
-def is_under(path: str, directory: str) -> bool:
-    return path == directory or path.startswith(directory.rstrip("/") + "/")
+        self.cgroup_procs = values["cgroup_procs"]
+        self.bind_files = tuple(repeated["bind_file"])
+        self.bind_dirs = tuple(repeated["bind_dir"])
+        self.links = tuple(tuple(link.split(LINK_SEPARATOR, 1)) for link in repeated["link"])
+        self.covered = tuple(repeated["cover"])
 
 
 class _Libc:
@@ -207,6 +212,15 @@ class _Libc:
                                     ctypes.sizeof(attributes))
         self._check(result, f"mount_setattr({path}, read-only) [needs Linux >= 5.12]")
 
+    def pivot_root(self, new_root: str, put_old: str) -> None:
+        number = _SYS_PIVOT_ROOT.get(os.uname().machine)
+        if number is None:
+            raise OSError(0, f"pivot_root: no system call number known for {os.uname().machine}")
+        self._check(self._libc.syscall(number, new_root.encode(), put_old.encode()), "pivot_root")
+
+    def detach(self, target: str) -> None:
+        self._check(self._libc.umount2(target.encode(), _MNT_DETACH), f"umount {target}")
+
     def tmpfs(self, target: str, *, size: int, mode: str, owner: int) -> None:
         options = f"size={size},nr_inodes={max(64, size // 4096)},mode={mode},uid={owner},gid={owner}"
         self.mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, options)
@@ -234,6 +248,9 @@ def launcher_main(arguments: list[str]) -> None:
         # when their memory is not theirs by RSS (tmpfs, memfds), instead of the trainer.
         with open("/proc/self/oom_score_adj", "w") as file:
             file.write(str(_OOM_SCORE_ADJ))
+        if options.cgroup_procs:  # the run's own cgroup, made by the parent; every process of the run is born in it
+            with open(options.cgroup_procs, "w") as file:
+                file.write("0")
         in_user_namespace = _enter_namespaces(libc, options)
         init_pid = os.fork()
     except OSError as exc:
@@ -280,6 +297,7 @@ def _namespace_init(libc: _Libc, options: _LaunchOptions, in_user_namespace: boo
     program exits, report its status. Its exit ends the PID namespace, killing whatever the program left."""
     try:
         libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, "prctl(PR_SET_PDEATHSIG)")
+        os.umask(0o022)  # the skeleton's directories must be traversable by the program's uid
         if in_user_namespace:
             _build_filesystem(libc, options, system_owner=_USERNS_UID, sandbox_owner=_USERNS_UID)
         else:
@@ -298,49 +316,73 @@ def _namespace_init(libc: _Libc, options: _LaunchOptions, in_user_namespace: boo
 
 
 def _build_filesystem(libc: _Libc, options: _LaunchOptions, *, system_owner: int, sandbox_owner: int) -> None:
-    """Everything read-only; a fresh /proc; hidden paths covered; a private /tmp/work and /dev/shm.
+    """Make a fresh tmpfs the root, holding only the allow list; see the module docstring.
 
-    ``system_owner`` owns the read-only covers (root, or the mapped uid in a user namespace, where uid 0 is
-    unmapped); ``sandbox_owner`` owns the writable directories.
+    The new root is assembled at ``/tmp`` (any existing directory would do) while the host's tree is still
+    reachable: the runtime paths are opened first, the fresh procfs is mounted while the host's ``/proc`` is
+    still visible (the kernel requires that in a user namespace). Then ``pivot_root`` swaps the roots and the
+    host's tree is detached. ``system_owner`` owns the read-only skeleton (root, or the mapped uid in a user
+    namespace, where uid 0 is unmapped); ``sandbox_owner`` owns the writable directories.
     """
     libc.mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount propagates back to the host
-    exposed_fds = [_open_exposed(path) for path in options.exposed]  # before covering them
-    libc.set_readonly("/", recursive=True)
-    _mount_fresh_proc(libc)
-    for hidden in options.hidden:
-        libc.tmpfs(hidden, size=_AUXILIARY_TMPFS_BYTES, mode="0755", owner=system_owner)
-        for path, fd in zip(options.exposed, exposed_fds):
-            if is_under(path, hidden):
-                os.makedirs(path, mode=0o755, exist_ok=True)
-                libc.mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
-                libc.set_readonly(path, recursive=True)
-        libc.set_readonly(hidden, recursive=False)
-    for fd in exposed_fds:
+    sources = {path: _open_runtime_path(path) for path in (*options.bind_dirs, *options.bind_files)}
+    sources.update({device: os.open(device, os.O_PATH) for device in _DEVICES})
+    new_root = "/tmp"
+    libc.tmpfs(new_root, size=_AUXILIARY_TMPFS_BYTES, mode="0755", owner=system_owner)
+    for path, fd in sources.items():
+        target = new_root + path
+        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            os.mkdir(target, 0o755)
+        else:
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+        libc.mount(f"/proc/self/fd/{fd}", target, None, _MS_BIND | _MS_REC)
         os.close(fd)
-    libc.tmpfs("/tmp", size=_AUXILIARY_TMPFS_BYTES, mode="0755", owner=system_owner)
-    os.mkdir(SANDBOX_WORKDIR, 0o700)
-    libc.tmpfs(SANDBOX_WORKDIR, size=options.workdir_bytes, mode="0700", owner=sandbox_owner)
-    libc.set_readonly("/tmp", recursive=False)
-    if os.path.isdir("/dev/shm"):
-        libc.tmpfs("/dev/shm", size=options.fsize_bytes, mode="0700", owner=sandbox_owner)
+    for path in options.covered:
+        libc.tmpfs(new_root + path, size=_AUXILIARY_TMPFS_BYTES, mode="0755", owner=system_owner)
+    for path in (*options.bind_dirs, *options.bind_files):
+        libc.set_readonly(new_root + path, recursive=True)
+    for path, link_target in (*options.links, *_DEVICE_LINKS):
+        os.makedirs(new_root + os.path.dirname(path), mode=0o755, exist_ok=True)
+        os.symlink(link_target, new_root + path)
+    os.mkdir(new_root + "/proc", 0o555)
+    _mount_fresh_proc(libc, new_root + "/proc")
+    _mount_private_directories(libc, options, new_root, system_owner, sandbox_owner)
+    os.chdir(new_root)
+    libc.pivot_root(".", ".")  # the old root now lies on top of the new one, at the same place
+    libc.detach(".")
+    os.chdir("/")
+    for skeleton in ("/", "/tmp"):
+        libc.set_readonly(skeleton, recursive=False)
 
 
-def _open_exposed(path: str) -> int:
+def _mount_private_directories(libc: _Libc, options: _LaunchOptions, new_root: str, system_owner: int,
+                               sandbox_owner: int) -> None:
+    """/tmp holding the working directory, and /dev/shm: tmpfs, all of them."""
+    os.mkdir(new_root + "/tmp", 0o755)
+    libc.tmpfs(new_root + "/tmp", size=_AUXILIARY_TMPFS_BYTES, mode="0755", owner=system_owner)
+    os.mkdir(new_root + SANDBOX_WORKDIR, 0o700)
+    libc.tmpfs(new_root + SANDBOX_WORKDIR, size=options.workdir_bytes, mode="0700", owner=sandbox_owner)
+    os.mkdir(new_root + "/dev/shm", 0o700)
+    libc.tmpfs(new_root + "/dev/shm", size=options.fsize_bytes, mode="0700", owner=sandbox_owner)
+
+
+def _open_runtime_path(path: str) -> int:
     try:
-        return os.open(path, os.O_PATH | os.O_DIRECTORY)
+        return os.open(path, os.O_PATH)
     except PermissionError as exc:
         # Root without CAP_SYS_ADMIN: the launcher already is the sandbox uid and cannot reach the interpreter.
-        raise PermissionError(exc.errno, f"the sandbox uid cannot reach the interpreter prefix {path}; "
+        raise PermissionError(exc.errno, f"the sandbox uid cannot reach the interpreter's {path}; "
                                          "pass a world-readable python_executable (e.g. /usr/bin/python3)") from exc
 
 
-def _mount_fresh_proc(libc: _Libc) -> None:
+def _mount_fresh_proc(libc: _Libc, target: str) -> None:
     """procfs of this PID namespace. In a user namespace the kernel may refuse (containers mask parts of
-    /proc); then an empty tmpfs covers /proc instead, which still hides the host's processes."""
+    /proc); then an empty tmpfs is mounted instead, which still hides the host's processes."""
     try:
-        libc.mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+        libc.mount("proc", target, "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     except PermissionError:
-        libc.mount("tmpfs", "/proc", "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC | _MS_RDONLY, "size=4096")
+        libc.mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC | _MS_RDONLY, "size=4096")
 
 
 def _exec_program(libc: _Libc, options: _LaunchOptions, in_user_namespace: bool) -> None:
@@ -365,7 +407,7 @@ def _exec_program(libc: _Libc, options: _LaunchOptions, in_user_namespace: bool)
         libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, "prctl(PR_SET_PDEATHSIG)")  # after the uid change, which clears it
         os.chdir(SANDBOX_WORKDIR)
         argv = [options.python, "-I", "-S", "-c", _WRAPPER_SOURCE, str(options.status_fd), str(options.program_fd)]
-        os.execve(options.python, argv, _PROGRAM_ENV)
+        os.execve(options.python, argv, PROGRAM_ENV)
     except OSError as exc:
         _report(options.status_fd, "E", f"cannot start the program: {exc}")
         os._exit(_SETUP_FAILED_EXIT)
