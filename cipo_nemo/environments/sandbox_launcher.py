@@ -24,13 +24,17 @@ Isolation:
   L and I carry a parent-death SIGKILL, so the namespace also dies with the trainer thread or process.
 - **Network namespace** with only a loopback device, which is down: no address, loopback included, is
   reachable. **IPC and UTS namespaces**: no System V IPC objects or hostname shared with the host.
-- **Mount namespace**: every inherited mount is made read-only and nosuid (recursively, ``mount_setattr``,
-  Linux >= 5.12); ``/proc`` is a fresh procfs of the run's PID namespace (host processes are invisible);
-  ``/tmp`` is an empty read-only tmpfs holding the working directory ``/tmp/work`` (tmpfs, mode 0700, owned
-  by the sandbox uid, ``max_file_mb`` + the program + 1 MiB in size); ``/dev/shm`` is a private tmpfs of
-  ``max_file_mb``; ``hidden_paths`` (default ``/root``, ``/home``, ``/run`` and ``$HOME``) are covered by
-  empty read-only tmpfs mounts, except the interpreter's prefix, which is bind-mounted back read-only at its
-  own path. All of it disappears with the namespace: nothing is written to the host's disks.
+- **Mount namespace** whose root is a fresh tmpfs holding an allow list, entered with ``pivot_root``; the
+  host's tree is then detached. The program sees: the interpreter's runtime (the ``bind_file``/``bind_dir``
+  paths found by :mod:`~cipo_nemo.environments.sandbox_runtime`), bind-mounted read-only and nosuid at their
+  host paths, its site-packages covered, plus the ``link`` symlinks to the dynamic loader; ``/tmp``, an empty
+  read-only tmpfs holding the working directory ``/tmp/work`` (tmpfs, mode 0700, owned by the sandbox uid,
+  ``max_file_mb`` + the program + 1 MiB in size); a private ``/dev/shm`` of ``max_file_mb``; a fresh
+  ``/proc`` of the run's PID namespace (host processes are invisible); ``/dev/null``, ``/dev/zero``,
+  ``/dev/urandom`` and the ``/dev/fd``, ``/dev/std*`` links. Nothing else of the host exists for it, and all
+  of it disappears with the namespace: nothing is written to the host's disks.
+- **cgroup**: when the parent made one for the run (``cgroup_procs``), the launcher joins it first, so every
+  process of the run is born in it (see :mod:`~cipo_nemo.environments.sandbox_cgroup`).
 - **Credentials**: as root, P drops to a dedicated uid/gid (``_SANDBOX_UID_BASE`` + a slot leased for the
   run, no supplementary groups) and sets ``no_new_privs``. A dedicated uid per concurrent run makes
   RLIMIT_NPROC (counted per uid, and never enforced for root) a per-run process limit. Not root: a user

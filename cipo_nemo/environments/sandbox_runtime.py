@@ -73,7 +73,7 @@ def runtime_view(python: str) -> RuntimeView:
                            timeout=_PROBE_TIMEOUT_S, check=False)
     if probe.returncode != 0:
         raise OSError(f"probing the interpreter {python} failed: {probe.stderr.strip()[-500:]}")
-    found = json.loads(probe.stdout)
+    found = json.loads(probe.stdout.splitlines()[-1])  # the last line: an import may have printed
     mapped = [os.path.realpath(path) for path in found["mapped"] if os.path.isfile(path)]
     candidates = {os.path.realpath(path) for path in found["path"] if os.path.isdir(path)}
     candidates |= {os.path.dirname(path) for path in mapped if path != python}

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +118,27 @@ def test_cpu_quota_holds_busy_threads_to_their_share() -> None:
     result = run_program(source, cpu_cores=0.5, timeout_s=30)
     assert result.status == "ok", result
     assert float(result.stdout) < 0.75  # 4 busy threads, held near half a core
+
+
+def test_each_run_gets_its_own_cgroup_which_the_launcher_joins_and_which_is_removed(
+        fresh_cgroup_detection: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A stand-in for a delegated cgroup directory: plain files, so this checks the plumbing (parent writes the
+    # limits, the launcher writes itself into cgroup.procs before anything else, the run's directory goes),
+    # not the kernel's enforcement, which the tests above check where the machine allows.
+    seen: dict[str, dict[str, str]] = {}
+
+    def remove(path: str) -> None:
+        seen[os.path.basename(path)] = {name: (Path(path) / name).read_text() for name in os.listdir(path)}
+        shutil.rmtree(path)
+
+    monkeypatch.setattr(sandbox_cgroup, "_delegating_base", lambda: str(tmp_path))
+    monkeypatch.setattr(sandbox_cgroup, "_remove", remove)
+    result = run_program("print('inside')", memory_mb=100, max_processes=5, max_file_mb=2, cpu_cores=0.25)
+    assert (result.status, result.stdout) == ("ok", "inside\n")
+    assert len(seen) == 1 and os.listdir(tmp_path) == []
+    (name, files), = seen.items()
+    assert name.startswith(f"cipo-sandbox-{os.getpid()}-")
+    source_bytes = len("print('inside')")
+    memory = (100 << 20) + (2 << 20) + source_bytes + (1 << 20) + (2 << 20) + (64 << 20)
+    assert files == {"cgroup.procs": "0", "memory.max": str(memory), "memory.swap.max": "0",
+                     "memory.oom.group": "1", "pids.max": "7", "cpu.max": "25000 100000"}
