@@ -206,7 +206,7 @@ def run_request(request: SandboxRequest, *, python_executable: str | None = None
             if cgroup is not None and result.status == "killed" and oom_killed(cgroup):
                 result = dataclasses.replace(result, status="memory")
             return result
-    except OSError as exc:  # the trainer's side ran out of something (fds, pids, uid slots): report, do not raise
+    except OSError as exc:  # the trainer's side failed (fds, pids, uid slots, the interpreter probe): report
         return SandboxResult(status="sandbox_error", returncode=None, stdout="",
                              stderr=f"sandbox: could not start the sandbox: {exc}\n",
                              wall_s=time.monotonic() - started)

@@ -344,8 +344,8 @@ def _build_filesystem(libc: _Libc, options: _LaunchOptions, *, system_owner: int
         os.close(fd)
     for path in options.covered:
         libc.tmpfs(new_root + path, size=_AUXILIARY_TMPFS_BYTES, mode="0755", owner=system_owner)
-    for path in (*options.bind_dirs, *options.bind_files):
-        libc.set_readonly(new_root + path, recursive=True)
+    for path in sources:
+        libc.set_readonly(new_root + path, recursive=True)  # device nodes stay writable on a read-only mount
     for path, link_target in (*options.links, *_DEVICE_LINKS):
         os.makedirs(new_root + os.path.dirname(path), mode=0o755, exist_ok=True)
         os.symlink(link_target, new_root + path)

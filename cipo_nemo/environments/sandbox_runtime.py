@@ -24,6 +24,7 @@ from cipo_nemo.environments.sandbox_launcher import PROGRAM_ENV
 
 _PROBE_TIMEOUT_S = 60.0
 _PT_INTERP = 3
+_REPLACED = ("/tmp", "/proc", "/dev")  # the sandbox's own in the view, so no runtime path may lie under them
 _MAX_SYMLINKS = 40  # the kernel's own limit on symlinks followed while resolving one path
 
 # Runs as ``python -I -S -c _PROBE`` (as the sandbox runs programs). Importing every extension module maps the
@@ -69,8 +70,11 @@ class RuntimeView:
 @functools.cache
 def runtime_view(python: str) -> RuntimeView:
     """The view for interpreter ``python`` (a real path). Raises OSError if the interpreter cannot be probed."""
-    probe = subprocess.run([python, "-I", "-S", "-c", _PROBE], capture_output=True, text=True, env=PROGRAM_ENV, cwd="/",
-                           timeout=_PROBE_TIMEOUT_S, check=False)
+    try:
+        probe = subprocess.run([python, "-I", "-S", "-c", _PROBE], capture_output=True, text=True, env=PROGRAM_ENV,
+                               cwd="/", timeout=_PROBE_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise OSError(f"probing the interpreter {python} took over {_PROBE_TIMEOUT_S:.0f} s") from exc
     if probe.returncode != 0:
         raise OSError(f"probing the interpreter {python} failed: {probe.stderr.strip()[-500:]}")
     found = json.loads(probe.stdout.splitlines()[-1])  # the last line: an import may have printed
@@ -78,6 +82,10 @@ def runtime_view(python: str) -> RuntimeView:
     candidates = {os.path.realpath(path) for path in found["path"] if os.path.isdir(path)}
     candidates |= {os.path.dirname(path) for path in mapped if path != python}
     directories = _outermost(candidates)
+    replaced = [path for path in (*directories, python) if any(is_under(path, top) for top in _REPLACED)]
+    if replaced:
+        raise OSError(f"the interpreter's runtime lies under {replaced[0]}, which the sandbox replaces; "
+                      "use an interpreter installed elsewhere")
     files = () if any(is_under(python, directory) for directory in directories) else (python,)
     loader = _elf_interpreter(python)
     links = _symlinks_on_the_way(loader) if loader else ()

@@ -467,6 +467,8 @@ def test_the_standard_library_works_in_the_view() -> None:
         with multiprocessing.Pool(2) as pool:
             print(pool.map(abs, [-1, -2]))
         print(open("/dev/stdin").read(), end="")
+        with open("/dev/null", "w") as sink:
+            sink.write("discarded")
     """)
     result = run_bounded(source, stdin="from stdin\n")
     assert result.status == "ok", result
