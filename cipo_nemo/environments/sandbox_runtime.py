@@ -1,14 +1,14 @@
 """What of the host a sandboxed program sees: its interpreter, the standard library and their shared libraries.
 
 The sandbox builds the program's file system from an allow list (see
-:mod:`cipo_nemo.environments.sandbox_launcher`): a fresh tmpfs root, into which the paths of a
-:class:`RuntimeView` are bind-mounted read-only at their own host paths. This module finds those paths for an
-interpreter, once per interpreter, by asking the interpreter itself (:data:`_PROBE`): it imports every
-extension module of its standard library and reports ``sys.path`` and the files mapped into its memory
-(``/proc/self/maps``), which are the executable, ``libpython`` and every shared library the runtime can load.
-Exposed are the executable file itself, the standard library directories and the directories of those
-libraries, minus the interpreter's own site-packages; the dynamic loader's own path (``PT_INTERP``, e.g. ``/lib64/ld-linux-x86-64.so.2``) and every
-symlink on the way to it are recreated as symlinks.
+:mod:`cipo_nemo.environments.sandbox_launcher`): a fresh tmpfs root, into which the paths of a :class:`RuntimeView`
+are bind-mounted read-only at their own host paths. This module finds those paths for an interpreter, once per
+interpreter, by asking the interpreter itself (:data:`_PROBE`): it imports every extension module of its standard
+library and reports ``sys.path`` and the files mapped into its memory (``/proc/self/maps``), which are the
+executable, ``libpython`` and every shared library the runtime can load. Exposed are the executable file itself,
+the standard library directories and the directories of those libraries, minus the interpreter's own site-packages;
+the dynamic loader's own path (``PT_INTERP``, e.g. ``/lib64/ld-linux-x86-64.so.2``) and every symlink on the way to
+it are recreated as symlinks.
 """
 
 from __future__ import annotations

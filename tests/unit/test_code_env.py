@@ -266,7 +266,8 @@ os._exit(0)
 
 def test_a_humaneval_program_cannot_read_the_tests_from_its_own_file() -> None:
     # Looks for a line of the task's test; the literal is split so that the spy's own text does not contain it.
-    spy = "import sys\nfound = 'candidate(' + '-2) == 4' in open(sys.argv[0]).read()\nraise SystemExit(f'found: {found}')\n"
+    spy = ("import sys\nfound = 'candidate(' + '-2) == 4' in open(sys.argv[0]).read()\n"
+           "raise SystemExit(f'found: {found}')\n")
     assert "candidate(-2) == 4" in SQUARE_TASK.test
     assert score_code(spy, SQUARE_TASK) == CodeVerdict(0.0, "crashed", "exit 1: found: False")
 

@@ -481,7 +481,8 @@ def test_elf_interpreter_and_symlink_chain_are_found(tmp_path: Path) -> None:
     (tmp_path / "lib64").symlink_to("real")
     (tmp_path / "real" / "loader").symlink_to(tmp_path / "real" / "ld.so")
     links = sandbox_runtime._symlinks_on_the_way(str(tmp_path / "lib64" / "loader"))
-    assert links == ((str(tmp_path / "lib64"), "real"), (str(tmp_path / "real" / "loader"), str(tmp_path / "real" / "ld.so")))
+    loader, real_loader = str(tmp_path / "real" / "loader"), str(tmp_path / "real" / "ld.so")
+    assert links == ((str(tmp_path / "lib64"), "real"), (loader, real_loader))
     assert sandbox_runtime._elf_interpreter(os.path.realpath(sys.executable)) is not None
     assert sandbox_runtime._elf_interpreter(str(tmp_path / "real" / "ld.so")) is None
 
