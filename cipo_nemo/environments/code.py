@@ -13,7 +13,8 @@ Two task kinds:
   ``entry_point`` itself (then its definition wins, and the prompt still supplies imports and helpers). One
   sandboxed run executes the solution, then ``test``, then ``check(entry_point)``, then prints a random token
   it read from stdin before the solution ran; only a run that exits 0 *and* printed the token passes, so
-  ``sys.exit(0)`` or ``os._exit(0)`` before the tests is a failure.
+  ``sys.exit(0)`` or ``os._exit(0)`` before the tests is a failure. ``test`` arrives on stdin with the token,
+  and stdin is closed before the solution runs: neither is in the program's file or its reopened stdin.
 - ``stdio``: ``tests``, a list of ``{"input": str, "output": str}``. The program runs once per test with
   ``input`` on stdin and must exit 0 and print ``output``, compared token by token (any run of whitespace,
   including line ends and trailing blanks, counts as one separator; no numeric tolerance). Tests run in order
@@ -66,14 +67,17 @@ _PYTHON_FENCE_TAGS = frozenset({"python", "python3", "py", "py3"})
 _DETAIL_CHARS = 300
 _TEST_FILENAME = "test.py"
 
-# The HumanEval harness. The token arrives on stdin, so it is not in the program text the solution can read.
+# The HumanEval harness. The token and the tests arrive on stdin, so they are not in the program file the solution
+# can read; stdin is closed before the solution runs, so reopening /proc/self/fd/0 does not find them either.
 _HUMANEVAL_HARNESS = """\
 def _cipo_check():
-    import sys
-    token = sys.stdin.readline().strip()
+    import os, sys
+    token, _, test = sys.stdin.read().partition("\\n")
+    os.close(0)
+    sys.stdin = open(os.devnull)
     namespace = {{}}
     exec(compile({solution!r}, "solution.py", "exec"), namespace)
-    exec(compile({test!r}, {test_filename!r}, "exec"), namespace)
+    exec(compile(test, {test_filename!r}, "exec"), namespace)
     namespace["check"](namespace[{entry_point!r}])
     sys.stdout.flush()
     sys.stdout.write("\\n" + token + "\\n")
@@ -197,9 +201,9 @@ def score_code_batch(responses: Sequence[str], tasks: Sequence[CodeTask], *, num
 
 def _score_humaneval(program: str, task: CodeTask, *, timeout_s: float, memory_mb: int) -> CodeVerdict:
     token = secrets.token_hex(16)
-    source = _HUMANEVAL_HARNESS.format(solution=humaneval_solution(task, program), test=task.test,
-                                       test_filename=_TEST_FILENAME, entry_point=task.entry_point)
-    result = run_program(source, stdin=token + "\n", timeout_s=timeout_s, memory_mb=memory_mb)
+    source = _HUMANEVAL_HARNESS.format(solution=humaneval_solution(task, program), test_filename=_TEST_FILENAME,
+                                       entry_point=task.entry_point)
+    result = run_program(source, stdin=f"{token}\n{task.test}", timeout_s=timeout_s, memory_mb=memory_mb)
     if result.status == "ok":
         if result.stdout.rstrip("\n").rsplit("\n", 1)[-1] == token:
             return CodeVerdict(1.0, "passed")

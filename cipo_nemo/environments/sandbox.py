@@ -4,43 +4,14 @@ Entry points: :func:`run_program` (one program) and :class:`SandboxPool` (many, 
 Everything that executes model-written code in this project goes through here. Linux only. See
 ``docs/sandbox.md`` for the guarantees, the non-guarantees and measured costs.
 
-Process tree of one run (the parent is a trainer thread)::
-
-    trainer --Popen--> launcher L (trainer's uid, own session; runs this file's launcher section, python -I -S)
-                        | unshare: mount, network, PID, IPC, UTS namespaces (+ a user namespace when not root)
-                        +--fork--> init I (PID 1 of the new PID namespace): builds the file system view
-                                    +--fork--> program P: rlimits, sandbox uid, no_new_privs, then
-                                               exec ``python -I -S -c WRAPPER`` which runs the source
-
-Isolation:
-
-- **PID namespace**: every process the program starts lives in it. When I exits (right after P exits) or is
-  killed, the kernel kills every process left in the namespace, so a double-forked daemon cannot outlive the
-  run. The parent ends every run with SIGKILL to L's process group (L and I; the program cannot join it), and
-  L and I carry a parent-death SIGKILL, so the namespace also dies with the trainer thread or process.
-- **Network namespace** with only a loopback device, which is down: no address, loopback included, is
-  reachable. **IPC and UTS namespaces**: no System V IPC objects or hostname shared with the host.
-- **Mount namespace**: every inherited mount is made read-only and nosuid (recursively, ``mount_setattr``,
-  Linux >= 5.12); ``/proc`` is a fresh procfs of the run's PID namespace (host processes are invisible);
-  ``/tmp`` is an empty read-only tmpfs holding the working directory ``/tmp/work`` (tmpfs, mode 0700, owned
-  by the sandbox uid, ``max_file_mb`` + the program + 1 MiB in size); ``/dev/shm`` is a private tmpfs of
-  ``max_file_mb``; ``hidden_paths`` (default ``/root``, ``/home``, ``/run`` and ``$HOME``) are covered by
-  empty read-only tmpfs mounts, except the interpreter's prefix, which is bind-mounted back read-only at its
-  own path. All of it disappears with the namespace: nothing is written to the host's disks.
-- **Credentials**: as root, P drops to a dedicated uid/gid (``_SANDBOX_UID_BASE`` + a slot leased for the
-  run, no supplementary groups) and sets ``no_new_privs``. A dedicated uid per concurrent run makes
-  RLIMIT_NPROC (counted per uid, and never enforced for root) a per-run process limit. Not root: a user
-  namespace maps the caller's uid to uid 1000 inside it and P's exec drops every capability.
-- **OOM preference**: every sandbox process has ``oom_score_adj`` 1000, so when memory runs out the kernel
-  kills sandbox processes before the trainer.
-- **rlimits** on P: RLIMIT_AS (``memory_mb``), RLIMIT_CPU (``cpu_time_s``; SIGKILL one second later),
-  RLIMIT_NPROC (``max_processes``), RLIMIT_FSIZE (``max_file_mb``), RLIMIT_CORE 0, RLIMIT_NOFILE 1024.
-- **Wall clock**: the parent kills the run ``timeout_s`` after the program's interpreter is up (sandbox
-  start-up is not charged to the program; start-up has its own ``_SETUP_TIMEOUT_S``).
-- **Output**: read into bounded buffers (the rest is spliced to /dev/null), so a program printing gigabytes
-  costs the parent at most ``output_limit_bytes`` of memory per stream.
-- **Environment**: only ``PATH``, ``LANG``, ``LC_ALL``, ``HOME`` and ``TMPDIR`` (the last two: the working
-  directory). Nothing of the trainer's environment passes.
+This module is the public API and the parent side. The code that runs in the sandbox's own processes, and
+with it how a run is isolated (namespaces, file system view, credentials, rlimits), is
+:mod:`cipo_nemo.environments.sandbox_launcher`, which the parent compiles once and hands to each launcher as a
+code object (see :func:`_launcher_code`). The parent's share: the wall clock (the run is killed
+``timeout_s`` after the program's interpreter is up; start-up has its own ``_SETUP_TIMEOUT_S``), bounded
+output buffers (the rest is spliced to /dev/null, so a program printing gigabytes costs the parent at most
+``output_limit_bytes`` per stream), a dedicated uid leased per concurrent run when root, and the teardown:
+``run_program`` returns only once every process of the run is gone.
 
 If any isolation step fails, the program is not run and the result is ``sandbox_error``: the sandbox fails
 closed and never falls back to running unsandboxed.
@@ -52,17 +23,12 @@ Outcome mapping (``SandboxResult.status``): exit 0 -> ``ok``; other exit -> ``er
 deadline or by RLIMIT_CPU -> ``timeout``; ``MemoryError`` (the wrapper exits with
 ``MEMORY_ERROR_EXIT_CODE``, or a nonzero exit whose stderr ends mentioning ``MemoryError``) -> ``memory``; any
 other signal -> ``killed``; failure to set up, including an interpreter that cannot start -> ``sandbox_error``.
-
-Layout of this file: the public API and the parent side first; the code that runs in the sandbox's own
-processes is the self-contained *launcher section* at the end. The parent compiles only that section, once,
-and hands the code object to each launcher (see :func:`_launcher_code`), so that a run pays for the
-interpreter and ``ctypes`` (~14 ms of start-up) instead of importing this module (~55 ms).
 """
 
 from __future__ import annotations
 
-import __future__
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -71,14 +37,18 @@ import os
 import selectors
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
+
+from cipo_nemo.environments import sandbox_launcher
+from cipo_nemo.environments.sandbox_cgroup import CgroupLimits, oom_killed, run_cgroup, sandbox_cgroup_base
+from cipo_nemo.environments.sandbox_launcher import LINK_SEPARATOR, MEMORY_ERROR_EXIT_CODE
+from cipo_nemo.environments.sandbox_runtime import RuntimeView, runtime_view
 
 STATUSES = ("ok", "error", "timeout", "memory", "killed", "sandbox_error")
 
@@ -87,9 +57,8 @@ DEFAULT_MEMORY_MB = 1024
 DEFAULT_OUTPUT_LIMIT_BYTES = 1 << 20
 DEFAULT_MAX_PROCESSES = 64
 DEFAULT_MAX_FILE_MB = 64
-DEFAULT_HIDDEN_PATHS = ("/root", "/home", "/run")
+DEFAULT_CPU_CORES = 1.0
 TRUNCATION_MARKER = "\n[cipo sandbox: output truncated, {dropped} more bytes dropped]\n"
-# MEMORY_ERROR_EXIT_CODE and SANDBOX_WORKDIR are defined in the launcher section below.
 
 # Dedicated uids for root mode, far above the ranges distributions and systemd hand out. One slot is leased
 # per concurrent run; the lock is an abstract unix socket name, released when the lease ends or the process dies.
@@ -103,8 +72,8 @@ _STATUS_LIMIT_BYTES = 1 << 16
 _STDERR_TAIL_FOR_MEMORY = 2048
 # The working directory holds one file of max_file_mb next to main.py and a few small files.
 _WORKDIR_SLACK_BYTES = 1 << 20
+_CGROUP_LAUNCHER_BYTES = 64 << 20  # the launcher's and the init's interpreters
 _LAUNCHER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
-_LAUNCHER_SECTION_MARKER = "# === launcher section ==="
 
 
 @dataclass(frozen=True)
@@ -139,6 +108,7 @@ class SandboxLimits:
     max_processes: int = DEFAULT_MAX_PROCESSES
     max_file_mb: int = DEFAULT_MAX_FILE_MB
     cpu_time_s: int | None = None
+    cpu_cores: float = DEFAULT_CPU_CORES
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
@@ -151,6 +121,8 @@ class SandboxLimits:
             raise ValueError(f"max_processes must be >= 1, got {self.max_processes}")
         if self.max_file_mb < 1:
             raise ValueError(f"max_file_mb must be >= 1, got {self.max_file_mb}")
+        if not self.cpu_cores > 0:
+            raise ValueError(f"cpu_cores must be > 0, got {self.cpu_cores}")
         if self.cpu_time_s is not None and self.cpu_time_s < 1:
             raise ValueError(f"cpu_time_s must be >= 1 (RLIMIT_CPU counts whole seconds), got {self.cpu_time_s}")
 
@@ -181,7 +153,7 @@ def run_program(
     max_processes: int = DEFAULT_MAX_PROCESSES,
     max_file_mb: int = DEFAULT_MAX_FILE_MB,
     cpu_time_s: int | None = None,
-    hidden_paths: Sequence[str] | None = None,
+    cpu_cores: float = DEFAULT_CPU_CORES,
     python_executable: str | None = None,
 ) -> SandboxResult:
     """Run Python ``source`` in the sandbox; never raises for anything the program does.
@@ -197,14 +169,14 @@ def run_program(
             directory (``max_file_mb`` + the program + 1 MiB) and its private /dev/shm (``max_file_mb``);
             tmpfs is RAM and is not counted in ``memory_mb``.
         cpu_time_s: RLIMIT_CPU in whole seconds per process (default: ``timeout_s`` rounded up, plus one).
-        hidden_paths: directories replaced by empty read-only mounts (default :data:`DEFAULT_HIDDEN_PATHS`,
-            that is ``/root``, ``/home`` and ``/run`` (service sockets), plus ``$HOME``); the interpreter's
-            prefix stays visible even when it lies under one of them.
-        python_executable: interpreter for the program (default: the real path of ``sys.executable``). Its
-            prefix, the directory above its ``bin/``, must be world-readable.
+        cpu_cores: CPU quota of the whole run in cores (cgroup ``cpu.max``; only where per-run cgroups are
+            available, see :mod:`~cipo_nemo.environments.sandbox_cgroup`).
+        python_executable: interpreter for the program (default: the real path of ``sys.executable``). The
+            program sees it, its standard library and the shared libraries it loads, read-only, and nothing
+            else of the host (see :mod:`~cipo_nemo.environments.sandbox_runtime`).
 
     Raises:
-        ValueError: invalid limits or hidden paths, or a source larger than ``max_file_mb`` (caller errors).
+        ValueError: invalid limits, or a source larger than ``max_file_mb`` (caller errors).
     """
     limits = SandboxLimits(
         timeout_s=timeout_s,
@@ -213,31 +185,28 @@ def run_program(
         max_processes=max_processes,
         max_file_mb=max_file_mb,
         cpu_time_s=cpu_time_s,
+        cpu_cores=cpu_cores,
     )
-    return run_request(
-        SandboxRequest(source=source, stdin=stdin, limits=limits),
-        hidden_paths=hidden_paths,
-        python_executable=python_executable,
-    )
+    return run_request(SandboxRequest(source=source, stdin=stdin, limits=limits), python_executable=python_executable)
 
 
-def run_request(
-    request: SandboxRequest,
-    *,
-    hidden_paths: Sequence[str] | None = None,
-    python_executable: str | None = None,
-) -> SandboxResult:
+def run_request(request: SandboxRequest, *, python_executable: str | None = None) -> SandboxResult:
     """:func:`run_program` for a :class:`SandboxRequest`."""
     python = os.path.realpath(python_executable or sys.executable)
-    plan = _filesystem_plan(python, _hidden_path_list(hidden_paths))
     source_bytes = request.source.encode("utf-8", errors="surrogateescape")
     if len(source_bytes) > request.limits.max_file_mb << 20:
         raise ValueError(f"source is larger than max_file_mb={request.limits.max_file_mb}")
     started = time.monotonic()
     try:
-        with _UidLease() as uid:
-            return _run_sandboxed(source_bytes, request.stdin, request.limits, plan, uid, started)
-    except OSError as exc:  # the trainer's side ran out of something (fds, pids, uid slots): report, do not raise
+        # A missing interpreter gets an empty view: its exec fails in the sandbox, reported as sandbox_error.
+        view = runtime_view(python) if os.path.isfile(python) else RuntimeView((), (), ())
+        with _UidLease() as uid, _run_cgroup(request.limits, len(source_bytes)) as cgroup:
+            plan = _RunPlan(python=python, view=view, cgroup=cgroup)
+            result = _run_sandboxed(source_bytes, request.stdin, request.limits, plan, uid, started)
+            if cgroup is not None and result.status == "killed" and oom_killed(cgroup):
+                result = dataclasses.replace(result, status="memory")
+            return result
+    except OSError as exc:  # the trainer's side failed (fds, pids, uid slots, the interpreter probe): report
         return SandboxResult(status="sandbox_error", returncode=None, stdout="",
                              stderr=f"sandbox: could not start the sandbox: {exc}\n",
                              wall_s=time.monotonic() - started)
@@ -251,23 +220,19 @@ class SandboxPool:
     """Runs sandboxed programs on a bounded number of threads; each program is its own child process.
 
     At most ``max_workers`` programs from this pool run at once. Use it as a context manager or call
-    :meth:`close`. ``hidden_paths`` and ``python_executable`` apply to every program, as in :func:`run_program`.
+    :meth:`close`. ``python_executable`` applies to every program, as in :func:`run_program`.
     """
 
-    def __init__(self, max_workers: int, *, hidden_paths: Sequence[str] | None = None,
-                 python_executable: str | None = None) -> None:
+    def __init__(self, max_workers: int, *, python_executable: str | None = None) -> None:
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         self.max_workers = max_workers
-        self._hidden_paths = hidden_paths
         self._python_executable = python_executable
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cipo-sandbox")
 
     def submit(self, request: SandboxRequest) -> Future[SandboxResult]:
         """Start one program; the future's result is its :class:`SandboxResult`."""
-        return self._executor.submit(
-            run_request, request, hidden_paths=self._hidden_paths, python_executable=self._python_executable
-        )
+        return self._executor.submit(run_request, request, python_executable=self._python_executable)
 
     def run_many(self, requests: Iterable[SandboxRequest]) -> list[SandboxResult]:
         """Run all ``requests``, at most ``max_workers`` at a time; results in request order."""
@@ -296,53 +261,31 @@ class SandboxPool:
 
 
 @dataclass(frozen=True)
-class _FilesystemPlan:
-    """What the namespace init mounts: ``hidden`` directories get covered, ``exposed`` paths bound back."""
+class _RunPlan:
+    """Where a run's program comes from and what it sees: the interpreter, its runtime view, its cgroup."""
 
     python: str
-    hidden: tuple[str, ...]
-    exposed: tuple[str, ...]
+    view: RuntimeView
+    cgroup: str | None
 
 
-def _hidden_path_list(hidden_paths: Sequence[str] | None) -> tuple[str, ...]:
-    if hidden_paths is None:
-        home = os.environ.get("HOME", "")
-        with_home = os.path.isabs(home) and os.path.realpath(home) != "/"
-        return DEFAULT_HIDDEN_PATHS + ((home,) if with_home else ())
-    for path in hidden_paths:
-        if not os.path.isabs(path):
-            raise ValueError(f"hidden paths must be absolute, got {path!r}")
-        if os.path.realpath(path) == "/":
-            raise ValueError("cannot hide '/'")
-    return tuple(hidden_paths)
+def _workdir_bytes(limits: SandboxLimits, source_bytes: int) -> int:
+    return (limits.max_file_mb << 20) + source_bytes + _WORKDIR_SLACK_BYTES
 
 
-def _first_untraversable_ancestor(path: str) -> str | None:
-    """The highest directory on ``path`` that users other than its owner cannot enter (no o+x), if any."""
-    current = "/"
-    for part in path.strip("/").split("/"):
-        current = os.path.join(current, part)
-        if not os.stat(current).st_mode & stat.S_IXOTH:
-            return current
-    return None
-
-
-def _filesystem_plan(python: str, hidden_paths: tuple[str, ...]) -> _FilesystemPlan:
-    """Directories to cover, and the interpreter prefix to bind back when it lies under one of them."""
-    if not os.path.isfile(python):
-        return _FilesystemPlan(python=python, hidden=(), exposed=())  # exec fails: the run reports sandbox_error
-    prefix = os.path.dirname(os.path.dirname(python))
-    candidates = {os.path.realpath(path) for path in hidden_paths if os.path.isdir(path)}
-    if os.geteuid() == 0:
-        # The sandbox uid reaches the interpreter only if every directory above it can be entered by "others".
-        blocked = _first_untraversable_ancestor(prefix)
-        if blocked is not None:
-            candidates.add(blocked)
-    outermost = sorted(
-        path for path in candidates if not any(other != path and _is_under(path, other) for other in candidates)
-    )
-    exposed = (prefix,) if any(_is_under(prefix, hidden) for hidden in outermost) else ()
-    return _FilesystemPlan(python=python, hidden=tuple(outermost), exposed=exposed)
+@contextlib.contextmanager
+def _run_cgroup(limits: SandboxLimits, source_bytes: int) -> Iterator[str | None]:
+    """The run's own cgroup (its directory), or None where cgroups are unavailable (rlimits only)."""
+    base = sandbox_cgroup_base()
+    if base is None:
+        yield None
+        return
+    # Memory: one process's worth, the working directory and /dev/shm (tmpfs pages count), the launcher and init.
+    memory = (limits.memory_mb << 20) + _workdir_bytes(limits, source_bytes) + (limits.max_file_mb << 20)
+    cgroup_limits = CgroupLimits(memory_bytes=memory + _CGROUP_LAUNCHER_BYTES, pids=limits.max_processes + 2,
+                                 cpu_cores=limits.cpu_cores)
+    with run_cgroup(base, cgroup_limits) as path:
+        yield path
 
 
 class _UidLease:
@@ -433,15 +376,10 @@ class _RunRecord:
 
 @functools.cache
 def _launcher_code() -> bytes:
-    """The launcher section of this file compiled once, marshalled for the launcher's bootstrap.
-
-    Padded with blank lines so that tracebacks from the launcher keep this file's line numbers.
-    """
-    with open(__file__, encoding="utf-8") as file:
-        lines = file.readlines()
-    first = lines.index(_LAUNCHER_SECTION_MARKER + "\n")
-    source = "\n" * first + "".join(lines[first:])
-    code = compile(source, __file__, "exec", flags=__future__.annotations.compiler_flag, dont_inherit=True)
+    """The launcher module compiled once, marshalled for the launcher's bootstrap."""
+    path = sandbox_launcher.__file__
+    with open(path, encoding="utf-8") as file:
+        code = compile(file.read(), path, "exec", dont_inherit=True)
     return marshal.dumps(code)
 
 
@@ -456,7 +394,7 @@ namespace["launcher_main"](sys.argv[2:])
 """
 
 
-def _launcher_argv(fds: dict[str, int], source_bytes: int, limits: SandboxLimits, plan: _FilesystemPlan,
+def _launcher_argv(fds: dict[str, int], source_bytes: int, limits: SandboxLimits, plan: _RunPlan,
                    uid: int | None) -> list[str]:
     options = {
         "parent_pid": os.getpid(),
@@ -467,14 +405,18 @@ def _launcher_argv(fds: dict[str, int], source_bytes: int, limits: SandboxLimits
         "cpu_s": limits.effective_cpu_time_s,
         "nproc": limits.max_processes,
         "fsize_bytes": limits.max_file_mb << 20,
-        "workdir_bytes": (limits.max_file_mb << 20) + source_bytes + _WORKDIR_SLACK_BYTES,
+        "workdir_bytes": _workdir_bytes(limits, source_bytes),
+        "cgroup_procs": "" if plan.cgroup is None else os.path.join(plan.cgroup, "cgroup.procs"),
     }
     arguments = [f"{key}={value}" for key, value in options.items()]
-    arguments += [f"hide={path}" for path in plan.hidden] + [f"expose={path}" for path in plan.exposed]
+    arguments += [f"bind_dir={path}" for path in plan.view.directories]
+    arguments += [f"bind_file={path}" for path in plan.view.files]
+    arguments += [f"link={path}{LINK_SEPARATOR}{target}" for path, target in plan.view.links]
+    arguments += [f"cover={path}" for path in plan.view.covered]
     return [sys.executable, "-I", "-S", "-c", _LAUNCHER_BOOTSTRAP, str(fds["code_fd"]), *arguments]
 
 
-def _run_sandboxed(source: bytes, stdin: str, limits: SandboxLimits, plan: _FilesystemPlan,
+def _run_sandboxed(source: bytes, stdin: str, limits: SandboxLimits, plan: _RunPlan,
                    uid: int | None, started: float) -> SandboxResult:
     with contextlib.ExitStack() as cleanup:
         program_fd = _sealed_memfd(source, "cipo-program")
@@ -618,330 +560,3 @@ def _classify(record: _RunRecord, cpu_limit_s: int, stderr_tail: str) -> tuple[s
     if signal_number == signal.SIGXCPU or (signal_number == signal.SIGKILL and record.cpu_s >= cpu_limit_s):
         return "timeout", -signal_number
     return "killed", -signal_number
-
-
-# === launcher section ===
-# Everything below also runs in the sandbox's launcher, init and program processes, compiled on its own by
-# _launcher_code: it may use only what it defines or imports itself, and must never print to stdout.
-
-import ctypes  # noqa: E402  (the launcher section's own imports; see the module docstring)
-import os  # noqa: E402,F811
-import resource  # noqa: E402
-import select  # noqa: E402
-
-MEMORY_ERROR_EXIT_CODE = 97
-SANDBOX_WORKDIR = "/tmp/work"
-_USERNS_UID = 1000
-_SETUP_FAILED_EXIT = 125
-_NOFILE_LIMIT = 1024
-_AUXILIARY_TMPFS_BYTES = 1 << 20
-_OOM_SCORE_ADJ = 1000  # the maximum: first in line for the OOM killer
-_SIGKILL = 9  # the signal module costs the launcher ~4 ms of start-up (it imports enum)
-_PROGRAM_ENV = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin",
-    "LANG": "C.UTF-8",
-    "LC_ALL": "C.UTF-8",
-    "HOME": SANDBOX_WORKDIR,
-    "TMPDIR": SANDBOX_WORKDIR,
-}
-# Linux ABI constants that Python 3.11's os module does not expose.
-_CLONE_NEWNS = 0x00020000
-_CLONE_NEWUTS = 0x04000000
-_CLONE_NEWIPC = 0x08000000
-_CLONE_NEWUSER = 0x10000000
-_CLONE_NEWPID = 0x20000000
-_CLONE_NEWNET = 0x40000000
-_MS_RDONLY = 0x1
-_MS_NOSUID = 0x2
-_MS_NODEV = 0x4
-_MS_NOEXEC = 0x8
-_MS_BIND = 0x1000
-_MS_REC = 0x4000
-_MS_PRIVATE = 0x40000
-_PR_SET_PDEATHSIG = 1
-_PR_SET_DUMPABLE = 4
-_PR_SET_NO_NEW_PRIVS = 38
-_SYS_MOUNT_SETATTR = 442  # one number on every architecture (syscalls added since 5.1 share a table)
-_AT_FDCWD = -100
-_AT_RECURSIVE = 0x8000
-_MOUNT_ATTR_RDONLY = 0x1
-_MOUNT_ATTR_NOSUID = 0x2
-
-# Runs inside the sandbox as ``python -I -S -c _WRAPPER_SOURCE STATUS_FD PROGRAM_FD``: reads the program from its
-# sealed memfd, reports "started" on the status pipe, closes both descriptors (the program never sees them),
-# then runs the program as __main__ with a clean namespace, turns MemoryError into MEMORY_ERROR_EXIT_CODE and
-# leaves its own frame out of tracebacks.
-_WRAPPER_SOURCE = f"""
-def _cipo_run():
-    import os, sys
-    status_fd, program_fd = int(sys.argv[1]), int(sys.argv[2])
-    chunks = []
-    while chunk := os.read(program_fd, 1 << 20):
-        chunks.append(chunk)
-    os.close(program_fd)
-    source = b"".join(chunks)
-    path = os.path.join(os.getcwd(), "main.py")
-    with open(path, "wb") as file:  # on disk only so that tracebacks can show source lines
-        file.write(source)
-    os.write(status_fd, b"S\\n")
-    os.close(status_fd)
-    namespace = sys.modules["__main__"].__dict__
-    for name in [name for name in namespace if not name.startswith("__")]:
-        del namespace[name]
-    namespace["__file__"] = path
-    sys.argv[:] = [path]
-    try:
-        exec(compile(source, path, "exec"), namespace)
-    except SystemExit:
-        raise
-    except MemoryError:
-        try:
-            sys.stdout.flush()
-        finally:
-            os.write(2, b"MemoryError: the sandbox memory limit was reached\\n")
-            os._exit({MEMORY_ERROR_EXIT_CODE})
-    except BaseException as error:
-        import traceback
-        # Print the traceback as Python would, minus this wrapper's frame, then exit 1 the normal way.
-        traceback.print_exception(type(error), error, error.__traceback__.tb_next)
-        sys.exit(1)
-_cipo_run()
-"""
-
-
-class _LaunchOptions:
-    """The launcher's command line (``key=value`` words; ``hide=`` and ``expose=`` may repeat)."""
-
-    def __init__(self, arguments: list[str]) -> None:
-        values: dict[str, str] = {}
-        hidden: list[str] = []
-        exposed: list[str] = []
-        for argument in arguments:
-            key, _, value = argument.partition("=")
-            if key == "hide":
-                hidden.append(value)
-            elif key == "expose":
-                exposed.append(value)
-            else:
-                values[key] = value
-        self.parent_pid = int(values["parent_pid"])
-        self.status_fd = int(values["status_fd"])
-        self.program_fd = int(values["program_fd"])
-        self.control_fd = int(values["control_fd"])
-        self.uid = int(values["uid"])
-        self.python = values["python"]
-        self.memory_bytes = int(values["memory_bytes"])
-        self.cpu_s = int(values["cpu_s"])
-        self.nproc = int(values["nproc"])
-        self.fsize_bytes = int(values["fsize_bytes"])
-        self.workdir_bytes = int(values["workdir_bytes"])
-        self.hidden = tuple(hidden)
-        self.exposed = tuple(exposed)
-
-
-def _is_under(path: str, directory: str) -> bool:
-    return path == directory or path.startswith(directory.rstrip("/") + "/")
-
-
-class _Libc:
-    """The few libc calls the launcher needs; each raises OSError on failure."""
-
-    def __init__(self) -> None:
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self._libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                                     ctypes.c_char_p]
-        self._libc.syscall.restype = ctypes.c_long
-
-    @staticmethod
-    def _check(result: int, what: str) -> None:
-        if result != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, f"{what}: {os.strerror(error)}")
-
-    def unshare(self, flags: int) -> None:
-        self._check(self._libc.unshare(flags), "unshare")
-
-    def try_unshare(self, flags: int) -> bool:
-        return self._libc.unshare(flags) == 0
-
-    def prctl(self, option: int, value: int, what: str) -> None:
-        self._check(self._libc.prctl(option, value, 0, 0, 0), what)
-
-    def mount(self, source: str | None, target: str, fstype: str | None, flags: int,
-              data: str | None = None) -> None:
-        def encode(text: str | None) -> bytes | None:
-            return None if text is None else text.encode()
-
-        result = self._libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data))
-        self._check(result, f"mount {fstype or source} on {target}")
-
-    def set_readonly(self, path: str, *, recursive: bool) -> None:
-        """Make the mount at ``path`` (and, if ``recursive``, every mount below it) read-only and nosuid."""
-        attributes = (ctypes.c_uint64 * 4)(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0, 0, 0)
-        flags = _AT_RECURSIVE if recursive else 0
-        result = self._libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, path.encode(), flags, attributes,
-                                    ctypes.sizeof(attributes))
-        self._check(result, f"mount_setattr({path}, read-only) [needs Linux >= 5.12]")
-
-    def tmpfs(self, target: str, *, size: int, mode: str, owner: int) -> None:
-        options = f"size={size},nr_inodes={max(64, size // 4096)},mode={mode},uid={owner},gid={owner}"
-        self.mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, options)
-
-
-def _report(fd: int, kind: str, text: str = "") -> None:
-    line = f"{kind} {text}".replace("\n", " ").strip() + "\n"
-    os.write(fd, line.encode("utf-8", errors="replace")[:4000])
-
-
-def launcher_main(arguments: list[str]) -> None:
-    """Launcher L: enter fresh namespaces, fork the namespace init, wait for it. Never returns.
-
-    While the init runs, L also watches the control pipe: when the parent closes it (stop request, or the
-    parent died), L SIGKILLs the init. L exits only after reaping the init, that is after the whole PID
-    namespace is gone, so the parent's wait on L is a wait on every process of the run.
-    """
-    options = _LaunchOptions(arguments)
-    try:
-        libc = _Libc()
-        libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, "prctl(PR_SET_PDEATHSIG)")
-        if os.getppid() != options.parent_pid:
-            os._exit(_SETUP_FAILED_EXIT)  # the trainer thread is already gone
-        # Inherited by init and program: under memory pressure the kernel kills sandbox processes first, even
-        # when their memory is not theirs by RSS (tmpfs, memfds), instead of the trainer.
-        with open("/proc/self/oom_score_adj", "w") as file:
-            file.write(str(_OOM_SCORE_ADJ))
-        in_user_namespace = _enter_namespaces(libc, options)
-        init_pid = os.fork()
-    except OSError as exc:
-        _report(options.status_fd, "E", f"launcher: {exc}")
-        os._exit(_SETUP_FAILED_EXIT)
-    if init_pid == 0:
-        os.close(options.control_fd)
-        _namespace_init(libc, options, in_user_namespace)
-    init_exited = os.pidfd_open(init_pid)  # safe: the init is our unreaped child
-    ready, _, _ = select.select([init_exited, options.control_fd], [], [])
-    if init_exited not in ready:
-        os.kill(init_pid, _SIGKILL)
-    os.waitpid(init_pid, 0)
-    os._exit(0)
-
-
-def _enter_namespaces(libc: _Libc, options: _LaunchOptions) -> bool:
-    """Unshare every namespace. Returns True when a user namespace was needed: not root, or root without
-    CAP_SYS_ADMIN, in which case the launcher first becomes the leased sandbox uid so that the program's
-    files and processes are never the host's uid 0."""
-    flags = _CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWPID | _CLONE_NEWIPC | _CLONE_NEWUTS
-    if os.geteuid() == 0:
-        if libc.try_unshare(flags):
-            return False
-        os.setgroups([])
-        os.setresgid(options.uid, options.uid, options.uid)
-        os.setresuid(options.uid, options.uid, options.uid)
-        # The uid change cleared both: /proc/self/uid_map needs a dumpable process.
-        libc.prctl(_PR_SET_DUMPABLE, 1, "prctl(PR_SET_DUMPABLE)")
-        libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, "prctl(PR_SET_PDEATHSIG)")
-        if os.getppid() != options.parent_pid:
-            os._exit(_SETUP_FAILED_EXIT)
-    outer_uid, outer_gid = os.geteuid(), os.getegid()
-    libc.unshare(flags | _CLONE_NEWUSER)
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{_USERNS_UID} {outer_uid} 1"),
-                       ("gid_map", f"{_USERNS_UID} {outer_gid} 1")):
-        with open(f"/proc/self/{name}", "w") as file:
-            file.write(text)
-    return True
-
-
-def _namespace_init(libc: _Libc, options: _LaunchOptions, in_user_namespace: bool) -> None:
-    """Init I, PID 1 of the run's namespace: build the file system view, fork the program, reap until the
-    program exits, report its status. Its exit ends the PID namespace, killing whatever the program left."""
-    try:
-        libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, "prctl(PR_SET_PDEATHSIG)")
-        if in_user_namespace:
-            _build_filesystem(libc, options, system_owner=_USERNS_UID, sandbox_owner=_USERNS_UID)
-        else:
-            _build_filesystem(libc, options, system_owner=0, sandbox_owner=options.uid)
-        program_pid = os.fork()
-    except OSError as exc:
-        _report(options.status_fd, "E", f"namespace init: {exc}")
-        os._exit(_SETUP_FAILED_EXIT)
-    if program_pid == 0:
-        _exec_program(libc, options, in_user_namespace)
-    while True:
-        pid, wait_status, usage = os.wait4(-1, 0)
-        if pid == program_pid:
-            _report(options.status_fd, "W", f"{wait_status} {usage.ru_utime + usage.ru_stime:.3f}")
-            os._exit(0)
-
-
-def _build_filesystem(libc: _Libc, options: _LaunchOptions, *, system_owner: int, sandbox_owner: int) -> None:
-    """Everything read-only; a fresh /proc; hidden paths covered; a private /tmp/work and /dev/shm.
-
-    ``system_owner`` owns the read-only covers (root, or the mapped uid in a user namespace, where uid 0 is
-    unmapped); ``sandbox_owner`` owns the writable directories.
-    """
-    libc.mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount propagates back to the host
-    exposed_fds = [_open_exposed(path) for path in options.exposed]  # before covering them
-    libc.set_readonly("/", recursive=True)
-    _mount_fresh_proc(libc)
-    for hidden in options.hidden:
-        libc.tmpfs(hidden, size=_AUXILIARY_TMPFS_BYTES, mode="0755", owner=system_owner)
-        for path, fd in zip(options.exposed, exposed_fds):
-            if _is_under(path, hidden):
-                os.makedirs(path, mode=0o755, exist_ok=True)
-                libc.mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
-                libc.set_readonly(path, recursive=True)
-        libc.set_readonly(hidden, recursive=False)
-    for fd in exposed_fds:
-        os.close(fd)
-    libc.tmpfs("/tmp", size=_AUXILIARY_TMPFS_BYTES, mode="0755", owner=system_owner)
-    os.mkdir(SANDBOX_WORKDIR, 0o700)
-    libc.tmpfs(SANDBOX_WORKDIR, size=options.workdir_bytes, mode="0700", owner=sandbox_owner)
-    libc.set_readonly("/tmp", recursive=False)
-    if os.path.isdir("/dev/shm"):
-        libc.tmpfs("/dev/shm", size=options.fsize_bytes, mode="0700", owner=sandbox_owner)
-
-
-def _open_exposed(path: str) -> int:
-    try:
-        return os.open(path, os.O_PATH | os.O_DIRECTORY)
-    except PermissionError as exc:
-        # Root without CAP_SYS_ADMIN: the launcher already is the sandbox uid and cannot reach the interpreter.
-        raise PermissionError(exc.errno, f"the sandbox uid cannot reach the interpreter prefix {path}; "
-                                         "pass a world-readable python_executable (e.g. /usr/bin/python3)") from exc
-
-
-def _mount_fresh_proc(libc: _Libc) -> None:
-    """procfs of this PID namespace. In a user namespace the kernel may refuse (containers mask parts of
-    /proc); then an empty tmpfs covers /proc instead, which still hides the host's processes."""
-    try:
-        libc.mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-    except PermissionError:
-        libc.mount("tmpfs", "/proc", "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC | _MS_RDONLY, "size=4096")
-
-
-def _exec_program(libc: _Libc, options: _LaunchOptions, in_user_namespace: bool) -> None:
-    """Program P: limits, credentials, then exec the wrapper. Never returns."""
-    # In a user namespace the launcher and the init run under the program's uid there and count against it.
-    nproc = options.nproc + 2 if in_user_namespace else options.nproc
-    try:
-        for which, soft, hard in (
-            (resource.RLIMIT_CORE, 0, 0),
-            (resource.RLIMIT_CPU, options.cpu_s, options.cpu_s + 1),
-            (resource.RLIMIT_AS, options.memory_bytes, options.memory_bytes),
-            (resource.RLIMIT_NPROC, nproc, nproc),
-            (resource.RLIMIT_FSIZE, options.fsize_bytes, options.fsize_bytes),
-            (resource.RLIMIT_NOFILE, _NOFILE_LIMIT, _NOFILE_LIMIT),
-        ):
-            resource.setrlimit(which, (soft, hard))
-        if not in_user_namespace:
-            os.setgroups([])
-            os.setresgid(options.uid, options.uid, options.uid)
-            os.setresuid(options.uid, options.uid, options.uid)
-        libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, "prctl(PR_SET_NO_NEW_PRIVS)")
-        libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, "prctl(PR_SET_PDEATHSIG)")  # after the uid change, which clears it
-        os.chdir(SANDBOX_WORKDIR)
-        argv = [options.python, "-I", "-S", "-c", _WRAPPER_SOURCE, str(options.status_fd), str(options.program_fd)]
-        os.execve(options.python, argv, _PROGRAM_ENV)
-    except OSError as exc:
-        _report(options.status_fd, "E", f"cannot start the program: {exc}")
-        os._exit(_SETUP_FAILED_EXIT)

@@ -222,3 +222,57 @@ def test_load_code_tasks_names_the_bad_line(tmp_path: Path, line: str, message: 
     path.write_text('{"task_id": "ok", "tests": [{"input": "", "output": ""}]}\n' + line + "\n")
     with pytest.raises(ValueError, match=message):
         load_code_tasks(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Programs that look for their task's tests instead of solving it (reward hacking), and honest ones
+
+DATASET_FILE = Path(__file__).resolve().parents[2] / "conf" / "data" / "code_stdio_sample.jsonl"
+
+
+def _dataset_tasks() -> list[CodeTask]:
+    """The stdio sample dataset as code tasks (its rows carry the task in ``answer``)."""
+    rows = [json.loads(line) for line in DATASET_FILE.read_text().splitlines() if line.strip()]
+    return [code.code_task_from_record({"task_id": row["id"], **row["answer"]}) for row in rows]
+
+
+def test_a_program_that_reads_the_dataset_for_its_expected_output_does_not_pass() -> None:
+    task = _dataset_tasks()[0]
+    cheat = f"""
+import json, sys
+given = sys.stdin.read()
+for line in open({str(DATASET_FILE)!r}):
+    for test in json.loads(line)["answer"]["tests"]:
+        if test["input"] == given:
+            print(test["output"])
+"""
+    verdict = score_code(cheat, task)
+    assert verdict.reward == 0.0
+    assert verdict.outcome == "crashed" and "FileNotFoundError" in verdict.detail
+
+
+def test_a_humaneval_program_cannot_take_the_token_from_its_reopened_stdin() -> None:
+    cheat = """
+import os, sys
+token = open("/proc/self/fd/0").readline().strip()
+sys.stdout.write("\\n" + token + "\\n")
+sys.stdout.flush()
+os._exit(0)
+"""
+    verdict = score_code(cheat, SQUARE_TASK)
+    assert verdict.reward == 0.0
+    assert verdict.outcome == "failed"
+
+
+def test_a_humaneval_program_cannot_read_the_tests_from_its_own_file() -> None:
+    # Looks for a line of the task's test; the literal is split so that the spy's own text does not contain it.
+    spy = ("import sys\nfound = 'candidate(' + '-2) == 4' in open(sys.argv[0]).read()\n"
+           "raise SystemExit(f'found: {found}')\n")
+    assert "candidate(-2) == 4" in SQUARE_TASK.test
+    assert score_code(spy, SQUARE_TASK) == CodeVerdict(0.0, "crashed", "exit 1: found: False")
+
+
+def test_honest_stdio_programs_still_pass() -> None:
+    tasks = _dataset_tasks()
+    verdicts = score_code_batch([task.canonical_solution for task in tasks], tasks, num_workers=2)
+    assert [verdict.outcome for verdict in verdicts] == ["passed"] * len(tasks)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from cipo_nemo.environments import sandbox
+from cipo_nemo.environments import sandbox, sandbox_runtime
 from cipo_nemo.environments.sandbox import (
     MEMORY_ERROR_EXIT_CODE,
     TRUNCATION_MARKER,
@@ -37,6 +37,9 @@ from cipo_nemo.environments.sandbox import (
 )
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
+DATASET_FILE = PROJECT_DIR / "conf" / "data" / "code_stdio_sample.jsonl"
+# Host directories that are no part of a Python runtime; before the allow-list view a program could read them.
+HOST_ONLY = ("/etc", "/home", "/run", "/var", "/opt", "/srv", "/work", str(PROJECT_DIR), sys.prefix)
 BOUND_S = 60.0
 UNPRIVILEGED_UID = 54321
 
@@ -202,10 +205,8 @@ def test_invalid_arguments_are_caller_errors() -> None:
         run_program("pass", memory_mb=8)
     with pytest.raises(ValueError, match="cpu_time_s"):
         run_program("pass", cpu_time_s=0)
-    with pytest.raises(ValueError, match="absolute"):
-        run_program("pass", hidden_paths=["relative/dir"])
-    with pytest.raises(ValueError, match="cannot hide '/'"):
-        run_program("pass", hidden_paths=["/"])
+    with pytest.raises(ValueError, match="cpu_cores"):
+        run_program("pass", cpu_cores=0)
     with pytest.raises(ValueError, match="max_workers"):
         SandboxPool(0)
 
@@ -292,10 +293,11 @@ def test_environment_holds_no_secret_of_the_parent(monkeypatch: pytest.MonkeyPat
 
 
 def test_host_processes_are_invisible_and_the_system_is_read_only() -> None:
-    source = program("""
+    source = program(f"""
         import os
+        HOST_ONLY = {HOST_ONLY!r}
         print(sorted(int(entry) for entry in os.listdir("/proc") if entry.isdigit()))
-        print(os.statvfs("/").f_flag & os.ST_RDONLY == os.ST_RDONLY, os.listdir("/home"), os.listdir("/run"))
+        print(os.statvfs("/").f_flag & os.ST_RDONLY == os.ST_RDONLY, [os.path.exists(path) for path in HOST_ONLY])
         try:
             open("/etc/shadow").read()
         except OSError as error:
@@ -304,8 +306,8 @@ def test_host_processes_are_invisible_and_the_system_is_read_only() -> None:
     result = run_bounded(source)
     lines = result.stdout.splitlines()
     assert lines[0] == "[1, 2]"  # the namespace init and the program itself
-    assert lines[1] == "True [] []"
-    assert lines[2] == "shadow PermissionError"
+    assert lines[1] == f"True {[False] * len(HOST_ONLY)}"
+    assert lines[2] == "shadow FileNotFoundError"
 
 
 def test_writes_outside_the_working_directory_fail_and_leave_nothing() -> None:
@@ -367,6 +369,122 @@ def test_network_is_unreachable_even_on_loopback() -> None:
                 listener.accept()  # nobody ever connected
     assert result.status == "ok"
     assert result.stdout.splitlines() == ["[(1, 'lo')]", "tcp OSError", "abstract unix ConnectionRefusedError"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The allow-list view: the runtime and the working directory, nothing else of the host
+
+
+@pytest.fixture
+def world_readable_host_file() -> Iterator[Path]:
+    """A world-readable file in a world-readable directory under /var/tmp, outside every formerly hidden path."""
+    directory = Path(f"/var/tmp/cipo_visible_{secrets.token_hex(8)}")
+    directory.mkdir(mode=0o755)
+    secret = directory / "secret.txt"
+    secret.write_text(f"host secret {secrets.token_hex(8)}\n")
+    secret.chmod(0o644)
+    try:
+        yield secret
+    finally:
+        secret.unlink()
+        directory.rmdir()
+
+
+def _read_attempts(paths: list[str]) -> list[str]:
+    """What a sandboxed program gets when it lists or reads each path: 'listed', 'read' or the error's name."""
+    source = program(f"""
+        import os
+        for path in {paths!r}:
+            try:
+                if os.path.isdir(path):
+                    os.listdir(path)
+                    print("listed")
+                else:
+                    open(path, "rb").read()
+                    print("read")
+            except OSError as error:
+                print(type(error).__name__)
+    """)
+    result = run_bounded(source)
+    assert result.status == "ok", result
+    return result.stdout.splitlines()
+
+
+def test_world_readable_host_file_is_not_there(world_readable_host_file: Path) -> None:
+    attempts = _read_attempts([str(world_readable_host_file), str(world_readable_host_file.parent), "/var/tmp"])
+    assert attempts == ["FileNotFoundError"] * 3
+
+
+def test_checkout_dataset_and_venv_are_not_there() -> None:
+    paths = [str(DATASET_FILE), str(Path(__file__).resolve()), str(PROJECT_DIR), sys.prefix]
+    assert all(os.path.exists(path) for path in paths)
+    assert _read_attempts(paths) == ["FileNotFoundError"] * len(paths)
+
+
+def test_root_holds_only_the_runtime_the_working_directory_and_a_few_devices() -> None:
+    source = program("""
+        import os
+        print(sorted(os.listdir("/")))
+        print(sorted(os.listdir("/dev")))
+        print(sorted(os.listdir("/tmp")))
+    """)
+    result = run_bounded(source)
+    assert result.status == "ok", result
+    view = sandbox_runtime.runtime_view(os.path.realpath(sys.executable))
+    runtime_tops = {path.split("/")[1] for path in (*view.files, *view.directories, *(link for link, _ in view.links))}
+    root, dev, tmp = (eval(line) for line in result.stdout.splitlines())  # noqa: S307 (our own program's output)
+    assert set(root) == {"dev", "proc", "tmp"} | runtime_tops
+    assert not set(root) & {path.split("/")[1] for path in HOST_ONLY}
+    assert dev == ["fd", "null", "shm", "stderr", "stdin", "stdout", "urandom", "zero"]
+    assert tmp == ["work"]
+
+
+def test_runtime_is_read_only_and_keeps_no_third_party_packages() -> None:
+    view = sandbox_runtime.runtime_view(os.path.realpath(sys.executable))
+    targets = [os.path.join(directory, f"cipo_escape_{secrets.token_hex(8)}") for directory in view.directories]
+    source = program(f"""
+        import os, sysconfig
+        for path in {targets!r}:
+            try:
+                open(path, "w")
+                print("written")
+            except OSError as error:
+                print(type(error).__name__)
+        site = sysconfig.get_path("purelib")
+        print(os.listdir(site) if os.path.isdir(site) else [])
+    """)
+    result = run_bounded(source)
+    assert result.status == "ok", result
+    assert result.stdout.splitlines() == ["OSError"] * len(targets) + ["[]"]
+    assert not any(os.path.exists(path) for path in targets)
+
+
+def test_the_standard_library_works_in_the_view() -> None:
+    source = program("""
+        import ctypes, decimal, hashlib, json, lzma, multiprocessing, os, sqlite3, ssl, time, uuid, zlib
+        connection = sqlite3.connect(":memory:")
+        print(connection.execute("select 6 * 7").fetchone()[0], len(os.urandom(8)), hashlib.sha256(b"").hexdigest()[:8])
+        with multiprocessing.Pool(2) as pool:
+            print(pool.map(abs, [-1, -2]))
+        print(open("/dev/stdin").read(), end="")
+        with open("/dev/null", "w") as sink:
+            sink.write("discarded")
+    """)
+    result = run_bounded(source, stdin="from stdin\n")
+    assert result.status == "ok", result
+    assert result.stdout == "42 8 e3b0c442\n[1, 2]\nfrom stdin\n"
+
+
+def test_elf_interpreter_and_symlink_chain_are_found(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "ld.so").write_text("")
+    (tmp_path / "lib64").symlink_to("real")
+    (tmp_path / "real" / "loader").symlink_to(tmp_path / "real" / "ld.so")
+    links = sandbox_runtime._symlinks_on_the_way(str(tmp_path / "lib64" / "loader"))
+    loader, real_loader = str(tmp_path / "real" / "loader"), str(tmp_path / "real" / "ld.so")
+    assert links == ((str(tmp_path / "lib64"), "real"), (loader, real_loader))
+    assert sandbox_runtime._elf_interpreter(os.path.realpath(sys.executable)) is not None
+    assert sandbox_runtime._elf_interpreter(str(tmp_path / "real" / "ld.so")) is None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -534,11 +652,21 @@ def test_printing_100_megabytes_is_truncated_and_costs_the_parent_little() -> No
 # User-namespace mode: an unprivileged trainer, and root without CAP_SYS_ADMIN
 
 
+def _first_untraversable_ancestor(path: str) -> str | None:
+    """The highest directory on ``path`` that users other than its owner cannot enter (no o+x), if any."""
+    current = "/"
+    for part in path.strip("/").split("/"):
+        current = os.path.join(current, part)
+        if not os.stat(current).st_mode & stat.S_IXOTH:
+            return current
+    return None
+
+
 def _world_usable_python() -> str:
     """An interpreter that a non-root uid can run (the venv's may live under /root)."""
     for candidate in ("/usr/bin/python3", "/usr/local/bin/python3", sys.executable):
         real = os.path.realpath(candidate)
-        if os.path.isfile(real) and sandbox._first_untraversable_ancestor(real) is None:
+        if os.path.isfile(real) and _first_untraversable_ancestor(real) is None:
             if os.stat(real).st_mode & stat.S_IXOTH:
                 return real
     pytest.fail("no world-executable python3 found (tried /usr/bin/python3, /usr/local/bin/python3)")
@@ -582,8 +710,9 @@ def _run_in_subprocess(command: list[str], *, python_executable: str | None, **p
     return json.loads(completed.stdout)
 
 
-# uid 1000 inside; only loopback; only the init and itself in /proc; no writes; 6 processes: itself + 5 children.
-_EXPECTED_PROBE_OUTPUT = "1000 [(1, 'lo')] [1, 2]\nOSError\nOSError\n5\n"
+# uid 1000 inside; only loopback; only the init and itself in /proc; no writes (a read-only /tmp, and no /etc at
+# all); 6 processes: itself + 5 children.
+_EXPECTED_PROBE_OUTPUT = "1000 [(1, 'lo')] [1, 2]\nOSError\nFileNotFoundError\n5\n"
 
 
 def test_unprivileged_user_gets_the_user_namespace_sandbox() -> None:
@@ -601,7 +730,7 @@ def test_root_without_cap_sys_admin_falls_back_to_a_user_namespace_or_fails_clos
     works = _run_in_subprocess(drop_sys_admin, python_executable=python)
     assert works["status"] == "ok", works
     assert works["stdout"] == _EXPECTED_PROBE_OUTPUT
-    if sandbox._first_untraversable_ancestor(os.path.realpath(sys.executable)) is not None:
+    if _first_untraversable_ancestor(os.path.realpath(sys.executable)) is not None:
         # Without CAP_SYS_ADMIN the interpreter cannot be bound back from under /root: refuse, do not run.
         refused = _run_in_subprocess(drop_sys_admin, python_executable=None)
         assert refused["status"] == "sandbox_error"
