@@ -71,14 +71,22 @@ def run_training(cfg, loaded_items) -> int:
     if summary.stopped_early is not None:
         print(f"stopped early ({summary.stopped_early}) after {summary.steps_done} steps; checkpoint in "
               f"{summary.run_dir / 'checkpoints'}; exit code {REQUEUE_EXIT_CODE}: rerun the same command to resume")
+        print_rho_bound_share(summary.rho_at_bound_share)
         return REQUEUE_EXIT_CODE
     print(f"done: {summary.steps_done} steps; run directory {summary.run_dir}")
+    print_rho_bound_share(summary.rho_at_bound_share)
     print(f"  metrics {summary.run_dir / 'metrics.jsonl'}; config {summary.run_dir / 'config.yaml'}")
     if summary.plot is not None:
         print(f"  curves {summary.plot}")
     if cfg.checkpointing.save_hf_at_end:
         print(f"  final policy (HF) {summary.run_dir / 'hf_model'}")
     return 0
+
+
+def print_rho_bound_share(share: float | None) -> None:
+    """CIPO: how often the rho controller was pinned (a high share means it did not steer; see the run's warning)."""
+    if share is not None:
+        print(f"  rho at a bound in {share:.0%} of steps")
 
 
 if __name__ == "__main__":

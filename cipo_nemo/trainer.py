@@ -187,7 +187,7 @@ def cipo_step(c: Components, step: int) -> dict[str, float | None]:
         train_metrics = train_policy(c, batch, step)
     with timer.time("refit"):
         refit(c)
-    c.rho.update(cipo_metrics.retention)
+    update_rho(c, cipo_metrics.retention)
     return step_metrics(c, rollouts, batch, cipo_metrics.as_dict(), train_metrics)
 
 
@@ -310,6 +310,16 @@ def refit(c: Components) -> None:
     refit_weights(c.policy, c.generation)
 
 
+def update_rho(c: Components, retention: float | None) -> None:
+    """The rho update (DESIGN step 7); a CIPO run warns once when rho sits at a bound in most steps (it cannot steer)."""
+    c.rho.update(retention)
+    if not c.cfg.cipo.enabled:
+        return
+    warning = c.rho.count_step()
+    if warning is not None:
+        logger.warning(warning)
+
+
 # ----------------------------------------------------------------------------------------------- metrics
 
 
@@ -332,6 +342,7 @@ def step_metrics(
         "response_length/base_mean": float(base["response_mask"].sum(dim=1).float().mean()),
         "cipo/anchors_dropped_too_long": float(rollouts.dropped_anchors),
         "cipo/rho_next": c.rho.rho,
+        **rho_metrics(c),
         **cipo_metrics,  # cipo/anchors_*, cipo/correction_success, cipo/retention, cipo/rho (used this step)
         **{f"train/{k}": v for k, v in train_metrics.items()},
     }
@@ -345,6 +356,14 @@ def step_metrics(
     metrics["throughput/generated_tokens_per_s"] = metrics["tokens/generated"] / max(generation_seconds, 1e-9)
     metrics["throughput/trained_tokens_per_s"] = metrics["tokens/trained"] / max(timings.get("timing/train", 0.0), 1e-9)
     return metrics
+
+
+def rho_metrics(c: Components) -> dict[str, float | None]:
+    """cipo/rho_at_bound: 1.0 when rho sits at rho.min or rho.max after this step's update, else 0.0;
+    cipo/rho_tau: the retention target in use (null until tau: auto has measured retention). Null for GRPO."""
+    if not c.cfg.cipo.enabled:
+        return {"cipo/rho_at_bound": None, "cipo/rho_tau": None}
+    return {"cipo/rho_at_bound": float(c.rho.at_bound), "cipo/rho_tau": c.rho.tau}
 
 
 def _response_tokens(batch: Batch | None) -> int:
@@ -426,6 +445,7 @@ class RunSummary:
     last_metrics: dict[str, float | None]
     plot: Path | None
     stopped_early: str | None = None  # why the run stopped before num_steps (a checkpoint of the last step exists)
+    rho_at_bound_share: float | None = None  # CIPO: share of the run's steps with rho at rho.min or rho.max
 
 
 def train(c: Components) -> RunSummary:
@@ -468,7 +488,8 @@ def _train_steps(c: Components, stop: StopRequest) -> RunSummary:
     if cfg.checkpointing.save_hf_at_end:
         c.policy.save_hf(c.run_dir / HF_MODEL_DIR)
     plot = maybe_plot(c)
-    return RunSummary(run_dir=c.run_dir, steps_done=total - c.start_step, last_metrics=last, plot=plot)
+    return RunSummary(run_dir=c.run_dir, steps_done=total - c.start_step, last_metrics=last, plot=plot,
+                      rho_at_bound_share=rho_bound_share(c))
 
 
 def deadline_reached(c: Components, step_s: float, save_s: float) -> str | None:
@@ -485,7 +506,12 @@ def deadline_reached(c: Components, step_s: float, save_s: float) -> str | None:
 
 def _stopped(c: Components, last: dict[str, float | None], reason: str, *, steps_done: int = 0) -> RunSummary:
     logger.warning("stopping early (%s); resume continues from %s", reason, c.checkpoints.latest())
-    return RunSummary(run_dir=c.run_dir, steps_done=steps_done, last_metrics=last, plot=None, stopped_early=reason)
+    return RunSummary(run_dir=c.run_dir, steps_done=steps_done, last_metrics=last, plot=None, stopped_early=reason,
+                      rho_at_bound_share=rho_bound_share(c))
+
+
+def rho_bound_share(c: Components) -> float | None:
+    return c.rho.bound_share if c.cfg.cipo.enabled else None
 
 
 def checkpoint_due(c: Components, step: int) -> bool:

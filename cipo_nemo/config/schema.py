@@ -65,7 +65,11 @@ class RhoConfig(StrictModel):
     min: Probability = Field(description="Lower bound of rho.")
     max: Probability = Field(description="Upper bound of rho.")
     init: Probability = Field(description="rho_0: share of successful anchors at step 0 (within [min, max]).")
-    tau: Probability = Field(description="Retention target: rho rises while retention < tau.")
+    tau: float | Literal["auto"] = Field(
+        description="Retention target: rho rises while retention < tau. auto: set once from the first step that "
+        "measures retention, tau = min(0.95, retention + tau_margin)."
+    )
+    tau_margin: NonNegativeFloat = Field(description="tau: auto only: the margin added to the first measured retention.")
     rule: Literal["multiplicative", "proportional"] = Field(
         description="multiplicative: rho *= 1 + w_level*(tau-ret) + w_drop*drop + w_streak*streak; "
         "proportional: rho += eta*(tau-ret)."
@@ -75,6 +79,16 @@ class RhoConfig(StrictModel):
     w_streak: NonNegativeFloat = Field(description="multiplicative rule: weight of the below-tau streak length.")
     streak_cap: Annotated[int, Field(ge=0)] = Field(description="multiplicative rule: cap on the streak length.")
     eta: NonNegativeFloat = Field(description="proportional rule: step size.")
+
+    @field_validator("tau", mode="plain")
+    @classmethod
+    def _tau_probability_or_auto(cls, value: object) -> float | str:
+        # One plain check instead of a union, so that a bad value gets one message rather than one per member.
+        if value == "auto":
+            return "auto"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError("must be a probability in [0, 1] or 'auto'")
+        return float(value)
 
     @field_validator("max")
     @classmethod

@@ -162,7 +162,7 @@ def test_error_names_the_file_a_bad_value_came_from(tmp_path):
     lines = str(err.value).splitlines()
     assert len(lines) == 2
     assert all(line.startswith(f"{child}: ") for line in lines)  # tmp_path lies outside cwd: shown absolute
-    assert any("cipo.rho.tau: Input should be less than or equal to 1 (got 1.5)" in line for line in lines)
+    assert any("cipo.rho.tau: must be a probability in [0, 1] or 'auto' (got 1.5)" in line for line in lines)
     assert any("cipo.risk_penalty: Input should be greater than or equal to 0" in line for line in lines)
 
 

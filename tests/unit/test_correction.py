@@ -344,7 +344,7 @@ def test_shaping_validates_its_inputs() -> None:
 # ----- rho controller -----------------------------------------------------------------------------------------
 
 RHO_DEFAULTS = dict(
-    min=0.2, max=0.8, init=0.3, tau=0.8, rule="multiplicative",
+    min=0.2, max=0.8, init=0.3, tau=0.8, tau_margin=0.05, rule="multiplicative",
     w_level=0.8, w_drop=0.3, w_streak=0.05, streak_cap=3, eta=0.5,
 )
 
@@ -424,7 +424,7 @@ def test_load_state_rejects_bad_state() -> None:
     with pytest.raises(ValueError, match="keys"):
         _controller().load_state_dict({"rho": 0.5})
     with pytest.raises(ValueError, match="outside"):
-        _controller().load_state_dict({"rho": 0.9, "prev_retention": None, "streak": 0})
+        _controller().load_state_dict(_controller().state_dict() | {"rho": 0.9})
 
 
 @pytest.mark.parametrize(
