@@ -48,6 +48,7 @@ from cipo_nemo.models.factory import build_cluster, build_generation, build_poli
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, SamplingSettings
 from cipo_nemo.models.policy.microbatches import combine_optimizer_steps, plan_mini_batches
 from cipo_nemo.models.rollout import responses_to_batch
+from cipo_nemo.samples import sample_records, write_samples
 from cipo_nemo.utils.checkpoint import CheckpointManager
 from cipo_nemo.utils.logger import MetricsLogger
 from cipo_nemo.config.durations import parse_duration
@@ -181,6 +182,8 @@ def cipo_step(c: Components, step: int) -> dict[str, float | None]:
                                                    risk_penalty=c.cfg.cipo.risk_penalty)
     with timer.time("advantages"):
         compute_advantages(c, batch)
+    with timer.time("dump_samples"):
+        maybe_dump_samples(c, rollouts, batch, step)
     with timer.time("logprobs"):
         compute_logprobs(c, batch)
     with timer.time("train"):
@@ -272,6 +275,14 @@ def compute_advantages(c: Components, batch: Batch) -> None:
             batch["anchor_correct"][is_correction], mode=c.cfg.cipo.advantage_mode,
             risk_penalty=c.cfg.cipo.risk_penalty, eps=grpo.std_eps)
     batch["advantages"] = advantages
+
+
+def maybe_dump_samples(c: Components, rollouts: StepRollouts, batch: Batch, step: int) -> None:
+    """Every logger.samples_every steps: samples/step_<N>.jsonl, what both streams train on (cipo_nemo/samples.py)."""
+    every = c.cfg.logger.samples_every
+    if every and step % every == 0:
+        records = sample_records(batch, rollouts.anchors, items=rollouts.items, tokenizer=c.tokenizer, step=step)
+        write_samples(c.run_dir, step, records)
 
 
 def compute_logprobs(c: Components, batch: Batch) -> None:

@@ -338,6 +338,9 @@ class LoggerConfig(StrictModel):
     wandb_project: str | None = Field(description="Weights & Biases project (null: off).")
     mlflow_tracking_uri: str | None = Field(description="MLflow tracking URI (null: off).")
     plot: bool = Field(description="Write a PNG of reward / pass-rate / correction curves at the end.")
+    samples_every: Annotated[int, Field(ge=0)] = Field(
+        description="Write the step's samples to <output_dir>/samples/step_<N>.jsonl every N steps (0 = never)."
+    )
 
 
 class CheckpointConfig(StrictModel):

@@ -10,16 +10,17 @@ import torch
 from cipo_nemo.trainer import setup, shutdown, train
 from cipo_nemo.config import load_config
 from cipo_nemo.models.policy.hf_policy import CHECKPOINT_FILE
+from cipo_nemo.samples import OUTCOMES, read_samples
 
 BASE = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 
 STEP_METRICS = [
     "reward/base_mean", "reward/base_pass_rate", "reward/correction_mean", "cipo/anchors_total",
     "cipo/anchors_successful", "cipo/anchors_failed", "cipo/correction_success", "cipo/retention", "cipo/rho",
-    "cipo/rho_next", "train/loss", "train/kl", "train/clip_fraction_low", "train/clip_fraction_high",
+    "cipo/rho_next", "cipo/rho_at_bound", "cipo/rho_tau", "train/loss", "train/kl", "train/clip_fraction_low", "train/clip_fraction_high",
     "train/approx_entropy", "train/token_mult_prob_error", "train/grad_norm", "train/lr", "tokens/generated",
     "tokens/trained", "throughput/generated_tokens_per_s", "timing/rollout", "timing/correction_rollout",
-    "timing/train", "timing/refit", "timing/step", "val/pass@1", "val/pass@4",
+    "timing/train", "timing/refit", "timing/dump_samples", "timing/step", "val/pass@1", "val/pass@4",
 ]
 
 
@@ -50,7 +51,7 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 def test_cipo_run_writes_every_metric(arithmetic_model, tmp_path):
-    summary = _run(arithmetic_model, tmp_path / "cipo")
+    summary = _run(arithmetic_model, tmp_path / "cipo", "logger.samples_every=1")
     records = _records(tmp_path / "cipo")
     assert [r["step"] for r in records] == [1, 2]
     for key in STEP_METRICS:
@@ -61,18 +62,36 @@ def test_cipo_run_writes_every_metric(arithmetic_model, tmp_path):
     assert summary.plot is not None and summary.plot.stat().st_size > 0
     assert list((tmp_path / "cipo" / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "cipo" / "checkpoints" / "step_000002" / "COMPLETE").is_file()
+    assert all(r["cipo/rho_at_bound"] in (0.0, 1.0) and r["cipo/rho_tau"] == 0.8 for r in records)
+    assert summary.rho_at_bound_share == sum(r["cipo/rho_at_bound"] for r in records) / 2
+    for step, record in zip((1, 2), records):
+        _, samples = read_samples(tmp_path / "cipo", step)
+        base = [s for s in samples if s["kind"] == "base"]
+        corrections = [s for s in samples if s["kind"] == "correction"]
+        assert len(base) == 16 and len(corrections) == record["cipo/correction_samples"] > 0
+        assert all(s["prompt"] and s["item_id"] and s["verifier_reason"] for s in samples)
+        for s in corrections:  # the anchor fields are those of the base sample it quotes
+            anchor = base[s["anchor"]["index"]]
+            assert (s["anchor"]["response"], s["anchor"]["reward"]) == (anchor["response"], anchor["reward"])
+            assert s["outcome"] in OUTCOMES and s["anchor"]["correct"] == (anchor["reward"] > 0.5)
+        assert sum(s["reward"] for s in base) / 16 == pytest.approx(record["reward/base_mean"])
 
 
 def test_grpo_run_has_no_correction_stream(arithmetic_model, tmp_path):
     (tmp_path / "grpo").mkdir()
     (tmp_path / "grpo" / "SAVE_NOW").touch()  # an on-demand checkpoint after the first step
-    _run(arithmetic_model, tmp_path / "grpo", "cipo.enabled=false", "checkpointing.save_every=0")
+    summary = _run(arithmetic_model, tmp_path / "grpo", "cipo.enabled=false", "checkpointing.save_every=0",
+                   "logger.samples_every=2")
+    assert summary.rho_at_bound_share is None
+    assert [path.name for path in (tmp_path / "grpo" / "samples").iterdir()] == ["step_2.jsonl"]
+    assert {s["kind"] for s in read_samples(tmp_path / "grpo")[1]} == {"base"}
     checkpoints = sorted(p.name for p in (tmp_path / "grpo" / "checkpoints").glob("step_*"))
     assert checkpoints == ["step_000001", "step_000002"]
     assert not (tmp_path / "grpo" / "SAVE_NOW").exists()
     records = _records(tmp_path / "grpo")
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["cipo/anchors_total"] == 0 and r["reward/correction_mean"] is None for r in records)
+    assert all(r["cipo/rho_at_bound"] is None and r["cipo/rho_tau"] is None for r in records)
     for r in records:
         assert r["tokens/trained"] > 0
         mixed_groups = r["reward/prompts_all_correct"] + r["reward/prompts_all_wrong"] < 1
@@ -82,9 +101,10 @@ def test_grpo_run_has_no_correction_stream(arithmetic_model, tmp_path):
 
 
 def test_resume_continues_exactly(arithmetic_model, tmp_path):
-    # two epochs of shuffled mini-batches of 8 samples: several optimizer steps per RL step, pi_old fixed
+    # two epochs of shuffled mini-batches of 8 samples: several optimizer steps per RL step, pi_old fixed;
+    # tau: auto is set at step 1 (from its retention) and must come back from the checkpoint, not from step 2
     mini_batches = ("validation.every=0", "policy.train_global_batch_size=8", "policy.epochs_per_batch=2",
-                    "policy.optimizer.lr=3e-3", "policy.optimizer.min_lr=3e-3")
+                    "policy.optimizer.lr=3e-3", "policy.optimizer.min_lr=3e-3", "cipo.rho.tau=auto")
     _run(arithmetic_model, tmp_path / "straight", *mini_batches)
     # Same run stopped after step 1 (as if killed after its checkpoint), then resumed to step 2.
     _run(arithmetic_model, tmp_path / "resumed", *mini_batches, "grpo.num_steps=1")
@@ -94,8 +114,10 @@ def test_resume_continues_exactly(arithmetic_model, tmp_path):
     for record in straight:  # >= 16 base samples: at least 2 x 2 optimizer steps, and the clip ranges bind
         assert record["train/optimizer_steps"] >= 4
     assert sum(r["train/clip_fraction_low"] + r["train/clip_fraction_high"] for r in straight) > 0
+    assert straight[0]["cipo/retention"] is not None and straight[0]["cipo/rho_tau"] is not None
+    assert resumed[-1]["cipo/rho_tau"] == straight[0]["cipo/rho_tau"]
     for key in ("reward/base_mean", "train/loss", "train/grad_norm", "train/clip_fraction_low",
-                "train/optimizer_steps", "cipo/rho", "tokens/generated"):
+                "train/optimizer_steps", "cipo/rho", "cipo/rho_next", "tokens/generated"):
         assert resumed[-1][key] == pytest.approx(straight[-1][key], rel=1e-5, abs=1e-7), key
     weights = [torch.load(tmp_path / run / "checkpoints" / "step_000002" / "policy" / CHECKPOINT_FILE,
                           weights_only=True)["model"] for run in ("straight", "resumed")]

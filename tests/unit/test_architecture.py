@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "environments": 3,
     "distributed": 3,
     "models": 4,
+    "samples": 4,
     "eval": 5,
     "plan": 5,
     "trainer": 6,
