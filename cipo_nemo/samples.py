@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -226,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_samples(records, kind=args.kind, max_chars=args.max_chars))
+    try:
+        print(format_samples(records, kind=args.kind, max_chars=args.max_chars), flush=True)
+    except BrokenPipeError:  # `... | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
