@@ -35,6 +35,8 @@ def test_model_script(name):
     assert int(options["nodes"]) == nodes
     assert re.fullmatch(r"B:USR1@\d+", options["signal"])
     assert "requeue" in options and options["open-mode"] == "append"
+    # the whole node: every GPU and all of its memory (vLLM's pinned buffers, the refit file in /dev/shm)
+    assert "exclusive" in options and options["mem"] == "0"
     assert options["output"].startswith("logs/")
     assert f"export CONFIG=${{CONFIG:-{config}}}" in text  # CONFIG=... sbatch ... overrides it
     assert 'slurm/ray_on_slurm.sh" "$@"' in text
