@@ -7,7 +7,7 @@ the step plan) runs, so that a bad config, layout or dataset stops the run in se
 `--dry-run` stops after it and needs no model weights (a hub id it cannot find uses the architecture table in
 cipo_nemo/plan.py).
 
-Exit codes: 0 done; 2 config, data or model error; 75 (REQUEUE_EXIT_CODE) stopped early on SIGUSR1/SIGTERM or
+Exit codes: 0 done; 2 config, data, model or install error; 75 (REQUEUE_EXIT_CODE) stopped early on SIGUSR1/SIGTERM or
 checkpointing.checkpoint_must_save_by after a complete checkpoint: run the same command again to resume.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from cipo_nemo.config import ConfigError, load_config
 from cipo_nemo.data.sources import DataError
 from cipo_nemo.models.hub import ModelNotFoundError, resolve_model_dir
-from cipo_nemo.preflight import run_preflight
+from cipo_nemo.preflight import InstallError, run_preflight
 from cipo_nemo.utils.preemption import install_stop_handlers
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "cipo_smollm2_cpu.yaml"
@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         report = run_preflight(cfg, check_memory=not args.ignore_memory_estimate)
         if not args.dry_run:  # the dry run reads only config.json (or knows the architecture): no weights needed
             resolve_model_dir(cfg.policy.model_name)  # before workers: a missing model is one clear line
-    except (ConfigError, DataError, ModelNotFoundError) as err:
-        kind = "config" if isinstance(err, ConfigError) else "data" if isinstance(err, DataError) else "model"
+    except (ConfigError, DataError, ModelNotFoundError, InstallError) as err:
+        kind = ("config" if isinstance(err, ConfigError) else "data" if isinstance(err, DataError)
+                else "install" if isinstance(err, InstallError) else "model")
         print(f"{kind} error: {err}".replace("\n", f"\n{kind} error: "), file=sys.stderr)
         return 2
     algorithm = "CIPO" if cfg.cipo.enabled else "GRPO"

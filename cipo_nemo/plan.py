@@ -150,6 +150,21 @@ def check_generation(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> li
     return problems
 
 
+def check_precision(cfg: MasterConfig) -> list[str]:
+    """FP8 against the GPU generation: FP8 GEMMs need Hopper or newer, MXFP8 (32-element block scales in hardware)
+    needs Blackwell; Transformer Engine would refuse the recipe only when the first FP8 layer runs."""
+    arch, megatron = cfg.cluster.gpu_arch, cfg.policy.megatron
+    if arch is None or cfg.policy.backend != "megatron" or megatron.fp8 is None:
+        return []
+    if arch == "ampere":
+        return [f"policy.megatron.fp8 is {megatron.fp8!r} but cluster.gpu_arch is 'ampere': FP8 needs Hopper or "
+                "Blackwell GPUs; set policy.megatron.fp8=null"]
+    if megatron.fp8_recipe == "mxfp8" and arch != "blackwell":
+        return [f"policy.megatron.fp8_recipe is 'mxfp8' but cluster.gpu_arch is {arch!r}: MXFP8 needs Blackwell GPUs; "
+                "use fp8_recipe blockwise (or tensorwise / delayed) on Hopper"]
+    return []
+
+
 # ----------------------------------------------------------------------------------------------- memory
 
 
@@ -482,7 +497,7 @@ def plan_launch(cfg: MasterConfig, *, base_samples: int, max_correction_samples:
     problems = check_cluster(cfg, layout)
     if not problems:  # the rules below divide by DP
         problems += check_model_split(cfg, shape, layout) + check_batch(cfg, layout)
-    problems += check_generation(cfg, shape, layout)
+    problems += check_generation(cfg, shape, layout) + check_precision(cfg)
     if problems:
         raise LayoutError("\n".join(problems))
     max_samples = base_samples + max_correction_samples

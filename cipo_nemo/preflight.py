@@ -21,6 +21,10 @@ from cipo_nemo.plan import LaunchPlan, LayoutError, plan_launch
 logger = logging.getLogger(__name__)
 
 
+class InstallError(Exception):
+    """The software environment cannot run this config (a package that is installed but broken)."""
+
+
 @dataclass(frozen=True)
 class StepPlan:
     base_samples: int  # B * G
@@ -76,10 +80,25 @@ def check_gold_answers(items: list[TaskItem], *, num_workers: int, timeout_s: fl
     return reason_counts(verdicts)
 
 
+def check_transformer_engine(cfg: MasterConfig) -> None:
+    """A Megatron policy that may use Transformer Engine (layer_spec auto or transformer_engine) needs an installed TE
+    to import; an absent TE is fine here (the dry run also runs on login nodes without it; the workers choose)."""
+    if cfg.policy.backend != "megatron" or cfg.policy.megatron.layer_spec == "local":
+        return
+    from cipo_nemo.models.policy.cpu_compat import TransformerEngineBroken, transformer_engine_importable
+
+    try:
+        transformer_engine_importable()
+    except TransformerEngineBroken as err:
+        raise InstallError(f"{err}. Reinstall it against this torch (scripts/install.sh --gpu, or the Dockerfile), "
+                           "or set policy.megatron.layer_spec=local to train without it") from None
+
+
 def run_preflight(cfg: MasterConfig, *, check_memory: bool = True) -> PreflightReport:
     """Load and check everything a run needs before workers start. Raises LayoutError (a ConfigError) when the
     layout does not fit the cluster or the model, or, with `check_memory`, when the memory estimate exceeds a GPU;
     ModelNotFoundError when the model's architecture is unknown; DataError on unusable data."""
+    check_transformer_engine(cfg)
     step = plan_step(cfg)
     # the layout first: it needs no data, and a 70B layout error should not wait for a dataset to load
     launch = plan_launch(cfg, base_samples=step.base_samples, max_correction_samples=step.max_correction_samples)

@@ -5,7 +5,8 @@
 #   CONFIG=conf/X.yaml exec slurm/ray_on_slurm.sh [key=value overrides...]
 # Steps: (1) the dry run (`python -m cipo_nemo --dry-run`) for this allocation; a failure stops the job before
 # Ray starts. (2) The Ray head on this (the first) node, one Ray worker on every other node with one batched
-# srun. (3) Wait until every node has registered its CPUs/GPUs. (4) The driver on this node joins the head
+# srun once the head is up (each worker also waits for the head's port, with retries: slurm/ray_worker.sh). (3) Wait
+# until every node has registered its CPUs/GPUs. (4) The driver on this node joins the head
 # (cluster.ray_address). (5) SIGUSR1/SIGTERM to this script are forwarded to the driver, which finishes its step,
 # checkpoints and exits 75; the job is then requeued (`scontrol requeue`) and resumes from that checkpoint.
 # (6) Ray is stopped by PID (never `ray stop`, which kills by name every Ray on the node).
@@ -27,7 +28,7 @@
 #   RAY_AUTH_MODE       token (default) or disabled; with token a per-job RAY_AUTH_TOKEN is made unless one is set
 #   RAY_NODES_TIMEOUT_S how long to wait for every node to register (default: 600)
 #   CONTAINER_IMAGE     run Ray and the driver in this container through pyxis (`srun --container-image`); off if unset
-#   CONTAINER_MOUNTS    pyxis --container-mounts (with CONTAINER_IMAGE)
+#   CONTAINER_MOUNTS    more pyxis --container-mounts (data, models, outputs); REPO_DIR and RAY_TMPDIR are always mounted
 #   MAX_REQUEUES        do not requeue once the job has been restarted this many times (default: 50)
 set -uo pipefail
 
@@ -59,23 +60,37 @@ export RAY_TMPDIR=${RAY_TMPDIR:-/tmp}  # exported: the worker steps name their t
 RAY_NODES_TIMEOUT_S=${RAY_NODES_TIMEOUT_S:-600}
 MAX_REQUEUES=${MAX_REQUEUES:-50}
 RESTARTS=${SLURM_RESTART_COUNT:-0}
+# Ray opens several files and sockets per worker process and per connection: raise the open-files limit as far as
+# the hard limit allows. Ray, the driver and the srun steps inherit it (srun propagates resource limits).
+ulimit -n 65535 2>/dev/null || ulimit -n "$(ulimit -H -n)" 2>/dev/null
 
 log "job $SLURM_JOB_ID (restart $RESTARTS): $NUM_NODES node(s) ${NODES[*]}, $DEVICES_PER_NODE device(s) and" \
-    "$CPUS_PER_NODE CPUs per node, CONFIG=$CONFIG, logs in $LOG_DIR"
+    "$CPUS_PER_NODE CPUs per node, CONFIG=$CONFIG, logs in $LOG_DIR, open files limit $(ulimit -n)"
 [ "$DEVICES_PER_NODE" -ge 1 ] 2>/dev/null \
     || die "no GPUs in this allocation (GPUS_PER_NODE=$GPUS_PER_NODE): set DEVICES_PER_NODE for a CPU-only run"
 [ "${SLURMD_NODENAME:-$HEAD_NODE}" = "$HEAD_NODE" ] || die "the batch script runs on $SLURMD_NODENAME, not on the first node $HEAD_NODE"
 
+# Every srun step asks for the node's GPUs explicitly: a step gets no GRES unless it asks (nothing when there are no
+# GPUs: a cluster without GRES would refuse the option).
+STEP_GRES=()
+[ "$GPUS_PER_NODE" -ge 1 ] 2>/dev/null && STEP_GRES=(--gres="gpu:$GPUS_PER_NODE")
+
 # Pyxis: Ray and the driver then run in srun steps inside the container (the batch shell itself is not in it).
 # ON_HEAD prefixes every command of this node: empty (a direct child of this shell, so that $! is the process
 # itself and SIGTERM/SIGUSR1 reach it) or a one-task step in the container (srun passes the signals on).
+# Each step is a container of its own, with its own /tmp: the driver's step could not see the raylet's sockets in
+# the head's step. So Ray's temp dirs are a host path mounted into every container at the same place, and the steps
+# of a node share one named container (the image is unpacked once per node, not once per step).
 CONTAINER_ARGS=()
 ON_HEAD=()
 if [ -n "${CONTAINER_IMAGE:-}" ]; then
-    CONTAINER_ARGS=(--container-image="$CONTAINER_IMAGE" --container-workdir="$REPO_DIR")
-    [ -n "${CONTAINER_MOUNTS:-}" ] && CONTAINER_ARGS+=(--container-mounts="$CONTAINER_MOUNTS")
+    mkdir -p "$RAY_TMPDIR" || exit 1
+    RAY_TMPDIR=$(cd "$RAY_TMPDIR" && pwd)
+    CONTAINER_ARGS=(--container-image="$CONTAINER_IMAGE" --container-name="cipo-$SLURM_JOB_ID"
+                    --container-workdir="$REPO_DIR"
+                    --container-mounts="$REPO_DIR:$REPO_DIR,$RAY_TMPDIR:$RAY_TMPDIR${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}")
     ON_HEAD=(srun --overlap --nodes=1 --ntasks=1 --nodelist="$HEAD_NODE" --cpus-per-task="$CPUS_PER_NODE"
-             "${CONTAINER_ARGS[@]}")
+             "${STEP_GRES[@]}" "${CONTAINER_ARGS[@]}")
 fi
 
 # ------------------------------------------------------------------------------------------------ signals
@@ -202,20 +217,20 @@ HEAD_SESSION=(setsid)
     >>"$LOG_DIR/ray-head.log" 2>&1 &
 HEAD_PID=$!
 
-if [ "$NUM_NODES" -gt 1 ]; then
-    # One batched step: one Ray worker per other node. Each worker names its own node (label) and temp dir (by
-    # its index in the step: distinct even where the nodes share /tmp, short whatever the host names).
-    log "Ray workers on ${NODES[*]:1} (one srun, logs ray-worker-<node>.log)"
-    srun --overlap --nodes=$((NUM_NODES - 1)) --ntasks=$((NUM_NODES - 1)) --ntasks-per-node=1 \
-        --exclude="$HEAD_NODE" --cpus-per-task="$CPUS_PER_NODE" --kill-on-bad-exit=0 \
-        --output="$LOG_DIR/ray-worker-%N.log" --open-mode=append "${CONTAINER_ARGS[@]}" \
-        bash -c 'exec "$@" --labels="slurm_node=$SLURMD_NODENAME" --temp-dir="$RAY_TMPDIR/ray-$SLURM_JOB_ID-w$SLURM_NODEID"' \
-        ray-worker "${RAY[@]}" start --address="$RAY_ADDRESS_OF_JOB" "${RAY_ARGS[@]}" &
-    WORKERS_PID=$!
-fi
-
 # ------------------------------------------------------------------------------------------------ 3. wait
 wait_for_head "$HEAD_LOG_FROM"
+if [ "$NUM_NODES" -gt 1 ]; then
+    # One batched step, once the head is up: one Ray worker per other node. Each waits for the head's port and
+    # retries a start that fails early (slurm/ray_worker.sh), names its own node (label) and temp dir (by its
+    # index in the step: distinct even where the nodes share /tmp, short whatever the host names).
+    log "Ray workers on ${NODES[*]:1} (one srun, logs ray-worker-<node>.log)"
+    srun --overlap --nodes=$((NUM_NODES - 1)) --ntasks=$((NUM_NODES - 1)) --ntasks-per-node=1 \
+        --exclude="$HEAD_NODE" --cpus-per-task="$CPUS_PER_NODE" --kill-on-bad-exit=0 "${STEP_GRES[@]}" \
+        --output="$LOG_DIR/ray-worker-%N.log" --open-mode=append "${CONTAINER_ARGS[@]}" \
+        bash "$REPO_DIR/slurm/ray_worker.sh" "$RAY_ADDRESS_OF_JOB" "$RAY_NODES_TIMEOUT_S" \
+        "$PYTHON" "${RAY[@]}" start --address="$RAY_ADDRESS_OF_JOB" "${RAY_ARGS[@]}" &
+    WORKERS_PID=$!
+fi
 "${ON_HEAD[@]}" "$PYTHON" -m cipo_nemo.distributed.wait_for_nodes --address="$RAY_ADDRESS_OF_JOB" \
     --nodes="$(IFS=,; echo "${NODES[*]}")" --cpus-per-node="$CPUS_PER_NODE" --gpus-per-node="$GPUS_PER_NODE" \
     --timeout-s="$RAY_NODES_TIMEOUT_S" 2>&1 | tee -a "$LOG_DIR/launcher.log"

@@ -330,6 +330,10 @@ class ClusterConfig(StrictModel):
     gpu_memory_gib: PositiveFloat | None = Field(
         description="Memory of one GPU in GiB, the budget of the dry run's per-GPU estimate (null: CPU worker processes)."
     )
+    gpu_arch: Literal["ampere", "hopper", "blackwell"] | None = Field(
+        description="GPU generation (A100: ampere; H100/H200: hopper; B200/GB200: blackwell); the dry run checks the "
+        "FP8 settings against it (null: CPU, or not checked)."
+    )
     ray_address: str | None = Field(description="Existing Ray cluster to join (null: start one in-process).")
 
 

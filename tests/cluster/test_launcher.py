@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -152,3 +153,31 @@ def _wait_for(condition, slurm: SlurmCluster, job_id: str, log_dir: Path, what: 
             f"job ended before {what}:\n" + _describe(slurm, job_id, log_dir)
         assert time.monotonic() < deadline, f"no {what} within {timeout_s} s:\n" + _describe(slurm, job_id, log_dir)
         time.sleep(0.3)
+
+
+def test_container_mode_driver_joins_the_head_across_containers(slurm_cluster, tiny_run, tmp_path, tmp_path_factory):
+    """CONTAINER_IMAGE set, with tests/cluster/fake_pyxis/srun standing in for pyxis: each container step has its own
+    /tmp, as each enroot container does. The dry run, the head, the wait and the driver are separate steps; the
+    driver must still reach the head's raylet, whose sockets live in RAY_TMPDIR."""
+    run_dir, pyxis_log = tmp_path / "run", tmp_path / "pyxis.log"
+    shared_tmp = tmp_path_factory.getbasetemp()  # the tiny model, the data, this test's run and log folders
+    env = {"CONTAINER_IMAGE": "/images/cipo_nemo.sqsh", "CONTAINER_MOUNTS": f"{shared_tmp}:{shared_tmp}",
+           "FAKE_PYXIS_LOG": str(pyxis_log), "PATH": f"{HERE / 'fake_pyxis'}:{slurm_cluster.env['PATH']}"}
+    job_id, log_dir = _submit(slurm_cluster, tmp_path, _overrides(tiny_run, run_dir, 1), env=env)
+    try:
+        info = slurm_cluster.wait_until_done(job_id, JOB_TIMEOUT_S)
+        steps = pyxis_log.read_text().splitlines() if pyxis_log.exists() else []
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), \
+            _describe(slurm_cluster, job_id, log_dir) + "\n" + "\n".join(steps)
+    finally:
+        for leftover in Path("/var/tmp/fake-pyxis").glob(f"{job_id}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    assert _steps(run_dir) == [1]
+    # four container steps: dry run, Ray head, wait for the nodes, driver; none saw the batch shell's /tmp
+    assert len(steps) == 4 and all("private /tmp" in step for step in steps)
+    assert [("--dry-run" in s, "start --head" in s, "wait_for_nodes" in s) for s in steps] == [
+        (True, False, False), (False, True, False), (False, False, True), (False, False, False)]
+    launcher = (log_dir / "launcher.log").read_text()
+    # the driver joined the launcher's head: its core-driver log is in that head's session (in RAY_TMPDIR)
+    assert list((slurm_cluster.base / f"ray-{job_id}-h").glob("session_*/logs/python-core-driver-*.log")), launcher
+    assert "driver exited with status 0" in launcher

@@ -1,6 +1,7 @@
 """Preflight: the plan arithmetic, the gold-answer check, and clear stops on bad data before any worker."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,48 @@ def test_cli_missing_model_directory_is_one_clear_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"model error: policy.model_name: directory {missing} does not exist"
     assert not (tmp_path / "run").exists()
+
+
+def _fake_transformer_engine(root: Path, pytorch_module: str) -> Path:
+    """A `transformer_engine` package on its own path whose `pytorch` submodule has the given source."""
+    package = root / "transformer_engine"
+    (package / "pytorch").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "pytorch" / "__init__.py").write_text(pytorch_module)
+    return root
+
+
+BROKEN_TE = 'raise OSError("libtransformer_engine.so: undefined symbol: _ZN3c104cuda9SetDevice")\n'
+
+
+@pytest.mark.parametrize(("pytorch_module", "expected"), [
+    (None, "False"),  # not installed: the CPU profile
+    ("", "True"),  # installed and importable
+    (BROKEN_TE, "TransformerEngineBroken: Transformer Engine is installed"),
+])
+def test_transformer_engine_importable_imports_it(tmp_path, pytorch_module, expected):
+    path = tmp_path if pytorch_module is None else _fake_transformer_engine(tmp_path, pytorch_module)
+    probe = ("from cipo_nemo.models.policy.cpu_compat import transformer_engine_importable as f\n"
+             "try:\n    print(f())\nexcept Exception as err:\n    print(type(err).__name__ + ': ' + str(err))\n")
+    result = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": f"{path}:{REPO}"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().startswith(expected), result.stderr
+    if pytorch_module == BROKEN_TE:
+        assert "import transformer_engine.pytorch` fails: OSError: libtransformer_engine.so" in result.stdout
+
+
+def test_cli_dry_run_stops_on_a_broken_transformer_engine(tmp_path):
+    fake = _fake_transformer_engine(tmp_path / "site", BROKEN_TE)
+    model_dir = build_tiny_model_dir(tmp_path / "model")
+    command = [sys.executable, "-m", "cipo_nemo", "--config", str(BASE), "--dry-run", "data.train.reasoning_gym.size=20",
+               f"policy.model_name={model_dir}", "policy.backend=megatron"]
+    env = {**os.environ, "PYTHONPATH": f"{fake}:{REPO}"}
+    result = subprocess.run([*command, "policy.megatron.layer_spec=auto"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.startswith("install error: Transformer Engine is installed (") and \
+        "libtransformer_engine.so" in result.stderr and "policy.megatron.layer_spec=local" in result.stderr
+    # the local spec does not use TE: the same broken install does not stop that run
+    result = subprocess.run([*command, "policy.megatron.layer_spec=local"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr

@@ -94,8 +94,14 @@ def test_fp8_preset_inherits_the_70b_layout_and_turns_on_tis():
          "exceeds cluster.gpu_memory_gib (79.2 GiB)"),
         ("cipo_llama3_70b_math.yaml", ["generation.vllm.gpu_memory_utilization=0.2"],
          "does not hold vLLM's weights (16.4 GiB per GPU)"),
+        # TE's MXFP8 recipe needs Blackwell; the 70B FP8 preset runs on H100s (cluster.gpu_arch: hopper)
+        ("cipo_llama3_70b_math_fp8.yaml", ["policy.megatron.fp8_recipe=mxfp8"],
+         "policy.megatron.fp8_recipe is 'mxfp8' but cluster.gpu_arch is 'hopper': MXFP8 needs Blackwell GPUs"),
+        ("cipo_llama3_70b_math_fp8.yaml", ["cluster.gpu_arch=ampere"],
+         "policy.megatron.fp8 is 'e4m3' but cluster.gpu_arch is 'ampere': FP8 needs Hopper or Blackwell GPUs"),
     ],
-    ids=["tp-vs-heads", "tp-pp-vs-gpus", "pp-vs-layers", "vllm-tp-vs-node", "dp-vs-groups", "memory", "vllm-share"],
+    ids=["tp-vs-heads", "tp-pp-vs-gpus", "pp-vs-layers", "vllm-tp-vs-node", "dp-vs-groups", "memory", "vllm-share",
+         "mxfp8-on-hopper", "fp8-on-ampere"],
 )
 def test_broken_layout_stops_naming_the_rule(config, overrides, message, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
@@ -103,6 +109,14 @@ def test_broken_layout_stops_naming_the_rule(config, overrides, message, capsys,
     assert code == 2
     assert err.startswith("config error: ") and message in err
     assert "dry run" not in out  # stopped before the data was even loaded
+
+
+def test_mxfp8_passes_on_blackwell(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, out, err = _dry_run(capsys, "cipo_llama3_70b_math_fp8.yaml", "policy.megatron.fp8_recipe=mxfp8",
+                              "cluster.gpu_arch=blackwell")
+    assert code == 0, err
+    assert "fp8 e4m3 (mxfp8)" in out
 
 
 def test_memory_estimate_can_be_overridden(capsys, monkeypatch):

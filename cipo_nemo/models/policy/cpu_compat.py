@@ -52,9 +52,24 @@ def alias_typing_override() -> None:
         typing.override = typing_extensions.override
 
 
+class TransformerEngineBroken(ImportError):
+    """Transformer Engine is installed but does not import (built against another torch or CUDA, a missing library)."""
+
+
 def transformer_engine_importable() -> bool:
-    """True when the real Transformer Engine package can be imported (GPU installs)."""
-    return importlib.util.find_spec("transformer_engine") is not None
+    """True when Transformer Engine is installed and `transformer_engine.pytorch` imports (GPU installs); False when
+    it is not installed. An installed TE that fails to import raises TransformerEngineBroken naming the cause:
+    finding the package is not enough, and `layer_spec: auto` must not fall back to the local spec in silence."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+    except Exception as err:  # an extension that fails to load raises OSError/ImportError/RuntimeError alike
+        raise TransformerEngineBroken(
+            f"Transformer Engine is installed ({importlib.util.find_spec('transformer_engine').origin}) but "
+            f"`import transformer_engine.pytorch` fails: {type(err).__name__}: {err}"
+        ) from err
+    return True
 
 
 class _AnyAttributeMeta(type):
