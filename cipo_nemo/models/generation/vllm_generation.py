@@ -64,12 +64,14 @@ class VllmRefitWorkerExtension:
     """Mixed into every vLLM worker (`worker_extension_cls`); its methods are called by name via `collective_rpc`."""
 
     def describe_weights(self) -> dict:
-        """What the refit check needs: engine parameter names, fused-module mapping, tied embeddings."""
+        """What the refit check needs: engine parameter names, fused-module mapping, tied embeddings, and whether
+        the engine quantizes (its scale parameters are then recomputed by the reload, not loaded)."""
         model = self.model_runner.get_model()
         return {
             "parameter_names": [name for name, _ in model.named_parameters()],
             "packed_modules": dict(getattr(model, "packed_modules_mapping", {})),  # absent on unfused models
             "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
+            "quantized": self.model_runner.model_config.quantization is not None,
         }
 
     def reload_weights_from_file(self, path: str) -> list[str]:
