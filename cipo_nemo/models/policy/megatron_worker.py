@@ -38,6 +38,7 @@ from cipo_nemo.data.packing import (
     restore_order,
     round_up,
     sequence_lengths,
+    sequence_pad_multiple,
 )
 from cipo_nemo.models.policy.microbatches import align_logprobs, next_token_targets, plan_micro_batches
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
@@ -233,8 +234,8 @@ class MegatronPolicyWorker:
         )
 
     def _build_micro_batches(self, batch: Batch, micro_batch_size: int) -> list[_MicroBatch]:
-        """Micro-batches trimmed to the shard's longest sequence (rounded up to a multiple of TP); padded to full
-        rows under PP (fixed p2p shapes).
+        """Micro-batches trimmed to the shard's longest sequence (rounded up to `sequence_pad_multiple`); padded
+        to full rows under PP (fixed p2p shapes).
         With sequence packing, packed rows of `micro_batch_size x max_total_sequence_length` tokens instead."""
         from megatron.core import parallel_state
 
@@ -245,8 +246,7 @@ class MegatronPolicyWorker:
         if self._policy.sequence_packing:
             return self._build_packed_micro_batches(batch, planned)
         full_length = batch["input_ids"].shape[1]
-        # a multiple of TP: sequence parallelism scatters the sequence over the TP ranks
-        length = round_up(max(sequence_lengths(batch)), parallel_state.get_tensor_model_parallel_world_size())
+        length = round_up(max(sequence_lengths(batch)), self._sequence_pad_multiple())
         positions = torch.arange(length)
         pad_rows = parallel_state.get_pipeline_model_parallel_world_size() > 1
         micro_batches = []
@@ -264,17 +264,24 @@ class MegatronPolicyWorker:
             )
         return micro_batches
 
+    def _sequence_pad_multiple(self) -> int:
+        from megatron.core import parallel_state
+
+        megatron = self._policy.megatron
+        return sequence_pad_multiple(parallel_state.get_tensor_model_parallel_world_size(), megatron.fp8,
+                                     megatron.fp8_recipe)
+
     def _build_packed_micro_batches(
         self, batch: Batch, planned: list[tuple[Batch, PackedRow | None]]
     ) -> list[_MicroBatch]:
-        """One packed row per micro-batch; every row the same length under PP, a multiple of TP (sequence
-        parallelism splits the sequence over TP ranks)."""
+        """One packed row per micro-batch; every row the same length under PP, a multiple of
+        `sequence_pad_multiple` (TP, times TE's FP8 token multiple with FP8 on)."""
         from megatron.core import parallel_state
 
         rows = [row for _, row in planned]
         lengths = packed_length(
             rows,
-            multiple=parallel_state.get_tensor_model_parallel_world_size(),
+            multiple=self._sequence_pad_multiple(),
             uniform=parallel_state.get_pipeline_model_parallel_world_size() > 1,
         )
         micro_batches = []
