@@ -57,6 +57,11 @@ def _worker_env() -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
+def _device_capability() -> tuple[int, int] | None:
+    """The driver's GPU architecture, taken as the cluster's (the GPU scripts run one GPU type per job)."""
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
 def build_policy(cfg: MasterConfig, cluster: Any) -> PolicyBackend:
     policy = cfg.policy.model_copy(update={"model_name": str(resolve_model_dir(cfg.policy.model_name))})
     match policy.backend:
@@ -66,9 +71,11 @@ def build_policy(cfg: MasterConfig, cluster: Any) -> PolicyBackend:
             return HFPolicy(policy=policy, num_steps=cfg.max_optimizer_steps(), seed=cfg.run.seed)
         case "megatron":
             from cipo_nemo.models.policy.megatron_policy import MegatronPolicy
+            from cipo_nemo.models.policy.megatron_setup import fp8_process_environment
 
+            fp8_env = fp8_process_environment(policy.megatron, device_capability=_device_capability())
             return MegatronPolicy(policy=policy, cluster=cluster, num_steps=cfg.max_optimizer_steps(), seed=cfg.run.seed,
-                                  resource_fraction=_colocated_fraction(cfg), env_vars=_worker_env())
+                                  resource_fraction=_colocated_fraction(cfg), env_vars=_worker_env() | fp8_env)
         case _:
             raise ValueError(f"policy.backend: unknown backend {policy.backend!r}")
 

@@ -71,3 +71,29 @@ def test_torch_distributed_group_sees_all_node_gpus_and_colocates_with_engines(f
     assert [env["CUDA_VISIBLE_DEVICES"] for env in envs] == [",".join(node_gpus)] * 2
     policy_gpus = [env["CUDA_VISIBLE_DEVICES"].split(",")[int(env["LOCAL_RANK"])] for env in envs]
     assert policy_gpus == engine_gpus  # colocated: policy rank r and the engine on bundle r share one GPU
+
+
+class ImportTimeEnvironment:
+    """Records, when the worker is built (where the policy worker first imports Transformer Engine), the FP8
+    variable the policy group's runtime environment must have set at process start."""
+
+    def __init__(self) -> None:
+        self.value = os.environ.get("NVTE_FP8_BLOCK_SCALING_FP32_SCALES")
+
+    def seen(self) -> str | None:
+        return self.value
+
+
+def test_policy_runtime_environment_reaches_actors_before_the_worker_imports(fake_gpu_cluster):
+    from pathlib import Path
+
+    from cipo_nemo.config import load_config
+    from cipo_nemo.models.policy.megatron_setup import fp8_process_environment
+
+    base = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
+    megatron = load_config(base, ["policy.megatron.layer_spec=transformer_engine", "policy.megatron.fp8=e4m3",
+                                  "policy.megatron.fp8_recipe=blockwise"]).policy.megatron
+    env_vars = fp8_process_environment(megatron, device_capability=(9, 0))
+    with WorkerGroup(fake_gpu_cluster, ImportTimeEnvironment, name="policy-env", init_kwargs={},
+                     resource_fraction=0.5, env_vars=env_vars, torch_distributed=False) as group:
+        assert group.run_all("seen", timeout_s=60) == ["1", "1"]
