@@ -111,10 +111,18 @@ def refit_file() -> Iterator[Path]:
 
 def refit_weights(policy: PolicyBackend, generation: GenerationBackend) -> int:
     """Policy -> generation through one file per node: each node's first policy rank writes the HF-named
-    weights, every engine loads its node's copy, then every copy is removed (refit_file only sees this node)."""
+    weights, every engine loads its node's copy, then every copy is removed (refit_file only sees this node).
+
+    Memory order for a colocated engine, which sleeps when this starts (NeMo-RL's refit order): the policy
+    exports while the engine sleeps and then returns its cached device memory; the engine wakes its weights only
+    and reloads them; its KV cache, the largest allocation, comes back last, once the export's transient is gone.
+    """
     with refit_file() as path:
         policy.export_hf_weights_to(path)
         try:
-            return generation.update_weights_from_path(path)
+            generation.wake(tags=("weights",))
+            count = generation.update_weights_from_path(path)
         finally:
             policy.remove_exported_weights(path)
+    generation.wake(tags=("kv_cache",))
+    return count

