@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cipo_nemo.algorithms import cipo
+from cipo_nemo import trainer
 from cipo_nemo.config import load_config
 from cipo_nemo.models import factory
 
@@ -35,9 +35,9 @@ class Recording:
 
 def _run(arithmetic_model, run_dir: Path, monkeypatch, calls: list, *extra: str) -> None:
     build_policy, build_generation = factory.build_policy, factory.build_generation  # unwrapped originals
-    monkeypatch.setattr(cipo, "build_policy", lambda cfg, cluster: Recording("policy", build_policy(cfg, cluster),
+    monkeypatch.setattr(trainer, "build_policy", lambda cfg, cluster: Recording("policy", build_policy(cfg, cluster),
                                                                              calls))
-    monkeypatch.setattr(cipo, "build_generation",
+    monkeypatch.setattr(trainer, "build_generation",
                         lambda cfg, cluster: Recording("generation", build_generation(cfg, cluster), calls))
     overrides = [
         f"run.output_dir={run_dir}", "grpo.prompts_per_step=2", "grpo.samples_per_prompt=2",
@@ -47,11 +47,11 @@ def _run(arithmetic_model, run_dir: Path, monkeypatch, calls: list, *extra: str)
         "policy.precision=fp32", "policy.micro_batch_size=8", "policy.max_total_sequence_length=256",
         "generation.backend=hf", "generation.max_new_tokens=8", "checkpointing.save_every=1", *extra,
     ]
-    components = cipo.setup(load_config(BASE, overrides))
+    components = trainer.setup(load_config(BASE, overrides))
     try:
-        cipo.train(components)
+        trainer.train(components)
     finally:
-        cipo.shutdown(components)
+        trainer.shutdown(components)
 
 
 REFIT = [("policy", "export_hf_weights_to", None), ("generation", "wake", ("weights",)),
