@@ -45,7 +45,9 @@ def _run(arithmetic_model, run_dir: Path, monkeypatch, calls: list, *extra: str)
         "data.train.kind=file", f"data.train.file.path={arithmetic_model.train_file}", "validation.every=0",
         "verifier.num_workers=1", f"policy.model_name={arithmetic_model.model_dir}", "policy.backend=hf",
         "policy.precision=fp32", "policy.micro_batch_size=8", "policy.max_total_sequence_length=256",
-        "generation.backend=hf", "generation.max_new_tokens=8", "checkpointing.save_every=1", *extra,
+        "generation.backend=hf", "generation.max_new_tokens=8", "checkpointing.save_every=1",
+        "loss.importance_sampling=true",  # a pi_old pass (get_logprobs) in every step, so its place is checked too
+        *extra,
     ]
     components = trainer.setup(load_config(BASE, overrides))
     try:
