@@ -9,6 +9,8 @@ The preflight builds it for every run and `python -m cipo_nemo --dry-run` prints
 2. Where does everything sit? Policy ranks, vLLM engines, colocated or not.
 3. How much work is one step? Rollouts (base + the most corrections) and token upper bounds.
 4. Does one GPU hold it? A per-GPU memory estimate against `cluster.gpu_memory_gib`.
+5. What does the refit cost? The HF-weight file each node writes per step, its host-memory transient, a time
+   estimate, and whether this machine's /dev/shm and host memory hold it.
 
 The memory figures are an ESTIMATE from the model's shape, not a measurement. Assumptions (each also a constant
 or a one-line formula below): Llama/Qwen-style decoder (RMSNorm, GQA, SwiGLU MLP, no dropout); bf16 weights with
@@ -17,19 +19,28 @@ moments in the optimizer, sharded over DP by the distributed optimizer; activati
 ("Reducing Activation Recomputation in Large Transformer Models") adapted to GQA/SwiGLU, with flash attention
 (no s^2 term) for the Transformer Engine spec and an unfused s^2 term for the local spec; every sample as long
 as `policy.max_total_sequence_length`; 1F1B keeps min(PP, micro-batches) micro-batches in flight on the first
-stage; colocated vLLM takes `gpu_memory_utilization x gpu_memory_gib` while awake and sleeps at level 1 (weights
-to CPU, KV cache freed) while the policy trains; the policy keeps its weights, gradients and optimizer state on
-the GPU during generation and its freed activation blocks stay cached by PyTorch's allocator (this version does
-not offload or `empty_cache` before waking vLLM). Fixed overheads (CUDA contexts, NCCL, fragmentation) are rough.
+stage; colocated vLLM takes `gpu_memory_utilization x gpu_memory_gib` while awake and sleeps at level 2 (weights
+discarded, KV cache freed) while the policy computes logprobs and trains; the policy keeps its weights, gradients
+and optimizer state on the GPU during generation but returns its freed activation blocks (`empty_cache` after
+logprobs, train and export); the refit exports while vLLM sleeps (one full gathered tensor at a time on every
+rank), then vLLM wakes its weights only, reloads, and wakes its KV cache last. Fixed overheads (CUDA contexts,
+NCCL, fragmentation) are rough. The refit's time uses assumed transfer rates (REFIT_*_GBPS), not measurements.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from cipo_nemo.config import ConfigError, MasterConfig
+from cipo_nemo.models.refit_cost import (
+    REFIT_DEVICE_TO_HOST_GBPS,
+    REFIT_LOAD_GBPS,
+    REFIT_SAVE_GBPS,
+    RefitEstimate,
+    check_refit_host,
+    estimate_refit_cost,
+)
 from cipo_nemo.models.shapes import ModelShape, find_model_shape, format_params
 
 GIB = 2**30
@@ -185,6 +196,7 @@ class MemoryEstimate:
     vllm_weights: float
     vllm_kv_cache: float
     kv_bytes_per_token: int
+    largest_tensor: float  # the largest full (gathered) HF tensor: the export's transient on every rank
     budget: float | None  # cluster.gpu_memory_gib; None on CPU
 
     @property
@@ -197,16 +209,30 @@ class MemoryEstimate:
 
     @property
     def generation(self) -> float:
-        # the policy's state stays, its freed activations stay cached by the allocator, and vLLM takes its share
-        return self.policy_state + self.activations + self.logits + self.overhead + self.vllm_share
+        # the policy's state stays (its activation blocks were released after train), and vLLM takes its share
+        return self.policy_state + self.overhead + self.vllm_share
+
+    @property
+    def refit(self) -> float:
+        """The refit's device peak: the export (vLLM asleep, one gathered tensor) or the reload (vLLM's weights
+        awake, its KV cache not yet)."""
+        if not self.vllm_share:
+            return self.policy_state + self.overhead + self.largest_tensor
+        export = self.vllm_asleep + self.largest_tensor
+        reload = self.vllm_asleep + self.vllm_weights
+        return self.policy_state + self.overhead + max(export, reload)
+
+    def _phases(self) -> dict[str, float]:
+        return {"training": self.training, "generation": self.generation, "refit": self.refit}
 
     @property
     def peak(self) -> float:
-        return max(self.training, self.generation)
+        return max(self._phases().values())
 
     @property
     def peak_phase(self) -> str:
-        return "generation" if self.generation >= self.training else "training"
+        phases = self._phases()
+        return max(phases, key=phases.__getitem__)
 
 
 def params_per_gpu(shape: ModelShape, tp: int, pp: int) -> int:
@@ -265,8 +291,14 @@ def estimate_memory(cfg: MasterConfig, shape: ModelShape, layout: Layout, *, sam
         vllm_weights=vllm["weights"],
         vllm_kv_cache=vllm["kv_cache"],
         kv_bytes_per_token=int(vllm["kv_bytes_per_token"]),
+        largest_tensor=largest_hf_tensor_elements(shape) * weight_bytes / GIB,
         budget=cfg.cluster.gpu_memory_gib,
     )
+
+
+def largest_hf_tensor_elements(shape: ModelShape) -> int:
+    """The largest single HF tensor (embedding / output layer, or one MLP projection)."""
+    return max(shape.embedding_params(), shape.hidden_size * shape.ffn_hidden_size)
 
 
 def _activation_gib(cfg: MasterConfig, shape: ModelShape, layout: Layout, *, samples_per_step: int,
@@ -337,11 +369,22 @@ def check_memory(cfg: MasterConfig, memory: MemoryEstimate) -> list[str]:
     if memory.peak > memory.budget:
         problems.append(
             f"estimated peak memory per GPU ({memory.peak_phase}) {memory.peak:.1f} GiB exceeds cluster.gpu_memory_gib "
-            f"({memory.budget:g} GiB): policy state {memory.policy_state:.1f} + activations "
+            f"({memory.budget:g} GiB): training {memory.training:.1f}, generation {memory.generation:.1f}, refit "
+            f"{memory.refit:.1f}; policy state {memory.policy_state:.1f} + activations "
             f"{memory.activations + memory.logits:.1f} + vLLM {max(memory.vllm_share, memory.vllm_asleep):.1f} + "
             f"overhead {memory.overhead:.1f}; lower generation.vllm.gpu_memory_utilization, raise TP/PP, or turn on "
             "policy.megatron.activation_recompute / distributed_optimizer (--ignore-memory-estimate launches anyway)")
     return problems
+
+
+# ----------------------------------------------------------------------------------------------- refit
+
+
+def estimate_refit(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> RefitEstimate:
+    return estimate_refit_cost(shape, precision=cfg.policy.precision, num_nodes=layout.num_nodes,
+                               engine_tensor_parallel=layout.vllm_tensor_parallel
+                               if cfg.generation.backend == "vllm" else 1,
+                               on_gpu=cfg.cluster.gpu_memory_gib is not None)
 
 
 # ----------------------------------------------------------------------------------------------- the plan
@@ -356,6 +399,7 @@ class LaunchPlan:
     base_samples: int
     max_correction_samples: int
     memory: MemoryEstimate
+    refit: RefitEstimate
     notes: list[str] = field(default_factory=list)
     memory_problems: list[str] = field(default_factory=list)
 
@@ -365,7 +409,27 @@ class LaunchPlan:
 
     def lines(self) -> list[str]:
         return [self._devices_line(), self._model_line(), *self._placement_lines(), self._rollouts_line(),
-                self._tokens_line(), *self._memory_lines(), *(f"note: {note}" for note in self.notes)]
+                self._tokens_line(), *self._memory_lines(), *self._refit_lines(),
+                *(f"note: {note}" for note in self.notes)]
+
+    def _refit_lines(self) -> list[str]:
+        refit = self.refit
+        stages = refit.seconds
+        timing = " + ".join(f"{name} {seconds:.1f} s" for name, seconds in stages.items())
+        lines = [f"refit per step: {refit.file_bytes / GIB:.1f} GiB of HF weights gathered by {refit.writers} rank(s) "
+                 f"(the first of each node; the other ranks copy nothing to host memory) into one /dev/shm file per "
+                 f"node; host transient on a writing node {refit.host_transient_bytes / GIB:.1f} GiB (gathered copy + "
+                 f"file); ~{sum(stages.values()):.1f} s = {timing} (assumed rates, GB/s: device->host "
+                 f"{REFIT_DEVICE_TO_HOST_GBPS:g}, torch.save {REFIT_SAVE_GBPS:g}, load {REFIT_LOAD_GBPS:g})"]
+        if refit.checked_here:
+            shm = "no /dev/shm (temp dir)" if refit.shm_free_bytes is None else \
+                f"/dev/shm {refit.shm_free_bytes / GIB:.1f} GiB free"
+            host = "" if refit.host_total_bytes is None else f", host memory {refit.host_total_bytes / GIB:.1f} GiB"
+            verdict = "fits" if not check_refit_host(refit) else "DOES NOT FIT"
+            lines.append(f"  this machine: {shm}{host}: {verdict}")
+        else:
+            lines.append("  /dev/shm and host memory are checked on a GPU node (this machine has no GPU)")
+        return lines
 
     def _devices_line(self) -> str:
         layout, budget = self.layout, self.cfg.cluster.gpu_memory_gib
@@ -455,7 +519,7 @@ class LaunchPlan:
             return lines
         verdict = "fits" if not self.memory_problems else "DOES NOT FIT"
         lines.append(f"  peak {m.peak:.1f} GiB of {m.budget:g} GiB ({m.peak_phase}; training {m.training:.1f}, "
-                     f"generation {m.generation:.1f}, overhead {m.overhead:.1f}): {verdict}")
+                     f"generation {m.generation:.1f}, refit {m.refit:.1f}, overhead {m.overhead:.1f}): {verdict}")
         return lines
 
 
@@ -502,7 +566,8 @@ def plan_launch(cfg: MasterConfig, *, base_samples: int, max_correction_samples:
         raise LayoutError("\n".join(problems))
     max_samples = base_samples + max_correction_samples
     memory = estimate_memory(cfg, shape, layout, samples_per_step=max_samples)
+    refit = estimate_refit(cfg, shape, layout)
     return LaunchPlan(cfg=cfg, shape=shape, shape_source=source, layout=layout, base_samples=base_samples,
-                      max_correction_samples=max_correction_samples, memory=memory,
+                      max_correction_samples=max_correction_samples, memory=memory, refit=refit,
                       notes=plan_notes(cfg, layout, max_samples=max_samples),
-                      memory_problems=check_memory(cfg, memory))
+                      memory_problems=check_memory(cfg, memory) + check_refit_host(refit))

@@ -175,7 +175,7 @@ def cipo_step(c: Components, step: int) -> dict[str, float | None]:
     with timer.time("verify_corrections"):
         if corrections is not None:
             verify(c, corrections, items)
-    c.generation.sleep()
+    c.generation.sleep(level=2)  # the refit below overwrites every weight: nothing to offload to host memory
     rollouts = StepRollouts(items, base, anchors, corrections, dropped)
     with timer.time("shape_and_join"):
         batch, cipo_metrics = build_training_batch(base, corrections, anchors=anchors, rho=c.rho.rho,
@@ -316,8 +316,7 @@ def train_policy(c: Components, batch: Batch, step: int) -> dict[str, float]:
 
 
 def refit(c: Components) -> None:
-    """Stream the policy's HF-named weights into the generation engine (colocated: wake it first)."""
-    c.generation.wake()
+    """Stream the policy's HF-named weights into the generation engine, which wakes inside (refit_weights)."""
     refit_weights(c.policy, c.generation)
 
 
@@ -435,6 +434,7 @@ def maybe_resume(c: Components) -> None:
     if latest is None:
         return
     state = torch.load(latest / TRAINER_STATE, weights_only=False)
+    c.generation.sleep(level=2)  # a colocated engine frees the GPU for the load; the refit below refills it
     c.policy.load_checkpoint(latest / POLICY_DIR)
     c.sampler.load_state_dict(state["sampler"])
     c.rho.load_state_dict(state["rho"])

@@ -10,8 +10,9 @@ inside each sample:
 - megatron's local spec (CPU) and HF: a block-diagonal causal mask, explicit (megatron) or built by transformers
   from the restarting position ids (HF, masking_utils.find_packed_sequence_indices).
 
-Trailing padding (to a multiple of the TP size, or to the longest row under PP, whose stages exchange
-fixed-shape activations) is one more segment of its own, so it attends to nothing real and nothing real attends
+Trailing padding (to `sequence_pad_multiple`: the TP size, times what Transformer Engine's FP8 GEMMs need when FP8
+training is on; or to the longest row under PP, whose stages exchange fixed-shape activations) is one more segment
+of its own, so it attends to nothing real and nothing real attends
 to it. The loss is unchanged by packing: every micro-batch loss is divided by the one global denominator.
 """
 
@@ -83,6 +84,22 @@ def packed_length(rows: Sequence[PackedRow], *, multiple: int, uniform: bool) ->
     """Padded length of every row: a multiple of `multiple`; the longest row's for all when `uniform` (PP)."""
     lengths = [round_up(row.num_tokens, multiple) for row in rows]
     return [max(lengths)] * len(rows) if uniform else lengths
+
+
+# Tokens per GEMM that Transformer Engine's FP8 recipes need the token dimension to be divisible by: 16 for the
+# per-tensor recipes, 32 for MXFP8 (1x32 scale blocks), 128 for blockwise (1x128 / 128x128 blocks).
+FP8_TOKEN_MULTIPLE = {"delayed": 16, "tensorwise": 16, "mxfp8": 32, "blockwise": 128}
+
+
+def sequence_pad_multiple(tp: int, fp8: str | None, fp8_recipe: str) -> int:
+    """What every (packed or unpacked) row's length must be a multiple of: TP (sequence parallelism scatters the
+    sequence over the TP ranks), times the FP8 token multiple when FP8 training is on, so that each TP rank's
+    share of the tokens still fits TE's FP8 GEMMs."""
+    if fp8 is None:
+        return tp
+    if fp8_recipe not in FP8_TOKEN_MULTIPLE:
+        raise ValueError(f"policy.megatron.fp8_recipe {fp8_recipe!r} is not one of {sorted(FP8_TOKEN_MULTIPLE)}")
+    return tp * FP8_TOKEN_MULTIPLE[fp8_recipe]
 
 
 def round_up(value: int, multiple: int) -> int:

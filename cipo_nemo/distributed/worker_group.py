@@ -13,9 +13,11 @@ Threads: Ray sets ``OMP_NUM_THREADS`` to the actor's CPU count (at least 1) in e
 override it; a worker that wants more threads passes ``env_vars={"OMP_NUM_THREADS": "2"}`` (set from process
 start through the actor's runtime_env, before torch is imported) or calls ``torch.set_num_threads``.
 
-GPUs: Ray limits ``CUDA_VISIBLE_DEVICES`` to the actor's own GPU. As Ray Train does, the group widens it to all
-GPUs its actors hold on that node (NCCL then sees its peers for P2P/NVLink), and ``LOCAL_RANK`` is the index of
-the actor's GPU in that list; the host calls ``torch.cuda.set_device(LOCAL_RANK)`` before NCCL starts.
+GPUs: Ray limits ``CUDA_VISIBLE_DEVICES`` to the actor's own GPU. As Ray Train does, a ``torch_distributed``
+group widens it to all GPUs its actors hold on that node (NCCL then sees its peers for P2P/NVLink), and
+``LOCAL_RANK`` is the index of the actor's GPU in that list; the host calls ``torch.cuda.set_device(LOCAL_RANK)``
+before NCCL starts. Any other group keeps Ray's single-GPU list (``LOCAL_RANK`` 0): a program in it that takes
+``cuda:0`` (vLLM's uniprocess executor does) must get its own GPU, not the node's first one.
 A group with ``actor_gpus=False`` holds only its CPU share: its workers start child actors that take the GPU
 shares themselves (vLLM's Ray executor, which finds the node's placement group through
 ``ray.util.get_current_placement_group()``), and Ray 2.60 leaves ``CUDA_VISIBLE_DEVICES`` of a zero-GPU actor
@@ -332,7 +334,8 @@ class WorkerGroup:
             for p, info in zip(self.placements, infos, strict=True)
         ]
         master_port = self._run_on_host(0, "free_port", timeout_s=placement_timeout_s)
-        envs = build_rank_envs(infos, use_gpus=self._use_gpus, master_port=master_port)
+        envs = build_rank_envs(infos, use_gpus=self._use_gpus, share_node_gpus=torch_distributed,
+                               master_port=master_port)
         backend = ("nccl" if self._use_gpus else "gloo") if torch_distributed else None
         worker_cls_pickle = cloudpickle.dumps(worker_cls)
         kwargs_ref = ray.put(init_kwargs)
@@ -433,11 +436,15 @@ def _create_hosts(
     ]
 
 
-def build_rank_envs(infos: list[dict[str, Any]], *, use_gpus: bool, master_port: int) -> list[dict[str, str]]:
+def build_rank_envs(
+    infos: list[dict[str, Any]], *, use_gpus: bool, share_node_gpus: bool, master_port: int
+) -> list[dict[str, str]]:
     """torch.distributed environment for every rank from the hosts' node/GPU info (rank order).
 
-    LOCAL_RANK counts the group's ranks on the same machine. With GPUs, CUDA_VISIBLE_DEVICES is widened to the
-    GPUs the group holds on that machine (sorted), and LOCAL_RANK is the index of the rank's own GPU in it.
+    LOCAL_RANK counts the group's ranks on the same machine. With GPUs and ``share_node_gpus`` (a torch.distributed
+    group), CUDA_VISIBLE_DEVICES is widened to the GPUs the group holds on that machine (sorted), and LOCAL_RANK is
+    the index of the rank's own GPU in it. With GPUs and without it, CUDA_VISIBLE_DEVICES stays Ray's (the actor's
+    own GPU) and LOCAL_RANK is 0, the only device the rank sees.
     """
     ranks_by_node: dict[str, list[int]] = {}
     for rank, info in enumerate(infos):
@@ -453,7 +460,9 @@ def build_rank_envs(infos: list[dict[str, Any]], *, use_gpus: bool, master_port:
             "MASTER_ADDR": infos[0]["node_ip"],
             "MASTER_PORT": str(master_port),
         }
-        if use_gpus:
+        if use_gpus and not share_node_gpus:
+            env["LOCAL_RANK"] = "0"
+        elif use_gpus:
             node_gpus = sorted({gpu for r in node_ranks for gpu in infos[r]["gpu_ids"]}, key=_gpu_sort_key)
             env["CUDA_VISIBLE_DEVICES"] = ",".join(node_gpus)
             env["LOCAL_RANK"] = str(node_gpus.index(info["gpu_ids"][0]))

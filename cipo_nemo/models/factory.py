@@ -60,6 +60,11 @@ def _worker_env() -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
+def _device_capability() -> tuple[int, int] | None:
+    """The driver's GPU architecture, taken as the cluster's (the GPU scripts run one GPU type per job)."""
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
 def build_policy(cfg: MasterConfig, cluster: Any) -> PolicyBackend:
     policy = cfg.policy.model_copy(update={"model_name": str(resolve_model_dir(cfg.policy.model_name))})
     match policy.backend:
@@ -69,9 +74,11 @@ def build_policy(cfg: MasterConfig, cluster: Any) -> PolicyBackend:
             return HFPolicy(policy=policy, num_steps=cfg.max_optimizer_steps(), seed=cfg.run.seed)
         case "megatron":
             from cipo_nemo.models.policy.megatron_policy import MegatronPolicy
+            from cipo_nemo.models.policy.megatron_setup import fp8_process_environment
 
+            fp8_env = fp8_process_environment(policy.megatron, device_capability=_device_capability())
             return MegatronPolicy(policy=policy, cluster=cluster, num_steps=cfg.max_optimizer_steps(), seed=cfg.run.seed,
-                                  resource_fraction=_colocated_fraction(cfg), env_vars=_worker_env())
+                                  resource_fraction=_colocated_fraction(cfg), env_vars=_worker_env() | fp8_env)
         case _:
             raise ValueError(f"policy.backend: unknown backend {policy.backend!r}")
 
@@ -107,10 +114,18 @@ def refit_file() -> Iterator[Path]:
 
 def refit_weights(policy: PolicyBackend, generation: GenerationBackend) -> int:
     """Policy -> generation through one file per node: each node's first policy rank writes the HF-named
-    weights, every engine loads its node's copy, then every copy is removed (refit_file only sees this node)."""
+    weights, every engine loads its node's copy, then every copy is removed (refit_file only sees this node).
+
+    Memory order for a colocated engine, which sleeps when this starts (NeMo-RL's refit order): the policy
+    exports while the engine sleeps and then returns its cached device memory; the engine wakes its weights only
+    and reloads them; its KV cache, the largest allocation, comes back last, once the export's transient is gone.
+    """
     with refit_file() as path:
         policy.export_hf_weights_to(path)
         try:
-            return generation.update_weights_from_path(path)
+            generation.wake(tags=("weights",))
+            count = generation.update_weights_from_path(path)
         finally:
             policy.remove_exported_weights(path)
+    generation.wake(tags=("kv_cache",))
+    return count

@@ -105,10 +105,12 @@ class GenerationBackend(Protocol):
     def update_weights_from_path(self, path: Path) -> int:
         """update_weights from a file written by PolicyBackend.export_hf_weights_to."""
 
-    def sleep(self) -> None:
-        """Release accelerator memory for training (colocated mode; a no-op where nothing is held)."""
+    def sleep(self, *, level: int) -> None:
+        """Release accelerator memory for training (colocated mode; a no-op where nothing is held). Level 1 keeps
+        the weights in host memory; level 2 discards them, for when the next refit overwrites every one."""
 
-    def wake(self) -> None: ...
+    def wake(self, *, tags: tuple[str, ...] | None = None) -> None:
+        """Undo `sleep`: all memory, or only ("weights",) (before a refit) or ("kv_cache",) (after it)."""
 
     def shutdown(self) -> None: ...
 

@@ -254,7 +254,7 @@ def test_rank_envs_share_node_gpus_for_nccl():
         {"node_id": "b", "node_ip": "10.0.0.2", "gpu_ids": ["0"]},
         {"node_id": "a", "node_ip": "10.0.0.1", "gpu_ids": ["2"]},
     ]
-    envs = build_rank_envs(infos, use_gpus=True, master_port=29500)
+    envs = build_rank_envs(infos, use_gpus=True, share_node_gpus=True, master_port=29500)
     assert [env["CUDA_VISIBLE_DEVICES"] for env in envs] == ["1,2,3", "1,2,3", "0", "1,2,3"]
     assert [env["LOCAL_RANK"] for env in envs] == ["2", "0", "0", "1"]
     assert [env["LOCAL_WORLD_SIZE"] for env in envs] == ["3", "3", "1", "3"]

@@ -13,6 +13,7 @@ from cipo_nemo.data.packing import (
     plan_packed_rows,
     restore_order,
     sequence_lengths,
+    sequence_pad_multiple,
     unpack_logprobs,
 )
 
@@ -100,3 +101,22 @@ def test_restore_order_puts_rows_back_in_shard_order():
     rows = [PackedRow((1, 3), (2, 2)), PackedRow((0, 2), (2, 2))]
     parts = [torch.tensor([[1.0], [3.0]]), torch.tensor([[0.0], [2.0]])]
     assert restore_order(parts, rows).flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    ("tp", "fp8", "recipe", "multiple"),
+    [(2, None, "blockwise", 2), (1, "e4m3", "delayed", 16), (2, "hybrid", "tensorwise", 32),
+     (4, "e4m3", "mxfp8", 128), (2, "e4m3", "blockwise", 256)],
+)
+def test_sequence_pad_multiple_is_tp_times_what_te_fp8_gemms_need(tp, fp8, recipe, multiple):
+    assert sequence_pad_multiple(tp, fp8, recipe) == multiple
+
+
+def test_fp8_blockwise_packed_rows_of_odd_lengths_pad_to_tp_times_128():
+    rows = plan_packed_rows([37, 5, 91, 13], capacity=160)
+    lengths = packed_length(rows, multiple=sequence_pad_multiple(2, "e4m3", "blockwise"), uniform=False)
+    assert [row.num_tokens for row in rows] == [146]  # everything fits one row: 146 real tokens
+    assert lengths == [256]  # each TP rank's 128 tokens are one FP8 block
+    packed = pack_row(_batch([37, 5, 91, 13], width=100)["input_ids"], rows[0], lengths[0])
+    assert packed.segment_ids[0, -110:].eq(4).all()  # the 110 padding tokens are one segment of their own
+    assert cu_seqlens(rows[0], lengths[0]).tolist() == [0, 37, 42, 133, 146, 256]

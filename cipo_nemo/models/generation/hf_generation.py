@@ -123,7 +123,7 @@ class HFGeneration:
     def update_weights_from_path(self, path: str | Path) -> int:
         return self.update_weights(load_refit_file(path))
 
-    def sleep(self) -> None:
+    def sleep(self, *, level: int) -> None:
         """No-op: the HF fallback keeps its weights where they are."""
 
     def wake(self, *, tags: tuple[str, ...] | None = None) -> None:

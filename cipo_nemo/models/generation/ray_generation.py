@@ -141,13 +141,13 @@ class GenerationWorker:
     def weight_checksums(self) -> list[dict[str, tuple[list[int], float]]] | None:
         return None if self.backend is None else self.backend.weight_checksums()
 
-    def sleep(self) -> None:
+    def sleep(self, level: int) -> None:
         if self.backend is not None:
-            self.backend.sleep()
+            self.backend.sleep(level=level)
 
-    def wake(self) -> None:
+    def wake(self, tags: tuple[str, ...] | None) -> None:
         if self.backend is not None:
-            self.backend.wake()
+            self.backend.wake(tags=tags)
 
     def shutdown(self) -> None:
         if self.backend is not None:
@@ -212,11 +212,11 @@ class RayGeneration:
         """Engine `engine`'s parameters per TP rank: (shape, sum) of each rank's shard."""
         return self._group.run_on(self.layout.engine_ranks()[engine], "weight_checksums")
 
-    def sleep(self) -> None:
-        self._group.run_all("sleep")
+    def sleep(self, *, level: int) -> None:
+        self._group.run_all("sleep", level)
 
-    def wake(self) -> None:
-        self._group.run_all("wake")
+    def wake(self, *, tags: tuple[str, ...] | None = None) -> None:
+        self._group.run_all("wake", tags)
 
     def shutdown(self) -> None:
         self._group.shutdown()

@@ -6,6 +6,11 @@ models, has no separate output layer. A `WeightManifest` maps every engine param
 from, so a refit can be checked name by name *before* the engine is touched (a missing tensor raises and names the
 engine parameter it would have left stale) and counted afterwards (the number of engine parameters updated).
 
+Quantized engines (`generation.vllm.quantization: fp8`): vLLM's online FP8 replaces each linear `weight` by an FP8
+copy and registers a `weight_scale` beside it. A refit sends checkpoint-format (bf16, HF-named) tensors, and vLLM's
+layerwise reload restores every layer to checkpoint format, loads them and re-quantizes, recomputing the scales.
+So the manifest lists checkpoint-format parameters only: a scale has no HF tensor (megatron-bridge exports none).
+
 Transport: one `torch.save` file under /dev/shm (shared memory: no disk I/O) that the engine's worker processes
 map with `torch.load(mmap=True)`. vLLM's `collective_rpc` cannot carry tensors (they arrive as nested lists), and
 a path was measured faster than Ray's object store (1.3 s vs 4.6 s for SmolLM2-135M, docs/platform.md).
@@ -28,6 +33,13 @@ logger = logging.getLogger(__name__)
 SHARED_MEMORY_DIR = Path("/dev/shm")
 REFIT_FILE_PREFIX = "cipo_refit_"
 TIED_OUTPUT_WEIGHT = "lm_head.weight"
+# Parameters a quantization method derives from a layer's checkpoint weight (or from calibration), named as vLLM's
+# quantization methods register them; a checkpoint-format reload recomputes them.
+QUANTIZATION_STATE_PARAMETERS = frozenset({
+    "weight_scale", "weight_scale_inv", "weight_scale_2", "weight_global_scale", "weight_zero_point",
+    "input_scale", "input_scale_inv", "input_global_scale", "input_zero_point",
+    "q_scale", "k_scale", "v_scale", "prob_scale",
+})
 
 
 class WeightSyncError(RuntimeError):
@@ -71,10 +83,22 @@ class WeightManifest:
         return sorted(param for param, srcs in self.sources.items() if not set(srcs) <= loaded)
 
 
+def checkpoint_format_names(parameter_names: Iterable[str], *, quantized: bool) -> list[str]:
+    """The engine parameters a checkpoint-format reload loads: without quantization all of them; with it, all but
+    the quantization state (scales, zero points) the quantization method recomputes from the loaded weights."""
+    if not quantized:
+        return list(parameter_names)
+    return [name for name in parameter_names if name.rpartition(".")[2] not in QUANTIZATION_STATE_PARAMETERS]
+
+
 def build_weight_manifest(
-    *, parameter_names: Iterable[str], packed_modules: Mapping[str, list[str]], tie_word_embeddings: bool
+    *,
+    parameter_names: Iterable[str],
+    packed_modules: Mapping[str, list[str]],
+    tie_word_embeddings: bool,
+    quantized: bool = False,
 ) -> WeightManifest:
-    """Map engine parameter names to HF names.
+    """Map engine parameter names (checkpoint format, see `checkpoint_format_names`) to HF names.
 
     `packed_modules` is the engine model's `packed_modules_mapping` (fused module -> its HF modules); a parameter
     whose dotted path contains a fused module name is loaded from one HF tensor per shard. With tied embeddings
@@ -82,7 +106,7 @@ def build_weight_manifest(
     incoming `lm_head.weight` is accepted and ignored, as the HF and vLLM loaders do.
     """
     sources: dict[str, tuple[str, ...]] = {}
-    for name in parameter_names:
+    for name in checkpoint_format_names(parameter_names, quantized=quantized):
         parts = name.split(".")
         fused_at = next((i for i, part in enumerate(parts) if part in packed_modules), None)
         if fused_at is None:

