@@ -8,7 +8,9 @@ the step plan) runs, so that a bad config, layout or dataset stops the run in se
 cipo_nemo/plan.py).
 
 Exit codes: 0 done; 2 config, data, model or install error; 75 (REQUEUE_EXIT_CODE) stopped early on SIGUSR1/SIGTERM or
-checkpointing.checkpoint_must_save_by after a complete checkpoint: run the same command again to resume.
+checkpointing.checkpoint_must_save_by after a complete checkpoint, or a worker process died (up to
+cluster.max_restarts times per run directory): run the same command again to resume; 70 a worker died once more
+than cluster.max_restarts allows.
 """
 
 from __future__ import annotations
@@ -62,13 +64,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_training(cfg, loaded_items) -> int:
-    from cipo_nemo.trainer import REQUEUE_EXIT_CODE, setup, shutdown, train
+    from cipo_nemo.distributed import WorkerDiedError
+    from cipo_nemo.trainer import REQUEUE_EXIT_CODE, after_worker_death, setup, shutdown, train
 
-    components = setup(cfg, loaded_items)
     try:
-        summary = train(components)
-    finally:
+        components = setup(cfg, loaded_items)
+        try:
+            summary = train(components)
+        except BaseException:
+            shutdown_after_failure(components)
+            raise
         shutdown(components)
+    except WorkerDiedError as error:
+        logging.getLogger("cipo_nemo").error("%s", error)  # with the remote traceback, for the log
+        line, code = after_worker_death(cfg, error)
+        print(line, flush=True)
+        return code
     if summary.stopped_early is not None:
         print(f"stopped early ({summary.stopped_early}) after {summary.steps_done} steps; checkpoint in "
               f"{summary.run_dir / 'checkpoints'}; exit code {REQUEUE_EXIT_CODE}: rerun the same command to resume")
@@ -88,6 +99,16 @@ def print_rho_bound_share(share: float | None) -> None:
     """CIPO: how often the rho controller was pinned (a high share means it did not steer; see the run's warning)."""
     if share is not None:
         print(f"  rho at a bound in {share:.0%} of steps")
+
+
+def shutdown_after_failure(components) -> None:
+    """Release what still answers; an error here (a peer of a dead worker) is logged, not raised over the first."""
+    from cipo_nemo.trainer import shutdown
+
+    try:
+        shutdown(components)
+    except Exception:
+        logging.getLogger("cipo_nemo").warning("shutdown after a failed run also failed", exc_info=True)
 
 
 if __name__ == "__main__":

@@ -335,6 +335,10 @@ class ClusterConfig(StrictModel):
         "FP8 settings against it (null: CPU, or not checked)."
     )
     ray_address: str | None = Field(description="Existing Ray cluster to join (null: start one in-process).")
+    max_restarts: Annotated[int, Field(ge=0)] = Field(
+        description="Worker deaths (OOM kill, crash) a run survives: the driver exits 75 to be requeued and resume "
+        "from the last checkpoint, this many times per run directory; the next death ends the run (exit code 70)."
+    )
 
 
 class LoggerConfig(StrictModel):

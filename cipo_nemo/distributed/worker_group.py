@@ -24,8 +24,11 @@ shares themselves (vLLM's Ray executor, which finds the node's placement group t
 as it is.
 
 Failures never hang the driver: a method that raises becomes ``WorkerError`` carrying the remote traceback; an
-actor that dies (``os._exit``, OOM killer) becomes ``WorkerError`` naming the worker as soon as Ray notices; every
-call also takes ``timeout_s``.
+actor that dies (``os._exit``, OOM killer) becomes ``WorkerDiedError`` naming the worker as soon as Ray notices;
+every call also takes ``timeout_s``. A worker that owns processes of its own (vLLM's engine core) names, in
+``process_death_errors``, the exception types that mean one of them died: those become ``WorkerDiedError`` too,
+so the driver sees one kind of error for "a process of this worker is gone" (cipo_nemo/__main__.py turns it into a
+requeue).
 """
 
 from __future__ import annotations
@@ -57,7 +60,9 @@ class WorkerError(RuntimeError):
     def __init__(self, *, group: str, rank: int, where: str, method: str, detail: str, remote_traceback: str = ""):
         self.group = group
         self.rank = rank
+        self.where = where
         self.method = method
+        self.detail = detail
         self.remote_traceback = remote_traceback
         message = f"worker group '{group}' rank {rank} ({where}) failed in {method}: {detail}"
         if remote_traceback:
@@ -70,18 +75,24 @@ class WorkerTimeoutError(WorkerError):
 
 
 class WorkerDiedError(WorkerError):
-    """The worker's actor process is gone (exited, crashed, killed by the OOM killer or by Ray)."""
+    """The worker's actor process is gone (exited, crashed, killed by the OOM killer or by Ray), or a process the
+    worker owns is (an exception named in its ``process_death_errors``)."""
+
+    def summary(self) -> str:
+        """One line: which worker, where, in which call, what happened."""
+        return f"worker group '{self.group}' rank {self.rank} ({self.where}) died in {self.method}: {self.detail}"
 
 
 class _RemoteFailure(Exception):
     """Raised inside the host instead of the worker's exception: a plain, always-picklable carrier of the
     exception type, message and the worker-side traceback (without Ray's own frames)."""
 
-    def __init__(self, type_name: str, message: str, traceback_text: str) -> None:
-        super().__init__(type_name, message, traceback_text)
+    def __init__(self, type_name: str, message: str, traceback_text: str, process_died: bool = False) -> None:
+        super().__init__(type_name, message, traceback_text, process_died)
         self.type_name = type_name
         self.message = message
         self.traceback_text = traceback_text
+        self.process_died = process_died  # the type (or one in its cause chain) is in the worker's process_death_errors
 
 
 @dataclass(frozen=True)
@@ -132,7 +143,8 @@ class _WorkerHost:
         try:
             return getattr(self.worker, method)(*args, **kwargs)
         except Exception as exc:
-            raise _as_remote_failure(exc) from None
+            death_errors = getattr(self.worker, "process_death_errors", ())
+            raise _as_remote_failure(exc, process_died=means_process_death(exc, death_errors)) from None
 
     def shutdown_worker(self) -> None:
         """Run the worker's own ``shutdown`` (e.g. close a vLLM engine in this process), then leave the world."""
@@ -145,8 +157,21 @@ class _WorkerHost:
             raise _as_remote_failure(exc) from None
 
 
-def _as_remote_failure(exc: Exception) -> _RemoteFailure:
-    return _RemoteFailure(type(exc).__name__, str(exc), traceback.format_exc())
+def _as_remote_failure(exc: Exception, *, process_died: bool = False) -> _RemoteFailure:
+    return _RemoteFailure(type(exc).__name__, str(exc), traceback.format_exc(), process_died)
+
+
+def means_process_death(exc: BaseException, death_errors: Sequence[str]) -> bool:
+    """Whether `exc`, or an exception it was raised from or while handling, has a type named in `death_errors`
+    (names, not classes: the worker group must not import what its workers use, e.g. vLLM)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__name__ in death_errors:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _init_process_group(backend: str) -> None:
@@ -378,21 +403,11 @@ class WorkerGroup:
         return [results[rank] for rank in ranks]
 
     def _get_one(self, ref: ray.ObjectRef, rank: int, *, method: str) -> Any:
-        where = self.placements[rank].describe()
-        error = dict(group=self.name, rank=rank, where=where, method=method)
         try:
             return ray.get(ref)
-        except RayTaskError as exc:
-            cause = exc.cause
-            if isinstance(cause, _RemoteFailure):
-                detail = f"{cause.type_name}: {cause.message}"
-                raise WorkerError(**error, detail=detail, remote_traceback=cause.traceback_text) from None
-            raise WorkerError(**error, detail=repr(cause), remote_traceback=str(exc)) from None
-        except RayActorError as exc:
-            detail = "the actor died (process exited, crashed or was killed, e.g. by the OOM killer)"
-            raise WorkerDiedError(**error, detail=detail, remote_traceback=f"Ray: {exc}") from None
         except RayError as exc:
-            raise WorkerError(**error, detail=type(exc).__name__, remote_traceback=f"Ray: {exc}") from None
+            where = self.placements[rank].describe()
+            raise worker_error_of(exc, group=self.name, rank=rank, where=where, method=method) from None
 
     def _timeout_error(self, ranks: list[int], *, method: str, timeout_s: float | None) -> WorkerTimeoutError:
         detail = (
@@ -403,6 +418,25 @@ class WorkerGroup:
         return WorkerTimeoutError(
             group=self.name, rank=ranks[0], where=self.placements[ranks[0]].describe(), method=method, detail=detail
         )
+
+
+def worker_error_of(exc: RayError, *, group: str, rank: int, where: str, method: str) -> WorkerError:
+    """What the driver sees of a failed call: WorkerDiedError when the actor, or a process the worker owns, died;
+    WorkerError otherwise (the worker's exception type, message and traceback)."""
+    error = dict(group=group, rank=rank, where=where, method=method)
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause
+        if not isinstance(cause, _RemoteFailure):
+            return WorkerError(**error, detail=repr(cause), remote_traceback=str(exc))
+        detail = f"{cause.type_name}: {cause.message}"
+        if cause.process_died:
+            return WorkerDiedError(**error, detail=f"a process of the worker died ({detail})",
+                                   remote_traceback=cause.traceback_text)
+        return WorkerError(**error, detail=detail, remote_traceback=cause.traceback_text)
+    if isinstance(exc, RayActorError):  # ActorDiedError included
+        detail = "the actor died (process exited, crashed or was killed, e.g. by the OOM killer)"
+        return WorkerDiedError(**error, detail=detail, remote_traceback=f"Ray: {exc}")
+    return WorkerError(**error, detail=type(exc).__name__, remote_traceback=f"Ray: {exc}")
 
 
 def _create_hosts(

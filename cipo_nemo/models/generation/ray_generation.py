@@ -110,6 +110,10 @@ class GenerationWorker:
     A TP peer bundle's actor (no environment for its rank) builds nothing and answers every call with None.
     """
 
+    # vLLM raises EngineDeadError once its engine core process is gone (killed, crashed): for the driver that is
+    # this worker dying (WorkerDiedError), not a bug in the call (distributed/worker_group.py).
+    process_death_errors = ("EngineDeadError",)
+
     def __init__(
         self,
         *,

@@ -44,9 +44,11 @@ import torch
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.outputs import CompletionOutput
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from cipo_nemo.config.schema import GenerationConfig, VllmConfig
 from cipo_nemo.models.generation import derive_prompt_seed, read_eos_token_ids
+from cipo_nemo.models.generation.engine_watch import EngineWatch
 from cipo_nemo.models.generation.refit import (
     WeightManifest,
     WeightSyncError,
@@ -166,6 +168,8 @@ class VllmGeneration:
         started = time.perf_counter()
         with engine_process_environment(build_engine_environment(vllm=generation.vllm, on_gpu=self._on_gpu)):
             self._llm: LLM | None = LLM(**kwargs)
+        # A dead engine core (OOM kill, segfault) then fails the call in flight with EngineDeadError, not a hang.
+        self._watch = EngineWatch(self._llm.llm_engine.engine_core, make_error=EngineDeadError)
         elapsed = time.perf_counter() - started
         logger.info("vLLM engine for %s up in %.1f s (dtype %s)", model_dir, elapsed, kwargs["dtype"])
         description = self._engine.collective_rpc("describe_weights")[0]
@@ -249,6 +253,7 @@ class VllmGeneration:
         """Stop the EngineCore and worker processes; this releases their /dev/shm/psm_* queues. Idempotent."""
         if self._llm is None:
             return
+        self._watch.stop()
         self._llm.llm_engine.engine_core.shutdown(timeout=ENGINE_SHUTDOWN_TIMEOUT_S)
         self._llm = None
         gc.collect()
