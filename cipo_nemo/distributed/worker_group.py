@@ -53,6 +53,10 @@ from cipo_nemo.distributed.cluster import VirtualCluster
 
 logger = logging.getLogger(__name__)
 
+# How long a failed collective call waits for Ray to report that a peer rank died (Ray notices an actor's exit
+# within about a second on one node).
+PEER_DEATH_GRACE_S = 5.0
+
 
 class WorkerError(RuntimeError):
     """A worker failed: names the group, rank, node/bundle and method, and carries the remote traceback."""
@@ -399,8 +403,28 @@ class WorkerGroup:
                 raise self._timeout_error(sorted(pending.values()), method=method, timeout_s=timeout_s)
             for ref in ready:
                 rank = pending.pop(ref)
-                results[rank] = self._get_one(ref, rank, method=method)
+                try:
+                    results[rank] = self._get_one(ref, rank, method=method)
+                except WorkerDiedError:
+                    raise
+                except WorkerError as error:
+                    raise self._dead_peer(pending, method=method) or error from None
         return [results[rank] for rank in ranks]
+
+    def _dead_peer(self, pending: dict[ray.ObjectRef, int], *, method: str) -> WorkerDiedError | None:
+        """When a rank dies inside a collective, its peers fail too (gloo: the connection closed), often before Ray
+        reports the death: give Ray PEER_DEATH_GRACE_S to report one, so the cause, not the symptom, is raised."""
+        if not pending:
+            return None
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=PEER_DEATH_GRACE_S)
+        for ref in ready:
+            try:
+                self._get_one(ref, pending[ref], method=method)
+            except WorkerDiedError as death:
+                return death
+            except WorkerError:
+                continue
+        return None
 
     def _get_one(self, ref: ray.ObjectRef, rank: int, *, method: str) -> Any:
         try:

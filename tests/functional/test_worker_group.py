@@ -64,6 +64,14 @@ class ProbeWorker:
             os._exit(code)
         return "alive"
 
+    def exit_on_after_peer_fails(self, rank: int) -> str:
+        """Rank `rank` dies 0.5 s after its peers failed with what gloo raises when a peer's connection closes (the
+        order of a real death in a collective when Ray notices the death last)."""
+        if self.rank == rank:
+            time.sleep(0.5)
+            os._exit(9)
+        raise RuntimeError("[gloo] Connection closed by peer")
+
     def sleep(self, seconds: float) -> float:
         time.sleep(seconds)
         return seconds
@@ -173,6 +181,16 @@ def test_dead_worker_and_slow_call_raise_instead_of_hanging(cluster):
     finally:
         group.shutdown()  # rank 1 is already dead: skipped with a warning, not an error
     assert group.shutdown() is None  # idempotent
+
+
+def test_a_rank_dying_in_a_collective_is_reported_as_its_death(cluster):
+    group = start_side_group(cluster, "collective")
+    try:
+        with pytest.raises(WorkerDiedError) as caught:  # the cause, not rank 0's error about the closed connection
+            group.run_all("exit_on_after_peer_fails", 1, timeout_s=60)
+        assert (caught.value.rank, caught.value.method) == (1, "exit_on_after_peer_fails")
+    finally:
+        group.shutdown()
 
 
 def test_constructor_failure_surfaces_at_group_start(cluster):
