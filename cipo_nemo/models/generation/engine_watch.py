@@ -46,10 +46,12 @@ class EngineWatch:
         self._stopping.set()
 
     def _watch(self, processes: list[Any]) -> None:
-        connection.wait([process.sentinel for process in processes])
+        by_sentinel = {process.sentinel: process for process in processes}
+        ended = [by_sentinel[sentinel] for sentinel in connection.wait(list(by_sentinel))]
         if self._stopping.is_set():
             return
-        ended = [process for process in processes if process.exitcode is not None]
+        for process in ended:
+            process.join(timeout=1.0)  # reaped, so exitcode is known (vLLM's own monitor may be reaping it too)
         self.died = ", ".join(f"{process.name} (pid {process.pid}) exit code {process.exitcode}" for process in ended)
         logger.error("vLLM engine process died: %s; failing the call in flight", self.died)
         self.fail_waiters()
