@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_training(cfg, loaded_items) -> int:
     from cipo_nemo.distributed import WorkerDiedError
-    from cipo_nemo.trainer import REQUEUE_EXIT_CODE, after_worker_death, setup, shutdown, train
+    from cipo_nemo.trainer import REQUEUE_EXIT_CODE, setup, shutdown, train
+    from cipo_nemo.utils.restarts import after_worker_death
 
     try:
         components = setup(cfg, loaded_items)
@@ -77,7 +78,7 @@ def run_training(cfg, loaded_items) -> int:
         shutdown(components)
     except WorkerDiedError as error:
         logging.getLogger("cipo_nemo").error("%s", error)  # with the remote traceback, for the log
-        line, code = after_worker_death(cfg, error)
+        line, code = after_worker_death(cfg, error.summary(), requeue_exit_code=REQUEUE_EXIT_CODE)
         print(line, flush=True)
         return code
     if summary.stopped_early is not None:

@@ -18,7 +18,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,12 +52,8 @@ from cipo_nemo.samples import sample_records, write_samples
 from cipo_nemo.utils.checkpoint import CheckpointManager
 from cipo_nemo.utils.logger import MetricsLogger
 from cipo_nemo.config.durations import parse_duration
-from cipo_nemo.utils.restarts import record_worker_death
 from cipo_nemo.utils.preemption import StopRequest, driver_uptime_s, next_step_crosses, stop_handlers
 from cipo_nemo.utils.timing import StageTimer, format_duration
-
-if TYPE_CHECKING:  # importing it imports Ray, which a run on the in-process backends never needs
-    from cipo_nemo.distributed import WorkerDiedError
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +65,6 @@ SAVE_REQUEST = "SAVE_NOW"
 # checkpointing.checkpoint_must_save_by) after writing a complete checkpoint: "not done, resume me". 75 is
 # EX_TEMPFAIL of sysexits.h; slurm/ray_on_slurm.sh requeues the job on it.
 REQUEUE_EXIT_CODE = 75
-# Exit status when a worker died once more than cluster.max_restarts allows: not requeued (EX_SOFTWARE).
-RESTARTS_EXHAUSTED_EXIT_CODE = 70
 
 
 @dataclass
@@ -572,20 +566,4 @@ def shutdown(c: Components) -> None:
 
         c.cluster.shutdown()
         ray.shutdown()
-
-
-def after_worker_death(cfg: MasterConfig, error: WorkerDiedError) -> tuple[str, int]:
-    """The driver's last line and exit code after a worker died mid-run: requeue (REQUEUE_EXIT_CODE) to resume from
-    the last complete checkpoint, until the run directory has seen more than cluster.max_restarts deaths."""
-    run_dir = Path(cfg.run.output_dir)
-    checkpoint = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpointing.keep_last).latest()
-    decision = record_worker_death(run_dir, worker=error.summary(), checkpoint=checkpoint,
-                                   max_restarts=cfg.cluster.max_restarts)
-    resume_from = f"last complete checkpoint {checkpoint}" if checkpoint else "no complete checkpoint yet (step 0)"
-    if decision.restart:
-        code, then = REQUEUE_EXIT_CODE, "rerun the same command to resume"
-    else:
-        code, then = RESTARTS_EXHAUSTED_EXIT_CODE, "giving up"
-    line = f"worker died: {error.summary()}; {resume_from}; {decision.describe()}; exit code {code}: {then}"
-    return " ".join(line.split()), code  # one line, whatever the remote message held
 

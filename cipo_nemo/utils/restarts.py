@@ -12,7 +12,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cipo_nemo.config import MasterConfig
+from cipo_nemo.utils.checkpoint import CheckpointManager
+
 RESTARTS_FILE = "worker_restarts.jsonl"
+# Exit status when a worker died once more than cluster.max_restarts allows: not requeued (EX_SOFTWARE of sysexits.h).
+RESTARTS_EXHAUSTED_EXIT_CODE = 70
 
 
 @dataclass(frozen=True)
@@ -46,3 +51,18 @@ def worker_deaths(run_dir: Path) -> int:
     if not path.exists():
         return 0
     return sum(1 for line in path.read_text().splitlines() if line.strip())
+
+
+def after_worker_death(cfg: MasterConfig, worker: str, *, requeue_exit_code: int) -> tuple[str, int]:
+    """The driver's last line and exit code after `worker` (WorkerDiedError.summary()) died mid-run: requeue to resume
+    from the last complete checkpoint, until the run directory has seen more than cluster.max_restarts deaths."""
+    run_dir = Path(cfg.run.output_dir)
+    checkpoint = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpointing.keep_last).latest()
+    decision = record_worker_death(run_dir, worker=worker, checkpoint=checkpoint, max_restarts=cfg.cluster.max_restarts)
+    resume_from = f"last complete checkpoint {checkpoint}" if checkpoint else "no complete checkpoint yet (step 0)"
+    if decision.restart:
+        code, then = requeue_exit_code, "rerun the same command to resume"
+    else:
+        code, then = RESTARTS_EXHAUSTED_EXIT_CODE, "giving up"
+    line = f"worker died: {worker}; {resume_from}; {decision.describe()}; exit code {code}: {then}"
+    return " ".join(line.split()), code  # one line, whatever the remote message held

@@ -181,7 +181,7 @@ def test_engine_death_requeues_and_the_rerun_matches_an_uninterrupted_run(arithm
     assert last.startswith("worker died: worker group 'generation' rank 0 (node "), last
     assert "EngineDeadError" in last, last
     assert f"last complete checkpoint {run_dir / 'checkpoints' / 'step_000001'};" in last, last
-    assert "restart 1 of cluster.max_restarts=3" in last and last.endswith("exit code 75: rerun the same command to resume")
+    assert last.endswith("restart 1 of cluster.max_restarts=3; exit code 75: rerun the same command to resume"), last
     assert [r["step"] for r in _records(run_dir)] == [1]  # step 2 died before it was logged
 
     _run(arithmetic_model, run_dir, *FOUR_STEPS)  # what the Slurm launcher does on 75: the same command again

@@ -26,9 +26,9 @@ from cipo_nemo.distributed.worker_group import (
 )
 from cipo_nemo.models.generation.engine_watch import EngineWatch
 from cipo_nemo.models.generation.ray_generation import GenerationWorker
-from cipo_nemo.trainer import REQUEUE_EXIT_CODE, RESTARTS_EXHAUSTED_EXIT_CODE, after_worker_death
+from cipo_nemo.trainer import REQUEUE_EXIT_CODE
 from cipo_nemo.utils.checkpoint import CheckpointManager
-from cipo_nemo.utils.restarts import RESTARTS_FILE, worker_deaths
+from cipo_nemo.utils.restarts import RESTARTS_EXHAUSTED_EXIT_CODE, RESTARTS_FILE, after_worker_death, worker_deaths
 
 BASE = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 WHERE = "node 10.1.2.3, placement group 0, bundle 0, pid 4242"
@@ -108,14 +108,15 @@ def test_the_driver_line_requeues_until_max_restarts_then_gives_up(tmp_path):
     cfg = load_config(BASE, [f"run.output_dir={tmp_path}", "cluster.max_restarts=1"])
     checkpoint = CheckpointManager(tmp_path / "checkpoints", keep_last=2).save(1, lambda directory: None)
 
-    line, code = after_worker_death(cfg, _death())
+    line, code = after_worker_death(cfg, _death().summary(), requeue_exit_code=REQUEUE_EXIT_CODE)
     assert code == REQUEUE_EXIT_CODE
     assert "\n" not in line
     assert line.startswith(f"worker died: worker group 'generation' rank 0 ({WHERE}) died in generate: ")
     assert f"last complete checkpoint {checkpoint};" in line
     assert line.endswith("restart 1 of cluster.max_restarts=1; exit code 75: rerun the same command to resume")
 
-    line, code = after_worker_death(cfg, _death())  # the requeued run's worker dies again
+    # the requeued run's worker dies again
+    line, code = after_worker_death(cfg, _death().summary(), requeue_exit_code=REQUEUE_EXIT_CODE)
     assert code == RESTARTS_EXHAUSTED_EXIT_CODE != REQUEUE_EXIT_CODE
     assert "not restarting: 2 worker deaths, cluster.max_restarts=1 restarts allowed; exit code 70" in line
     assert worker_deaths(tmp_path) == 2 and (tmp_path / RESTARTS_FILE).is_file()
@@ -123,7 +124,7 @@ def test_the_driver_line_requeues_until_max_restarts_then_gives_up(tmp_path):
 
 def test_no_restarts_allowed_and_no_checkpoint_yet(tmp_path):
     cfg = load_config(BASE, [f"run.output_dir={tmp_path}", "cluster.max_restarts=0"])
-    line, code = after_worker_death(cfg, _death("the actor died"))
+    line, code = after_worker_death(cfg, _death("the actor died").summary(), requeue_exit_code=REQUEUE_EXIT_CODE)
     assert code == RESTARTS_EXHAUSTED_EXIT_CODE
     assert "no complete checkpoint yet (step 0)" in line
 
