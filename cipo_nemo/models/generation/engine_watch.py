@@ -3,9 +3,9 @@
 `vllm.LLM` runs its EngineCore in a child process and talks to it through a synchronous client (vLLM 0.32:
 `SyncMPClient`). When that process dies (OOM kill, segfault, SIGKILL), vLLM's own monitor thread marks the engine
 dead and shuts the client down, but a caller already waiting for outputs (`get_output` on the output queue) or for
-a utility result (`collective_rpc`, a Future) is never woken (read in vLLM 0.32's core_client.py: the output thread
-stops without a word), so it would wait forever.
-Later calls raise EngineDeadError at once (`ensure_alive`).
+a utility result (`collective_rpc`, a Future) is never woken: the output thread stops without queueing an error.
+Measured (tests/functional/test_engine_death.py with the watch off): a generate was still blocked 60 s after the
+SIGKILL. Later calls do raise EngineDeadError at once (`ensure_alive`).
 
 `EngineWatch` waits on the engine processes' sentinels and, on an unexpected exit, marks the engine dead, puts an
 EngineDeadError on the output queue and fails every pending utility future with it, so the call in flight raises
