@@ -20,13 +20,12 @@ import logging
 import sys
 from pathlib import Path
 
-from cipo_nemo.config import ConfigError, load_config
-from cipo_nemo.data.sources import DataError
-from cipo_nemo.models.hub import ModelNotFoundError, resolve_model_dir
-from cipo_nemo.preflight import InstallError, run_preflight
 from cipo_nemo.utils.preemption import install_stop_handlers
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "cipo_smollm2_cpu.yaml"
+# Inside the package (cipo_nemo/conf links to the repository's conf/ and is shipped as package data), so that an
+# installed cipo_nemo finds it too. Only light modules are imported above: `--help` answers at once; the heavy
+# ones (torch, Ray, vLLM, Megatron, through the preflight) load in main(), after the arguments are parsed.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "conf" / "cipo_smollm2_cpu.yaml"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,6 +41,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from cipo_nemo.config import ConfigError, load_config
+    from cipo_nemo.data.sources import DataError
+    from cipo_nemo.models.hub import ModelNotFoundError, resolve_model_dir
+    from cipo_nemo.preflight import InstallError, run_preflight
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)

@@ -30,4 +30,6 @@ else
     "${pip[@]}" install --no-build-isolation -r requirements-gpu.txt
 fi
 "${pip[@]}" install --no-deps --ignore-requires-python -r requirements-nodeps.txt
-"${pip[@]}" install --no-deps -e .
+# cipo_nemo itself with the dependencies pyproject.toml declares (all satisfied by the pins above: this checks them
+# and adds the `cipo-nemo` console script); the ones that do not resolve normally are the lines above.
+"${pip[@]}" install -e .

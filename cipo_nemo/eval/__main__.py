@@ -26,7 +26,7 @@ from cipo_nemo.eval.harness import EvalError, check_k_list, evaluate, resolve_ev
 from cipo_nemo.eval.report import format_table
 from cipo_nemo.models.hub import ModelNotFoundError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "cipo_base.yaml"  # shipped inside the package
 USAGE_ERRORS = (BenchmarkError, EvalError, ConfigError, DataError, ModelNotFoundError)
 
 

@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "trainer": 6,
     "preflight": 6,
     "__main__": 7,
+    "cli": 7,
     "__init__": 7,
 }
 
