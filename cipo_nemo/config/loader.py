@@ -4,8 +4,10 @@ Precedence, lowest to highest: the `defaults:` parents (in the order listed, eac
 file itself, then the command-line overrides in order. Dicts merge key by key (child wins); lists and scalars
 are replaced whole. OmegaConf does the merging and `${...}` interpolation; pydantic does the validation.
 
-Overrides follow Hydra's syntax: `key.sub=value` changes an existing key, `+key=value` adds a key that must not
-exist yet, `++key=value` adds or changes. Values are parsed as YAML (`1e-6`, `[1, 2]`, `null`, `true`).
+Overrides are parsed with Hydra's override grammar: `key.sub=value` changes an existing key, `+key=value` adds a
+key that must not exist yet, `++key=value` adds or changes, `~key` deletes (`~key=value`: only if it holds that
+value). Values are typed as Hydra types them (`1e-6`, `[1, 2]`, `{a: 1}`, `null`, `true`); a value holding spaces
+next to braces, brackets, commas or `: ` is quoted: `cipo.templates.math='{problem} ... {attempt}'`.
 
 Every leaf key remembers the file (or "command line") that set it last, so a validation error can say where
 the offending value came from: one line per problem, `<source>: <key>: <what is wrong> (got <value>)`.
@@ -14,6 +16,7 @@ the offending value came from: one line per problem, `<source>: <key>: <what is 
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import types
 import typing
@@ -30,7 +33,8 @@ from cipo_nemo.config.schema import MasterConfig
 
 DEFAULTS_KEY = "defaults"
 COMMAND_LINE = "command line"
-_OVERRIDE = re.compile(r"^(?P<prefix>\+\+|\+)?(?P<key>[A-Za-z_][\w\-]*(?:\.[\w\-]+)*)=(?P<value>.*)$", re.DOTALL)
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+_MISSING_INTERPOLATION_KEY = re.compile(r"Interpolation key '([^']+)' not found")
 
 
 class ConfigError(ValueError):
@@ -48,6 +52,15 @@ class Provenance:
         for key in _leaf_keys(node, prefix):
             self._counter += 1
             self.sources[key] = (source, self._counter)
+
+    def forget(self, key: str) -> None:
+        """`key` was replaced or deleted: forget the sources of it, the keys below it and the leaves above it."""
+        ancestors = {".".join(key.split(".")[:depth]) for depth in range(1, key.count(".") + 1)}
+        for known in [k for k in self.sources if k == key or k.startswith(key + ".") or k in ancestors]:
+            del self.sources[known]
+
+    def knows(self, key: str) -> bool:
+        return key in self.sources or any(k.startswith(key + ".") for k in self.sources)
 
     def source_of(self, key: str) -> str:
         """The source of `key`, else of the latest-set leaf below it, else of its nearest ancestor."""
@@ -117,32 +130,90 @@ def _display_path(path: Path) -> str:
 _ABSENT = object()
 
 
-def _parse_override_value(raw: str) -> Any:
-    # OmegaConf's YAML loader, unlike plain PyYAML, reads `1e-6` as a float.
-    return OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]))["value"]
+@functools.cache
+def _override_parser() -> Any:
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # imported on first use: antlr
+
+    return OverridesParser.create()
+
+
+def parse_override(text: str) -> Any:
+    """Hydra's `Override` for one command-line word, or a ConfigError saying what is wrong with it."""
+    from hydra.errors import HydraException
+
+    try:
+        override = _override_parser().parse_override(text)
+    except HydraException as err:
+        reason = " ".join(str(err).split())
+        raise ConfigError(f"{COMMAND_LINE}: override {text!r} is not of the form key.sub=value ({reason}); quote a "
+                          f"value that holds braces, brackets, commas or ': ', e.g. key='{{problem}} {{attempt}}'") from None
+    key = override.key_or_group
+    if not key:
+        raise ConfigError(f"{COMMAND_LINE}: override {text!r} names no key; expected key.sub=value")
+    if "/" in key or override.package is not None:
+        raise ConfigError(f"{COMMAND_LINE}: override {text!r}: config groups and @packages are not supported; "
+                          "set keys: key.sub=value")
+    if override.is_sweep_override():
+        raise ConfigError(f"{COMMAND_LINE}: override {text!r}: {key}: a sweep is not supported (one run per command); "
+                          f"quote a value that holds commas: {key}='a,b'")
+    return override
 
 
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str], provenance: Provenance) -> DictConfig:
-    """Apply Hydra-style `key=value`, `+key=value` and `++key=value` overrides in order."""
+    """Apply `key=value`, `+key=value`, `++key=value` and `~key[=value]` overrides in order."""
+    from hydra.core.override_parser.types import OverrideType
+
     for text in overrides:
-        match = _OVERRIDE.match(text)
-        if match is None:
-            raise ConfigError(f"{COMMAND_LINE}: override {text!r} is not of the form key.sub=value")
-        prefix, key, raw = match["prefix"], match["key"], match["value"]
-        exists = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT
-        if prefix is None and not exists:
+        override = parse_override(text)
+        key = override.key_or_group
+        exists = _select(cfg, key) is not _ABSENT
+        if override.type == OverrideType.DEL:
+            _delete(cfg, key, override, provenance)
+            continue
+        if override.type == OverrideType.CHANGE and not exists:
             hint = _close_keys(key, provenance)
             raise ConfigError(f"{COMMAND_LINE}: {key}: no such key{hint}; use ++{key}=... to add a key")
-        if prefix == "+" and exists:
+        if override.type == OverrideType.ADD and exists:
             raise ConfigError(f"{COMMAND_LINE}: {key}: already set; use {key}=... or ++{key}=... to change it")
-        value = _parse_override_value(raw)
-        OmegaConf.update(cfg, key, value, merge=False, force_add=True)
-        provenance.record(OmegaConf.select(cfg, key), COMMAND_LINE, key)
+        value = override.value()
+        try:
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{COMMAND_LINE}: {key}: cannot set it: {' '.join(str(err).split())}") from None
+        provenance.forget(key)  # the value replaces what was there, including a scalar on the way to key
+        provenance.record(value, COMMAND_LINE, key)
     return cfg
 
 
-def _close_keys(key: str, provenance: Provenance) -> str:
-    close = difflib.get_close_matches(key, provenance.sources.keys(), n=3, cutoff=0.6)
+def _select(cfg: DictConfig, key: str) -> Any:
+    """The value at `key` (interpolations left unresolved), or _ABSENT."""
+    try:
+        node = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False, throw_on_resolution_failure=False)
+    except OmegaConfBaseException:  # a path through a scalar or a list
+        return _ABSENT
+    return node
+
+
+def _delete(cfg: DictConfig, key: str, override: Any, provenance: Provenance) -> None:
+    current = _select(cfg, key)
+    if current is _ABSENT:
+        raise ConfigError(f"{COMMAND_LINE}: ~{key}: no such key{_close_keys(key, provenance)}")
+    if override.value_type is not None:  # `~key=value`: delete only if the key holds that value
+        held = OmegaConf.to_container(current) if isinstance(current, (DictConfig, ListConfig)) else current
+        if held != override.value():
+            raise ConfigError(f"{COMMAND_LINE}: ~{key}={override.value()!r}: the key holds {held!r}")
+    parent_key, _, name = key.rpartition(".")
+    parent = _select(cfg, parent_key) if parent_key else cfg
+    if not isinstance(parent, DictConfig):
+        raise ConfigError(f"{COMMAND_LINE}: ~{key}: only keys of a mapping can be deleted")
+    del parent[name]
+    provenance.forget(key)
+    provenance.record(None, COMMAND_LINE, key)  # its absence now comes from the command line
+
+
+def _close_keys(key: str, provenance: Provenance, exclude: str | None = None) -> str:
+    known = [k for k in provenance.sources if k != exclude]
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
@@ -167,10 +238,24 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
+def _blame(key: str, message: str, provenance: Provenance) -> str:
+    """The source to name for a problem at `key`: the command line when it set `key`, or set a key the message
+    names (a cross-field check fails at the file's key, but the command line's value caused it)."""
+    own = provenance.source_of(key)
+    if own == COMMAND_LINE:
+        return own
+    ancestors = [".".join(key.split(".")[:depth]) for depth in range(key.count(".") + 1, 0, -1)]
+    for token in _IDENTIFIER.findall(message):
+        for related in (token, *(f"{ancestor}.{token}" for ancestor in ancestors)):
+            if provenance.knows(related) and provenance.source_of(related) == COMMAND_LINE:
+                return f"{COMMAND_LINE} ({related}; {key} is from {own})"
+    return own
+
+
 def _describe(error: dict, provenance: Provenance) -> str:
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc) or "<top level>"
-    source = provenance.source_of(key)
+    source = _blame(key, str(error["msg"]), provenance)
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(loc[-1], _schema_fields_at(error["loc"]), n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -192,7 +277,11 @@ def resolve(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, Prov
         container = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "") or "?"
-        raise ConfigError(f"{provenance.source_of(key)}: {key}: cannot resolve interpolation: {err.msg}") from None
+        message = " ".join(str(err.msg).split("full_key:")[0].split())
+        missing = _MISSING_INTERPOLATION_KEY.search(message)
+        hint = _close_keys(missing.group(1), provenance, exclude=missing.group(1)) if missing else ""
+        raise ConfigError(f"{_blame(key, message, provenance)}: {key}: cannot resolve interpolation: "
+                          f"{message}{hint}") from None
     return container, provenance
 
 
