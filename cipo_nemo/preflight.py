@@ -17,6 +17,7 @@ from cipo_nemo.data.sources import DataError, LoadReport, TaskItem, describe, lo
 from cipo_nemo.environments.math import reason_counts
 from cipo_nemo.environments.math_pool import MathVerifierPool
 from cipo_nemo.plan import LaunchPlan, LayoutError, plan_launch
+from cipo_nemo.utils.checkpoint import resume_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def run_preflight(cfg: MasterConfig, *, check_memory: bool = True) -> PreflightR
     layout does not fit the cluster or the model, or, with `check_memory`, when the memory estimate exceeds a GPU;
     ModelNotFoundError when the model's architecture is unknown; DataError on unusable data."""
     check_transformer_engine(cfg)
+    resume_checkpoint(cfg)  # a run directory whose checkpoint another setup saved stops here, in seconds
     step = plan_step(cfg)
     # the layout first: it needs no data, and a 70B layout error should not wait for a dataset to load
     launch = plan_launch(cfg, base_samples=step.base_samples, max_correction_samples=step.max_correction_samples)

@@ -49,7 +49,7 @@ from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, Sampli
 from cipo_nemo.models.policy.microbatches import combine_optimizer_steps, plan_mini_batches
 from cipo_nemo.models.rollout import responses_to_batch
 from cipo_nemo.samples import sample_records, write_samples
-from cipo_nemo.utils.checkpoint import CheckpointManager
+from cipo_nemo.utils.checkpoint import CheckpointManager, resume_checkpoint
 from cipo_nemo.utils.logger import MetricsLogger
 from cipo_nemo.config.durations import parse_duration
 from cipo_nemo.utils.preemption import StopRequest, driver_uptime_s, next_step_crosses, stop_handlers
@@ -108,6 +108,7 @@ def setup(cfg: MasterConfig, loaded_items: dict[str, list[TaskItem]] | None = No
 
     `loaded_items` (split -> items) are the preflight's: the data sources are then not read a second time."""
     run_dir = Path(cfg.run.output_dir)
+    resume_checkpoint(cfg)  # a checkpoint of another setup stops the run here, before any worker starts
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     tokenizer = build_tokenizer(cfg.policy, chat_template=cfg.data.chat_template)
@@ -429,8 +430,9 @@ def trainer_state(c: Components, step: int) -> dict[str, Any]:
 
 
 def maybe_resume(c: Components) -> None:
-    """`checkpointing.resume: auto` continues from the latest complete checkpoint of this run directory."""
-    latest = c.checkpoints.latest() if c.cfg.checkpointing.resume == "auto" else None
+    """Continue from the run directory's latest complete checkpoint, else from `checkpointing.resume_from`
+    (`resume_checkpoint`: stops on a changed model, cipo.enabled or layout unless `resume: force`)."""
+    latest = resume_checkpoint(c.cfg)
     if latest is None:
         return
     state = torch.load(latest / TRAINER_STATE, weights_only=False)

@@ -1,9 +1,12 @@
 """NeMo-Run recipes for cipo_nemo: one per preset, each launching the same entry point as `python -m cipo_nemo`.
 
-    python recipes/cipo.py --preset llama3_70b_math --dryrun                        # print the sbatch script
+    python recipes/cipo.py --preset llama3_70b_math --dry-run                       # print the sbatch script
     python recipes/cipo.py --preset llama3_70b_math --account ACC --partition P     # submit (on the login node)
     python recipes/cipo.py --preset smollm2_cpu --executor local                    # run here, in a subprocess
-    python recipes/cipo.py --preset qwen3_4b_math --dryrun -- grpo.num_steps=10     # overrides after `--`
+    python recipes/cipo.py --preset qwen3_4b_math --dry-run -- grpo.num_steps=10    # overrides after `--`
+
+The preset and the overrides are validated (`cipo_nemo.config.load_config`) before any job is rendered or submitted:
+a bad override is one line on stderr and exit status 2, as with `python -m cipo_nemo`.
 
 Local path: a `run.Script` running `python -m cipo_nemo --config <preset> <overrides>` from the repository under
 `run.LocalExecutor` (one process; Ray starts in-process as in any local run).
@@ -33,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nemo_run as run
+
+from cipo_nemo.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "slurm" / "ray_on_slurm.sh"
@@ -154,7 +159,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
     parser.add_argument("--executor", choices=["slurm", "local"], default="slurm")
-    parser.add_argument("--dryrun", action="store_true", help="print the sbatch script (slurm) or the command (local)")
+    parser.add_argument("--dry-run", "--dryrun", dest="dry_run", action="store_true",
+                        help="print the sbatch script (slurm) or the command (local)")
     parser.add_argument("--account", default="ACCOUNT", help="Slurm account")
     parser.add_argument("--partition", default=None, help="Slurm partition")
     parser.add_argument("--time", default=None, help="Slurm time limit (default: the preset's)")
@@ -169,9 +175,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     preset, name = PRESETS[args.preset], args.preset
+    try:  # a bad override stops here, not after the Slurm queue
+        load_config(REPO / preset.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}".replace("\n", "\nconfig error: "), file=sys.stderr)
+        return 2
     if args.executor == "local":
         task, executor = local_recipe(preset, args.overrides)
-        if args.dryrun:
+        if args.dry_run:
             print(task.inline)
             return 0
         state = run_local(task, executor, name=name)
@@ -180,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     task, executor = slurm_recipe(preset, args.overrides, account=args.account, partition=args.partition,
                                   job_dir=args.job_dir, python=args.python, time=args.time,
                                   container_image=args.container_image, container_mounts=args.container_mounts)
-    if args.dryrun:
+    if args.dry_run:
         print(render_sbatch(task, executor, name=name))
         return 0
     with run.Experiment(name, executor=executor) as experiment:

@@ -354,12 +354,25 @@ class LoggerConfig(StrictModel):
 class CheckpointConfig(StrictModel):
     save_every: Annotated[int, Field(ge=0)] = Field(description="Save every N steps (0 = only at the end).")
     keep_last: PositiveInt = Field(description="Complete checkpoints kept; older ones are deleted.")
-    resume: Literal["auto", "never"] = Field(description="auto: continue from the latest complete checkpoint.")
+    resume: Literal["auto", "never", "force"] = Field(
+        description="auto: continue from the latest complete checkpoint (stops if the model, cipo.enabled or the "
+        "policy layout changed); force: continue even then; never: start fresh."
+    )
+    resume_from: str | None = Field(
+        description="Checkpoint (or run directory: its latest) to start from when this run directory has none."
+    )
     save_hf_at_end: bool = Field(description="Write the final policy as a Hugging Face directory (run_dir/hf_model).")
     checkpoint_must_save_by: str | None = Field(
         description="'DD:HH:MM:SS' or 'HH:MM:SS' since the driver started: checkpoint and stop (exit code 75) "
         "when the next step would likely end later (null: no limit)."
     )
+
+    @field_validator("resume_from")
+    @classmethod
+    def _resume_from_needs_resume(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("resume") == "never":
+            raise ValueError("resume is 'never': set resume to auto or force to start from this checkpoint")
+        return value
 
     @field_validator("checkpoint_must_save_by", mode="before")
     @classmethod

@@ -89,7 +89,16 @@ def test_slurm_recipe_renders_the_launcher_call(recipes, tmp_path):
 
 
 def test_recipe_cli_dryrun_prints_the_sbatch_script(recipes, capsys, tmp_path):
-    assert recipes.main(["--preset", "qwen3_4b_math", "--dryrun", "--job-dir", str(tmp_path), "grpo.num_steps=3"]) == 0
+    assert recipes.main(["--preset", "qwen3_4b_math", "--dry-run", "--job-dir", str(tmp_path), "grpo.num_steps=3"]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --nodes=1" in out and "export CONFIG=conf/cipo_qwen3_4b_math.yaml" in out
     assert "slurm/ray_on_slurm.sh grpo.num_steps=3" in out
+
+
+def test_recipe_validates_overrides_before_rendering(recipes, capsys, tmp_path):
+    job_dir = tmp_path / "jobs"
+    assert recipes.main(["--preset", "qwen3_4b_math", "--dryrun", "--job-dir", str(job_dir), "grpo.num_stepz=3"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no sbatch script
+    assert captured.err.startswith("config error: command line: grpo.num_stepz: no such key (did you mean grpo.num_steps")
+    assert not job_dir.exists()  # nothing was prepared for a job
