@@ -53,6 +53,7 @@ from cipo_nemo.utils.checkpoint import CheckpointManager, resume_checkpoint
 from cipo_nemo.utils.logger import MetricsLogger
 from cipo_nemo.config.durations import parse_duration
 from cipo_nemo.utils.preemption import StopRequest, driver_uptime_s, next_step_crosses, stop_handlers
+from cipo_nemo.utils.progress import StepProgress
 from cipo_nemo.utils.timing import StageTimer, format_duration
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,11 @@ class Components:
     checkpoints: CheckpointManager
     cluster: Any  # the Ray virtual cluster, or None when every backend runs in this process
     timer: StageTimer = field(default_factory=StageTimer)
+    progress: StepProgress = field(default_factory=StepProgress)
     start_step: int = 0
+
+    def __post_init__(self) -> None:
+        self.timer.on_stage = self.progress.stage  # every timed stage shows on the progress line
 
 
 @dataclass(frozen=True)
@@ -208,9 +213,18 @@ def rollout(c: Components, items: list[TaskItem], step: int) -> Batch:
                               system_prompt=cfg.data.system_prompt) for item in items]
     prompt_ids = encode_prompts(rendered, tokenizer=c.tokenizer)
     settings = SamplingSettings.from_config(cfg.generation, n=cfg.grpo.samples_per_prompt, seed=step_seed(c, step, 0))
-    responses = c.generation.generate(prompt_ids, settings)
+    responses = generate(c, prompt_ids, settings)
     return responses_to_batch(prompt_ids, responses, item_indices=list(range(len(items))), sample_kind="base",
                               tokenizer=c.tokenizer)
+
+
+def generate(c: Components, prompt_ids: list[list[int]], settings: SamplingSettings) -> Any:
+    """The engine's samples for `prompt_ids`, counted on the progress line."""
+    total = len(prompt_ids) * settings.n
+    c.progress.expect(total, "samples")
+    responses = c.generation.generate(prompt_ids, settings)
+    c.progress.advance(total)
+    return responses
 
 
 def verify(c: Components, batch: Batch, items: list[TaskItem]) -> None:
@@ -250,7 +264,7 @@ def correction_rollout(
         return None, len(anchors)
     prompt_ids = [all_prompt_ids[position] for position in kept_anchor_positions]
     settings = SamplingSettings.from_config(cfg.generation, n=cfg.cipo.samples_per_anchor, seed=step_seed(c, step, 2))
-    responses = c.generation.generate(prompt_ids, settings)
+    responses = generate(c, prompt_ids, settings)
     item_indices = [base["item_index"][anchors.indices[p]] for p in kept_anchor_positions]
     corrections = responses_to_batch(prompt_ids, responses, item_indices=item_indices, sample_kind="correction",
                                      tokenizer=c.tokenizer)
@@ -313,7 +327,12 @@ def train_policy(c: Components, batch: Batch, step: int) -> dict[str, float]:
     generator = torch.Generator().manual_seed(step_seed(c, step, 4))
     plan = plan_mini_batches(len(batch), size=policy.train_global_batch_size, epochs=policy.epochs_per_batch,
                              generator=generator)
-    return combine_optimizer_steps([c.policy.train(batch.select(indices), c.loss_fn) for indices in plan])
+    c.progress.expect(len(plan), "optimizer steps")
+    results = []
+    for indices in plan:
+        results.append(c.policy.train(batch.select(indices), c.loss_fn))
+        c.progress.advance()
+    return combine_optimizer_steps(results)
 
 
 def refit(c: Components) -> None:
@@ -485,10 +504,13 @@ def _train_steps(c: Components, stop: StopRequest) -> RunSummary:
         return _stopped(c, last, stop.reason)
     for step in range(c.start_step + 1, total + 1):
         step_started = time.monotonic()
+        c.progress.begin_step(step, total)
         last = cipo_step(c, step)
         if cfg.validation.every and step % cfg.validation.every == 0:
+            c.progress.stage("validate")
             last.update(validate(c, step))
         c.metrics.log(step, last)
+        c.progress.end_step(last)
         print_progress(step, total, last, elapsed=time.monotonic() - started, done=step - c.start_step)
         longest_step_s = max(longest_step_s, time.monotonic() - step_started)
         stop_reason = None if step == total else (stop.reason or deadline_reached(c, longest_step_s, last_save_s))

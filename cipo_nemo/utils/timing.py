@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
 class StageTimer:
     """Accumulates seconds per stage within a step; `pop()` returns them as `timing/<stage>` metrics."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_stage: Callable[[str], None] | None = None) -> None:
         self._seconds: dict[str, float] = defaultdict(float)
+        self.on_stage = on_stage  # told each stage's name as it starts (the progress line)
 
     @contextmanager
     def time(self, stage: str) -> Iterator[None]:
+        if self.on_stage is not None:
+            self.on_stage(stage)
         start = time.perf_counter()
         try:
             yield
