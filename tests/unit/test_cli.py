@@ -60,3 +60,8 @@ def test_absent_subcommand_module_is_one_line_and_exit_2(monkeypatch, capsys):
     assert cli.main(["fake"]) == 2
     assert capsys.readouterr().err == "cipo-nemo fake: cipo_nemo.no_such_module is not part of this installation\n"
 
+
+
+def test_samples_subcommand_runs_the_samples_reader(capsys):
+    assert cli.main(["samples", "--help"]) == 0
+    assert "--kind" in capsys.readouterr().out  # python -m cipo_nemo.samples's own usage
