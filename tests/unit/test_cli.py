@@ -9,7 +9,9 @@ from cipo_nemo import cli
 from cipo_nemo.__main__ import DEFAULT_CONFIG
 
 REPO = Path(__file__).resolve().parents[2]
-HEAVY = {"torch", "ray", "vllm", "megatron", "transformers"}
+# what a training run loads; before the fix, --help loaded sympy and math_verify (the verifier), pydantic and
+# omegaconf (the config) through the preflight's imports
+HEAVY = {"torch", "ray", "vllm", "megatron", "transformers", "sympy", "math_verify", "pydantic", "omegaconf"}
 
 IMPORTED_AFTER_HELP = """
 import runpy, sys
