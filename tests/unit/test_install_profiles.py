@@ -100,7 +100,7 @@ def test_install_default_is_the_cpu_profile(tmp_path):
     result, steps = _run_install(tmp_path)
     assert result.returncode == 0, result.stderr
     assert steps == ["install -r requirements.txt", "uninstall -y torchvision torchaudio torchcodec",
-                     "install --no-deps --ignore-requires-python -r requirements-nodeps.txt", "install --no-deps -e ."]
+                     "install --no-deps --ignore-requires-python -r requirements-nodeps.txt", "install -e ."]
 
 
 def test_install_gpu_builds_transformer_engine_against_the_installed_torch(tmp_path):
@@ -109,7 +109,7 @@ def test_install_gpu_builds_transformer_engine_against_the_installed_torch(tmp_p
     # torch first, then the rest without build isolation (TE's extension compiles against that torch); official
     # vllm keeps its torchvision/torchaudio (no uninstall); megatron and nemo-run with --no-deps as on CPU
     assert steps == ["install torch==2.13.0", "install --no-build-isolation -r requirements-gpu.txt",
-                     "install --no-deps --ignore-requires-python -r requirements-nodeps.txt", "install --no-deps -e ."]
+                     "install --no-deps --ignore-requires-python -r requirements-nodeps.txt", "install -e ."]
 
 
 def test_install_rejects_unknown_options(tmp_path):
