@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from cipo_nemo.algorithms.rewards import is_success
+from cipo_nemo.algorithms.correction import shape_correction_rewards
 from cipo_nemo.algorithms.tensor_checks import check_rewards_and_groups, describe_value
 
 
@@ -133,8 +133,7 @@ def correction_advantages(
     if anchor_correct.shape != rewards.shape:
         raise ValueError(f"anchor_correct has shape {tuple(anchor_correct.shape)}, rewards {tuple(rewards.shape)}")
     correct = anchor_correct.to(rewards.dtype)
-    # r~ = r - lambda_risk * 1[anchor correct and r wrong]
-    shaped = rewards - risk_penalty * correct * (~is_success(rewards)).to(rewards.dtype)
+    shaped = shape_correction_rewards(rewards, anchor_correct, risk_penalty)  # the joint batch's shaping, r~
     if mode == "group":
         return group_advantages(shaped, group_ids, normalize_std=True, eps=eps)
     if mode == "stream":
