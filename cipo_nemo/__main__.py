@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_training(cfg, loaded_items) -> int:
     from cipo_nemo.distributed import WorkerDiedError
-    from cipo_nemo.trainer import REQUEUE_EXIT_CODE, setup, shutdown, train
+    from cipo_nemo.loop import REQUEUE_EXIT_CODE, train
+    from cipo_nemo.trainer import setup, shutdown
     from cipo_nemo.utils.restarts import after_worker_death
 
     try:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cipo_nemo.trainer import setup, shutdown, train, validate
+from cipo_nemo.loop import train
+from cipo_nemo.trainer import setup, shutdown, validate
 from cipo_nemo.config import MasterConfig
 from cipo_nemo.data.sampler import PromptSampler
 from cipo_nemo.utils.logger import read_metrics

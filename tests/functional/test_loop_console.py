@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from cipo_nemo.config import load_config
-from cipo_nemo.trainer import setup, shutdown, train
+from cipo_nemo.loop import train
+from cipo_nemo.trainer import setup, shutdown
 
 BASE = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 

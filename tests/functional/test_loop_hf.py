@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cipo_nemo.trainer import setup, shutdown, train
+from cipo_nemo.loop import train
+from cipo_nemo.trainer import setup, shutdown
 from cipo_nemo.config import load_config
 from cipo_nemo.models.policy.hf_policy import CHECKPOINT_FILE
 from cipo_nemo.samples import OUTCOMES, read_samples

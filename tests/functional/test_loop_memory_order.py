@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cipo_nemo import trainer
+from cipo_nemo import loop, trainer
 from cipo_nemo.config import load_config
 from cipo_nemo.models import factory
 
@@ -51,7 +51,7 @@ def _run(arithmetic_model, run_dir: Path, monkeypatch, calls: list, *extra: str)
     ]
     components = trainer.setup(load_config(BASE, overrides))
     try:
-        trainer.train(components)
+        loop.train(components)
     finally:
         trainer.shutdown(components)
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from test_loop_hf import BASE, STEP_METRICS, _overrides, _records
 
-from cipo_nemo.trainer import REQUEUE_EXIT_CODE
+from cipo_nemo.loop import REQUEUE_EXIT_CODE
 from cipo_nemo.utils.restarts import RESTARTS_FILE
 
 REPO = Path(__file__).resolve().parents[2]

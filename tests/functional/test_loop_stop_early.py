@@ -8,7 +8,8 @@ import signal
 
 from test_loop_hf import BASE, _overrides
 
-from cipo_nemo.trainer import setup, shutdown, train
+from cipo_nemo.loop import train
+from cipo_nemo.trainer import setup, shutdown
 from cipo_nemo.config import load_config
 from cipo_nemo.utils.preemption import stop_handlers
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from cipo_nemo.config import load_config
-from cipo_nemo.trainer import setup, shutdown, train
+from cipo_nemo.loop import train
+from cipo_nemo.trainer import setup, shutdown
 
 BASE = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 TRAIN_METRICS = ("train/loss", "train/grad_norm", "train/clip_fraction_low", "train/clip_fraction_high")

@@ -28,9 +28,10 @@ LAYERS: dict[str, int] = {
     "plan": 5,
     "trainer": 6,
     "preflight": 6,
-    "__main__": 7,
-    "cli": 7,
-    "__init__": 7,
+    "loop": 7,
+    "__main__": 8,
+    "cli": 8,
+    "__init__": 8,
 }
 
 

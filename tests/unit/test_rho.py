@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from cipo_nemo import __main__ as entry
-from cipo_nemo import trainer
+from cipo_nemo import loop, trainer
 from cipo_nemo.algorithms.rho import RhoController
 from cipo_nemo.config import ConfigError, load_config
 from cipo_nemo.config.schema import RhoConfig
@@ -94,7 +94,7 @@ def test_trainer_reports_rho_at_bound_and_warns_once(caplog) -> None:
             trainer.update_rho(cipo, 0.0)
     assert [r.levelno for r in caplog.records if r.name == trainer.__name__] == [logging.WARNING]
     assert trainer.rho_metrics(cipo) == {"cipo/rho_at_bound": 1.0, "cipo/rho_tau": 0.8}
-    assert trainer.rho_bound_share(cipo) == 1.0
+    assert loop.rho_bound_share(cipo) == 1.0
     inside = SimpleNamespace(cfg=cipo.cfg, rho=_controller())
     trainer.update_rho(inside, None)
     assert trainer.rho_metrics(inside)["cipo/rho_at_bound"] == 0.0
@@ -107,15 +107,15 @@ def test_grpo_has_the_keys_but_no_values_and_no_warning(caplog) -> None:
             trainer.update_rho(grpo, None)
     assert not caplog.records
     assert trainer.rho_metrics(grpo) == {"cipo/rho_at_bound": None, "cipo/rho_tau": None}
-    assert trainer.rho_bound_share(grpo) is None
+    assert loop.rho_bound_share(grpo) is None
 
 
 @pytest.mark.parametrize(("share", "line"), [(0.96, "  rho at a bound in 96% of steps\n"), (None, None)])
 def test_the_run_summary_prints_the_bound_share(monkeypatch, capsys, share, line) -> None:
-    summary = trainer.RunSummary(run_dir=Path("run"), steps_done=3, last_metrics={}, plot=None,
+    summary = loop.RunSummary(run_dir=Path("run"), steps_done=3, last_metrics={}, plot=None,
                                  rho_at_bound_share=share)
     monkeypatch.setattr(trainer, "setup", lambda cfg, items: None)
-    monkeypatch.setattr(trainer, "train", lambda components: summary)
+    monkeypatch.setattr(loop, "train", lambda components: summary)
     monkeypatch.setattr(trainer, "shutdown", lambda components: None)
     cfg = SimpleNamespace(checkpointing=SimpleNamespace(save_hf_at_end=False))
     assert entry.run_training(cfg, None) == 0

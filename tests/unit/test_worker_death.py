@@ -26,7 +26,7 @@ from cipo_nemo.distributed.worker_group import (
 )
 from cipo_nemo.models.generation.engine_watch import EngineWatch
 from cipo_nemo.models.generation.ray_generation import GenerationWorker
-from cipo_nemo.trainer import REQUEUE_EXIT_CODE
+from cipo_nemo.loop import REQUEUE_EXIT_CODE
 from cipo_nemo.utils.checkpoint import CheckpointManager
 from cipo_nemo.utils.restarts import RESTARTS_EXHAUSTED_EXIT_CODE, RESTARTS_FILE, after_worker_death, worker_deaths
 
