@@ -46,7 +46,13 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from cipo_nemo.environments import sandbox_launcher
-from cipo_nemo.environments.sandbox_cgroup import CgroupLimits, oom_killed, run_cgroup, sandbox_cgroup_base
+from cipo_nemo.environments.sandbox_cgroup import (
+    CgroupLimits,
+    RunCgroup,
+    oom_killed,
+    run_cgroup,
+    sandbox_cgroup_base,
+)
 from cipo_nemo.environments.sandbox_launcher import LINK_SEPARATOR, MEMORY_ERROR_EXIT_CODE
 from cipo_nemo.environments.sandbox_runtime import RuntimeView, runtime_view
 
@@ -203,7 +209,8 @@ def run_request(request: SandboxRequest, *, python_executable: str | None = None
         with _UidLease() as uid, _run_cgroup(request.limits, len(source_bytes)) as cgroup:
             plan = _RunPlan(python=python, view=view, cgroup=cgroup)
             result = _run_sandboxed(source_bytes, request.stdin, request.limits, plan, uid, started)
-            if cgroup is not None and result.status == "killed" and oom_killed(cgroup):
+            # Any OOM kill in the run's cgroup: on v1 (no oom.group) the killer may take a child and spare the program.
+            if cgroup is not None and result.status != "sandbox_error" and oom_killed(cgroup):
                 result = dataclasses.replace(result, status="memory")
             return result
     except OSError as exc:  # the trainer's side failed (fds, pids, uid slots, the interpreter probe): report
@@ -266,7 +273,7 @@ class _RunPlan:
 
     python: str
     view: RuntimeView
-    cgroup: str | None
+    cgroup: RunCgroup | None
 
 
 def _workdir_bytes(limits: SandboxLimits, source_bytes: int) -> int:
@@ -274,8 +281,8 @@ def _workdir_bytes(limits: SandboxLimits, source_bytes: int) -> int:
 
 
 @contextlib.contextmanager
-def _run_cgroup(limits: SandboxLimits, source_bytes: int) -> Iterator[str | None]:
-    """The run's own cgroup (its directory), or None where cgroups are unavailable (rlimits only)."""
+def _run_cgroup(limits: SandboxLimits, source_bytes: int) -> Iterator[RunCgroup | None]:
+    """The run's own cgroup(s), or None where cgroups are unavailable (rlimits only)."""
     base = sandbox_cgroup_base()
     if base is None:
         yield None
@@ -284,8 +291,8 @@ def _run_cgroup(limits: SandboxLimits, source_bytes: int) -> Iterator[str | None
     memory = (limits.memory_mb << 20) + _workdir_bytes(limits, source_bytes) + (limits.max_file_mb << 20)
     cgroup_limits = CgroupLimits(memory_bytes=memory + _CGROUP_LAUNCHER_BYTES, pids=limits.max_processes + 2,
                                  cpu_cores=limits.cpu_cores)
-    with run_cgroup(base, cgroup_limits) as path:
-        yield path
+    with run_cgroup(base, cgroup_limits) as cgroup:
+        yield cgroup
 
 
 class _UidLease:
@@ -406,9 +413,9 @@ def _launcher_argv(fds: dict[str, int], source_bytes: int, limits: SandboxLimits
         "nproc": limits.max_processes,
         "fsize_bytes": limits.max_file_mb << 20,
         "workdir_bytes": _workdir_bytes(limits, source_bytes),
-        "cgroup_procs": "" if plan.cgroup is None else os.path.join(plan.cgroup, "cgroup.procs"),
     }
     arguments = [f"{key}={value}" for key, value in options.items()]
+    arguments += [f"cgroup_procs={path}" for path in ([] if plan.cgroup is None else plan.cgroup.procs_files)]
     arguments += [f"bind_dir={path}" for path in plan.view.directories]
     arguments += [f"bind_file={path}" for path in plan.view.files]
     arguments += [f"link={path}{LINK_SEPARATOR}{target}" for path, target in plan.view.links]

@@ -146,12 +146,12 @@ _cipo_run()
 
 
 class _LaunchOptions:
-    """The launcher's command line: ``key=value`` words; ``bind_file=``, ``bind_dir=``, ``cover=`` and ``link=``
-    (a path and its target, separated by :data:`LINK_SEPARATOR`) may repeat."""
+    """The launcher's command line: ``key=value`` words; ``bind_file=``, ``bind_dir=``, ``cover=``,
+    ``cgroup_procs=`` and ``link=`` (a path and its target, separated by :data:`LINK_SEPARATOR`) may repeat."""
 
     def __init__(self, arguments: list[str]) -> None:
         values: dict[str, str] = {}
-        repeated: dict[str, list[str]] = {"bind_file": [], "bind_dir": [], "link": [], "cover": []}
+        repeated: dict[str, list[str]] = {name: [] for name in ("bind_file", "bind_dir", "link", "cover", "cgroup_procs")}
         for argument in arguments:
             key, _, value = argument.partition("=")
             if key in repeated:
@@ -169,7 +169,7 @@ class _LaunchOptions:
         self.nproc = int(values["nproc"])
         self.fsize_bytes = int(values["fsize_bytes"])
         self.workdir_bytes = int(values["workdir_bytes"])
-        self.cgroup_procs = values["cgroup_procs"]
+        self.cgroup_procs = tuple(repeated["cgroup_procs"])  # one per controller on cgroup v1, one on v2
         self.bind_files = tuple(repeated["bind_file"])
         self.bind_dirs = tuple(repeated["bind_dir"])
         self.links = tuple(tuple(link.split(LINK_SEPARATOR, 1)) for link in repeated["link"])
@@ -252,8 +252,8 @@ def launcher_main(arguments: list[str]) -> None:
         # when their memory is not theirs by RSS (tmpfs, memfds), instead of the trainer.
         with open("/proc/self/oom_score_adj", "w") as file:
             file.write(str(_OOM_SCORE_ADJ))
-        if options.cgroup_procs:  # the run's own cgroup, made by the parent; every process of the run is born in it
-            with open(options.cgroup_procs, "w") as file:
+        for procs in options.cgroup_procs:  # the run's own cgroup(s), made by the parent: every process is born in it
+            with open(procs, "w") as file:
                 file.write("0")
         in_user_namespace = _enter_namespaces(libc, options)
         init_pid = os.fork()
