@@ -365,6 +365,7 @@ def step_metrics(
         "response_length/base_mean": float(base["response_mask"].sum(dim=1).float().mean()),
         "cipo/anchors_dropped_too_long": float(rollouts.dropped_anchors),
         "cipo/rho_next": c.rho.rho,
+        "cipo/correction_groups_live": correction_groups_live(batch),
         **rho_metrics(c),
         **cipo_metrics,  # cipo/anchors_*, cipo/correction_success, cipo/retention, cipo/rho (used this step)
         **{f"train/{k}": v for k, v in train_metrics.items()},
@@ -379,6 +380,15 @@ def step_metrics(
     metrics["throughput/generated_tokens_per_s"] = metrics["tokens/generated"] / max(generation_seconds, 1e-9)
     metrics["throughput/trained_tokens_per_s"] = metrics["tokens/trained"] / max(timings.get("timing/train", 0.0), 1e-9)
     return metrics
+
+
+def correction_groups_live(batch: Batch) -> float | None:
+    """Share of this step's correction groups with a non-zero advantage somewhere, i.e. that send a gradient
+    (a group whose shaped rewards are all equal trains nothing); None without a correction stream."""
+    groups = [indices for indices in batch.group_indices().values() if batch["sample_kind"][indices[0]] == "correction"]
+    if not groups:
+        return None
+    return sum(bool(batch["advantages"][indices].abs().gt(0).any()) for indices in groups) / len(groups)
 
 
 def rho_metrics(c: Components) -> dict[str, float | None]:

@@ -54,19 +54,28 @@ class ArmResult:
 
 
 def run_arm(cfg: MasterConfig) -> ArmResult:
-    """Validate the starting policy, train cfg.grpo.num_steps steps, save the final policy; return its records."""
+    """Validate the starting policy, train cfg.grpo.num_steps steps, save the final policy; return its records.
+
+    A run directory with a checkpoint resumes (the loop's own resume): the step-0 validation is kept from the
+    first attempt, and the data order continues from the checkpoint's step (batches of steps after it, which
+    the resumed run repeats, are dropped)."""
     started = time.monotonic()
+    run_dir = Path(cfg.run.output_dir)
     components = setup(cfg)
     recorder = RecordingSampler(components.sampler)
+    if components.start_step and (run_dir / DATA_ORDER_FILE).is_file():
+        recorder.batches = json.loads((run_dir / DATA_ORDER_FILE).read_text())[: components.start_step]
     components.sampler = recorder
     try:
-        val0 = validate(components, 0) if cfg.validation.every else {}
+        if (run_dir / VAL0_FILE).is_file():
+            val0 = json.loads((run_dir / VAL0_FILE).read_text())
+        else:
+            val0 = validate(components, 0) if cfg.validation.every else {}
+            (run_dir / VAL0_FILE).write_text(json.dumps(val0, indent=1))
         train(components)
     finally:
+        (run_dir / DATA_ORDER_FILE).write_text(json.dumps(recorder.batches))
         shutdown(components)
-    run_dir = Path(cfg.run.output_dir)
-    (run_dir / VAL0_FILE).write_text(json.dumps(val0, indent=1))
-    (run_dir / DATA_ORDER_FILE).write_text(json.dumps(recorder.batches))
     return ArmResult(run_dir=run_dir, records=read_metrics(run_dir), val0=val0, data_order=recorder.batches,
                      seconds=time.monotonic() - started)
 

@@ -18,7 +18,7 @@ BASE = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 STEP_METRICS = [
     "reward/base_mean", "reward/base_pass_rate", "reward/correction_mean", "cipo/anchors_total",
     "cipo/anchors_successful", "cipo/anchors_failed", "cipo/correction_success", "cipo/retention", "cipo/rho",
-    "cipo/rho_next", "cipo/rho_at_bound", "cipo/rho_tau", "train/loss", "train/kl", "train/clip_fraction_low", "train/clip_fraction_high",
+    "cipo/rho_next", "cipo/rho_at_bound", "cipo/rho_tau", "cipo/correction_groups_live", "train/loss", "train/kl", "train/clip_fraction_low", "train/clip_fraction_high",
     "train/approx_entropy", "train/token_mult_prob_error", "train/grad_norm", "train/lr", "tokens/generated",
     "tokens/trained", "throughput/generated_tokens_per_s", "timing/rollout", "timing/correction_rollout",
     "timing/train", "timing/refit", "timing/dump_samples", "timing/step", "val/pass@1", "val/pass@4",

@@ -1,0 +1,190 @@
+"""The instruct-model study's report, rebuilt from the committed results directory alone.
+
+Layout read (written by benchmarks/study_instruct.py): `<results>/preregistration.md`, and per seed
+`seed<N>/{start,grpo,cipo}/results.json` (the harness's results with per-problem rewards) and
+`seed<N>/{grpo,cipo}/metrics.jsonl`. Units not finished yet are reported as missing, not guessed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.replication.paired import PairedDifference, paired_difference, per_problem
+from cipo_nemo.utils.logger import METRICS_FILE, read_metrics
+
+PREREGISTRATION = """# Pre-registration (written {date}, before any unit of the study ran)
+
+Arms: GRPO and CIPO from the same instruct checkpoint, same config, seed, data order, steps and batch shape.
+Evaluated for every model (start, GRPO, CIPO), with the same sampling seed:
+- held-out problems (the training generator, another seed): avg@n and pass@k for k up to n;
+- the hard split (harder generator options): avg@n and pass@k;
+- correction prompts quoting the start model's own held-out attempts (alternately a wrong and a right one):
+  wrong->right (correction success) and right->right (retention).
+Test: paired per-problem differences CIPO - GRPO, mean with a percentile bootstrap 95% interval over problems
+(10,000 resamples). A claim holds when the interval lies above 0, is not held when it lies below 0, and is
+not shown otherwise. Claims (docs/paper_reconstruction.md): 1. CIPO > GRPO in held-out avg@n at equal steps;
+2. CIPO's gap at the largest pass@k on the hard split exceeds its gap at pass@1; 3. CIPO's wrong->right exceeds
+GRPO's, and its right->right is not below (interval not below 0). Also compared at equal generated tokens.
+
+Settings:
+
+```json
+{settings}
+```
+"""
+
+UNITS = ("start", "grpo", "cipo")
+
+
+def load_seed(seed_dir: Path) -> dict[str, Any]:
+    """The finished units' results and training metrics of one seed."""
+    out: dict[str, Any] = {"seed": seed_dir.name, "results": {}, "metrics": {}}
+    for unit in UNITS:
+        if (seed_dir / unit / "done.json").is_file():
+            out["results"][unit] = json.loads((seed_dir / unit / "results.json").read_text())
+        if (seed_dir / unit / METRICS_FILE).is_file():  # a resumed arm's repeated steps keep their latest record
+            out["metrics"][unit] = read_metrics(seed_dir / unit)
+    return out
+
+
+def problems(results: dict[str, Any], benchmark: str, *, attempt_correct: bool | None = None) -> list[dict]:
+    """The per-problem records of one benchmark; for the correction set, those whose quoted attempt was wrong
+    (False) or right (True)."""
+    records = results["benchmarks"][benchmark]["problems"]
+    if attempt_correct is None:
+        return records
+    return [record for record in records if record["solution_correct"] == attempt_correct]
+
+
+def comparisons(grpo: dict[str, Any], cipo: dict[str, Any], k_max: int) -> dict[str, PairedDifference | None]:
+    """CIPO - GRPO per problem: mean and bootstrap interval, for every pre-registered statistic (None where the
+    evaluations have no problem of that kind, e.g. no correction prompt fit the context)."""
+    rows = {
+        "held-out avg@n": ("heldout", None, "avg"),
+        f"held-out pass@{k_max}": ("heldout", None, f"pass@{k_max}"),
+        "hard avg@n": ("hard", None, "avg"),
+        "hard pass@1": ("hard", None, "pass@1"),
+        f"hard pass@{k_max}": ("hard", None, f"pass@{k_max}"),
+        "wrong->right": ("correction", False, "avg"),
+        "right->right": ("correction", True, "avg"),
+    }
+    out: dict[str, PairedDifference | None] = {}
+    for label, (bench, subset, statistic) in rows.items():
+        a = per_problem(problems(grpo, bench, attempt_correct=subset), statistic)
+        b = per_problem(problems(cipo, bench, attempt_correct=subset), statistic)
+        out[label] = paired_difference(a, b, statistic=statistic) if set(a) & set(b) else None
+    return out
+
+
+def verdicts(diff: dict[str, PairedDifference | None], k_max: int) -> list[tuple[str, str, str]]:
+    """(claim, held / not held / not shown / not testable, evidence) by the pre-registered test."""
+    top = f"hard pass@{k_max}"
+    claims = [
+        ("1. CIPO > GRPO, held-out avg@n, equal steps", ("held-out avg@n",)),
+        (f"2. gap at hard pass@{k_max} > gap at pass@1", (top, "hard pass@1")),
+        ("3. wrong->right up, right->right not down", ("wrong->right", "right->right")),
+    ]
+    rows = []
+    for claim, needed in claims:
+        missing = [label for label in needed if diff[label] is None]
+        if missing:
+            rows.append((claim, "not testable", f"no problems for {', '.join(missing)}"))
+        elif claim.startswith("1."):
+            d = diff["held-out avg@n"]
+            rows.append((claim, _state(d.low > 0, d.high < 0), _fmt(d)))
+        elif claim.startswith("2."):
+            d, one = diff[top], diff["hard pass@1"]
+            growth = d.difference - one.difference
+            rows.append((claim, _state(d.low > 0 and growth > 0, d.high < 0),
+                         f"{_fmt(d)}; pass@1 gap {one.difference:+.3f}"))
+        else:
+            fix, keep = diff["wrong->right"], diff["right->right"]
+            rows.append((claim, _state(fix.low > 0 and keep.low > -1e-12, fix.high < 0 or keep.high < 0),
+                         f"fix {_fmt(fix)}; keep {_fmt(keep)}"))
+    return rows
+
+
+def _state(held: bool, not_held: bool) -> str:
+    return "held" if held else "not held" if not_held else "not shown"
+
+
+def liveness(records: list[dict[str, Any]]) -> dict[str, float | None]:
+    """How much of the CIPO machinery acted during training."""
+    if not records:
+        return {}
+    steps = len(records)
+    def mean_of(key: str) -> float | None:
+        values = [r[key] for r in records if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    return {
+        "steps": steps,
+        "steps with a correction stream": sum(1 for r in records if r.get("cipo/correction_samples")) / steps,
+        "correction groups with a non-zero advantage (mean share)": mean_of("cipo/correction_groups_live"),
+        "rho at a bound (share of steps)": mean_of("cipo/rho_at_bound"),
+        "anchors failed / successful / truncated (totals)": "{:.0f} / {:.0f} / {:.0f}".format(
+            *(sum(r.get(f"cipo/anchors_{kind}") or 0 for r in records) for kind in ("failed", "successful",
+                                                                                       "truncated"))),
+    }
+
+
+def equal_tokens(metrics: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Each arm's last validation at or below the smaller arm's total generated tokens."""
+    totals = {arm: sum(r.get("tokens/generated") or 0 for r in records) for arm, records in metrics.items()}
+    if set(totals) != {"grpo", "cipo"}:
+        return ["(training metrics of both arms are needed)"]
+    budget = min(totals.values())
+    lines = ["Generated tokens: " + ", ".join(f"{arm} {total:,.0f}" for arm, total in totals.items())
+             + f"; compared at {budget:,.0f}."]
+    for arm, records in metrics.items():
+        spent, last = 0.0, None
+        for record in records:
+            spent += record.get("tokens/generated") or 0
+            if spent > budget:
+                break
+            if record.get("val/reward_mean") is not None:
+                last = (record["step"], record["val/reward_mean"])
+        lines.append(f"- {arm}: " + ("no validation within the budget" if last is None
+                                     else f"val reward {last[1]:.3f} at step {last[0]}"))
+    return lines
+
+
+def write_report(results_dir: Path, report: Path) -> Path:
+    seeds = [load_seed(path) for path in sorted(results_dir.glob("seed*"))]
+    lines = ["# CIPO vs GRPO from an instruct checkpoint", ""]
+    prereg = results_dir / "preregistration.md"
+    lines += [prereg.read_text().replace("# Pre-registration", "## Pre-registration", 1) if prereg.is_file()
+              else "(no pre-registration found)", ""]
+    for seed in seeds:
+        lines += _seed_section(seed)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def _seed_section(seed: dict[str, Any]) -> list[str]:
+    lines = [f"## {seed['seed']}", ""]
+    missing = [unit for unit in UNITS if unit not in seed["results"]]
+    if missing:
+        lines += [f"Not finished yet: {', '.join(missing)}.", ""]
+    if "grpo" not in seed["results"] or "cipo" not in seed["results"]:
+        return lines
+    grpo, cipo = seed["results"]["grpo"], seed["results"]["cipo"]
+    k_max = max(grpo["k"])
+    diff = comparisons(grpo, cipo, k_max)
+    lines += ["| statistic (per problem) | problems | GRPO | CIPO | CIPO - GRPO | 95% interval |", "|---|---|---|---|---|---|"]
+    lines += [f"| {label} | 0 | | | | |" if d is None else
+              f"| {label} | {d.problems} | {d.mean_a:.3f} | {d.mean_b:.3f} | {d.difference:+.3f} | "
+              f"[{d.low:+.3f}, {d.high:+.3f}] |" for label, d in diff.items()]
+    lines += ["", "| claim | verdict | evidence |", "|---|---|---|"]
+    lines += [f"| {claim} | {state} | {evidence} |" for claim, state, evidence in verdicts(diff, k_max)]
+    lines += ["", "Equal generated tokens:", *equal_tokens(seed["metrics"]), "", "CIPO liveness:"]
+    lines += [f"- {key}: {value:.3f}" if isinstance(value, float) else f"- {key}: {value}"
+              for key, value in liveness(seed["metrics"].get("cipo", [])).items()]
+    return [*lines, ""]
+
+
+def _fmt(d: PairedDifference) -> str:
+    return f"{d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}] over {d.problems} problems"

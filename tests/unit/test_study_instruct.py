@@ -1,0 +1,127 @@
+"""The instruct-model study's pieces that need no model: paired bootstrap intervals, the pre-registered verdicts,
+the report rebuilt from a results directory, units skipped when done, and the liveness metric it reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import study_instruct
+from benchmarks.replication.paired import paired_difference, per_problem
+from benchmarks.replication.study_report import write_report
+from cipo_nemo.data.batch import Batch
+from cipo_nemo.eval.passk import pass_at_k
+from cipo_nemo.trainer import correction_groups_live
+
+
+def test_a_clear_per_problem_gain_has_an_interval_above_zero() -> None:
+    a = {f"p{i}": 0.25 for i in range(40)}
+    b = {f"p{i}": 0.25 + (0.5 if i % 2 else 0.25) for i in range(40)}
+    d = paired_difference(a, b, statistic="avg")
+    assert (d.problems, d.mean_a, d.difference) == (40, 0.25, pytest.approx(0.375))
+    assert 0.25 < d.low < 0.375 < d.high < 0.5 and d.verdict == "B higher"
+
+
+def test_noise_around_zero_is_no_difference_shown_and_only_shared_problems_count() -> None:
+    a = {f"p{i}": 0.5 for i in range(30)}
+    b = {f"p{i}": 0.5 + (0.25 if i % 2 else -0.25) for i in range(30)} | {"only_b": 1.0}
+    d = paired_difference(a, b, statistic="avg")
+    assert d.problems == 30 and d.difference == pytest.approx(0.0)
+    assert d.low < 0 < d.high and d.verdict == "no difference shown"
+    assert paired_difference(a, b, statistic="avg") == d  # a fixed bootstrap seed: the report is reproducible
+
+
+def test_per_problem_statistics_match_the_harness_estimators() -> None:
+    problems = [{"id": "x", "rewards": [1.0, 0.0, 0.0, 1.0]}, {"id": "y", "rewards": [0.0] * 4}]
+    assert per_problem(problems, "avg") == {"x": 0.5, "y": 0.0}
+    assert per_problem(problems, "pass@2") == {"x": pass_at_k(4, 2, 2), "y": 0.0}
+    with pytest.raises(ValueError, match="unknown statistic"):
+        per_problem(problems, "best@3")
+
+
+def _results(heldout: list[list[float]], hard: list[list[float]], fix: list[list[float]],
+             keep: list[list[float]]) -> dict:
+    def records(name: str, rows: list[list[float]], **extra) -> list[dict]:
+        return [{"id": f"{name}{i}", "rewards": r, **extra} for i, r in enumerate(rows)]
+
+    correction = records("c", fix, solution_correct=False) + records("k", keep, solution_correct=True)
+    return {"k": [1, 2, 4], "benchmarks": {"heldout": {"problems": records("h", heldout)},
+                                           "hard": {"problems": records("d", hard)},
+                                           "correction": {"problems": correction}}}
+
+
+def _write_unit(results_dir: Path, unit: str, results: dict, metrics: list[dict] | None = None) -> None:
+    directory = results_dir / "seed0" / unit
+    directory.mkdir(parents=True)
+    (directory / "results.json").write_text(json.dumps(results))
+    (directory / "done.json").write_text("{}")
+    if metrics is not None:
+        (directory / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics))
+
+
+def test_the_report_applies_the_pre_registered_test(tmp_path: Path) -> None:
+    worse, better = [[1, 0, 0, 0]] * 20, [[1, 1, 1, 0]] * 20
+    grpo = _results(worse, [[0, 0, 0, 0]] * 20, worse, better)
+    cipo = _results(better, [[1, 0, 0, 0]] * 20, better, better)
+    metrics = [{"step": s, "tokens/generated": 100.0, "val/reward_mean": 0.1 * s, "cipo/correction_samples": 8.0,
+                "cipo/correction_groups_live": 0.5, "cipo/rho_at_bound": 0.0, "cipo/anchors_failed": 2.0,
+                "cipo/anchors_successful": 1.0, "cipo/anchors_truncated": 0.0} for s in (1, 2)]
+    _write_unit(tmp_path, "start", grpo)
+    _write_unit(tmp_path, "grpo", grpo, metrics[:1] + [{**metrics[1], "tokens/generated": 50.0}])
+    _write_unit(tmp_path, "cipo", cipo, metrics)
+    text = write_report(tmp_path, tmp_path / "report.md").read_text()
+    assert "| 1. CIPO > GRPO, held-out avg@n, equal steps | held |" in text
+    assert "| 2. gap at hard pass@4 > gap at pass@1 | held |" in text
+    assert "| 3. wrong->right up, right->right not down | held |" in text
+    assert "compared at 150." in text and "- cipo: val reward 0.100 at step 1" in text
+    assert "- correction groups with a non-zero advantage (mean share): 0.500" in text
+
+
+def test_an_unfinished_seed_is_reported_as_missing_not_guessed(tmp_path: Path) -> None:
+    _write_unit(tmp_path, "start", _results([[0]], [[0]], [[0]], [[1]]))
+    text = write_report(tmp_path, tmp_path / "report.md").read_text()
+    assert "Not finished yet: grpo, cipo." in text and "claim" not in text
+
+
+def test_a_finished_unit_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = study_instruct.parse_args(["--results-dir", str(tmp_path / "results"), "--output-dir", str(tmp_path / "out")])
+    (study_instruct.unit_dir(args, 0, "grpo")).mkdir(parents=True)
+    (study_instruct.unit_dir(args, 0, "grpo") / study_instruct.DONE_FILE).write_text("{}")
+
+    def must_not_train(cfg):
+        raise AssertionError("a finished arm was trained again")
+
+    monkeypatch.setattr(study_instruct, "run_arm", must_not_train)
+    study_instruct.run_unit(args, 0, "grpo", sets={})
+
+
+def test_preregistration_is_written_once(tmp_path: Path) -> None:
+    first = study_instruct.parse_args(["--results-dir", str(tmp_path), "--steps", "100"])
+    study_instruct.preregister(first)
+    written = (tmp_path / "preregistration.md").read_text()
+    assert '"steps": "100"' in written and "bootstrap 95% interval" in written
+    study_instruct.preregister(study_instruct.parse_args(["--results-dir", str(tmp_path), "--steps", "5"]))
+    assert (tmp_path / "preregistration.md").read_text() == written
+
+
+def test_correction_groups_live_counts_groups_that_send_a_gradient() -> None:
+    batch = Batch({"group_id": torch.tensor([0, 0, 1, 1, 2, 2]),
+                   "sample_kind": ["base", "base", "correction", "correction", "correction", "correction"],
+                   "advantages": torch.tensor([0.5, -0.5, 0.0, 0.0, 0.7, -0.7])})
+    assert correction_groups_live(batch) == 0.5
+    base_only = Batch({"group_id": torch.tensor([0, 0]), "sample_kind": ["base", "base"],
+                       "advantages": torch.tensor([1.0, -1.0])})
+    assert correction_groups_live(base_only) is None
+
+
+def test_a_claim_without_problems_is_not_testable(tmp_path: Path) -> None:
+    no_corrections = _results([[1, 0, 0, 0]] * 8, [[0, 0, 0, 0]] * 8, [], [])
+    _write_unit(tmp_path, "grpo", no_corrections)
+    _write_unit(tmp_path, "cipo", no_corrections)
+    text = write_report(tmp_path, tmp_path / "report.md").read_text()
+    assert "| 3. wrong->right up, right->right not down | not testable | no problems for wrong->right, right->right |" \
+        in text
+    assert "| 1. CIPO > GRPO, held-out avg@n, equal steps | not shown |" in text
