@@ -281,7 +281,9 @@ class PolicyConfig(StrictModel):
     backend: Literal["megatron", "hf"] = Field(description="megatron: Megatron-core via megatron-bridge; hf: transformers.")
     model_name: str = Field(min_length=1, description="Hugging Face checkpoint directory (or hub id, offline cache).")
     tokenizer: str | None = Field(description="Tokenizer directory (null: the model's).")
-    precision: Literal["fp32", "bf16"] = Field(description="Training dtype (fp32 on CPU).")
+    precision: Literal["fp32", "bf16"] = Field(description="Training dtype (fp32 on CPU unless cpu_bf16).")
+    cpu_bf16: bool = Field(description="On a CPU with avx512_bf16/amx_bf16, train in bf16 when precision is bf16 "
+                                       "(about 2x faster training; token_mult_prob_error ~1.03 instead of ~1.00001).")
     micro_batch_size: PositiveInt = Field(description="Samples per micro-batch in train().")
     train_global_batch_size: PositiveInt | None = Field(
         description="Samples per optimizer step; a step's rollouts are split into mini-batches of this many "

@@ -33,9 +33,9 @@ class HFPolicy:
         torch.manual_seed(seed)
         self._policy = policy
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-        # fp32 weights (Adam's master copy) with bf16 autocast on GPU, like megatron's fp32 main params
+        # fp32 weights (Adam's master copy) with bf16 autocast, like megatron's fp32 main params
         self._autocast = (
-            torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+            torch.autocast(device_type=torch.device(self._device).type, dtype=torch.bfloat16)
             if resolve_param_dtype(policy) == torch.bfloat16
             else contextlib.nullcontext()
         )
