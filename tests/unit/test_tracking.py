@@ -4,6 +4,7 @@ same run directory appends to the same runs, sample dumps become tables, and the
 configured tracker cannot start."""
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,17 @@ def test_checkpoint_names_the_runs_when_the_run_directory_lost_them(tmp_path, ml
     assert ids_to_continue(fresh) == {}
     _job(fresh, [1])
     assert _tracking_ids(run_dir)["mlflow"]["run_id"] != ids["mlflow"]["run_id"]
+
+
+def test_a_run_directory_started_from_another_runs_checkpoint_is_a_new_tracked_run(tmp_path, mlflow_store):
+    first = tmp_path / "first"
+    _job(_cfg(first, f"logger.mlflow.tracking_uri={mlflow_store}"), [1])
+    CheckpointManager(first / "checkpoints", keep_last=1).save(
+        1, lambda directory: shutil.copy(first / TRACKING_FILE, directory))
+    second = _cfg(tmp_path / "second", f"logger.mlflow.tracking_uri={mlflow_store}",
+                  f"checkpointing.resume_from={first}")
+    assert ids_to_continue(_cfg(first, f"logger.mlflow.tracking_uri={mlflow_store}"))  # its own run continues
+    assert ids_to_continue(second) == {}  # another run directory: a new experiment from those weights
 
 
 def test_another_experiment_starts_a_new_run(tmp_path, mlflow_store):
