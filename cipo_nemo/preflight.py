@@ -18,6 +18,7 @@ from cipo_nemo.environments.math import reason_counts
 from cipo_nemo.environments.math_pool import MathVerifierPool
 from cipo_nemo.plan import LaunchPlan, LayoutError, plan_launch
 from cipo_nemo.utils.checkpoint import resume_checkpoint
+from cipo_nemo.utils.tracking import TrackerNotInstalled, check_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +96,22 @@ def check_transformer_engine(cfg: MasterConfig) -> None:
                            "or set policy.megatron.layer_spec=local to train without it") from None
 
 
+def check_tracker_clients(cfg: MasterConfig) -> None:
+    """A configured W&B or MLflow needs its client installed (InstallError, one line with the pip command) and an
+    MLflow tracking URI that opens as a store (ConfigError): both would otherwise fail after the workers started."""
+    try:
+        check_trackers(cfg.logger)
+    except TrackerNotInstalled as err:
+        raise InstallError(str(err)) from None
+
+
 def run_preflight(cfg: MasterConfig, *, check_memory: bool = True) -> PreflightReport:
     """Load and check everything a run needs before workers start. Raises LayoutError (a ConfigError) when the
     layout does not fit the cluster or the model, or, with `check_memory`, when the memory estimate exceeds a GPU;
-    ModelNotFoundError when the model's architecture is unknown; DataError on unusable data."""
+    ModelNotFoundError when the model's architecture is unknown; DataError on unusable data; InstallError or
+    ConfigError when a configured tracker (W&B, MLflow) cannot start."""
     check_transformer_engine(cfg)
+    check_tracker_clients(cfg)
     resume_checkpoint(cfg)  # a run directory whose checkpoint another setup saved stops here, in seconds
     step = plan_step(cfg)
     # the layout first: it needs no data, and a 70B layout error should not wait for a dataset to load

@@ -53,6 +53,7 @@ from cipo_nemo.samples import sample_records, write_samples
 from cipo_nemo.utils.checkpoint import CheckpointManager, resume_checkpoint
 from cipo_nemo.utils.logger import MetricsLogger
 from cipo_nemo.utils.progress import StepProgress
+from cipo_nemo.utils.tracking import ids_to_continue
 from cipo_nemo.utils.timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def setup(cfg: MasterConfig, loaded_items: dict[str, list[TaskItem]] | None = No
         loss_fn=build_loss(cfg),
         rho=RhoController(cfg.cipo.rho),
         metrics=MetricsLogger(logger_cfg=cfg.logger, run_dir=run_dir, run_name=cfg.run.name,
-                              config=cfg.model_dump(mode="json")),
+                              config=cfg.model_dump(mode="json"), continue_ids=ids_to_continue(cfg)),
         checkpoints=CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpointing.keep_last),
         cluster=cluster,
     )
@@ -291,6 +292,7 @@ def maybe_dump_samples(c: Components, rollouts: StepRollouts, batch: Batch, step
     if every and step % every == 0:
         records = sample_records(batch, rollouts.anchors, items=rollouts.items, tokenizer=c.tokenizer, step=step)
         write_samples(c.run_dir, step, records)
+        c.metrics.log_samples(step, records)  # a table in W&B / MLflow when configured
 
 
 def compute_logprobs(c: Components, batch: Batch) -> None:
@@ -436,6 +438,7 @@ def save_checkpoint(c: Components, step: int) -> Path:
         c.policy.save_checkpoint(directory / POLICY_DIR)
         torch.save(trainer_state(c, step), directory / TRAINER_STATE)
         (directory / "config.yaml").write_text(to_yaml(c.cfg))
+        c.metrics.save_tracking_ids(directory)  # the W&B / MLflow runs a resume from here continues
 
     path = c.checkpoints.save(step, write)
     logger.info("checkpoint step %d -> %s", step, path)

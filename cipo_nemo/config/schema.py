@@ -343,10 +343,28 @@ class ClusterConfig(StrictModel):
     )
 
 
+class WandbConfig(StrictModel):
+    """A Weights & Biases run through wandb's own client; WANDB_MODE (e.g. offline), WANDB_API_KEY and the other
+    WANDB_* variables apply as usual."""
+
+    project: str | None = Field(description="W&B project (null: W&B off).")
+    entity: str | None = Field(description="Team or user owning the project (null: the API key's default).")
+
+
+class MlflowConfig(StrictModel):
+    """An MLflow run through MLflow's own client (the mlflow-skinny package is enough)."""
+
+    tracking_uri: str | None = Field(
+        description="Tracking URI: http(s)://server, databricks, or a file store file:///path (MLflow 3 needs "
+        "MLFLOW_ALLOW_FILE_STORE=true for that) (null: MLflow off)."
+    )
+    experiment: str = Field(min_length=1, description="Experiment name (created when absent).")
+
+
 class LoggerConfig(StrictModel):
     tensorboard: bool = Field(description="Write TensorBoard events (JSONL metrics are always written).")
-    wandb_project: str | None = Field(description="Weights & Biases project (null: off).")
-    mlflow_tracking_uri: str | None = Field(description="MLflow tracking URI (null: off).")
+    wandb: WandbConfig
+    mlflow: MlflowConfig
     plot: bool = Field(description="Write a PNG of reward / pass-rate / correction curves at the end.")
     samples_every: Annotated[int, Field(ge=0)] = Field(
         description="Write the step's samples to <output_dir>/samples/step_<N>.jsonl every N steps (0 = never)."

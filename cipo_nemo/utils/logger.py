@@ -2,7 +2,8 @@
 
 One `MetricsLogger.log(step, metrics)` per step writes to every active sink. Values are python floats (or None
 when a rate had nothing to measure, e.g. retention without a successful anchor): None is kept in the JSONL as
-null and left out of the other sinks, which cannot store it.
+null and left out of the other sinks, which cannot store it. `log_samples` sends a step's sample dump to the
+trackers as a table. The trackers and how their runs survive a requeue: cipo_nemo/utils/tracking.py.
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ from pathlib import Path
 from typing import Any
 
 from cipo_nemo.config.schema import LoggerConfig
+from cipo_nemo.utils.tracking import open_trackers, sample_columns, write_tracking_ids
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogger:
-    def __init__(self, *, logger_cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any]) -> None:
+    def __init__(self, *, logger_cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any],
+                 continue_ids: dict[str, dict[str, str]] | None = None) -> None:
+        """`continue_ids`: the tracked runs to continue (`tracking.ids_to_continue`); none: new runs."""
         self.run_dir = run_dir
         self.metrics_path = run_dir / METRICS_FILE
         run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = self.metrics_path.open("a", encoding="utf-8")
         self._tensorboard = _maybe_tensorboard(logger_cfg, run_dir)
-        self._wandb = _maybe_wandb(logger_cfg, run_dir, run_name, config)
-        self._mlflow = _maybe_mlflow(logger_cfg, run_name, config)
+        self._trackers = open_trackers(logger_cfg, run_dir=run_dir, run_name=run_name, config=config,
+                                       continue_ids=continue_ids or {})
 
     def log(self, step: int, metrics: dict[str, float | None]) -> None:
         record = {"step": step, **{k: _json_safe(v) for k, v in metrics.items()}}
@@ -36,19 +40,31 @@ class MetricsLogger:
             for key, value in numeric.items():
                 self._tensorboard.add_scalar(key, value, step)
             self._tensorboard.flush()
-        if self._wandb is not None:
-            self._wandb.log(numeric, step=step)
-        if self._mlflow is not None:
-            self._mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in numeric.items()}, step=step)
+        for tracker in self._trackers:
+            tracker.log(step, numeric)
+
+    def log_samples(self, step: int, records: list[dict[str, Any]]) -> None:
+        """A step's sample dump (cipo_nemo/samples.py records) as a table in each tracker."""
+        if self._trackers and records:
+            columns = sample_columns(records)
+            for tracker in self._trackers:
+                tracker.log_samples(step, columns)
+
+    def tracking_ids(self) -> dict[str, dict[str, str]]:
+        """Each tracker's run id and where it lives: what tracking.json holds."""
+        return {tracker.name: tracker.identity() for tracker in self._trackers}
+
+    def save_tracking_ids(self, directory: Path) -> None:
+        """tracking.json into `directory` (a checkpoint), so that the checkpoint names the runs it continues."""
+        if self._trackers:
+            write_tracking_ids(directory, self.tracking_ids())
 
     def close(self) -> None:
         self._jsonl.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-        if self._mlflow is not None:
-            self._mlflow.end_run()
+        for tracker in self._trackers:
+            tracker.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -75,36 +91,3 @@ def _maybe_tensorboard(logger_cfg: LoggerConfig, run_dir: Path) -> Any:
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-
-
-def _maybe_wandb(logger_cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any]) -> Any:
-    if logger_cfg.wandb_project is None:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        raise RuntimeError("logger.wandb_project is set but wandb is not installed (pip install wandb)") from None
-    return wandb.init(project=logger_cfg.wandb_project, name=run_name, dir=str(run_dir), config=config)
-
-
-def _maybe_mlflow(logger_cfg: LoggerConfig, run_name: str, config: dict[str, Any]) -> Any:
-    if logger_cfg.mlflow_tracking_uri is None:
-        return None
-    try:
-        import mlflow
-    except ImportError:
-        raise RuntimeError("logger.mlflow_tracking_uri is set but mlflow is not installed (pip install mlflow)") from None
-    mlflow.set_tracking_uri(logger_cfg.mlflow_tracking_uri)
-    mlflow.start_run(run_name=run_name)
-    mlflow.log_params({k: str(v) for k, v in _flatten(config).items()})
-    return mlflow
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
