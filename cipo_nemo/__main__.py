@@ -5,7 +5,8 @@ conf/cipo_smollm2_cpu.yaml: SmolLM2-135M-Instruct, Megatron-core policy and vllm
 First the preflight (config, the layout and memory plan for the cluster, data, the verifier on the gold answers,
 the step plan) runs, so that a bad config, layout or dataset stops the run in seconds, before any worker starts;
 `--dry-run` stops after it and needs no model weights (a hub id it cannot find uses the architecture table in
-cipo_nemo/plan.py).
+cipo_nemo/models/shapes.py) and says whether each model is present and how big it is; a training run downloads a
+hub id absent from the Hugging Face cache in its preflight, once (HF_HUB_OFFLINE=1: it stops instead).
 
 Exit codes: 0 done; 2 config, data, model or install error; 75 (REQUEUE_EXIT_CODE) stopped early on SIGUSR1/SIGTERM or
 checkpointing.checkpoint_must_save_by after a complete checkpoint, or a worker process died (up to
@@ -43,15 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from cipo_nemo.config import ConfigError, load_config
     from cipo_nemo.data.sources import DataError
-    from cipo_nemo.models.hub import ModelNotFoundError, resolve_model_dir
+    from cipo_nemo.models.hub import ModelNotFoundError
     from cipo_nemo.preflight import InstallError, run_preflight
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
-        report = run_preflight(cfg, check_memory=not args.ignore_memory_estimate)
-        if not args.dry_run:  # the dry run reads only config.json (or knows the architecture): no weights needed
-            resolve_model_dir(cfg.policy.model_name)  # before workers: a missing model is one clear line
+        # the dry run reads only config.json (or knows the architecture): no weights needed; a training run fetches
+        # an absent hub id here, on the driver's node, before any worker (offline: one clear line)
+        report = run_preflight(cfg, check_memory=not args.ignore_memory_estimate, fetch_models=not args.dry_run)
     except (ConfigError, DataError, ModelNotFoundError, InstallError) as err:
         kind = ("config" if isinstance(err, ConfigError) else "data" if isinstance(err, DataError)
                 else "install" if isinstance(err, InstallError) else "model")

@@ -556,7 +556,7 @@ def plan_notes(cfg: MasterConfig, layout: Layout, *, max_samples: int) -> list[s
 
 def plan_launch(cfg: MasterConfig, *, base_samples: int, max_correction_samples: int) -> LaunchPlan:
     """Resolve the config against its cluster; raises LayoutError naming every broken rule (memory separately)."""
-    shape, source = find_model_shape(cfg.policy.model_name)
+    shape, source = find_model_shape(cfg.policy.model_name, cfg.policy.model_revision)
     layout = layout_of(cfg)
     problems = check_cluster(cfg, layout)
     if not problems:  # the rules below divide by DP

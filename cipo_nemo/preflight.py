@@ -2,7 +2,8 @@
 
 Resolves and validates the config, checks its layout and memory against the cluster (cipo_nemo/plan.py), loads
 every data source (counting skipped rows), checks that the verifier can read the gold answers (each gold, quoted
-back as `\\boxed{gold}`, must score as correct), and computes the per-step plan. The training loop runs this first
+back as `\\boxed{gold}`, must score as correct) or that `verifier.custom` imports, computes the per-step plan,
+and says whether each model is here; a training run (not the dry run) then downloads a hub id that is not. The training loop runs this first
 so that a bad config or layout, an empty dataset or gold answers the verifier cannot parse stop the run before any
 heavy work.
 """
@@ -12,10 +13,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from cipo_nemo.config import MasterConfig
+from cipo_nemo.config import ConfigError, MasterConfig
 from cipo_nemo.data.sources import DataError, LoadReport, TaskItem, describe, load_items
+from cipo_nemo.environments.custom_reward import CustomRewardError, load_reward_function
 from cipo_nemo.environments.math import reason_counts
 from cipo_nemo.environments.math_pool import MathVerifierPool
+from cipo_nemo.models.hub import Downloader, ModelNotFoundError, ModelPresence, fetch_model, model_presence
 from cipo_nemo.plan import LaunchPlan, LayoutError, plan_launch
 from cipo_nemo.utils.checkpoint import resume_checkpoint
 from cipo_nemo.utils.tracking import TrackerNotInstalled, check_trackers
@@ -46,10 +49,12 @@ class PreflightReport:
     data: list[LoadReport] = field(default_factory=list)
     items: dict[str, list[TaskItem]] = field(default_factory=dict)  # split -> loaded items, handed to the trainer
     gold_check: dict[str, int] = field(default_factory=dict)  # verifier reason -> count, on math golds
+    models: list[ModelPresence] = field(default_factory=list)  # policy.model_name (and policy.tokenizer)
 
     def lines(self) -> list[str]:
         plan = self.plan
-        lines = [describe(report) for report in self.data]
+        lines = [presence.line() for presence in self.models]
+        lines += [describe(report) for report in self.data]
         if self.gold_check:
             counts = ", ".join(f"{reason}={count}" for reason, count in sorted(self.gold_check.items()))
             lines.append(f"verifier on the gold answers: {counts}")
@@ -105,17 +110,54 @@ def check_tracker_clients(cfg: MasterConfig) -> None:
         raise InstallError(str(err)) from None
 
 
-def run_preflight(cfg: MasterConfig, *, check_memory: bool = True) -> PreflightReport:
+def check_custom_reward(cfg: MasterConfig) -> None:
+    """`verifier.custom` must import and be callable here, before any worker starts (its pool imports it again)."""
+    if cfg.verifier.custom is None:
+        return
+    try:
+        load_reward_function(cfg.verifier.custom)
+    except CustomRewardError as err:
+        raise ConfigError(f"verifier.custom: {err}") from None
+
+
+def check_models(cfg: MasterConfig, launch: LaunchPlan, *, fetch: bool,
+                 download: Downloader | None = None) -> list[ModelPresence]:
+    """Where the model (and a separate tokenizer) stand; with `fetch` (a training run, on the driver's node, before
+    any worker) a hub id absent from the cache is downloaded now, once. Raises ModelNotFoundError."""
+    weights = launch.shape.total_params() * launch.shape.dtype_bytes  # the download's size, from the architecture
+    wanted = [("policy.model_name", cfg.policy.model_name, cfg.policy.model_revision, weights)]
+    if cfg.policy.tokenizer is not None:
+        wanted.append(("policy.tokenizer", cfg.policy.tokenizer, None, None))
+    presences = []
+    for key, name, revision, estimated_bytes in wanted:
+        if fetch:
+            fetch_model(name, revision, key=key, download=download)
+        presences.append(model_presence(name, revision, key=key, estimated_bytes=estimated_bytes))
+    return presences
+
+
+def run_preflight(cfg: MasterConfig, *, check_memory: bool = True, fetch_models: bool = False,
+                  download: Downloader | None = None) -> PreflightReport:
     """Load and check everything a run needs before workers start. Raises LayoutError (a ConfigError) when the
     layout does not fit the cluster or the model, or, with `check_memory`, when the memory estimate exceeds a GPU;
-    ModelNotFoundError when the model's architecture is unknown; DataError on unusable data; InstallError or
-    ConfigError when a configured tracker (W&B, MLflow) cannot start."""
+    ConfigError when verifier.custom does not load; ModelNotFoundError when the model's architecture is unknown or,
+    with `fetch_models`, when an absent hub id cannot be downloaded; DataError on unusable data; InstallError or
+    ConfigError when a configured tracker (W&B, MLflow) cannot start. The download comes last, so that a bad config
+    or dataset never waits for it."""
     check_transformer_engine(cfg)
     check_tracker_clients(cfg)
+    check_custom_reward(cfg)
     resume_checkpoint(cfg)  # a run directory whose checkpoint another setup saved stops here, in seconds
     step = plan_step(cfg)
     # the layout first: it needs no data, and a 70B layout error should not wait for a dataset to load
-    launch = plan_launch(cfg, base_samples=step.base_samples, max_correction_samples=step.max_correction_samples)
+    try:
+        launch = plan_launch(cfg, base_samples=step.base_samples, max_correction_samples=step.max_correction_samples)
+    except ModelNotFoundError:
+        if not fetch_models:
+            raise
+        # a hub id whose architecture only its own config.json tells: the download cannot wait for the end
+        fetch_model(cfg.policy.model_name, cfg.policy.model_revision, download=download)
+        launch = plan_launch(cfg, base_samples=step.base_samples, max_correction_samples=step.max_correction_samples)
     if check_memory and launch.memory_problems:
         raise LayoutError("\n".join(launch.memory_problems))
     report = PreflightReport(plan=step, launch=launch)
@@ -130,12 +172,13 @@ def run_preflight(cfg: MasterConfig, *, check_memory: bool = True) -> PreflightR
         report.data.append(load_report)
         report.items[name] = items
         unreadable_golds = 0
-        if name == "train":
+        if name == "train" and cfg.verifier.custom is None:  # a custom reward reads the golds its own way
             report.gold_check = check_gold_answers(
                 items, num_workers=cfg.verifier.num_workers, timeout_s=cfg.verifier.timeout_s
             )
             unreadable_golds = sum(count for reason, count in report.gold_check.items() if reason != "correct")
         check_bad_rows(f"data.{name}", load_report, unreadable_golds, max_share=cfg.data.max_bad_rows)
+    report.models = check_models(cfg, launch, fetch=fetch_models, download=download)
     return report
 
 

@@ -232,7 +232,14 @@ class DataConfig(StrictModel):
 
 class VerifierConfig(StrictModel):
     num_workers: PositiveInt = Field(description="Processes scoring answers in parallel.")
-    timeout_s: PositiveFloat = Field(description="Per-item timeout; a timed-out item scores 0 (reason 'timeout').")
+    timeout_s: PositiveFloat = Field(description="Per-item timeout; a timed-out item scores 0 (reason 'timeout'); "
+                                     "with `custom`, the limit of one call of the function.")
+    custom: str | None = Field(
+        pattern=r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$",
+        description="'package.module:function' scoring every item instead of the built-in verifiers: called with "
+        "(items, responses), returns one (reward, reason) per row; importable from PYTHONPATH (null: built-in).",
+    )
+    custom_batch_size: PositiveInt = Field(description="custom: rows per call of the function (each call gets timeout_s).")
 
 
 class OptimizerConfig(StrictModel):
@@ -279,7 +286,10 @@ class MegatronConfig(StrictModel):
 
 class PolicyConfig(StrictModel):
     backend: Literal["megatron", "hf"] = Field(description="megatron: Megatron-core via megatron-bridge; hf: transformers.")
-    model_name: str = Field(min_length=1, description="Hugging Face checkpoint directory (or hub id, offline cache).")
+    model_name: str = Field(min_length=1, description="Hugging Face checkpoint directory, or a hub id: taken from the HF "
+                            "cache, or downloaded there once by the preflight (HF_HUB_OFFLINE=1: must be cached).")
+    model_revision: str | None = Field(
+        min_length=1, description="Hub revision (branch, tag or commit) of a hub id model_name (null: main).")
     tokenizer: str | None = Field(description="Tokenizer directory (null: the model's).")
     precision: Literal["fp32", "bf16"] = Field(description="Training dtype (fp32 on CPU unless cpu_bf16).")
     cpu_bf16: bool = Field(description="On a CPU with avx512_bf16/amx_bf16, train in bf16 when precision is bf16 "

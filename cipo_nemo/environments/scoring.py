@@ -1,4 +1,5 @@
-"""One scorer for both task families: math through the math verifier pool, code through the sandbox.
+"""One scorer for both task families: math through the math verifier pool, code through the sandbox; or, when
+`verifier.custom` names a user function, that function for every item (cipo_nemo/environments/custom_reward.py).
 
 Both streams of a CIPO step (base rollouts and corrections) are scored here against the *original* item's
 ground truth. A code item's `answer` holds its tests in the code-task JSONL format (cipo_nemo/environments/code.py):
@@ -14,13 +15,14 @@ from dataclasses import dataclass
 from cipo_nemo.config.schema import VerifierConfig
 from cipo_nemo.data.sources import TaskItem
 from cipo_nemo.environments.code import CodeTask, code_task_from_record, score_code_batch
+from cipo_nemo.environments.custom_reward import CustomRewardPool
 from cipo_nemo.environments.math_pool import MathVerifierPool
 
 
 @dataclass(frozen=True)
 class Scores:
     rewards: list[float]
-    reasons: list[str]  # math: correct/wrong/no_answer/timeout/error; code: passed/failed/timeout/...
+    reasons: list[str]  # math: correct/wrong/no_answer/timeout/error; code: passed/failed/timeout/...; custom: its own
 
 
 def code_task_of(item: TaskItem) -> CodeTask:
@@ -36,11 +38,20 @@ class TaskScorer:
 
     def __init__(self, *, verifier: VerifierConfig) -> None:
         self._verifier = verifier
-        self._math = MathVerifierPool(num_workers=verifier.num_workers, timeout_s=verifier.timeout_s)
+        self._math: MathVerifierPool | None = None
+        self._custom: CustomRewardPool | None = None
+        if verifier.custom is not None:
+            self._custom = CustomRewardPool(verifier.custom, num_workers=verifier.num_workers,
+                                            timeout_s=verifier.timeout_s, batch_size=verifier.custom_batch_size)
+        else:
+            self._math = MathVerifierPool(num_workers=verifier.num_workers, timeout_s=verifier.timeout_s)
 
     def score(self, items: Sequence[TaskItem], responses: Sequence[str]) -> Scores:
         if len(items) != len(responses):
             raise ValueError(f"got {len(responses)} responses for {len(items)} items")
+        if self._custom is not None:
+            return Scores(*self._custom.score(items, responses))
+        assert self._math is not None
         rewards = [0.0] * len(items)
         reasons = [""] * len(items)
         math_positions = [i for i, item in enumerate(items) if item.family == "math"]
@@ -61,4 +72,6 @@ class TaskScorer:
         return Scores(rewards=rewards, reasons=reasons)
 
     def close(self) -> None:
-        self._math.close()
+        for pool in (self._math, self._custom):
+            if pool is not None:
+                pool.close()

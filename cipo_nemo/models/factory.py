@@ -33,7 +33,9 @@ def build_tokenizer(policy: PolicyConfig, *, chat_template: str | None) -> Any:
     """The policy's tokenizer (`policy.tokenizer` or the model's), with `data.chat_template` when set."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(policy.tokenizer or policy.model_name))
+    source = resolve_model_dir(policy.tokenizer, key="policy.tokenizer") if policy.tokenizer else \
+        resolve_model_dir(policy.model_name, policy.model_revision)
+    tokenizer = AutoTokenizer.from_pretrained(source)
     return use_chat_template_file(tokenizer, chat_template)
 
 
@@ -66,7 +68,10 @@ def _device_capability() -> tuple[int, int] | None:
 
 
 def build_policy(cfg: MasterConfig, cluster: Any) -> PolicyBackend:
-    policy = cfg.policy.model_copy(update={"model_name": str(resolve_model_dir(cfg.policy.model_name))})
+    model_dir = resolve_model_dir(cfg.policy.model_name, cfg.policy.model_revision)
+    tokenizer = cfg.policy.tokenizer and str(resolve_model_dir(cfg.policy.tokenizer, key="policy.tokenizer"))
+    # workers get directories: they never look anything up on the hub (the preflight fetched it on this node)
+    policy = cfg.policy.model_copy(update={"model_name": str(model_dir), "model_revision": None, "tokenizer": tokenizer})
     match policy.backend:
         case "hf":
             from cipo_nemo.models.policy.hf_policy import HFPolicy
@@ -84,7 +89,7 @@ def build_policy(cfg: MasterConfig, cluster: Any) -> PolicyBackend:
 
 
 def build_generation(cfg: MasterConfig, cluster: Any) -> GenerationBackend:
-    model_dir = resolve_model_dir(cfg.policy.model_name)
+    model_dir = resolve_model_dir(cfg.policy.model_name, cfg.policy.model_revision)
     max_model_len = cfg.policy.max_total_sequence_length
     match cfg.generation.backend:
         case "hf":

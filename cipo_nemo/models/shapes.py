@@ -99,17 +99,18 @@ def shape_from_config_json(path: Path) -> ModelShape:
     )
 
 
-def find_model_shape(name: str) -> tuple[ModelShape, str]:
+def find_model_shape(name: str, revision: str | None = None) -> tuple[ModelShape, str]:
     """(shape, where it came from): the local checkpoint's config.json, else the table of public models."""
-    local = find_local_model_dir(name)
+    local = find_local_model_dir(name, revision)
     if local is not None:
         return shape_from_config_json(local / "config.json"), f"{local / 'config.json'}"
     if name in KNOWN_MODELS:
         return KNOWN_MODELS[name], "architecture from the built-in table of published config.json values"
     raise ModelNotFoundError(
-        f"policy.model_name: {name!r} is not a local checkpoint directory, not in the offline Hugging Face cache, "
+        f"policy.model_name: {name!r} is not a local checkpoint directory, not in the Hugging Face cache, "
         f"and not a model whose architecture the dry run knows ({', '.join(sorted(KNOWN_MODELS))}); "
-        "pass the checkpoint's directory (its config.json is all the dry run reads)"
+        "pass the checkpoint's directory (its config.json is all the dry run reads), or train without --dry-run, "
+        "which downloads it first"
     )
 
 

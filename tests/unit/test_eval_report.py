@@ -317,7 +317,7 @@ def test_documented_examples_load_and_given_solutions_are_judged_by_the_verifier
     assert [(item.id, item.answer["kind"]) for item in code.items] == [("add", "humaneval"), ("sum-line", "stdio")]
     fix = load_benchmark(str(files["fix"]))
     assert [item.family for item in fix.items] == ["math", "code"] and fix.attempt_correct == [False, None]
-    scorer = TaskScorer(verifier=VerifierConfig(num_workers=1, timeout_s=10.0))
+    scorer = TaskScorer(verifier=VerifierConfig(num_workers=1, timeout_s=10.0, custom=None, custom_batch_size=8))
     try:
         judged = judge_given_solutions(fix, scorer)
         # a correct program for each code task passes its tests

