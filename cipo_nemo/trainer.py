@@ -364,6 +364,9 @@ def step_metrics(
         "reward/correction_mean": None,
         "tokens/generated": float(_response_tokens(base) + _response_tokens(rollouts.corrections)),
         "tokens/trained": float(batch.num_valid_tokens()),
+        # prompt + response tokens per stream: what logprobs and train process (benchmarks/step_speed.py per token)
+        "tokens/base_sequence": float(_sequence_tokens(base)),
+        "tokens/correction_sequence": float(_sequence_tokens(rollouts.corrections)),
         "response_length/base_mean": float(base["response_mask"].sum(dim=1).float().mean()),
         "cipo/anchors_dropped_too_long": float(rollouts.dropped_anchors),
         "cipo/rho_next": c.rho.rho,
@@ -403,6 +406,10 @@ def rho_metrics(c: Components) -> dict[str, float | None]:
 
 def _response_tokens(batch: Batch | None) -> int:
     return 0 if batch is None else batch.num_valid_tokens()
+
+
+def _sequence_tokens(batch: Batch | None) -> int:
+    return 0 if batch is None else int((batch["prompt_mask"] | batch["response_mask"]).sum())
 
 
 def _share_of_groups(batch: Batch, predicate: Any) -> float:

@@ -23,6 +23,7 @@ from cipo_nemo.config.schema import PolicyConfig
 from cipo_nemo.data.prompts import use_chat_template_file
 from cipo_nemo.models.hub import resolve_model_dir
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend
+from cipo_nemo.models.refit_profile import RefitProfile
 
 logger = logging.getLogger(__name__)
 
@@ -125,12 +126,17 @@ def refit_weights(policy: PolicyBackend, generation: GenerationBackend) -> int:
     exports while the engine sleeps and then returns its cached device memory; the engine wakes its weights only
     and reloads them; its KV cache, the largest allocation, comes back last, once the export's transient is gone.
     """
+    profile = RefitProfile("driver")
     with refit_file() as path:
-        policy.export_hf_weights_to(path)
+        with profile.stage("export"):
+            policy.export_hf_weights_to(path)
         try:
             generation.wake(tags=("weights",))
-            count = generation.update_weights_from_path(path)
+            with profile.stage("load"):
+                count = generation.update_weights_from_path(path)
         finally:
-            policy.remove_exported_weights(path)
+            with profile.stage("remove"):
+                policy.remove_exported_weights(path)
     generation.wake(tags=("kv_cache",))
+    profile.write()
     return count

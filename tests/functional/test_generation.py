@@ -28,6 +28,7 @@ from cipo_nemo.models.generation.hf_generation import HFGeneration
 from cipo_nemo.models.generation.refit import (
     WeightSyncError,
     build_weight_manifest,
+    load_refit_file,
     remove_refit_file,
     save_weights_for_refit,
 )
@@ -240,7 +241,7 @@ def test_save_weights_for_refit_copies_views_into_shared_memory():
     try:
         assert path.parent == Path("/dev/shm") and path.name.startswith("cipo_refit_")
         assert path.stat().st_size < 10_000  # not the 4 MB buffer behind the views
-        loaded = torch.load(path, weights_only=True)
+        loaded = load_refit_file(path)
         assert all(torch.equal(loaded[n], views[n]) and loaded[n].is_contiguous() for n in views)
     finally:
         remove_refit_file(path)

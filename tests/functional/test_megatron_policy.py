@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cipo_nemo.config.schema import PolicyConfig
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.packing import plan_packed_rows, sequence_lengths
+from cipo_nemo.models.generation.refit import load_refit_file
 from cipo_nemo.models.policy.hf_policy import HFPolicy
 from cipo_nemo.models.policy.microbatches import plan_mini_batches
 from cipo_nemo.models.tiny import build_tiny_model_dir
@@ -198,7 +199,7 @@ def _refit_file_checks(worker: Any, rank: int, directory: Path) -> dict[str, Any
         os.environ["LOCAL_RANK"] = str(local_rank)
         path = directory / layout / "weights.pt"  # the directory does not exist yet: the writers make it
         count = worker.export_hf_weights_to(path)
-        checks[layout] = {"count": count, "file_tensors": len(torch.load(path, weights_only=True))}
+        checks[layout] = {"count": count, "file_tensors": len(load_refit_file(path))}
         dist.barrier()
         worker.remove_exported_weights(path)
         dist.barrier()
@@ -448,7 +449,7 @@ def test_refit_file_is_written_once_per_node_and_removed(tp2: dict[str, Any],
 
 def test_export_to_file_and_save_hf(single: dict[str, Any], tp2: dict[str, Any],
                                     references: dict[str, HFReference]) -> None:
-    saved = torch.load(single["export_path"], weights_only=True)
+    saved = load_refit_file(single["export_path"])
     assert single["llama_one_micro_batch"]["exported_count"] == len(saved) == len(references["llama"].initial_weights)
     assert max_weight_diff(saved, single["llama_one_micro_batch"]["stepped_export"]) == 0.0
     # save_hf after the TP=2 step: a loadable HF directory with the stepped weights and the tokenizer

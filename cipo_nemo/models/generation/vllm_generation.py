@@ -58,6 +58,7 @@ from cipo_nemo.models.generation.refit import (
     save_weights_for_refit,
 )
 from cipo_nemo.models.interfaces import SampledResponse, SamplingSettings
+from cipo_nemo.models.refit_profile import RefitProfile
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,9 @@ class VllmRefitWorkerExtension:
 
     def reload_weights_from_file(self, path: str) -> list[str]:
         """Reload the engine weights in place from a `save_weights_for_refit` file; returns the names consumed."""
-        state = load_refit_file(path)
+        profile = RefitProfile("engine_worker")
+        with profile.stage("open"):
+            state = load_refit_file(path)
         consumed: list[str] = []
 
         def weights() -> Iterator[tuple[str, torch.Tensor]]:
@@ -104,8 +107,11 @@ class VllmRefitWorkerExtension:
                 consumed.append(name)
                 yield name, tensor
 
-        self.model_runner.reload_weights(weights_iterator=weights())
-        maybe_refresh_tied_lm_head(self.model_runner.get_model())
+        with profile.stage("reload_weights"):
+            self.model_runner.reload_weights(weights_iterator=weights())
+        with profile.stage("tied_lm_head"):
+            maybe_refresh_tied_lm_head(self.model_runner.get_model())
+        profile.write()
         return consumed
 
     def weight_checksums(self) -> dict[str, tuple[list[int], float]]:
@@ -225,14 +231,19 @@ class VllmGeneration:
     def update_weights_from_path(self, path: str | Path) -> int:
         """Reload from a file written by `save_weights_for_refit` (the caller keeps and removes it)."""
         started = time.perf_counter()
-        self._manifest.check_names(load_refit_file(path).keys())
-        consumed_per_worker = self._engine.collective_rpc("reload_weights_from_file", args=(str(path),))
+        profile = RefitProfile("engine_driver")
+        with profile.stage("check_names"):
+            self._manifest.check_names(load_refit_file(path).keys())
+        with profile.stage("workers"):
+            consumed_per_worker = self._engine.collective_rpc("reload_weights_from_file", args=(str(path),))
         for rank, consumed in enumerate(consumed_per_worker):
             stale = self._manifest.stale_parameters(consumed)
             if stale:
                 raise WeightSyncError(f"vLLM worker {rank} did not reload engine parameter(s) {stale} from {path}")
         # KV blocks cached under the old weights must not serve prompts after the refit.
-        self._engine.reset_prefix_cache()
+        with profile.stage("reset_prefix_cache"):
+            self._engine.reset_prefix_cache()
+        profile.write()
         elapsed = time.perf_counter() - started
         logger.info("refit %d engine parameters in %.2f s", self._manifest.num_parameters, elapsed)
         return self._manifest.num_parameters

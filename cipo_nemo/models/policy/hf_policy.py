@@ -8,6 +8,7 @@ gradient clipping on the global norm, and the same learning-rate schedule (megat
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from cipo_nemo.algorithms.loss import PolicyLoss, aggregate_metrics
 from cipo_nemo.config.schema import OptimizerConfig, PolicyConfig
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.packing import PackedRow, pack_row, restore_order
+from cipo_nemo.models.generation.refit import write_refit_file
 from cipo_nemo.models.policy.microbatches import align_logprobs, next_token_targets, plan_micro_batches
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import build_lr_scheduler, resolve_param_dtype
@@ -127,18 +129,15 @@ class HFPolicy:
     def export_hf_weights(self) -> list[tuple[str, torch.Tensor]]:
         """HF-named weights, cloned to CPU; tied duplicates (e.g. a tied lm_head.weight) are left out, as
         `save_pretrained` leaves them out."""
-        tied_targets = set(getattr(self._model, "all_tied_weights_keys", None) or {})
-        return [
-            (name, tensor.detach().to("cpu", copy=True))
-            for name, tensor in self._model.state_dict().items()
-            if name not in tied_targets
-        ]
+        return [(name, tensor.detach().to("cpu", copy=True)) for name, tensor in self._untied_state()]
 
     def export_hf_weights_to(self, path: str | Path) -> int:
-        """torch.save the exported weights as a dict to `path` (e.g. /dev/shm for a refit); returns the count."""
-        weights = dict(self.export_hf_weights())
-        torch.save(weights, path)
-        return len(weights)
+        """Write the exported weights to `path` in the refit file format (e.g. /dev/shm); returns the count."""
+        return write_refit_file(path, self._untied_state())
+
+    def _untied_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        tied_targets = set(getattr(self._model, "all_tied_weights_keys", None) or {})
+        return ((name, tensor) for name, tensor in self._model.state_dict().items() if name not in tied_targets)
 
     def remove_exported_weights(self, path: str | Path) -> None:
         Path(path).unlink(missing_ok=True)

@@ -40,7 +40,8 @@ from cipo_nemo.data.packing import (
     sequence_lengths,
     sequence_pad_multiple,
 )
-from cipo_nemo.models.generation.refit import detach_for_transfer
+from cipo_nemo.models.generation.refit import detach_for_transfer, write_refit_file
+from cipo_nemo.models.refit_profile import RefitProfile
 from cipo_nemo.models.policy.microbatches import align_logprobs, next_token_targets, plan_micro_batches
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import (
@@ -358,20 +359,32 @@ class MegatronPolicyWorker:
 
     @_returns_cached_memory
     def export_hf_weights_to(self, path: str | Path) -> int:
-        """torch.save the HF-named weights to `path` on the first rank of every node (the refit hand-off: each
-        node's engines read their own node's copy, e.g. in /dev/shm); returns the tensor count on those ranks, 0
-        elsewhere. Collective; every node's file is complete when any rank returns. megatron-bridge gives every
-        rank the full tensors (stream_weights_megatron_to_hf), so no extra transfer is needed."""
+        """Write the HF-named weights to `path` (the raw refit format of models/generation/refit.py) on the first
+        rank of every node (the refit hand-off: each node's engines read their own node's copy, e.g. in /dev/shm);
+        returns the tensor count on those ranks, 0 elsewhere. Collective; every node's file is complete when any
+        rank returns. megatron-bridge gives every rank the full tensors (stream_weights_megatron_to_hf), so no extra
+        transfer is needed. Each gathered tensor is written as it comes (its own bytes only, even when it is a view
+        into DDP's buffer), so the writer holds no second host copy of the model."""
         writer = _first_rank_on_node()
-        weights = self._gathered_hf_weights(keep=writer)
+        profile = RefitProfile("policy_export")
+        gathered = profile.timed_iteration(
+            "gather", self._bridge.export_hf_weights(self._chunks, cpu=False, show_progress=False))
+        count = 0
+        with profile.stage("gather_and_write"):  # write = gather_and_write - gather
+            if writer:
+                path = Path(path)
+                path.parent.mkdir(parents=True, exist_ok=True)  # on other nodes the driver's directory does not exist
+                partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # writers sharing a filesystem
+                count = write_refit_file(partial, gathered)
+                partial.replace(path)
+            else:
+                for _ in gathered:  # the gather is collective: take part, copy nothing to host memory
+                    pass
+        with profile.stage("barrier"):
+            dist.barrier()
         if writer:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)  # on other nodes the driver's directory does not exist
-            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # writers sharing a filesystem
-            torch.save(weights, partial)
-            partial.replace(path)
-        dist.barrier()
-        return len(weights)
+            profile.write()
+        return count
 
     def remove_exported_weights(self, path: str | Path) -> None:
         """Delete this node's copy written by export_hf_weights_to (and its directory, when empty)."""
