@@ -36,7 +36,7 @@ from cipo_nemo.config import ConfigError, MasterConfig
 from cipo_nemo.models.refit_cost import (
     REFIT_DEVICE_TO_HOST_GBPS,
     REFIT_LOAD_GBPS,
-    REFIT_SAVE_GBPS,
+    REFIT_WRITE_GBPS,
     RefitEstimate,
     check_refit_host,
     estimate_refit_cost,
@@ -418,9 +418,9 @@ class LaunchPlan:
         timing = " + ".join(f"{name} {seconds:.1f} s" for name, seconds in stages.items())
         lines = [f"refit per step: {refit.file_bytes / GIB:.1f} GiB of HF weights gathered by {refit.writers} rank(s) "
                  f"(the first of each node; the other ranks copy nothing to host memory) into one /dev/shm file per "
-                 f"node; host transient on a writing node {refit.host_transient_bytes / GIB:.1f} GiB (gathered copy + "
-                 f"file); ~{sum(stages.values()):.1f} s = {timing} (assumed rates, GB/s: device->host "
-                 f"{REFIT_DEVICE_TO_HOST_GBPS:g}, torch.save {REFIT_SAVE_GBPS:g}, load {REFIT_LOAD_GBPS:g})"]
+                 f"node; host transient on a writing node {refit.host_transient_bytes / GIB:.1f} GiB (the file: each "
+                 f"gathered tensor is streamed into it); ~{sum(stages.values()):.1f} s = {timing} (assumed rates, GB/s: device->host "
+                 f"{REFIT_DEVICE_TO_HOST_GBPS:g}, write {REFIT_WRITE_GBPS:g}, load {REFIT_LOAD_GBPS:g})"]
         if refit.checked_here:
             shm = "no /dev/shm (temp dir)" if refit.shm_free_bytes is None else \
                 f"/dev/shm {refit.shm_free_bytes / GIB:.1f} GiB free"

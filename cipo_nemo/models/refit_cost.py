@@ -1,8 +1,9 @@
 """What one refit costs (every step): the HF-weight file each node writes, its host-memory transient, an
 estimated time, and whether this machine's /dev/shm and host memory hold it. The dry run prints it (plan.py).
 
-Refit path (models/factory.py refit_weights): each node's first policy rank gathers the HF-named weights (the
-other ranks copy nothing to host memory), writes one file to /dev/shm, and the node's vLLM engines load it.
+Refit path (models/factory.py refit_weights): each node's first policy rank gathers the HF-named weights one tensor
+at a time and streams each into one file in /dev/shm (the other ranks copy nothing to host memory), and the node's
+vLLM engines load it (models/generation/refit.py).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from pathlib import Path
 from cipo_nemo.models.shapes import ModelShape
 
 GIB = 2**30
-# Assumed rates for the refit time (GB/s; not measured: this project's CI has no GPU). The writer rank copies the
-# gathered weights device -> pageable host memory, torch.save writes them into /dev/shm from one thread, and every
-# engine rank reads its shard of the memory-mapped file onto its GPU.
+# Assumed rates for the refit time (GB/s; not measured on a GPU: this project's CI has none). The writer rank copies
+# each gathered tensor device -> pageable host memory and writes its bytes into /dev/shm from one thread (measured on
+# the 2-core CPU machine: ~1 GB/s, docs/notes/refit.md), and every engine rank reads its shard of the memory-mapped
+# file onto its GPU.
 REFIT_DEVICE_TO_HOST_GBPS = 10.0
-REFIT_SAVE_GBPS = 2.0
+REFIT_WRITE_GBPS = 2.0
 REFIT_LOAD_GBPS = 10.0
 SHARED_MEMORY = Path("/dev/shm")
 
@@ -38,15 +40,16 @@ class RefitEstimate:
 
     @property
     def host_transient_bytes(self) -> int:
-        """A writer's node while torch.save runs: the gathered host copy plus the file itself (tmpfs is memory)."""
-        return 2 * self.file_bytes
+        """A writer's node during the export: the file itself (tmpfs is memory). The writer streams each gathered
+        tensor into it, so it never holds a second host copy of the model (only one tensor at a time)."""
+        return self.file_bytes
 
     @property
     def seconds(self) -> dict[str, float]:
         """Estimated time per stage at the assumed REFIT_*_GBPS rates."""
         gigabytes = self.file_bytes / 1e9
         stages = {"device->host": gigabytes / REFIT_DEVICE_TO_HOST_GBPS} if self.on_gpu else {}
-        stages["torch.save"] = gigabytes / REFIT_SAVE_GBPS
+        stages["write"] = gigabytes / REFIT_WRITE_GBPS
         stages["engine reload"] = gigabytes / self.engine_tensor_parallel / REFIT_LOAD_GBPS  # one shard per rank
         return stages
 
@@ -88,7 +91,7 @@ def _has_cuda() -> bool:
 
 def check_refit_host(refit: RefitEstimate) -> list[str]:
     """On a machine that runs the workers: the refit file must fit /dev/shm (the loop writes it there whenever
-    /dev/shm exists: a container's default 64 MiB fails mid-write), and host memory must hold it twice."""
+    /dev/shm exists: a container's default 64 MiB fails mid-write), and host memory must hold it."""
     if not refit.checked_here:
         return []
     problems = []
@@ -100,6 +103,6 @@ def check_refit_host(refit: RefitEstimate) -> list[str]:
     if refit.host_total_bytes is not None and refit.host_total_bytes < refit.host_transient_bytes:
         problems.append(
             f"host memory ({refit.host_total_bytes / GIB:.1f} GiB) is smaller than the refit's transient on a "
-            f"writing node ({refit.host_transient_bytes / GIB:.1f} GiB: the gathered weights plus the file in "
+            f"writing node ({refit.host_transient_bytes / GIB:.1f} GiB: the weights file in "
             "/dev/shm)")
     return problems
