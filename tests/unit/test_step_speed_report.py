@@ -1,0 +1,51 @@
+"""benchmarks/step_speed.py's bookkeeping (the benchmark itself runs minutes and is not a test): CPU seconds are
+attributed to the benchmark's own process tree, and the report's ratios and verdicts follow from the summaries."""
+
+import subprocess
+import sys
+
+from benchmarks.speed.cpu_watch import CpuWatch
+from benchmarks.step_speed import report, targets
+
+BURN = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass"
+
+
+def test_cpu_of_a_child_process_counts_as_the_benchmarks_own() -> None:
+    with CpuWatch(interval_s=0.1) as watch:
+        subprocess.run([sys.executable, "-c", BURN], check=True)
+    assert watch.report.own_s >= 0.5
+    assert watch.report.machine_busy_s >= watch.report.own_s - 0.1
+
+
+def test_cpu_of_an_unrelated_process_counts_as_other() -> None:
+    burner = subprocess.Popen([sys.executable, "-c", "import time\ntime.sleep(0.3)\n" + BURN])
+    try:
+        with CpuWatch(interval_s=0.1, root_pid=1_000_000_000) as watch:  # a root no process descends from
+            burner.wait()
+    finally:
+        burner.kill()
+    assert watch.report.other_s >= 0.5 and watch.report.own_s == 0.0
+    assert any(name.startswith("python") for name, _ in watch.report.top_others)
+
+
+def summary(side: str, step_s: list[float], **per_step: list[float]) -> dict:
+    steps = [{"seconds": s, **{key: values[i] for key, values in per_step.items()}} for i, s in enumerate(step_s)]
+    return {"side": side, "steps": steps, "median_step_s": sorted(step_s[1:])[len(step_s[1:]) // 2],
+            "cpu": {"wall_s": 100.0, "own_cpu_s": 190.0, "other_cpu_s": 1.0, "other_share": 0.01}, "refit_profile": {}}
+
+
+def test_report_ratios_and_verdicts() -> None:
+    trl = summary("trl", [30, 20, 20, 20], rollout_s=[5, 4, 4, 4], prompt_tokens=[400] * 4, completion_tokens=[500] * 4)
+    grpo = summary("ours", [30, 10, 10, 10], **{"timing/refit": [1, 1, 1, 1], "timing/train": [5] * 4,
+                                                  "tokens/base_sequence": [900] * 4, "tokens/correction_sequence": [0] * 4})
+    cipo = summary("ours", [60, 30, 30, 30], **{"timing/refit": [1] * 4, "tokens/base_sequence": [900] * 4,
+                                                  "tokens/correction_sequence": [1800] * 4})
+    results = {"trl": trl, "grpo_megatron_vllm": grpo, "cipo_megatron_vllm": cipo}
+    verdicts = targets(results)
+    assert "GRPO step / TRL step: 0.50 (target <= 0.6: met)" in verdicts[0]
+    assert "refit share of the Megatron + vLLM GRPO step: 10.0% (target <= 5%: NOT met)" in verdicts[1]
+    # CIPO: 30 s / 2700 tokens against GRPO: 10 s / 900 tokens -> 1.00
+    assert "per processed token: 1.00 (target <= 1.15: met)" in verdicts[3]
+    lines = report(results, type("Args", (), {"prompts_per_step": 2, "samples_per_prompt": 4, "max_new_tokens": 64,
+                                               "threads": 2, "seed": 0, "steps": 4})())
+    assert any(line.startswith("grpo_megatron_vllm") and " 0.50 " in line for line in lines)
