@@ -17,7 +17,7 @@ from cipo_nemo.models.shapes import ModelShape
 GIB = 2**30
 # Assumed rates for the refit time (GB/s; not measured on a GPU: this project's CI has none). The writer rank copies
 # each gathered tensor device -> pageable host memory and writes its bytes into /dev/shm from one thread (measured on
-# the 2-core CPU machine: ~1 GB/s, docs/notes/refit.md), and every engine rank reads its shard of the memory-mapped
+# the 2-core CPU machine: 3.3 GB/s, docs/notes/refit.md), and every engine rank reads its shard of the memory-mapped
 # file onto its GPU.
 REFIT_DEVICE_TO_HOST_GBPS = 10.0
 REFIT_WRITE_GBPS = 2.0
