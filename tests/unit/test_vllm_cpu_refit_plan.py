@@ -4,7 +4,7 @@ tests/functional/test_generation.py."""
 
 import torch
 
-from cipo_nemo.models.generation.vllm_cpu_refit import plan_cpu_refit
+from cipo_nemo.models.generation.vllm_cpu_refit import computes_with_packed_copy, plan_cpu_refit
 
 
 class PackedLinear(torch.nn.Module):
@@ -69,3 +69,19 @@ def test_plan_declines_what_it_does_not_cover() -> None:
     assert plan_cpu_refit(Model(), wrong_shape, SOURCES) is None
     unknown = {name: srcs for name, srcs in SOURCES.items() if name != "norm"}  # a parameter no HF tensor maps to
     assert plan_cpu_refit(Model(), state, unknown) is None
+
+
+def test_only_layers_that_compute_with_their_packed_copy_are_repacked() -> None:
+    """vLLM packs a GEMM copy of the input embedding too, but the embedding only looks rows up: re-packing it after
+    every refit is the largest GEMM of the model for nothing. An (untied) lm_head computes with its packed copy."""
+
+    class VocabParallelEmbedding(torch.nn.Module):
+        cpu_linear = staticmethod(torch.nn.functional.linear)
+
+    class ParallelLMHead(VocabParallelEmbedding):
+        pass
+
+    assert not computes_with_packed_copy(VocabParallelEmbedding())
+    assert computes_with_packed_copy(ParallelLMHead())
+    assert computes_with_packed_copy(PackedLinear(2, 2))
+    assert not computes_with_packed_copy(torch.nn.LayerNorm(2))

@@ -72,10 +72,21 @@ def apply_cpu_refit(updates: list[_Update]) -> None:
                 current.copy_(update.value)
             else:
                 current[: update.rows].copy_(update.value)
-                if update.attribute == "weight" and hasattr(update.module, "cpu_linear"):
+                if update.attribute == "weight" and computes_with_packed_copy(update.module):
                     repack[id(update.module)] = update.module  # e.g. an untied lm_head: packed copy of the weight
         for module in repack.values():
             dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+
+
+def computes_with_packed_copy(module: torch.nn.Module) -> bool:
+    """A layer whose GEMM runs on a packed copy of a weight it keeps (an untied lm_head). An input embedding also
+    gets a packed copy from vLLM, but only looks rows up in its weight: re-packing its copy (the vocabulary x hidden
+    GEMM, the largest in the model) would be wasted work. A tied lm_head is a separate module sharing the
+    embedding's weight, re-packed by maybe_refresh_tied_lm_head."""
+    if not hasattr(module, "cpu_linear"):
+        return False
+    is_lookup_only = type(module).__name__ == "VocabParallelEmbedding"  # exactly: not its ParallelLMHead subclass
+    return not is_lookup_only
 
 
 def cpu_refit_applies(model_runner: object) -> bool:
