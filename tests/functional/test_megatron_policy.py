@@ -203,7 +203,9 @@ def _refit_file_checks(worker: Any, rank: int, directory: Path) -> dict[str, Any
         dist.barrier()
         worker.remove_exported_weights(path)
         dist.barrier()
-        checks[layout]["left_behind"] = sorted(str(p) for p in directory.rglob("*"))
+        # this layout's own directory only: the other rank may already be writing the next layout's file
+        mine = directory / layout
+        checks[layout]["left_behind"] = sorted(str(p) for p in directory.rglob("*") if p.is_relative_to(mine))
     os.environ["LOCAL_RANK"] = str(rank)
     return checks
 
