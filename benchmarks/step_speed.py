@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = out_dir / "prompts.jsonl"
     model_dir, lr = write_prompts(args, prompts)
     results: dict[str, dict] = {}
-    started = time.monotonic()
     with heavy_lock():
+        started = time.monotonic()  # the runs themselves, not the wait for the lock
         for side in SIDES:  # a fixed order: TRL first, as a reference point for each later run
             if side in args.sides:
                 results[side] = run_side(side, args, out_dir=out_dir, trl_python=trl_python, model_dir=model_dir,
