@@ -32,6 +32,10 @@ class ProfilingRefitExtension(VllmRefitWorkerExtension):
         stats = out.getvalue() if top else ""
         return f"reload_weights_from_file(shortcut={shortcut}) {elapsed:.3f} s\n{stats}"
 
+    def refit_mappings(self) -> int:
+        """Refit files still mapped by this worker (a removed file stays in /dev/shm while any view maps it)."""
+        return sum("cipo_refit" in line for line in Path("/proc/self/maps").read_text().splitlines())
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -62,6 +66,8 @@ def main() -> None:
                 (report, *_) = engine._engine.collective_rpc("profiled_reload", args=(str(path), args.top, shortcut))
                 print(f"write {written:.3f} s; {report}", flush=True)
             remove_refit_file(path)
+            print(f"refit files still mapped by the worker: {engine._engine.collective_rpc('refit_mappings')}",
+                  flush=True)
     finally:
         engine.shutdown()
 
