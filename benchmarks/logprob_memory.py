@@ -8,8 +8,9 @@ projection and log-softmax over that many tokens at a time.
 Model: a random Llama with SmolLM2-135M's vocabulary (49152) and hidden size (576), 2 layers, so that the
 logits, not the layers, are what the pass holds. Batch: `--micro-batch` samples of `--length` tokens (the
 exemplar's defaults, 4 x 1024), one micro-batch. For each backend (HF in-process; the Megatron worker in a
-one-rank gloo world, local spec) and each chunk setting, a fresh subprocess builds the policy, warms up on one
-short sample, then measures `get_logprobs`, then one `train` step.
+one-rank gloo world, local spec) and each chunk setting, a fresh subprocess builds the policy, warms up on two
+short samples (a logprob pass and a train step, which allocates the optimizer's state), then measures
+`get_logprobs`, then one `train` step.
 
 How memory is measured: the kernel's peak resident set (VmHWM in /proc/self/status) is reset by writing 5 to
 /proc/self/clear_refs right before a pass and read right after it; the peak minus the resident set at the reset
@@ -108,7 +109,9 @@ def child(backend: str, model_dir: str, chunk_tokens: int, micro_batch: int, len
         from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
 
         policy = MegatronPolicyWorker(policy=policy_cfg, num_steps=10, seed=0)
-    policy.get_logprobs(make_batch(1, 16))  # thread pools, lazy buffers: not part of the pass
+    warmup = make_batch(2, 16)  # thread pools, lazy buffers and the optimizer's state: not part of the passes
+    policy.get_logprobs(warmup)
+    policy.train(warmup, LOSS, global_denominator=float(LOSS.local_denominator([warmup])))
     batch = make_batch(micro_batch, length)
     logprob_mib, logprob_s, logprobs = peak_added_mib(lambda: policy.get_logprobs(batch))
     denominator = float(LOSS.local_denominator([batch]))

@@ -61,7 +61,10 @@ def _chunk_logprobs(
 
 
 def full_vocab_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[target] in fp32 over an unsharded vocabulary (= -cross_entropy per token)."""
+    """log_softmax(logits)[target] in fp32 over an unsharded vocabulary (= -cross_entropy per token).
+
+    The same function with and without gradients (no in-place shortcut for the no-grad pass): a logprob pass and
+    a training pass on the same weights must give the same numbers, bit for bit, for the ratio to be exactly 1."""
     per_token = torch.nn.functional.cross_entropy(
         logits.float().flatten(0, -2), targets.flatten(), reduction="none"
     )
