@@ -167,7 +167,8 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model_dir(Path(tmp) / "model", hidden=args.hidden, layers=args.layers, seq=args.seq)
-        input_ids = torch.randint(4, 2048, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+        vocab = __import__("transformers").AutoConfig.from_pretrained(model_dir).vocab_size
+        input_ids = torch.randint(4, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
         print(f"model hidden {args.hidden} x {args.layers} layers (GQA), {args.dtype}, batch {args.batch} x "
               f"{args.seq} tokens, fwd + bwd, best of {args.steps}; torch threads {torch.get_num_threads()}")
         print(ratio_line(measure_variants(model_dir, input_ids, dtype=dtype, steps=args.steps)))
