@@ -12,6 +12,9 @@ PASS / FAIL / SKIPPED(why), all written to the JSON file as well:
                               norm, and the logprobs move.
   tokens_per_s                train-step throughput of our policy vs HF transformers + SDPA on the same model and
                               batch, real tokens per second (the goal: not slower; timed on a GPU only).
+  local_attention_tokens_per_s  (GPU) fwd + bwd tokens/s of Megatron's local spec (no TE) with megatron's unfused
+                              core attention and with SDPACoreAttention, each as a ratio to HF + SDPA on the same
+                              model and batch (benchmarks/local_attention.py; the goal: SDPA not slower).
   fp8_blockwise_odd_lengths   (TE, Hopper) FP8 blockwise training on packed rows of odd lengths: the rows are padded
                               to what TE's FP8 GEMMs need; logprobs near HF's, a finite train step.
   vllm_sleep_wake_refit       (vLLM) a colocated engine sleeps (level 2) while the policy trains a step, then the
@@ -288,6 +291,19 @@ def check_speed(worker, batch: Batch, hf_tokens_per_s: float, steps: int) -> Cal
     return check
 
 
+def check_local_attention(model_dir: Path, batch: Batch, args: argparse.Namespace) -> Callable:
+    def check() -> tuple[bool, str, dict]:
+        from local_attention import measure_variants, ratio_line  # benchmarks/, next to this script
+
+        results = measure_variants(model_dir, batch["input_ids"], dtype=torch.bfloat16, steps=args.steps)
+        values = {**{f"{name}_tokens_per_s": value for name, value in results.items()},
+                  "megatron_local_vs_hf": results["megatron_local"] / results["hf_sdpa"],
+                  "megatron_local_sdpa_vs_hf": results["megatron_local_sdpa"] / results["hf_sdpa"]}
+        return results["megatron_local_sdpa"] >= results["megatron_local"], ratio_line(results), values
+
+    return check
+
+
 def check_fp8_blockwise(model_dir: Path, args: argparse.Namespace, batch: Batch, reference: torch.Tensor) -> Callable:
     def check() -> tuple[bool, str, dict]:
         from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
@@ -436,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
 
     checks = Checks()
     bound = MULT_ERROR_BF16 if on_gpu else MULT_ERROR_FP32
+    if on_gpu:
+        checks.run("local_attention_tokens_per_s", check_local_attention(model_dir, main_batch, args))
+    else:
+        checks.skip("local_attention_tokens_per_s", "no GPU: the CPU numbers come from benchmarks/local_attention.py")
     from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
 
     # the unpacked worker first (one model on the device at a time), then the packed one that the checks keep

@@ -326,15 +326,21 @@ def _activation_gib(cfg: MasterConfig, shape: ModelShape, layout: Layout, *, sam
     else:
         stored, transient = layers * train_tokens * full_layer, 0.0
     first_stage = in_flight * stored + transient
-    logits_train = train_tokens * shape.vocab_size / tp * LOGIT_BYTES_TRAIN  # last stage
+    logits_train = _logit_tokens(cfg, train_tokens) * shape.vocab_size / tp * LOGIT_BYTES_TRAIN  # last stage
     last_stage = stored + transient
-    logprob_tokens = tokens(cfg.policy.logprob_micro_batch_size)
+    logprob_tokens = _logit_tokens(cfg, tokens(cfg.policy.logprob_micro_batch_size))
     logits_forward = logprob_tokens * shape.vocab_size / tp * LOGIT_BYTES_FORWARD
     if pp == 1:
         return first_stage / GIB, max(logits_train, logits_forward) / GIB
     if first_stage >= last_stage + logits_train:
         return first_stage / GIB, 0.0
     return last_stage / GIB, max(logits_train, logits_forward) / GIB
+
+
+def _logit_tokens(cfg: MasterConfig, micro_batch_tokens: int) -> int:
+    """Tokens whose full-vocab logits exist at once: one chunk of `policy.logprob_chunk_tokens` (0: all)."""
+    chunk = cfg.policy.logprob_chunk_tokens
+    return micro_batch_tokens if chunk == 0 else min(chunk, micro_batch_tokens)
 
 
 def _vllm_gib(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> dict[str, float]:

@@ -19,6 +19,7 @@ from cipo_nemo.config.durations import parse_duration
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
 TaskFamily = Literal["math", "code"]
@@ -273,6 +274,10 @@ class MegatronConfig(StrictModel):
     layer_spec: Literal["auto", "transformer_engine", "local"] = Field(
         description="auto: Transformer Engine layers when TE is importable (GPU), else megatron's local spec (CPU)."
     )
+    local_core_attention: Literal["sdpa", "megatron"] = Field(
+        description="Core attention of the local spec: sdpa = torch's fused scaled_dot_product_attention kernels; "
+        "megatron = megatron-core's unfused DotProductAttention."
+    )
     fp8: Literal["e4m3", "hybrid"] | None = Field(description="FP8 training format (needs TE; null = off).")
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = Field(description="TE FP8 scaling recipe.")
 
@@ -301,6 +306,10 @@ class PolicyConfig(StrictModel):
     )
     epochs_per_batch: PositiveInt = Field(description="Passes over a step's rollouts (shuffled per epoch).")
     logprob_micro_batch_size: PositiveInt = Field(description="Samples per micro-batch in get_logprobs().")
+    logprob_chunk_tokens: NonNegativeInt = Field(
+        description="Tokens whose output projection and log-softmax run at once in the logprob and train passes "
+        "(full-vocab fp32 logits exist for one chunk only); 0: the whole micro-batch at once."
+    )
     max_total_sequence_length: PositiveInt = Field(description="Prompt + response tokens, at most.")
     sequence_packing: bool = Field(
         description="Pack whole samples into rows of micro_batch_size x max_total_sequence_length tokens (no "

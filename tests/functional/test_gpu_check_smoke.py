@@ -13,6 +13,7 @@ EXPECTED = {
     "logprobs_megatron_vs_hf": "PASS",
     "train_step": "PASS",
     "tokens_per_s": "SKIPPED",
+    "local_attention_tokens_per_s": "SKIPPED",
     "vllm_sleep_wake_refit": "PASS",
     "vllm_fp8_refit": "SKIPPED",
     "fp8_blockwise_odd_lengths": "SKIPPED",

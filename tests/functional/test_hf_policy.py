@@ -54,6 +54,24 @@ def test_one_and_four_micro_batches_take_the_same_step(llama_dir: Path) -> None:
     assert max_weight_diff(_weights(one), _weights(four)) < STEP_WEIGHT_TOLERANCE
 
 
+@pytest.mark.parametrize("model", ["llama", "tied_qwen2"])
+def test_chunked_logprobs_take_the_unchunked_step(model: str, request: pytest.FixtureRequest) -> None:
+    """lm_head + log-softmax over 5 tokens at a time (checkpointed per chunk in train) give the logprobs and the
+    step of the whole micro-batch at once, with a tied head too."""
+    model_dir = request.getfixturevalue(f"{model}_dir")
+    batch = make_batch(vocab_size=_vocab_size(model_dir))
+    whole = HFPolicy(policy=make_policy(model_dir, micro_batch_size=3, logprob_chunk_tokens=0), num_steps=4, seed=0)
+    chunked = HFPolicy(policy=make_policy(model_dir, micro_batch_size=3, logprob_chunk_tokens=5), num_steps=4, seed=0)
+
+    assert max_abs_diff(chunked.get_logprobs(batch), whole.get_logprobs(batch)) < 1e-6
+    metrics_whole, metrics_chunked = whole.train(batch, LOSS), chunked.train(batch, LOSS)
+    assert metrics_whole["grad_norm"] > 0.01
+    assert metrics_chunked["loss"] == pytest.approx(metrics_whole["loss"], rel=1e-6)
+    assert metrics_chunked["grad_norm"] == pytest.approx(metrics_whole["grad_norm"], rel=1e-5)
+    assert max_weight_diff(_weights(whole), _weights(chunked)) < STEP_WEIGHT_TOLERANCE
+    assert max_abs_diff(chunked.get_logprobs(batch), whole.get_logprobs(batch)) < 1e-5
+
+
 @pytest.mark.parametrize("model", ["llama", "qwen2"])
 def test_packed_sequences_give_the_unpacked_numbers(model: str, request: pytest.FixtureRequest) -> None:
     from cipo_nemo.data.packing import plan_packed_rows, sequence_lengths

@@ -68,7 +68,8 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, HFReferenc
 
 def _hf_reference(model_dir: Path) -> HFReference:
     batch = make_batch(vocab_size=len(AutoTokenizer.from_pretrained(model_dir)))
-    policy = HFPolicy(policy=make_policy(model_dir), num_steps=4, seed=0)
+    # the whole micro-batch's logits at once, against Megatron's chunks of 10 tokens (`_policy`)
+    policy = HFPolicy(policy=make_policy(model_dir, logprob_chunk_tokens=0), num_steps=4, seed=0)
     initial_logprobs = policy.get_logprobs(batch)
     initial_weights = dict(policy.export_hf_weights())
     step = policy.train(batch, LOSS)
@@ -76,7 +77,8 @@ def _hf_reference(model_dir: Path) -> HFReference:
 
 
 def _policy(reference: HFReference, **megatron: Any) -> PolicyConfig:
-    return make_policy(reference.model_dir, micro_batch_size=2, logprob_micro_batch_size=3, megatron=megatron)
+    return make_policy(reference.model_dir, micro_batch_size=2, logprob_micro_batch_size=3, logprob_chunk_tokens=10,
+                       megatron=megatron)
 
 
 def _packed(policy: PolicyConfig) -> PolicyConfig:

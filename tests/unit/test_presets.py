@@ -169,3 +169,16 @@ def test_distributed_optimizer_and_recompute_shrink_the_estimate():
     assert whole.weights == sharded.weights and whole.gradients == pytest.approx(2 * sharded.weights)
     assert memory("policy.megatron.activation_recompute=false").activations > 10 * sharded.activations
     assert layout_of(load_config(base)).vllm_engines == 8
+
+
+def test_logprob_chunks_shrink_the_logits_estimate():
+    """The planner counts one chunk of full-vocab logits (policy.logprob_chunk_tokens), not a whole micro-batch."""
+    base = CONF / "cipo_qwen3_4b_math.yaml"  # PP 1: the logits count on its one stage
+
+    def logits(*overrides):
+        cfg = load_config(base, list(overrides))
+        return plan_launch(cfg, base_samples=1024, max_correction_samples=1024).memory.logits
+
+    whole, chunked = logits("policy.logprob_chunk_tokens=0"), logits("policy.logprob_chunk_tokens=512")
+    assert chunked > 0 and whole > 4 * chunked
+    assert logits("policy.logprob_chunk_tokens=1024") == pytest.approx(2 * chunked)

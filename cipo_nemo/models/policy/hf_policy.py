@@ -12,13 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from cipo_nemo.algorithms.loss import PolicyLoss, aggregate_metrics
 from cipo_nemo.config.schema import OptimizerConfig, PolicyConfig
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.packing import PackedRow, pack_row, restore_order
 from cipo_nemo.models.generation.refit import write_refit_file
+from cipo_nemo.models.policy.chunked_logprobs import chunked_token_logprobs, full_vocab_logprobs
 from cipo_nemo.models.policy.microbatches import align_logprobs, next_token_targets, plan_micro_batches
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import build_lr_scheduler, resolve_param_dtype
@@ -86,13 +86,23 @@ class HFPolicy:
             # restarting position ids (masking_utils._preprocess_mask_arguments skips that when a cache exists)
             packed = pack_row(micro_batch["input_ids"], _row_within(packed_row), packed_row.num_tokens)
             input_ids, position_ids = packed.input_ids.to(self._device), packed.position_ids.to(self._device)
-        with self._autocast:
-            logits = self._model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits  # (rows, S, V)
         targets = next_token_targets(input_ids)
-        next_token_logprobs = -F.cross_entropy(
-            logits.float().flatten(0, 1), targets.flatten(), reduction="none"
-        ).view_as(targets)
+        with self._autocast:
+            next_token_logprobs = self._next_token_logprobs(input_ids, position_ids, targets)  # (rows, S)
         return align_logprobs(next_token_logprobs, samples=micro_batch, packed_row=packed_row, full_length=full_length)
+
+    def _next_token_logprobs(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Decoder hidden states, then lm_head + log-softmax in chunks of `logprob_chunk_tokens` tokens
+        (chunked_logprobs.py); models whose head does more than a plain lm_head get their whole logits."""
+        if not _plain_lm_head(self._model.config):
+            logits = self._model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+            return full_vocab_logprobs(logits, targets)
+        hidden = self._model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        return chunked_token_logprobs(hidden.last_hidden_state, targets, project=self._model.get_output_embeddings(),
+                                      token_logprobs=full_vocab_logprobs,
+                                      chunk_tokens=self._policy.logprob_chunk_tokens, dim=1)
 
     # ----- training -----------------------------------------------------------------------------
 
@@ -192,6 +202,12 @@ def build_adamw(*, optimizer_cfg: OptimizerConfig, model: torch.nn.Module) -> to
         betas=(optimizer_cfg.adam_beta1, optimizer_cfg.adam_beta2),
         eps=optimizer_cfg.adam_eps,
     )
+
+
+def _plain_lm_head(config: object) -> bool:
+    """Whether the CausalLM's logits are exactly lm_head(last hidden state) (Llama, Qwen2/3, Mistral...);
+    Gemma-style soft-capping or Cohere-style logit scaling happen in the CausalLM's forward instead."""
+    return not any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
 
 
 def _row_within(row: PackedRow) -> PackedRow:

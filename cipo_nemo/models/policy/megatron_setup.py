@@ -193,7 +193,7 @@ def build_megatron_model(*, policy_cfg: PolicyConfig) -> MegatronModel:
     bridge = AutoBridge.from_hf_pretrained(policy_cfg.model_name, torch_dtype=dtype)
     provider = bridge.to_megatron_provider(load_weights=True)
     apply_parallel_layout(provider, megatron_cfg=megatron_cfg)
-    apply_layer_spec(provider, layer_spec=layer_spec)
+    apply_layer_spec(provider, layer_spec=layer_spec, local_core_attention=megatron_cfg.local_core_attention)
     apply_precision(provider, dtype=dtype)
     maybe_apply_activation_recompute(provider, megatron_cfg=megatron_cfg)
     maybe_apply_fp8(provider, megatron_cfg=megatron_cfg, layer_spec=layer_spec)
@@ -218,8 +218,9 @@ def apply_parallel_layout(provider: Any, *, megatron_cfg: MegatronConfig) -> Non
     provider.sequence_parallel = megatron_cfg.sequence_parallel and megatron_cfg.tensor_parallel > 1
 
 
-def apply_layer_spec(provider: Any, *, layer_spec: LayerSpec) -> None:
-    """The TE layer spec on GPU; on CPU the local spec, with every CUDA-only fusion off."""
+def apply_layer_spec(provider: Any, *, layer_spec: LayerSpec, local_core_attention: str) -> None:
+    """The TE layer spec on GPU; on CPU the local spec, with every CUDA-only fusion off and its core attention
+    on torch's SDPA kernels (sdpa_attention.py) unless `local_core_attention` is megatron."""
     from megatron.bridge.models.gpt_provider import local_layer_spec, transformer_engine_layer_spec
 
     match layer_spec:
@@ -230,7 +231,12 @@ def apply_layer_spec(provider: Any, *, layer_spec: LayerSpec) -> None:
             if provider.sequence_parallel:
                 # transformer/torch_norm.py:50 asserts: torch norms do not support sequence parallelism
                 raise ValueError("policy.megatron.sequence_parallel needs Transformer Engine; set it to false")
-            provider.transformer_layer_spec = local_layer_spec
+            if local_core_attention == "sdpa":
+                from cipo_nemo.models.policy.sdpa_attention import sdpa_local_layer_spec
+
+                provider.transformer_layer_spec = sdpa_local_layer_spec
+            else:
+                provider.transformer_layer_spec = local_layer_spec
             provider.transformer_impl = "local"
             for fusion in _CUDA_FUSIONS:
                 setattr(provider, fusion, False)

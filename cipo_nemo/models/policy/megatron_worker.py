@@ -41,6 +41,7 @@ from cipo_nemo.data.packing import (
     sequence_pad_multiple,
 )
 from cipo_nemo.models.generation.refit import detach_for_transfer, write_refit_file
+from cipo_nemo.models.policy.chunked_logprobs import megatron_logprob_processor
 from cipo_nemo.models.refit_profile import RefitProfile
 from cipo_nemo.models.policy.microbatches import align_logprobs, next_token_targets, plan_micro_batches
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
@@ -167,14 +168,10 @@ class MegatronPolicyWorker:
         logprobs = self._token_logprobs(output, micro_batch)
         return logprobs.new_zeros(()), {"logprobs": logprobs.detach().cpu()}
 
-    def _token_logprobs(self, logits: torch.Tensor, micro_batch: _MicroBatch) -> torch.Tensor:
-        """(n_real, T) logprobs from this rank's vocab shard of the logits, per the module's alignment; a packed
-        row is split back into its samples."""
-        from megatron.core import tensor_parallel
-
-        targets = next_token_targets(micro_batch.input_ids)
-        # fp32 per micro-batch only: (rows, S, V / TP) -> (rows, S); full-vocab logits are never gathered
-        next_token_logprobs = -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets)
+    def _token_logprobs(self, next_token_logprobs: torch.Tensor, micro_batch: _MicroBatch) -> torch.Tensor:
+        """(n_real, T) logprobs from the model's (rows, S) next-token ones (`megatron_logprob_processor`: vocab
+        shards never gathered, fp32 logits one chunk at a time), per the module's alignment; a packed row is split
+        back into its samples."""
         return align_logprobs(next_token_logprobs, samples=micro_batch.samples, packed_row=micro_batch.packed_row,
                               full_length=micro_batch.full_length)
 
@@ -241,11 +238,15 @@ class MegatronPolicyWorker:
         """megatron's (pipelined) forward(-backward) schedule; returns loss_func's dicts on the last stage."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        logprob_processor = megatron_logprob_processor(self._policy.logprob_chunk_tokens)
+
         def forward_step(data_iterator: Iterator[_MicroBatch], model: Any) -> tuple[torch.Tensor, Callable]:
             micro_batch = next(data_iterator)
             # later pipeline stages ignore input_ids and take the previous stage's activations
             output = model(input_ids=micro_batch.input_ids, position_ids=micro_batch.position_ids,
-                           attention_mask=micro_batch.attention_mask, packed_seq_params=micro_batch.packed_seq_params)
+                           attention_mask=micro_batch.attention_mask, packed_seq_params=micro_batch.packed_seq_params,
+                           output_processor=logprob_processor,
+                           output_processor_context=next_token_targets(micro_batch.input_ids))
             return output, partial(loss_func, micro_batch)
 
         rows, seq_length = micro_batches[0].input_ids.shape
