@@ -253,7 +253,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         ok, failures = verdict(row)
         lines.append(
             f"| {row['label']} | {row['generator']} {json.dumps(row['options'])} | {row['format']}, "
-            f"{row['temperature']:g}, {row['max_new_tokens']} | {a['problems']} x {a['n']} | {_rate(a['pass@1'])} | "
+            f"{row.get('temperature', 1.0):g}, {row['max_new_tokens']} | {a['problems']} x {a['n']} | {_rate(a['pass@1'])} | "
             f"{_rate(a[f'pass@' + str(a['n'])])} | {_rate(a['no_answer'])} | {_rate(a['truncated'])} | "
             f"{_rate(c['retention'])} ({_rate(c['plain_on_right'])}, {c['right_anchors']}) | "
             f"{_rate(c['correction_success'])} ({_rate(c['plain_on_wrong'])}, {c['wrong_anchors']}) | "
@@ -368,6 +368,7 @@ def screen_hard(config: ScreenConfig, context: Any, *, problems: int, n: int, se
 
 def write_report(work_dir: Path, report: Path) -> list[dict[str, Any]]:
     rows = [json.loads(path.read_text()) for path in sorted(work_dir.glob("*.json"))]
+    rows = [row for row in rows if isinstance(row, dict) and "label" in row]  # not the report's own JSON
     rows.sort(key=lambda row: row["label"])
     report.parent.mkdir(parents=True, exist_ok=True)
     report.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
