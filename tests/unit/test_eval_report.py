@@ -282,7 +282,7 @@ def test_benchmark_spec_errors(tmp_path):
          "error: --model: directory /no/such/model does not exist"),
         (["--model", "{model}", "--benchmarks", "humanevil", "--n", "2", "--k", "1"],
          "error: unknown benchmark 'humanevil': not an existing file, not 'humaneval', "
-         "not reasoning_gym:<name>[:size[:seed]]"),
+         "not reasoning_gym:<name>[:size[:seed[:options]]]"),
         (["--model", "{model}", "--benchmarks", "humaneval", "--n", "4", "--k", "1,8"],
          "error: k=8 is larger than n=4 samples per problem; pass@k needs k <= n"),
     ],
