@@ -115,6 +115,8 @@ def common_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
         f"generation.max_new_tokens={args.max_new_tokens}", "generation.temperature=1.0", "generation.top_p=1.0",
         "data.shuffle=false", "logger.samples_every=0", "logger.plot=false", "logger.tensorboard=false",
         "checkpointing.resume=never", "checkpointing.save_hf_at_end=false",
+        # what TRL's side does too, whatever the embedded default says: fp32, no system prompt
+        "policy.precision=fp32", "data.system_prompt=null",
     ]
 
 
