@@ -3,6 +3,7 @@
     cipo-nemo [train] [--config conf/X.yaml] [--dry-run] [key=value ...]   # = python -m cipo_nemo
     cipo-nemo config conf/X.yaml [key=value ...]                           # = python -m cipo_nemo.config
     cipo-nemo eval --model M --benchmarks B --n 8 --k 1,8 --output-dir D    # = python -m cipo_nemo.eval
+    cipo-nemo export RUN_DIR/checkpoints/step_N OUT_DIR                     # = python -m cipo_nemo.export
     cipo-nemo samples ...                                                   # = python -m cipo_nemo.samples
 
 A subcommand runs its module exactly as `python -m` would (runpy), so each keeps one argument parser, and only the
@@ -19,6 +20,7 @@ import sys
 SUBCOMMANDS = {
     "config": "cipo_nemo.config",
     "eval": "cipo_nemo.eval",
+    "export": "cipo_nemo.export",
     "samples": "cipo_nemo.samples",
 }
 TRAIN = "train"

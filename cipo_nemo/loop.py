@@ -69,7 +69,7 @@ def _train_steps(c: Components, stop: StopRequest) -> RunSummary:
         stop_reason = None if step == total else (stop.reason or deadline_reached(c, longest_step_s, last_save_s))
         if checkpoint_due(c, step) or stop_reason is not None:
             save_started = time.monotonic()
-            save_checkpoint(c, step)
+            save_checkpoint(c, step, last)
             last_save_s = time.monotonic() - save_started
         if stop_reason is not None:
             return _stopped(c, last, stop_reason, steps_done=step - c.start_step)

@@ -50,16 +50,13 @@ from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, Sampli
 from cipo_nemo.models.policy.microbatches import combine_optimizer_steps, plan_mini_batches
 from cipo_nemo.models.rollout import responses_to_batch
 from cipo_nemo.samples import sample_records, write_samples
-from cipo_nemo.utils.checkpoint import CheckpointManager, resume_checkpoint
+from cipo_nemo.utils.checkpoint import POLICY_DIR, TRAINER_STATE, CheckpointManager, resume_checkpoint
 from cipo_nemo.utils.logger import MetricsLogger
 from cipo_nemo.utils.progress import StepProgress
 from cipo_nemo.utils.tracking import ids_to_continue
 from cipo_nemo.utils.timing import StageTimer
 
 logger = logging.getLogger(__name__)
-
-TRAINER_STATE = "trainer_state.pt"
-POLICY_DIR = "policy"
 
 
 @dataclass
@@ -131,7 +128,9 @@ def setup(cfg: MasterConfig, loaded_items: dict[str, list[TaskItem]] | None = No
         rho=RhoController(cfg.cipo.rho),
         metrics=MetricsLogger(logger_cfg=cfg.logger, run_dir=run_dir, run_name=cfg.run.name,
                               config=cfg.model_dump(mode="json"), continue_ids=ids_to_continue(cfg)),
-        checkpoints=CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpointing.keep_last),
+        checkpoints=CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpointing.keep_last,
+                                      keep_best=cfg.checkpointing.keep_best,
+                                      keep_best_mode=cfg.checkpointing.keep_best_mode),
         cluster=cluster,
     )
     maybe_resume(components)
@@ -438,8 +437,9 @@ def validate(c: Components, step: int) -> dict[str, float | None]:
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(c: Components, step: int) -> Path:
-    """Policy (weights + optimizer, dist_checkpointing on Megatron) and trainer state, published atomically."""
+def save_checkpoint(c: Components, step: int, metrics: dict[str, float | None] | None = None) -> Path:
+    """Policy (weights + optimizer, dist_checkpointing on Megatron) and trainer state, published atomically;
+    the step's validation `metrics` go with it (they rank it for checkpointing.keep_best)."""
 
     def write(directory: Path) -> None:
         c.policy.save_checkpoint(directory / POLICY_DIR)
@@ -447,7 +447,7 @@ def save_checkpoint(c: Components, step: int) -> Path:
         (directory / "config.yaml").write_text(to_yaml(c.cfg))
         c.metrics.save_tracking_ids(directory)  # the W&B / MLflow runs a resume from here continues
 
-    path = c.checkpoints.save(step, write)
+    path = c.checkpoints.save(step, write, metrics=metrics)
     logger.info("checkpoint step %d -> %s", step, path)
     return path
 

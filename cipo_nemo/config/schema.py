@@ -400,6 +400,11 @@ class CheckpointConfig(StrictModel):
     resume_from: str | None = Field(
         description="Checkpoint (or run directory: its latest) to start from when this run directory has none."
     )
+    keep_best: str | None = Field(
+        description="Validation metric (val/pass@K or val/reward_mean) whose best checkpoint is kept besides the "
+        "last keep_last, recorded in checkpoints/best.json (null: off)."
+    )
+    keep_best_mode: Literal["max", "min"] = Field(description="Whether the best keep_best value is the highest or lowest.")
     save_hf_at_end: bool = Field(description="Write the final policy as a Hugging Face directory (run_dir/hf_model).")
     checkpoint_must_save_by: str | None = Field(
         description="'DD:HH:MM:SS' or 'HH:MM:SS' since the driver started: checkpoint and stop (exit code 75) "
@@ -429,6 +434,25 @@ class ValidationConfig(StrictModel):
     pass_k: list[PositiveInt] = Field(min_length=1, description="k values reported as pass@k.")
     max_items: PositiveInt = Field(description="Held-out problems used per validation.")
     temperature: NonNegativeFloat = Field(description="Sampling temperature at validation.")
+
+
+def validation_metric_names(validation: ValidationConfig) -> list[str]:
+    """The metrics a validation step logs (trainer.validate): the mean reward and pass@k for each k."""
+    return ["val/reward_mean", *(f"val/pass@{k}" for k in validation.pass_k)]
+
+
+def _check_keep_best(checkpointing: CheckpointConfig, validation: ValidationConfig) -> None:
+    """keep_best ranks checkpoints by a metric validation computes at the steps they are saved at."""
+    metric = checkpointing.keep_best
+    if validation.every == 0:
+        raise ValueError(f"checkpointing.keep_best is {metric!r} but every is 0: set validation.every > 0 "
+                         "(the metric comes from validation) or keep_best to null")
+    if metric not in validation_metric_names(validation):
+        raise ValueError(f"checkpointing.keep_best {metric!r} is not a validation metric; one of "
+                         f"{validation_metric_names(validation)}")
+    if checkpointing.save_every == 0 or checkpointing.save_every % validation.every != 0:
+        raise ValueError(f"checkpointing.keep_best needs checkpointing.save_every ({checkpointing.save_every}) to be "
+                         f"a multiple of every ({validation.every}), so that each periodic checkpoint has the metric")
 
 
 class MasterConfig(StrictModel):
@@ -475,4 +499,7 @@ class MasterConfig(StrictModel):
             raise ValueError("every > 0 but data.validation is null (no held-out set)")
         if max(value.pass_k, default=1) > value.samples_per_prompt:
             raise ValueError(f"pass_k {value.pass_k} needs samples_per_prompt >= {max(value.pass_k)}")
+        checkpointing = info.data.get("checkpointing")
+        if checkpointing is not None and checkpointing.keep_best is not None:
+            _check_keep_best(checkpointing, value)
         return value

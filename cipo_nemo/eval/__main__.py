@@ -3,8 +3,10 @@
     python -m cipo_nemo.eval --model X --benchmarks humaneval,reasoning_gym:basic_arithmetic:20,path/to/file.jsonl \\
         --n 8 --k 1,2,4,8 --output-dir out [--config conf/...] [--max-items N] [--seed S] [key=value ...]
 
-``--model``: an HF checkpoint directory, a hub id in the offline cache, or a training run directory (its
-``hf_model/``; its ``config.yaml`` is then the default ``--config``). The config (default: the run's config, else
+``--model``: an HF checkpoint directory, a hub id in the offline cache, a training run directory (its
+``hf_model/``) or a training checkpoint ``RUN_DIR/checkpoints/step_N`` (exported once to an HF directory in the
+cache, as ``cipo-nemo export`` does, and reused); for a run or a checkpoint its ``config.yaml`` is the default
+``--config``. The config (default: the run's config, else
 conf/cipo_base.yaml) supplies ``data.instructions``, ``data.system_prompt``, ``cipo.templates``, ``generation``,
 ``verifier`` and ``policy.max_total_sequence_length``; ``key=value`` overrides change them
 (e.g. ``generation.backend=hf generation.temperature=0.6``). Writes results.json, samples.jsonl and
@@ -33,7 +35,8 @@ USAGE_ERRORS = (BenchmarkError, EvalError, ConfigError, DataError, ModelNotFound
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cipo_nemo.eval",
                                      description="Evaluate a model: avg@n, pass@k and correction scores.")
-    parser.add_argument("--model", required=True, help="HF directory, offline hub id, or training run directory")
+    parser.add_argument("--model", required=True,
+                        help="HF directory, offline hub id, training run directory, or RUN_DIR/checkpoints/step_N")
     parser.add_argument("--benchmarks", required=True,
                         help="comma-separated: humaneval, reasoning_gym:<name>[:size[:seed[:options]]] (options: JSON, e.g. {\"max_terms\": 2}), path/to/file.jsonl")
     parser.add_argument("--n", type=int, required=True, help="samples per problem")
@@ -62,11 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         check_k_list(args.k, n=args.n)
         if args.max_items is not None and args.max_items < 1:  # checked here too: before the model loads
             raise EvalError(f"--max-items must be >= 1, got {args.max_items}")
-        model_dir = resolve_eval_model(args.model)
+        benchmarks = parse_benchmark_list(args.benchmarks)  # before a checkpoint's export, which takes a while
         config_path = args.config or run_config_of(args.model) or DEFAULT_CONFIG
         cfg = load_config(config_path, args.overrides)
-        results = evaluate(model_dir, parse_benchmark_list(args.benchmarks), cfg=cfg, n=args.n, k_list=args.k,
-                           max_items=args.max_items, seed=args.seed, output_dir=args.output_dir)
+        model_dir = resolve_eval_model(args.model)
+        results = evaluate(model_dir, benchmarks, cfg=cfg, n=args.n, k_list=args.k, max_items=args.max_items,
+                           seed=args.seed, output_dir=args.output_dir)
     except USAGE_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

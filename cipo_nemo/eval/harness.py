@@ -8,7 +8,7 @@ with ``cipo.templates``) for correction benchmarks. Responses are decoded by the
 
 Two entry points:
 
-- :func:`evaluate`: a model directory (or a training run directory, or an offline hub id) -> builds its own
+- :func:`evaluate`: a model directory (or a training run directory or checkpoint, or an offline hub id) -> builds its own
   generation backend (``generation.backend``: vllm or hf), tokenizer and scorer, evaluates, shuts them down.
 - :func:`evaluate_benchmarks`: the same evaluation with components that already exist (the trainer's generation
   workers, tokenizer and scorer), which is how training-time validation can run it.
@@ -45,6 +45,7 @@ from cipo_nemo.eval.report import num_correct, summarize, summarize_correction, 
 from cipo_nemo.models.hub import ModelNotFoundError, resolve_model_dir
 from cipo_nemo.models.interfaces import GenerationBackend, SamplingSettings
 from cipo_nemo.models.rollout import responses_to_batch
+from cipo_nemo.utils.checkpoint import CHECKPOINTS_DIR, COMPLETE_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -173,18 +174,24 @@ def check_k_list(k_list: Sequence[int], *, n: int) -> list[int]:
 
 
 def resolve_eval_model(model: str | Path) -> Path:
-    """An HF checkpoint directory from an HF directory, a training run directory (its hf_model/) or a hub id
-    in the offline cache. A checkpoint step directory holds trainer state, not an HF model: an error says so."""
+    """An HF checkpoint directory from an HF directory, a training run directory (its hf_model/), a training
+    checkpoint (RUN_DIR/checkpoints/step_N: exported once into the cache, checkpoint_export.py) or a hub id in the
+    offline cache."""
     path = Path(model).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():
-        if (path / RUN_CONFIG_FILE).is_file() and path.parent.name == "checkpoints":
-            raise EvalError(f"--model: {path} is a training checkpoint (policy and optimizer state, not an HF model); "
-                            f"evaluate the run's {RUN_HF_MODEL_DIR}/ directory instead")
+        if is_training_checkpoint(path):
+            from cipo_nemo.models.policy.checkpoint_export import ExportError, cached_export  # imports torch
+
+            try:
+                return cached_export(path)
+            except ExportError as error:
+                raise EvalError(f"--model: {error}") from None
         if (path / RUN_CONFIG_FILE).is_file():
             hf_model = path / RUN_HF_MODEL_DIR
             if not (hf_model / "config.json").is_file():
                 raise EvalError(f"--model: training run {path} has no {RUN_HF_MODEL_DIR}/ (the run did not finish, "
-                                "or ran with checkpointing.save_hf_at_end=false)")
+                                "or ran with checkpointing.save_hf_at_end=false); evaluate one of its "
+                                f"{CHECKPOINTS_DIR}/step_N instead")
             return hf_model.resolve()
     try:
         return resolve_model_dir(str(model))
@@ -192,11 +199,16 @@ def resolve_eval_model(model: str | Path) -> Path:
         raise EvalError("--model: " + str(error).removeprefix("policy.model_name: ")) from None
 
 
+def is_training_checkpoint(path: Path) -> bool:
+    """A checkpoint directory (complete or not): a step_N directory of a run's checkpoints/, or one with the marker."""
+    return (path / COMPLETE_MARKER).is_file() or (path.parent.name == CHECKPOINTS_DIR and path.name.startswith("step_"))
+
+
 def run_config_of(model: str | Path) -> Path | None:
-    """The config.yaml of a training run directory, else None."""
+    """The config.yaml of a training run directory or of a training checkpoint, else None."""
     path = Path(model).expanduser()
     config = path / RUN_CONFIG_FILE
-    is_run = path.is_dir() and config.is_file() and (path / RUN_HF_MODEL_DIR).is_dir()
+    is_run = path.is_dir() and config.is_file() and ((path / RUN_HF_MODEL_DIR).is_dir() or is_training_checkpoint(path))
     return config if is_run else None
 
 

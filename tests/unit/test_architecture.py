@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "samples": 4,
     "eval": 5,
     "plan": 5,
+    "export": 5,
     "trainer": 6,
     "preflight": 6,
     "loop": 7,

@@ -225,3 +225,37 @@ def test_cli_error_is_one_line_and_nonzero():
     assert result.stderr.strip().splitlines() == [
         "config error: command line: loss.clip_high: Input should be greater than or equal to 0 (got -1)"
     ]
+
+
+# validation on a held-out set, every 5 steps, pass@1 and pass@4
+WITH_VALIDATION = ["++data.validation={kind: reasoning_gym, family: math, reasoning_gym: {name: basic_arithmetic, "
+                   "size: 8, seed: 1, options: {}}, file: {path: null, format: auto, split: null, fields: {id: null, "
+                   "prompt: prompt, messages: null, answer: answer, family: null}}}", "validation.every=5"]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["checkpointing.keep_best=val/pass@1"],
+         "validation: checkpointing.keep_best is 'val/pass@1' but every is 0: set validation.every > 0"),
+        ([*WITH_VALIDATION, "checkpointing.keep_best=val/pass@2", "checkpointing.save_every=10"],
+         "checkpointing.keep_best 'val/pass@2' is not a validation metric; one of ['val/reward_mean', 'val/pass@1', "
+         "'val/pass@4']"),
+        ([*WITH_VALIDATION, "checkpointing.keep_best=val/pass@1", "checkpointing.save_every=7"],
+         "checkpointing.keep_best needs checkpointing.save_every (7) to be a multiple of every (5)"),
+        ([*WITH_VALIDATION, "checkpointing.keep_best=val/pass@1", "checkpointing.save_every=0"],
+         "checkpointing.keep_best needs checkpointing.save_every (0) to be a multiple of every (5)"),
+        (["checkpointing.keep_best_mode=maximum"], "checkpointing.keep_best_mode: Input should be 'max' or 'min'"),
+    ],
+)
+def test_keep_best_needs_a_metric_that_validation_computes_at_each_save(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(BASE, overrides)
+    assert expected in str(err.value)
+
+
+def test_keep_best_accepts_a_validation_metric_at_save_steps():
+    cfg = load_config(BASE, [*WITH_VALIDATION, "checkpointing.keep_best=val/reward_mean", "checkpointing.save_every=10",
+                             "checkpointing.keep_best_mode=min"])
+    assert (cfg.checkpointing.keep_best, cfg.checkpointing.keep_best_mode) == ("val/reward_mean", "min")
+    assert load_config(BASE).checkpointing.keep_best is None  # off by default

@@ -22,7 +22,14 @@ from cipo_nemo.eval.benchmarks import (
     load_benchmarks,
     parse_benchmark_list,
 )
-from cipo_nemo.eval.harness import EvalError, benchmark_seed, check_k_list, judge_given_solutions, resolve_eval_model
+from cipo_nemo.eval.harness import (
+    EvalError,
+    benchmark_seed,
+    check_k_list,
+    judge_given_solutions,
+    resolve_eval_model,
+    run_config_of,
+)
 from cipo_nemo.eval.report import (
     build_pass_at_k_figure,
     format_table,
@@ -151,8 +158,13 @@ def test_model_resolution_of_run_directories_and_checkpoints(tmp_path):
     (run / "checkpoints" / "step_2" / "config.yaml").write_text("run: {}\n")
     with pytest.raises(EvalError, match="has no hf_model/"):
         resolve_eval_model(run)
-    with pytest.raises(EvalError, match="is a training checkpoint"):
+    # a checkpoint is exported (tests/functional/test_export.py); one whose save did not finish is an error
+    with pytest.raises(EvalError, match="step_2 is an incomplete checkpoint"):
         resolve_eval_model(run / "checkpoints" / "step_2")
+    (run / "checkpoints" / "step_2" / "COMPLETE").write_text("2\n")
+    with pytest.raises(EvalError, match="step_2 is a checkpoint without policy"):
+        resolve_eval_model(run / "checkpoints" / "step_2")
+    assert run_config_of(run / "checkpoints" / "step_2") == run / "checkpoints" / "step_2" / "config.yaml"
     (run / "hf_model").mkdir()
     (run / "hf_model" / "config.json").write_text("{}")
     assert resolve_eval_model(run) == (run / "hf_model").resolve()

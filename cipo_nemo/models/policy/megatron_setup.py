@@ -176,8 +176,11 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def build_megatron_model(*, policy_cfg: PolicyConfig) -> MegatronModel:
+def build_megatron_model(*, policy_cfg: PolicyConfig, for_training: bool = True) -> MegatronModel:
     """GPTModel chunks from the HF checkpoint `policy.model_name`, through megatron-bridge's AutoBridge.
+
+    `for_training=False` builds the bare model to load a checkpoint into (export): no HF weights are read, no
+    weights initialized, no DDP wrapper (and so no gradient buffers).
 
     Uses `to_megatron_provider(load_weights=True)` + `provide_distributed_model`. megatron-bridge 0.6.2 marks that
     path deprecated in favour of ModelConfig + ModelBuilder, but it has no HF -> GPTModelConfig conversion, and the
@@ -191,7 +194,9 @@ def build_megatron_model(*, policy_cfg: PolicyConfig) -> MegatronModel:
     layer_spec = resolve_layer_spec(megatron_cfg)
     dtype = resolve_param_dtype(policy_cfg)
     bridge = AutoBridge.from_hf_pretrained(policy_cfg.model_name, torch_dtype=dtype)
-    provider = bridge.to_megatron_provider(load_weights=True)
+    provider = bridge.to_megatron_provider(load_weights=for_training)
+    if not for_training:
+        provider.perform_initialization = False  # every weight comes from the checkpoint
     apply_parallel_layout(provider, megatron_cfg=megatron_cfg)
     apply_layer_spec(provider, layer_spec=layer_spec, local_core_attention=megatron_cfg.local_core_attention)
     apply_precision(provider, dtype=dtype)
@@ -199,7 +204,7 @@ def build_megatron_model(*, policy_cfg: PolicyConfig) -> MegatronModel:
     maybe_apply_fp8(provider, megatron_cfg=megatron_cfg, layer_spec=layer_spec)
     provider.seq_length = policy_cfg.max_total_sequence_length
     provider.finalize()
-    chunks = _provide_ddp_model(provider, megatron_cfg=megatron_cfg, dtype=dtype)
+    chunks = _provide_ddp_model(provider, megatron_cfg=megatron_cfg, dtype=dtype, wrap_with_ddp=for_training)
     _log_rank0("megatron model: %s from %s, %s layer spec, %s, %d layers", type(provider).__name__,
                policy_cfg.model_name, layer_spec, dtype, provider.num_layers)
     return MegatronModel(bridge=bridge, chunks=chunks, layer_spec=layer_spec, dtype=dtype)
@@ -297,7 +302,8 @@ def maybe_apply_fp8(provider: Any, *, megatron_cfg: MegatronConfig, layer_spec: 
                FP32_BLOCK_SCALES_VARIABLE, scales)
 
 
-def _provide_ddp_model(provider: Any, *, megatron_cfg: MegatronConfig, dtype: torch.dtype) -> list[Any]:
+def _provide_ddp_model(provider: Any, *, megatron_cfg: MegatronConfig, dtype: torch.dtype,
+                       wrap_with_ddp: bool) -> list[Any]:
     from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
 
     ddp_config = DistributedDataParallelConfig(
@@ -309,7 +315,7 @@ def _provide_ddp_model(provider: Any, *, megatron_cfg: MegatronConfig, dtype: to
     )
     chunks = provider.provide_distributed_model(
         ddp_config=ddp_config,
-        wrap_with_ddp=True,
+        wrap_with_ddp=wrap_with_ddp,
         use_cpu_initialization=not torch.cuda.is_available(),
         bf16=dtype == torch.bfloat16,
         fp16=False,

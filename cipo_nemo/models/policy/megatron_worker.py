@@ -42,6 +42,7 @@ from cipo_nemo.data.packing import (
 )
 from cipo_nemo.models.generation.refit import detach_for_transfer, write_refit_file
 from cipo_nemo.models.policy.chunked_logprobs import megatron_logprob_processor
+from cipo_nemo.models.policy.hf_directory import write_hf_directory
 from cipo_nemo.models.refit_profile import RefitProfile
 from cipo_nemo.models.policy.microbatches import align_logprobs, next_token_targets, plan_micro_batches
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
@@ -54,7 +55,7 @@ from cipo_nemo.models.policy.megatron_setup import (
 
 # dist_checkpointing metadata, as megatron's trainer writes with --dist-ckpt-optim-fully-reshardable: the
 # distributed optimizer's state is stored per parameter, so a checkpoint loads at any TP/PP/DP layout
-_FULLY_RESHARDABLE = {
+FULLY_RESHARDABLE = {
     "distrib_optim_sharding_type": "fully_reshardable",
     "singleton_local_shards": False,
     "chained_optim_avoid_prefix": True,
@@ -438,7 +439,7 @@ class MegatronPolicyWorker:
 
         _fill_empty_torch_adam_state(self._optimizer)
         metadata = {
-            **_FULLY_RESHARDABLE,
+            **FULLY_RESHARDABLE,
             "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
         }
         model_state = self._unwrapped_model().sharded_state_dict(metadata=metadata)
@@ -449,22 +450,11 @@ class MegatronPolicyWorker:
         }
 
     def save_hf(self, path: str | Path) -> None:
-        """A Hugging Face checkpoint directory of the current weights (what `save_pretrained` writes: config,
-        safetensors shards, generation config, tokenizer), written by rank 0. Collective.
-
-        Not megatron-bridge's `save_hf_pretrained`: its weight writer imports nvidia-modelopt unconditionally
-        (auto_bridge.py:1127, save_hf_weights), which is not part of either install profile. The bridge still
-        writes the config and tokenizer artifacts of the source checkpoint (`save_artifacts`).
-        """
+        """A Hugging Face checkpoint directory of the current weights (hf_directory.py), written by rank 0.
+        Collective."""
         weights = self.export_hf_weights()
         if weights is not None:
-            path = Path(path)
-            self._bridge.hf_pretrained.save_artifacts(path)
-            if self._policy.tokenizer is not None:
-                from transformers import AutoTokenizer
-
-                AutoTokenizer.from_pretrained(self._policy.tokenizer).save_pretrained(str(path))
-            _write_safetensors(weights, path)
+            write_hf_directory(Path(path), weights, bridge=self._bridge, tokenizer=self._policy.tokenizer)
         dist.barrier()
 
     def shutdown(self) -> None:
@@ -544,21 +534,6 @@ def _torch_adam_step_set_aside(optimizer: Any) -> Iterator[None]:
             for state in inner.state.values():
                 if "step" in state:
                     state["step"] = state["step"].clone()
-
-
-def _write_safetensors(weights: dict[str, torch.Tensor], path: Path) -> None:
-    """Shards (+ index when sharded) as `save_pretrained` lays them out."""
-    import json
-
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    plan = split_torch_state_dict_into_shards(weights)
-    for filename, names in plan.filename_to_tensors.items():
-        save_file({name: weights[name].contiguous() for name in names}, path / filename, metadata={"format": "pt"})
-    if plan.is_sharded:
-        index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def _first_rank_on_node() -> bool:
