@@ -124,3 +124,21 @@ def test_resume_continues_exactly(arithmetic_model, tmp_path):
                           weights_only=True)["model"] for run in ("straight", "resumed")]
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_keep_best_keeps_the_best_validated_checkpoint_across_a_resume(arithmetic_model, tmp_path):
+    # GRPO, validation and a checkpoint every step, keep_last 1: two steps, then resumed to four
+    best_of = ("cipo.enabled=false", "validation.every=1", "checkpointing.save_every=1", "checkpointing.keep_last=1",
+               "checkpointing.keep_best=val/reward_mean", "logger.plot=false", "logger.tensorboard=false")
+    _run(arithmetic_model, tmp_path / "run", *best_of)
+    _run(arithmetic_model, tmp_path / "run", *best_of, "grpo.num_steps=4")
+    records = _records(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    values = [r["val/reward_mean"] for r in records]
+    best_step = values.index(max(values)) + 1  # the first of equals
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == sorted({f"step_{best_step:06d}", "step_000004"})
+    best = json.loads((checkpoints / "best.json").read_text())
+    assert (best["step"], best["value"], best["metric"]) == (best_step, max(values), "val/reward_mean")
+    stored = json.loads((checkpoints / f"step_{best_step:06d}" / "metrics.json").read_text())["metrics"]
+    assert stored == {key: value for key, value in records[best_step - 1].items() if key.startswith("val/")}
