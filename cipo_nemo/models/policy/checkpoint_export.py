@@ -79,18 +79,21 @@ def checkpoint_policy(checkpoint: Path) -> PolicyConfig:
     except ValidationError as error:
         problems = "; ".join(f"policy.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()[:3])
         raise ExportError(f"{config_file}: not a readable policy config: {problems}") from None
-    resolved = {"model_name": str(_local_model_dir(policy.model_name, "policy.model_name", config_file))}
+    # directories, as the factory hands them to the workers (nothing is looked up on the hub from here on)
+    model_dir = _local_model_dir(policy.model_name, "policy.model_name", config_file, revision=policy.model_revision)
+    resolved = {"model_name": str(model_dir), "model_revision": None}
     if policy.tokenizer is not None:
         resolved["tokenizer"] = str(_local_model_dir(policy.tokenizer, "policy.tokenizer", config_file))
     return policy.model_copy(update=resolved)
 
 
-def _local_model_dir(name: str, key: str, config_file: Path) -> Path:
-    """The run's base model (or tokenizer) directory, which gives the export its HF config and tokenizer files."""
+def _local_model_dir(name: str, key: str, config_file: Path, *, revision: str | None = None) -> Path:
+    """The run's base model (or tokenizer) directory, which gives the export its HF config and tokenizer files.
+    Never downloads: it is where the run found it (a directory or the Hugging Face cache)."""
     try:
-        found = find_local_model_dir(name)
+        found = find_local_model_dir(name, revision, key=key)
     except ModelNotFoundError as error:
-        found, reason = None, str(error).removeprefix("policy.model_name: ")
+        found, reason = None, str(error).removeprefix(f"{key}: ")
     else:
         reason = "it is neither a local directory nor in the offline cache"
     if found is None:
