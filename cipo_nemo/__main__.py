@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_training(cfg, loaded_items) -> int:
+    from cipo_nemo.data.sources import DataError
     from cipo_nemo.distributed import WorkerDiedError
     from cipo_nemo.loop import REQUEUE_EXIT_CODE, train
     from cipo_nemo.trainer import setup, shutdown
@@ -85,6 +86,9 @@ def run_training(cfg, loaded_items) -> int:
             shutdown_after_failure(components)
             raise
         shutdown(components)
+    except DataError as err:  # found in setup, with the tokenizer (e.g. no prompt fits data.max_prompt_tokens)
+        print(f"data error: {err}", file=sys.stderr)
+        return 2
     except WorkerDiedError as error:
         logging.getLogger("cipo_nemo").error("%s", error)  # with the remote traceback, for the log
         line, code = after_worker_death(cfg, error.summary(), requeue_exit_code=REQUEUE_EXIT_CODE)

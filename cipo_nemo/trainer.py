@@ -108,11 +108,12 @@ def setup(cfg: MasterConfig, loaded_items: dict[str, list[TaskItem]] | None = No
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     tokenizer = build_tokenizer(cfg.policy, chat_template=cfg.data.chat_template)
-    cluster = build_cluster(cfg) if needs_ray(cfg) else None
     loaded_items = loaded_items or {}
+    # prompts first: a data set with nothing that fits data.max_prompt_tokens stops here, before Ray and workers
     train_items = load_prompts(cfg, tokenizer, split="train", items=loaded_items.get("train"))
     validation_items = (load_prompts(cfg, tokenizer, split="validation", items=loaded_items.get("validation"))
                         if cfg.data.validation else [])
+    cluster = build_cluster(cfg) if needs_ray(cfg) else None
     components = Components(
         cfg=cfg,
         run_dir=run_dir,

@@ -59,6 +59,7 @@ def test_local_recipe_trains_a_tiny_model_through_nemo_run(recipes, tmp_path, ne
         "cipo.max_anchors_per_step=2", "generation.max_new_tokens=8", f"run.output_dir={run_dir}",
         "data.train.reasoning_gym.size=8", "checkpointing.save_hf_at_end=false", "logger.tensorboard=false",
         "logger.plot=false",
+        "data.max_prompt_tokens=400",  # the default's system prompt is ~240 tokens in the tiny model's small BPE
     ]
     task, executor = recipes.local_recipe(recipes.PRESETS["smollm2_cpu"], overrides)
     assert "-m cipo_nemo --config conf/cipo_smollm2_cpu.yaml policy.model_name=" in task.inline

@@ -111,13 +111,14 @@ def test_grpo_has_the_keys_but_no_values_and_no_warning(caplog) -> None:
 
 
 @pytest.mark.parametrize(("share", "line"), [(0.96, "  rho at a bound in 96% of steps\n"), (None, None)])
-def test_the_run_summary_prints_the_bound_share(monkeypatch, capsys, share, line) -> None:
+def test_the_run_summary_prints_the_bound_share(monkeypatch, capsys, tmp_path, share, line) -> None:
     summary = loop.RunSummary(run_dir=Path("run"), steps_done=3, last_metrics={}, plot=None,
                                  rho_at_bound_share=share)
     monkeypatch.setattr(trainer, "setup", lambda cfg, items: None)
     monkeypatch.setattr(loop, "train", lambda components: summary)
     monkeypatch.setattr(trainer, "shutdown", lambda components: None)
-    cfg = SimpleNamespace(checkpointing=SimpleNamespace(save_hf_at_end=False))
+    cfg = SimpleNamespace(checkpointing=SimpleNamespace(save_hf_at_end=False),
+                          run=SimpleNamespace(output_dir=str(tmp_path)))
     assert entry.run_training(cfg, None) == 0
     printed = capsys.readouterr().out
     assert ("rho at a bound" in printed) == (line is not None)
