@@ -37,7 +37,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,23 +97,17 @@ FORMATS: dict[str, PromptFormat] = {
         correction_template=_ATTEMPT_BLOCK + "If the previous attempt is wrong, correct it; if it is right, keep "
         "it. Write the calculation with the result in \\boxed{}, for example: 12 + 7 = \\boxed{19}",
         max_new_tokens=64),
-    # a system prompt with the reply form and one worked example (few-shot through data.system_prompt)
-    "sys_answer_is": PromptFormat(
-        instruction="Reply in one short sentence: The answer is <number>.",
-        correction_template=_ATTEMPT_BLOCK + "If the previous attempt is wrong, give the correct answer; if it is "
-        "right, keep it. Reply in one short sentence: The answer is <number>.",
-        max_new_tokens=64,
-        system_prompt="You are a careful calculator. Reply to every question with one sentence of the form "
-        "'The answer is N.', where N is the final number. Example: to 'Calculate 12 + 7.' you reply "
-        "'The answer is 19.'"),
-    "sys_boxed": PromptFormat(
-        instruction="Reply with only the final answer, written as \\boxed{answer}.",
-        correction_template=_ATTEMPT_BLOCK + "If the previous attempt is wrong, give the correct answer; if it is "
-        "right, keep it. Reply with only the final answer, written as \\boxed{answer}.",
-        max_new_tokens=64,
-        system_prompt="You are a careful calculator. Reply to every question with only the final number written "
-        "as \\boxed{N}. Example: to 'Calculate 12 + 7.' you reply '\\boxed{19}'."),
 }
+# the same formats with a system prompt giving the reply form and one worked example (few-shot through
+# data.system_prompt)
+FORMATS["sys_answer_is"] = replace(
+    FORMATS["answer_is"],
+    system_prompt="You are a careful calculator. Reply to every question with one sentence of the form "
+    "'The answer is N.', where N is the final number. Example: to 'Calculate 12 + 7.' you reply 'The answer is 19.'")
+FORMATS["sys_boxed"] = replace(
+    FORMATS["short"],
+    system_prompt="You are a careful calculator. Reply to every question with only the final number written "
+    "as \\boxed{N}. Example: to 'Calculate 12 + 7.' you reply '\\boxed{19}'.")
 
 
 @dataclass(frozen=True)
