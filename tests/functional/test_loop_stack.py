@@ -58,12 +58,12 @@ def test_cipo_and_grpo_on_megatron_and_vllm(arithmetic_model, tmp_path):
     assert all(r["train/token_mult_prob_error"] < 1.05 for r in grpo)
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout_s: float) -> None:
+def _wait_for(path: Path, process: subprocess.Popen, timeout_s: float, poll_s: float = 0.5) -> None:
     deadline = time.monotonic() + timeout_s
     while not path.exists():
         assert process.poll() is None, "the run ended before writing " + str(path)
         assert time.monotonic() < deadline, f"{path} did not appear within {timeout_s} s"
-        time.sleep(0.5)
+        time.sleep(poll_s)
 
 
 def _processes() -> dict[int, tuple[int, bytes]]:
@@ -160,11 +160,17 @@ def test_engine_death_requeues_and_the_rerun_matches_an_uninterrupted_run(arithm
     with stdout_path.open("w") as stdout, (tmp_path / "drill_stderr.txt").open("w") as stderr:
         process = subprocess.Popen(command, cwd=REPO, stdout=stdout, stderr=stderr, start_new_session=True)
     try:
-        _wait_for(run_dir / "checkpoints" / "step_000001" / "COMPLETE", process, timeout_s=600)
-        assert [r["step"] for r in _records(run_dir)] == [1]
-        engines = _engine_core_processes(pids_before)
-        assert len(engines) == 1, f"expected one vLLM engine core under a Ray actor, found {engines}"
-        os.kill(engines[0], signal.SIGKILL)
+        _wait_for(run_dir / "checkpoints" / "step_000001" / "COMPLETE", process, timeout_s=600, poll_s=0.02)
+        # Freeze the driver at once, so that step 2 cannot finish (and checkpoint) while the engine is looked up:
+        # on a loaded CI machine a whole tiny-model step fit between a slower poll and the kill.
+        os.kill(process.pid, signal.SIGSTOP)
+        try:
+            assert [r["step"] for r in _records(run_dir)] == [1]
+            engines = _engine_core_processes(pids_before)
+            assert len(engines) == 1, f"expected one vLLM engine core under a Ray actor, found {engines}"
+            os.kill(engines[0], signal.SIGKILL)
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
         returncode = process.wait(timeout=300)  # a dead engine must end the run, not hang it
     finally:
         if process.poll() is None:  # it hung or the test failed: end it as the kill-and-resume test does
