@@ -98,6 +98,19 @@ FORMATS: dict[str, PromptFormat] = {
         "it. Write the calculation with the result in \\boxed{}, for example: 12 + 7 = \\boxed{19}",
         max_new_tokens=64),
 }
+# the calculation alone, no answer marker: how the format warm-up collects the model's own results
+FORMATS["calc"] = PromptFormat(
+    instruction="Write the calculation and its result.",
+    correction_template=_ATTEMPT_BLOCK + "If the previous attempt is wrong, correct it; if it is right, keep it. "
+    "Write the calculation and its result.",
+    max_new_tokens=48)
+# the calculation first, then the answer marker: the form the format warm-up (benchmarks/format_warmup.py) teaches;
+# on the base model, asked for the calculation alone ("calc"), 59% of replies hold an "= N" and 32% a right one
+FORMATS["calc_answer_is"] = PromptFormat(
+    instruction="Write the calculation, then finish with: The answer is <number>.",
+    correction_template=_ATTEMPT_BLOCK + "If the previous attempt is wrong, correct it; if it is right, keep it. "
+    "Write the calculation, then finish with: The answer is <number>.",
+    max_new_tokens=64)
 # the same formats with a system prompt giving the reply form and one worked example (few-shot through
 # data.system_prompt)
 FORMATS["sys_answer_is"] = replace(
@@ -127,9 +140,9 @@ class ScreenConfig:
                             self.prompt_format, temperature)
 
 
-def _arith(digits: int, terms: int) -> dict[str, Any]:
-    return {"min_terms": terms, "max_terms": terms, "min_digits": digits, "max_digits": digits,
-            "operators": ["+", "-"], "allow_parentheses": False, "allow_negation": False}
+def _arith(digits: int, terms: int, *, min_digits: int | None = None) -> dict[str, Any]:
+    return {"min_terms": terms, "max_terms": terms, "min_digits": digits if min_digits is None else min_digits,
+            "max_digits": digits, "operators": ["+", "-"], "allow_parentheses": False, "allow_negation": False}
 
 
 def _chain(digits: int, terms: int) -> dict[str, Any]:
@@ -139,6 +152,7 @@ def _chain(digits: int, terms: int) -> dict[str, Any]:
 _TASKS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {  # name: (generator, options, hard options)
     "ba_1d2t": ("basic_arithmetic", _arith(1, 2), _arith(2, 3)),
     "ba_2d2t": ("basic_arithmetic", _arith(2, 2), _arith(3, 3)),
+    "ba_12d2t": ("basic_arithmetic", _arith(2, 2, min_digits=1), _arith(2, 3)),  # one- and two-digit terms
     "chain_1d2t": ("chain_sum", _chain(1, 2), _chain(2, 3)),
     "chain_1d3t": ("chain_sum", _chain(1, 3), _chain(2, 4)),
     "products_1d": ("products", {"min_digits": 1, "max_digits": 1}, {"min_digits": 2, "max_digits": 2}),
@@ -391,6 +405,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", type=Path, default=REPO / "docs" / "results" / "task_screen.md")
     parser.add_argument("--report-only", action="store_true", help="rebuild the table from --work-dir")
     parser.add_argument("--force", action="store_true", help="rerun configurations already saved")
+    parser.add_argument("--model", default=None,
+                        help="screen this model directory instead of the config's (e.g. a format warm-up's output)")
+    parser.add_argument("--model-tag", default=None, help="label suffix for --model's rows (required with --model)")
     parser.add_argument("overrides", nargs="*", help="config overrides for conf/cipo_smollm2_cpu.yaml")
     return parser.parse_args(argv)
 
@@ -406,9 +423,15 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"error: unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}", file=sys.stderr)
             return 2
-        engine = Engine(load_config(CONFIG, args.overrides))
+        if (args.model is None) != (args.model_tag is None):
+            print("error: --model and --model-tag go together (the tag keeps its rows apart)", file=sys.stderr)
+            return 2
+        overrides = [*args.overrides, *([f"policy.model_name={args.model}"] if args.model else [])]
+        engine = Engine(load_config(CONFIG, overrides))
         try:
             for config in (CONFIGS[label].at_temperature(args.temperature) for label in labels):
+                if args.model_tag:
+                    config = replace(config, label=f"{config.label}_{args.model_tag}")
                 label = config.label
                 out = args.work_dir / f"{label}.json"
                 if out.is_file() and not args.force:
@@ -418,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = screen_one(config, engine, problems=args.problems, n=args.n,
                                      hard_problems=args.hard_problems, hard_n=args.hard_n, seed=args.seed,
                                      samples_dir=args.work_dir / "samples")
+                row["model"] = args.model or engine.cfg.policy.model_name
                 out.write_text(json.dumps(row, indent=2) + "\n")
                 print(markdown_table([row]).splitlines()[-1], flush=True)
         finally:
