@@ -8,8 +8,11 @@ Megatron train step is split into its phases (zero-grad + schedule = forward/bac
 the worker's `_run_schedule` and its optimizer's `step`. `--profile` adds one torch.profiler step per variant
 (top ops by self CPU time) and counts the Python calls the CPU compatibility mode (cpu_compat.py) intercepts.
 
-    python benchmarks/megatron_train_profile.py                       # hf, megatron, megatron_no_distopt, packed
-    python benchmarks/megatron_train_profile.py --variants hf megatron --repeats 5 --profile
+    python benchmarks/megatron_train_profile.py       # hf, megatron, megatron_dp1_collectives, megatron_no_distopt
+    python benchmarks/megatron_train_profile.py --variants hf megatron megatron_packed hf_packed --profile --cprofile
+
+`megatron_dp1_collectives` is `megatron` with the distributed optimizer's one-rank all-gather / reduce-scatter put
+back (cpu_compat skips them at DP 1): the A/B of that change in one run.
 
 Run it under the machine's shared lock (flock /tmp/cipo_heavy.lock ...): other load slows torch's threads 20-300x.
 """
@@ -32,6 +35,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from benchmarks.speed.cpu_watch import CpuWatch  # noqa: E402
 from cipo_nemo.algorithms.loss import PolicyLoss  # noqa: E402
 from cipo_nemo.config import load_config  # noqa: E402
 from cipo_nemo.data.batch import Batch  # noqa: E402
@@ -249,11 +253,15 @@ def main() -> int:
             phases.clear()
     seconds: dict[str, list[float]] = {name: [] for name in policies}
     losses: dict[str, list[float]] = {name: [] for name in policies}
-    for _ in range(args.repeats):
-        for name, policy in policies.items():
-            elapsed, loss = train_once(policy, batch, denominator)
-            seconds[name].append(elapsed)
-            losses[name].append(loss)
+    with CpuWatch() as watch:
+        for _ in range(args.repeats):
+            for name, policy in policies.items():
+                elapsed, loss = train_once(policy, batch, denominator)
+                seconds[name].append(elapsed)
+                losses[name].append(loss)
+    report = watch.report
+    print(f"other processes' CPU during the timed steps: {report.other_s:.1f} s in {report.wall_s:.0f} s "
+          f"({report.other_share:.1%} of a core)")
     reference = statistics.median(seconds[args.variants[0]])
     print(f"\n{'variant':<28} {'median s':>9} {'min s':>7} {'x ' + args.variants[0]:>8}  phases (median s)  all s")
     for name in policies:
