@@ -13,7 +13,7 @@ and adds a Python hop per torch call: ~1.2 us, 20k calls (25 ms) in a SmolLM2-13
 (docs/notes/megatron_train_speed.md).
 
 One patch is for speed, not CUDA: at data-parallel size 1 the distributed optimizer's all-gather and reduce-scatter
-over the whole parameter/gradient buffer are the identity, and over gloo they cost 1.5 s per SmolLM2 step; they are
+over the whole parameter/gradient buffer are the identity, and over gloo they cost 1.4 s per SmolLM2 step; they are
 skipped for one-rank groups (`_patch_single_rank_buffer_collectives`).
 
 Two import-time helpers are needed on any machine where they apply, CUDA or not:
@@ -255,7 +255,8 @@ def _patch_single_rank_buffer_collectives() -> None:
     # distributed/param_and_grad_buffer.py:515 (start_param_sync: all-gather of the updated parameters) and :712
     # (start_grad_sync: reduce-scatter of the gradients) run even when the distributed optimizer's group has one
     # rank (DP 1), where both are the identity: the one shard *is* the whole buffer. Gloo still pushes the whole
-    # buffer through its transport: 1.5 s of a 6.6 s SmolLM2-135M train step here (docs/notes/megatron_train_speed.md).
+    # buffer through its transport: 1.4 s of a 6.5-7.1 s SmolLM2-135M train step here
+    # (docs/notes/megatron_train_speed.md).
     # megatron skips the one-rank gather itself on its layer-wise path (:402), not on this one.
     buffers.dist_all_gather_func = _identity_for_one_rank(buffers.dist_all_gather_func)
     buffers.dist_reduce_scatter_func = _identity_for_one_rank(buffers.dist_reduce_scatter_func)
