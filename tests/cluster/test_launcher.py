@@ -105,10 +105,10 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tiny_run, tmp_path
               "step 1")
     # What `#SBATCH --signal=B:USR1@300` does before the time limit: the signal to the batch shell only.
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id)
-    # The attempt ends (COMPLETING), then the job waits as PENDING for its next start.
-    _wait_for(lambda: (lambda i: (i["Restarts"], i["JobState"]) == ("1", "PENDING"))(slurm_cluster.job(job_id)),
-              slurm_cluster, job_id, log_dir, "the requeue")
-    assert slurm_cluster.job(job_id)["Reason"] == "BeginTime"
+    # The attempt ends (COMPLETING), then the job waits as PENDING for its next start, held until its begin time
+    # (Slurm shows Reason=None for a moment after the requeue, until its scheduler has looked at the job).
+    _wait_for(lambda: (lambda i: (i["Restarts"], i["JobState"], i["Reason"]) == ("1", "PENDING", "BeginTime"))(
+        slurm_cluster.job(job_id)), slurm_cluster, job_id, log_dir, "the requeue, held until its begin time")
     # Slurm holds a requeued job for ~2 min (EligibleTime = requeue + 121 s) so that its next launch credential
     # postdates the revoked one (whole seconds). Release it sooner, but only once the node has finished the first
     # attempt and a new second has begun: released at once, slurmd refused it ("Job credential revoked").

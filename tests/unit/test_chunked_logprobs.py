@@ -38,8 +38,12 @@ def test_chunked_equals_full_vocab_values_and_gradients(vocab: int, chunk_tokens
     (naive * weights).sum().backward()
     assert chunked.shape == naive.shape == targets.shape
     torch.testing.assert_close(chunked, naive, rtol=0, atol=1e-5)
-    torch.testing.assert_close(chunked_grads[0], states.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(chunked_grads[1], head.weight.grad, rtol=1e-5, atol=1e-6)
+    # The state gradient sums p_v W_v over the whole vocabulary in fp32, and the kernel's accumulation order
+    # follows the chunk's shape: at vocab 49152 a 3-token chunk was 1.0e-4 from a float64 reference on an AMD EPYC
+    # (the whole-batch pass 2.5e-5; gradients up to 3.8). A misplaced chunk or a lost gradient is off by O(1).
+    atol = 1e-6 if vocab < 1000 else 5e-4
+    torch.testing.assert_close(chunked_grads[0], states.grad, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(chunked_grads[1], head.weight.grad, rtol=1e-5, atol=atol)
 
 
 def test_chunks_bound_the_logits_alive_at_once() -> None:
