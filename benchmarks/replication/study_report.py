@@ -11,6 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from benchmarks.replication.arms import DATA_ORDER_FILE, VAL0_FILE
 from benchmarks.replication.paired import PairedDifference, paired_difference, per_problem
 from cipo_nemo.utils.logger import METRICS_FILE, read_metrics
 
@@ -36,16 +39,20 @@ Settings:
 """
 
 UNITS = ("start", "grpo", "cipo")
+FINDINGS_FILE = "findings.md"  # written by hand after the runs: what happened, what a bigger run would need
 
 
 def load_seed(seed_dir: Path) -> dict[str, Any]:
     """The finished units' results and training metrics of one seed."""
-    out: dict[str, Any] = {"seed": seed_dir.name, "results": {}, "metrics": {}}
+    out: dict[str, Any] = {"seed": seed_dir.name, "results": {}, "metrics": {}, "val0": {}, "data_order": {}}
     for unit in UNITS:
         if (seed_dir / unit / "done.json").is_file():
             out["results"][unit] = json.loads((seed_dir / unit / "results.json").read_text())
         if (seed_dir / unit / METRICS_FILE).is_file():  # a resumed arm's repeated steps keep their latest record
             out["metrics"][unit] = read_metrics(seed_dir / unit)
+        for key, name in (("val0", VAL0_FILE), ("data_order", DATA_ORDER_FILE)):
+            if (seed_dir / unit / name).is_file():
+                out[key][unit] = json.loads((seed_dir / unit / name).read_text())
     return out
 
 
@@ -58,10 +65,9 @@ def problems(results: dict[str, Any], benchmark: str, *, attempt_correct: bool |
     return [record for record in records if record["solution_correct"] == attempt_correct]
 
 
-def comparisons(grpo: dict[str, Any], cipo: dict[str, Any], k_max: int) -> dict[str, PairedDifference | None]:
-    """CIPO - GRPO per problem: mean and bootstrap interval, for every pre-registered statistic (None where the
-    evaluations have no problem of that kind, e.g. no correction prompt fit the context)."""
-    rows = {
+def statistics(k_max: int) -> dict[str, tuple[str, bool | None, str]]:
+    """The pre-registered per-problem statistics: label -> (benchmark, quoted attempt right / wrong / any, statistic)."""
+    return {
         "held-out avg@n": ("heldout", None, "avg"),
         f"held-out pass@{k_max}": ("heldout", None, f"pass@{k_max}"),
         "hard avg@n": ("hard", None, "avg"),
@@ -70,8 +76,22 @@ def comparisons(grpo: dict[str, Any], cipo: dict[str, Any], k_max: int) -> dict[
         "wrong->right": ("correction", False, "avg"),
         "right->right": ("correction", True, "avg"),
     }
+
+
+def unit_means(results: dict[str, Any], k_max: int) -> dict[str, float | None]:
+    """One model's mean over problems of every pre-registered statistic (None: no problem of that kind)."""
+    out: dict[str, float | None] = {}
+    for label, (bench, subset, statistic) in statistics(k_max).items():
+        values = per_problem(problems(results, bench, attempt_correct=subset), statistic)
+        out[label] = sum(values.values()) / len(values) if values else None
+    return out
+
+
+def comparisons(grpo: dict[str, Any], cipo: dict[str, Any], k_max: int) -> dict[str, PairedDifference | None]:
+    """CIPO - GRPO per problem: mean and bootstrap interval, for every pre-registered statistic (None where the
+    evaluations have no problem of that kind, e.g. no correction prompt fit the context)."""
     out: dict[str, PairedDifference | None] = {}
-    for label, (bench, subset, statistic) in rows.items():
+    for label, (bench, subset, statistic) in statistics(k_max).items():
         a = per_problem(problems(grpo, bench, attempt_correct=subset), statistic)
         b = per_problem(problems(cipo, bench, attempt_correct=subset), statistic)
         out[label] = paired_difference(a, b, statistic=statistic) if set(a) & set(b) else None
@@ -152,27 +172,38 @@ def equal_tokens(metrics: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def write_report(results_dir: Path, report: Path) -> Path:
+    """The report: the pre-registration, the findings written after the runs (`findings.md` in the results
+    directory, when there is one), then per seed the tables, verdicts, curves and liveness from the results."""
     seeds = [load_seed(path) for path in sorted(results_dir.glob("seed*"))]
     lines = ["# CIPO vs GRPO from an instruct checkpoint", ""]
     prereg = results_dir / "preregistration.md"
     lines += [prereg.read_text().replace("# Pre-registration", "## Pre-registration", 1) if prereg.is_file()
               else "(no pre-registration found)", ""]
-    for seed in seeds:
-        lines += _seed_section(seed)
+    findings = results_dir / FINDINGS_FILE
+    if findings.is_file():
+        lines += [findings.read_text().strip(), ""]
     report.parent.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        curves = report.with_name(f"{report.stem}_{seed['seed']}.png")
+        lines += _seed_section(seed, curves if plot_arms(seed, curves) else None)
     report.write_text("\n".join(lines) + "\n")
     return report
 
 
-def _seed_section(seed: dict[str, Any]) -> list[str]:
+def _seed_section(seed: dict[str, Any], curves: Path | None) -> list[str]:
     lines = [f"## {seed['seed']}", ""]
     missing = [unit for unit in UNITS if unit not in seed["results"]]
     if missing:
         lines += [f"Not finished yet: {', '.join(missing)}.", ""]
+    if seed["results"]:
+        lines += [*unit_table(seed["results"]), ""]
+    if curves is not None:
+        lines += [f"![validation and training reward per arm]({curves.name})", ""]
     if "grpo" not in seed["results"] or "cipo" not in seed["results"]:
         return lines
     grpo, cipo = seed["results"]["grpo"], seed["results"]["cipo"]
     k_max = max(grpo["k"])
+    lines += [same_data_order(seed["data_order"]), ""]
     diff = comparisons(grpo, cipo, k_max)
     lines += ["| statistic (per problem) | problems | GRPO | CIPO | CIPO - GRPO | 95% interval |", "|---|---|---|---|---|---|"]
     lines += [f"| {label} | 0 | | | | |" if d is None else
@@ -188,3 +219,66 @@ def _seed_section(seed: dict[str, Any]) -> list[str]:
 
 def _fmt(d: PairedDifference) -> str:
     return f"{d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}] over {d.problems} problems"
+
+
+def unit_table(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Every finished model's means, start included: did training move anything at all?"""
+    k_max = max(max(unit["k"]) for unit in results.values())
+    labels = list(statistics(k_max))
+    lines = ["| model | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for unit in UNITS:
+        if unit in results:
+            means = unit_means(results[unit], k_max)
+            lines.append(f"| {unit} | " + " | ".join("-" if means[label] is None else f"{means[label]:.3f}"
+                                                     for label in labels) + " |")
+    return lines
+
+
+def same_data_order(data_order: dict[str, list[list[str]]]) -> str:
+    """Whether both arms trained on the same prompts in the same order (from the recorded batches)."""
+    if set(data_order) != {"grpo", "cipo"}:
+        return "Data order: not recorded for both arms."
+    grpo, cipo = data_order["grpo"], data_order["cipo"]
+    shared = min(len(grpo), len(cipo))
+    same = grpo[:shared] == cipo[:shared]
+    return (f"Data order: the first {shared} batches {'are' if same else 'are NOT'} the same prompts in the same "
+            f"order in both arms (recorded batches: GRPO {len(grpo)}, CIPO {len(cipo)}).")
+
+
+def plot_arms(seed: dict[str, Any], path: Path) -> bool:
+    """Validation reward per step and per generated token (from the shared step-0 validation), and the training
+    base reward, for each arm with metrics; False (nothing drawn) when no arm has any."""
+    arms = [arm for arm in ("grpo", "cipo") if seed["metrics"].get(arm)]
+    if not arms:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for arm in arms:
+        records = seed["metrics"][arm]
+        tokens = np.cumsum([r.get("tokens/generated") or 0.0 for r in records])
+        start = seed["val0"].get(arm, {}).get("val/reward_mean")
+        val = [(r["step"], total, r["val/reward_mean"]) for r, total in zip(records, tokens)
+               if r.get("val/reward_mean") is not None]
+        val = ([(0, 0.0, start)] if start is not None else []) + val
+        if val:
+            steps, spent, rewards = zip(*val)
+            axes[0].plot(steps, rewards, marker="o", markersize=3, label=arm)
+            axes[1].plot(spent, rewards, marker="o", markersize=3, label=arm)
+        base = [(r["step"], r["reward/base_mean"]) for r in records if r.get("reward/base_mean") is not None]
+        if base:
+            axes[2].plot(*zip(*base), linewidth=0.8, label=arm)
+    for axis, title, xlabel in zip(axes, ("validation reward", "validation reward", "training reward (base stream)"),
+                                   ("step", "generated tokens", "step")):
+        axis.set_title(title)
+        axis.set_xlabel(xlabel)
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True

@@ -81,7 +81,7 @@ def test_the_report_applies_the_pre_registered_test(tmp_path: Path) -> None:
 
 
 def test_an_unfinished_seed_is_reported_as_missing_not_guessed(tmp_path: Path) -> None:
-    _write_unit(tmp_path, "start", _results([[0]], [[0]], [[0]], [[1]]))
+    _write_unit(tmp_path, "start", _results([[0] * 4], [[0] * 4], [[0] * 4], [[1] * 4]))
     text = write_report(tmp_path, tmp_path / "report.md").read_text()
     assert "Not finished yet: grpo, cipo." in text and "claim" not in text
 
@@ -125,3 +125,34 @@ def test_a_claim_without_problems_is_not_testable(tmp_path: Path) -> None:
     assert "| 3. wrong->right up, right->right not down | not testable | no problems for wrong->right, right->right |" \
         in text
     assert "| 1. CIPO > GRPO, held-out avg@n, equal steps | not shown |" in text
+
+
+def test_the_report_shows_every_models_means_the_data_order_curves_and_findings(tmp_path: Path) -> None:
+    start = _results([[0, 0, 0, 0]] * 4, [[0, 0, 0, 0]] * 4, [[0, 0, 0, 0]] * 2, [[1, 1, 1, 1]] * 2)
+    grpo = _results([[1, 0, 0, 0]] * 4, [[0, 0, 0, 0]] * 4, [[1, 0, 0, 0]] * 2, [[1, 1, 0, 0]] * 2)
+    metrics = [{"step": s, "tokens/generated": 10.0 * s, "reward/base_mean": 0.1 * s,
+                "val/reward_mean": 0.2 if s == 2 else None} for s in (1, 2)]
+    _write_unit(tmp_path, "start", start)
+    _write_unit(tmp_path, "grpo", grpo, metrics)
+    _write_unit(tmp_path, "cipo", grpo, metrics)
+    for arm, order in (("grpo", [["a", "b"], ["c", "d"]]), ("cipo", [["a", "b"], ["c", "e"]])):
+        (tmp_path / "seed0" / arm / "data_order.json").write_text(json.dumps(order))
+        (tmp_path / "seed0" / arm / "val0.json").write_text(json.dumps({"val/reward_mean": 0.05}))
+    (tmp_path / "findings.md").write_text("## What happened\n\nNothing moved.\n")
+    text = write_report(tmp_path, tmp_path / "report.md").read_text()
+    header = "| model | held-out avg@n | held-out pass@4 | hard avg@n | hard pass@1 | hard pass@4 | wrong->right | right->right |"
+    assert header in text
+    assert "| start | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 | 1.000 |" in text
+    assert "| grpo | 0.250 | 1.000 | 0.000 | 0.000 | 0.000 | 0.250 | 0.500 |" in text
+    assert "the first 2 batches are NOT the same prompts in the same order" in text
+    assert "## What happened\n\nNothing moved." in text
+    assert text.index("## What happened") < text.index("## seed0")
+    assert "![validation and training reward per arm](report_seed0.png)" in text
+    assert (tmp_path / "report_seed0.png").stat().st_size > 10_000
+
+
+def test_a_seed_with_only_the_start_evaluated_draws_no_curves(tmp_path: Path) -> None:
+    _write_unit(tmp_path, "start", _results([[1, 0, 0, 1]], [[0] * 4], [[0] * 4], [[1] * 4]))
+    text = write_report(tmp_path, tmp_path / "report.md").read_text()
+    assert "| start | 0.500 |" in text and ".png" not in text
+    assert not (tmp_path / "report_seed0.png").exists()
