@@ -36,6 +36,8 @@ def test_the_study_runs_in_resumable_units(tmp_path: Path, capsys) -> None:
     assert {"heldout", "hard", "correction"} <= set(results["benchmarks"])
     report = (tmp_path / "report.md").read_text()
     assert "## Pre-registration" in report and "| 1. CIPO > GRPO, held-out avg@n, equal steps |" in report
+    assert "the first 2 batches are the same prompts in the same order" in report
+    assert "| start |" in report and (tmp_path / "report_seed0.png").is_file()
     capsys.readouterr()
     assert study_instruct.main(argv) == 0
     assert capsys.readouterr().out.count("done before") == 3
