@@ -12,7 +12,9 @@ Both arms: the same config (--config + overrides), seed, data order, steps and b
 every finished unit (metrics.jsonl, config.yaml, the evaluation's results.json with per-problem rewards, the
 sample dumps) are copied to --results-dir, meant to be committed, so the study can run in parts, days apart; the
 report (--report) is rebuilt from those files alone. The pre-registration (metrics and test) is written to
---results-dir before the first unit runs and never changed afterwards; the report quotes it.
+--results-dir before the first unit runs and never changed afterwards; the report quotes it. Each finished unit
+records the sha256 of the start model's weights; an invocation whose start model differs (the warm-up redone on
+another machine) stops before any work instead of comparing arms that started from different weights.
 
     python benchmarks/study_instruct.py --steps 100 --prompts-per-step 8 --samples-per-prompt 4
     python benchmarks/study_instruct.py --report-only
@@ -21,6 +23,7 @@ report (--report) is rebuilt from those files alone. The pre-registration (metri
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -43,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 ARMS = ("grpo", "cipo")
 HELDOUT, HARD, CORRECTION = "heldout", "hard", "correction"
 DONE_FILE = "done.json"
+START_MODEL_KEY = "start_model_sha256"  # in done.json: the weights the unit's models descend from
 SMALL_RUN_FILES = ("metrics.jsonl", "config.yaml", "val0.json", "data_order.json")
 
 
@@ -103,7 +107,37 @@ def unit_dir(args: argparse.Namespace, seed: int, unit: str) -> Path:
     return args.results_dir / f"seed{seed}" / unit
 
 
-def run_unit(args: argparse.Namespace, seed: int, unit: str, sets: dict[str, list[TaskItem]]) -> None:
+def start_model_fingerprint(model: str) -> str:
+    """sha256 of a local start model's weight files; a hub id stands for itself. The format warm-up is not
+    bit-reproducible across machines (its bf16 training differs in the last digits), so a seed's units must be
+    checked to come from the same weights, not from the same path."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return model
+    digest = hashlib.sha256()
+    for weights in sorted(path.glob("*.safetensors")):
+        with weights.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def check_same_start_model(args: argparse.Namespace, seed: int, fingerprint: str) -> None:
+    """Stop, before any work, when a finished unit of this seed started from other weights."""
+    for unit in ("start", *ARMS):
+        done = unit_dir(args, seed, unit) / DONE_FILE
+        if not done.is_file():
+            continue
+        recorded = json.loads(done.read_text()).get(START_MODEL_KEY)
+        if recorded != fingerprint:
+            raise SystemExit(
+                f"{done}: this unit ran from start-model weights {recorded or '(not recorded)'}, but the start model "
+                f"now has {fingerprint}: a comparison needs one start checkpoint. Restore that model, or move "
+                f"{done.parent.parent} away to run the whole seed again from the present one.")
+
+
+def run_unit(args: argparse.Namespace, seed: int, unit: str, sets: dict[str, list[TaskItem]], *,
+             fingerprint: str) -> None:
     """One unit, unless its results exist; an interrupted arm resumes from its run directory's checkpoint."""
     done = unit_dir(args, seed, unit) / DONE_FILE
     if done.is_file():
@@ -121,7 +155,7 @@ def run_unit(args: argparse.Namespace, seed: int, unit: str, sets: dict[str, lis
                             is_start=unit == "start")
     (unit_dir(args, seed, unit) / "results.json").write_text(json.dumps(results))
     done.write_text(json.dumps({"unit": unit, "seed": seed, "seconds": time.monotonic() - started,
-                                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
+                                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), START_MODEL_KEY: fingerprint}))
     print(f"[seed {seed}] {unit}: {time.monotonic() - started:.0f}s", flush=True)
 
 
@@ -183,9 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         preregister(args)
         for seed in args.seeds:
-            sets = evaluation_sets(arm_config(args, seed=seed, arm="cipo"), args)
+            cfg = arm_config(args, seed=seed, arm="cipo")
+            fingerprint = start_model_fingerprint(cfg.policy.model_name)
+            check_same_start_model(args, seed, fingerprint)
+            sets = evaluation_sets(cfg, args)
             for unit in ("start", *ARMS):
-                run_unit(args, seed, unit, sets)
+                run_unit(args, seed, unit, sets, fingerprint=fingerprint)
     path = write_report(args.results_dir, args.report)
     print(f"report: {path}")
     return 0

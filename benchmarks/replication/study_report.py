@@ -66,7 +66,8 @@ def problems(results: dict[str, Any], benchmark: str, *, attempt_correct: bool |
 
 
 def statistics(k_max: int) -> dict[str, tuple[str, bool | None, str]]:
-    """The pre-registered per-problem statistics: label -> (benchmark, quoted attempt right / wrong / any, statistic)."""
+    """The pre-registered per-problem statistics: label -> (benchmark, quoted attempt right / wrong / any,
+    statistic)."""
     return {
         "held-out avg@n": ("heldout", None, "avg"),
         f"held-out pass@{k_max}": ("heldout", None, f"pass@{k_max}"),

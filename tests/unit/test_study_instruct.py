@@ -95,7 +95,7 @@ def test_a_finished_unit_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         raise AssertionError("a finished arm was trained again")
 
     monkeypatch.setattr(study_instruct, "run_arm", must_not_train)
-    study_instruct.run_unit(args, 0, "grpo", sets={})
+    study_instruct.run_unit(args, 0, "grpo", sets={}, fingerprint="abc")
 
 
 def test_preregistration_is_written_once(tmp_path: Path) -> None:
@@ -140,7 +140,8 @@ def test_the_report_shows_every_models_means_the_data_order_curves_and_findings(
         (tmp_path / "seed0" / arm / "val0.json").write_text(json.dumps({"val/reward_mean": 0.05}))
     (tmp_path / "findings.md").write_text("## What happened\n\nNothing moved.\n")
     text = write_report(tmp_path, tmp_path / "report.md").read_text()
-    header = "| model | held-out avg@n | held-out pass@4 | hard avg@n | hard pass@1 | hard pass@4 | wrong->right | right->right |"
+    header = ("| model | held-out avg@n | held-out pass@4 | hard avg@n | hard pass@1 | hard pass@4 | wrong->right "
+              "| right->right |")
     assert header in text
     assert "| start | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 | 1.000 |" in text
     assert "| grpo | 0.250 | 1.000 | 0.000 | 0.000 | 0.000 | 0.250 | 0.500 |" in text
@@ -156,3 +157,26 @@ def test_a_seed_with_only_the_start_evaluated_draws_no_curves(tmp_path: Path) ->
     text = write_report(tmp_path, tmp_path / "report.md").read_text()
     assert "| start | 0.500 |" in text and ".png" not in text
     assert not (tmp_path / "report_seed0.png").exists()
+
+
+def test_units_of_one_seed_must_come_from_the_same_start_weights(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights one")
+    first = study_instruct.start_model_fingerprint(str(model))
+    assert study_instruct.start_model_fingerprint("org/hub-id") == "org/hub-id"
+    args = study_instruct.parse_args(["--results-dir", str(tmp_path / "results")])
+    study_instruct.check_same_start_model(args, 0, first)  # nothing finished yet: nothing to compare
+    start = study_instruct.unit_dir(args, 0, "start")
+    start.mkdir(parents=True)
+    (start / study_instruct.DONE_FILE).write_text(json.dumps({study_instruct.START_MODEL_KEY: first}))
+    study_instruct.check_same_start_model(args, 0, first)
+
+    (model / "model.safetensors").write_bytes(b"weights two")  # the warm-up redone on another machine
+    second = study_instruct.start_model_fingerprint(str(model))
+    assert second != first
+    with pytest.raises(SystemExit, match=f"ran from start-model weights {first}, but the start model now has {second}"):
+        study_instruct.check_same_start_model(args, 0, second)
+    (start / study_instruct.DONE_FILE).write_text("{}")  # a unit finished before fingerprints were recorded
+    with pytest.raises(SystemExit, match=r"weights \(not recorded\)"):
+        study_instruct.check_same_start_model(args, 0, first)
