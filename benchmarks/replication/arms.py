@@ -55,6 +55,7 @@ class ArmResult:
 
 def run_arm(cfg: MasterConfig) -> ArmResult:
     """Validate the starting policy, train cfg.grpo.num_steps steps, save the final policy; return its records.
+    An arm stopped early (a signal, the save deadline) ends the process with one line: it has no final policy.
 
     A run directory with a checkpoint resumes (the loop's own resume): the step-0 validation is kept from the
     first attempt, and the data order continues from the checkpoint's step (batches of steps after it, which
@@ -72,10 +73,14 @@ def run_arm(cfg: MasterConfig) -> ArmResult:
         else:
             val0 = validate(components, 0) if cfg.validation.every else {}
             (run_dir / VAL0_FILE).write_text(json.dumps(val0, indent=1))
-        train(components)
+        summary = train(components)
     finally:
         (run_dir / DATA_ORDER_FILE).write_text(json.dumps(recorder.batches))
         shutdown(components)
+    if summary.stopped_early:  # SIGTERM/SIGUSR1 or the save deadline: a checkpoint, no final policy to evaluate
+        raise SystemExit(f"{cfg.run.name}: training stopped early ({summary.stopped_early}) after step "
+                         f"{components.start_step + summary.steps_done} of {cfg.grpo.num_steps}; run the same "
+                         f"command again to resume from {run_dir / 'checkpoints'}")
     return ArmResult(run_dir=run_dir, records=read_metrics(run_dir), val0=val0, data_order=recorder.batches,
                      seconds=time.monotonic() - started)
 

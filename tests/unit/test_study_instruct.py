@@ -180,3 +180,28 @@ def test_units_of_one_seed_must_come_from_the_same_start_weights(tmp_path: Path)
     (start / study_instruct.DONE_FILE).write_text("{}")  # a unit finished before fingerprints were recorded
     with pytest.raises(SystemExit, match=r"weights \(not recorded\)"):
         study_instruct.check_same_start_model(args, 0, first)
+
+
+def test_an_arm_stopped_early_is_not_evaluated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM mid-arm leaves a checkpoint and no final policy: the unit must stop, not evaluate or be marked
+    done."""
+    from types import SimpleNamespace
+
+    from benchmarks.replication import arms
+    from cipo_nemo.data.sampler import PromptSampler
+    from cipo_nemo.loop import RunSummary
+
+    args = study_instruct.parse_args(["--results-dir", str(tmp_path / "results"), "--output-dir", str(tmp_path / "out"),
+                                      "--steps", "100"])
+    cfg = study_instruct.arm_config(args, seed=0, arm="cipo")
+    Path(cfg.run.output_dir).mkdir(parents=True)
+    components = SimpleNamespace(sampler=PromptSampler.__new__(PromptSampler), start_step=10)
+    monkeypatch.setattr(arms, "setup", lambda cfg: components)
+    monkeypatch.setattr(arms, "validate", lambda components, step: {"val/reward_mean": 0.5})
+    monkeypatch.setattr(arms, "shutdown", lambda components: None)
+    monkeypatch.setattr(arms, "train", lambda components: RunSummary(
+        run_dir=Path(cfg.run.output_dir), steps_done=7, last_metrics={}, plot=None, stopped_early="signal SIGTERM"))
+    monkeypatch.setattr(study_instruct, "evaluate_unit", lambda *a, **k: pytest.fail("a stopped arm was evaluated"))
+    with pytest.raises(SystemExit, match=r"stopped early \(signal SIGTERM\) after step 17 of 100; run the same"):
+        study_instruct.run_unit(args, 0, "cipo", sets={}, fingerprint="abc")
+    assert not (study_instruct.unit_dir(args, 0, "cipo") / study_instruct.DONE_FILE).exists()
