@@ -40,10 +40,12 @@ def cumulative_tokens(records: list[dict[str, Any]]) -> list[float]:
 
 
 def validation_curve(arm: dict[str, Any], key: str = "val/pass@1") -> tuple[list[int], list[float], list[float]]:
-    """(steps, cumulative generated tokens, values) at every validation, starting with step 0 (the warm start)."""
+    """(steps, cumulative generated tokens, values) at every validation, starting with step 0 (the warm start)
+    when the arm validated it."""
     records = arm["records"]
     tokens = cumulative_tokens(records)
-    steps, xs, ys = [0], [0.0], [arm["val0"][key]]
+    start = arm["val0"].get(key)
+    steps, xs, ys = ([0], [0.0], [start]) if start is not None else ([], [], [])
     for record, total in zip(records, tokens):
         if record.get(key) is not None:
             steps.append(record["step"])

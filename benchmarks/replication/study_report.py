@@ -11,10 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from benchmarks.replication.arms import DATA_ORDER_FILE, VAL0_FILE
 from benchmarks.replication.paired import PairedDifference, paired_difference, per_problem
+from benchmarks.replication.report import ARMS, validation_curve
 from cipo_nemo.utils.logger import METRICS_FILE, read_metrics
 
 PREREGISTRATION = """# Pre-registration (written {date}, before any unit of the study ran)
@@ -249,7 +248,7 @@ def same_data_order(data_order: dict[str, list[list[str]]]) -> str:
 def plot_arms(seed: dict[str, Any], path: Path) -> bool:
     """Validation reward per step and per generated token (from the shared step-0 validation), and the training
     base reward, for each arm with metrics; False (nothing drawn) when no arm has any."""
-    arms = [arm for arm in ("grpo", "cipo") if seed["metrics"].get(arm)]
+    arms = [arm for arm in ARMS if seed["metrics"].get(arm)]
     if not arms:
         return False
     import matplotlib
@@ -260,13 +259,9 @@ def plot_arms(seed: dict[str, Any], path: Path) -> bool:
     figure, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for arm in arms:
         records = seed["metrics"][arm]
-        tokens = np.cumsum([r.get("tokens/generated") or 0.0 for r in records])
-        start = seed["val0"].get(arm, {}).get("val/reward_mean")
-        val = [(r["step"], total, r["val/reward_mean"]) for r, total in zip(records, tokens)
-               if r.get("val/reward_mean") is not None]
-        val = ([(0, 0.0, start)] if start is not None else []) + val
-        if val:
-            steps, spent, rewards = zip(*val)
+        steps, spent, rewards = validation_curve({"records": records, "val0": seed["val0"].get(arm, {})},
+                                                 key="val/reward_mean")
+        if steps:
             axes[0].plot(steps, rewards, marker="o", markersize=3, label=arm)
             axes[1].plot(spent, rewards, marker="o", markersize=3, label=arm)
         base = [(r["step"], r["reward/base_mean"]) for r in records if r.get("reward/base_mean") is not None]
