@@ -113,6 +113,19 @@ def test_checkpoint_round_trip_continues_the_same_run(llama_dir: Path, tmp_path:
     assert max_weight_diff(_weights(straight), _weights(resumed)) == 0.0
 
 
+def test_a_checkpoint_of_an_unfused_adam_resumes_fused(llama_dir: Path, tmp_path: Path) -> None:
+    """A load replaces the optimizer's param groups with the saved ones; fused Adam (fp32 on CPU) is set again."""
+    policy_cfg = make_policy(llama_dir)
+    saved = HFPolicy(policy=policy_cfg, num_steps=4, seed=0)
+    assert [group["fused"] for group in saved._optimizer.param_groups] == [True, True]
+    for group in saved._optimizer.param_groups:  # as checkpoints written before fused Adam have them
+        group["fused"] = None
+    saved.save_checkpoint(tmp_path / "unfused")
+    resumed = HFPolicy(policy=policy_cfg, num_steps=4, seed=1)
+    resumed.load_checkpoint(tmp_path / "unfused")
+    assert [group["fused"] for group in resumed._optimizer.param_groups] == [True, True]
+
+
 def test_reference_logprobs_stay_at_the_initial_weights(llama_dir: Path) -> None:
     batch = make_batch(vocab_size=_vocab_size(llama_dir))
     policy = HFPolicy(policy=make_policy(llama_dir, logprob_micro_batch_size=3), num_steps=4, seed=0)

@@ -115,7 +115,8 @@ def single_rank_checks(rank: int, world_size: int, policies: dict[str, PolicyCon
     for name, policy in policies.items():
         batch = batches[name]
         worker = MegatronPolicyWorker(policy=policy, num_steps=4, seed=0)
-        result = {"initial_logprobs": worker.get_logprobs(batch), "initial_export": worker.export_hf_weights()}
+        result = {"initial_logprobs": worker.get_logprobs(batch), "initial_export": worker.export_hf_weights(),
+                  "adam_fused": _adam_fused(worker)}
         result["step"] = worker.train(batch, LOSS, global_denominator=_denominator([batch]))
         result["stepped_logprobs"] = worker.get_logprobs(batch)
         result["reference_logprobs"] = worker.get_reference_logprobs(batch)
@@ -151,6 +152,13 @@ def single_rank_checks(rank: int, world_size: int, policies: dict[str, PolicyCon
             update={"megatron": llama.megatron.model_copy(update={"tensor_parallel": 2})})),
     }
     return results
+
+
+def _adam_fused(worker: Any) -> list[bool]:
+    """Per torch Adam inside the worker's megatron optimizer: does it step with the fused CPU kernel?"""
+    from cipo_nemo.models.policy.megatron_worker import _torch_adams
+
+    return [all(group["fused"] for group in inner.param_groups) for _, inner in _torch_adams(worker._optimizer)]
 
 
 def _mini_batch_plan(num_samples: int) -> list[list[int]]:
@@ -225,6 +233,7 @@ def pp2_checks(rank: int, world_size: int, policies: dict[str, PolicyConfig], ba
         if name == "llama":
             # the TP=2 checkpoint (weights, Adam state, schedule position after step 1), resharded to PP=2
             worker.load_checkpoint(checkpoint_dir)
+            result["adam_fused_after_load"] = _adam_fused(worker)
             result["loaded_logprobs"] = worker.get_logprobs(batch)
             result["second_step"] = worker.train(batch, LOSS, global_denominator=denominator)
             result["second_step_export"] = worker.export_hf_weights()
@@ -465,13 +474,15 @@ def test_export_to_file_and_save_hf(single: dict[str, Any], tp2: dict[str, Any],
     )
 
 
-def test_checkpoint_saved_at_tp2_loads_at_pp2(tp2: dict[str, Any], pp2: dict[str, Any]) -> None:
+def test_checkpoint_saved_at_tp2_loads_at_pp2(single: dict[str, Any], tp2: dict[str, Any], pp2: dict[str, Any]) -> None:
     saved, loaded = _output(tp2, "llama"), _output(pp2, "llama")
     assert max_abs_diff(loaded["loaded_logprobs"], saved["stepped_logprobs"]) < 1e-5
     # Adam moments and the LR schedule position came back too: step 2 continues the run
     assert loaded["second_step"]["lr"] == saved["second_step"]["lr"] == pytest.approx(7.5e-4)
     assert loaded["second_step"]["loss"] == pytest.approx(saved["second_step"]["loss"], rel=1e-5, abs=1e-7)
     assert loaded["second_step"]["grad_norm"] == pytest.approx(saved["second_step"]["grad_norm"], rel=1e-5)
+    # fused CPU Adam when built (test_fused_cpu_adam.py) and again after the load replaced its param groups
+    assert single["llama"]["adam_fused"] == [True] and loaded["adam_fused_after_load"] == [True]
     # the weights after step 2 agree (Adam's step count and moments were restored, not restarted)
     tp2_export = tp2["per_rank"][0]["llama"]["second_step_export"]
     pp2_export = pp2["per_rank"][0]["llama"]["second_step_export"]  # global rank 0 (first stage) holds the export

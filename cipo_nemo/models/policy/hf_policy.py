@@ -21,7 +21,7 @@ from cipo_nemo.models.generation.refit import write_refit_file
 from cipo_nemo.models.policy.chunked_logprobs import chunked_token_logprobs, full_vocab_logprobs
 from cipo_nemo.models.policy.microbatches import align_logprobs, next_token_targets, plan_micro_batches
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
-from cipo_nemo.models.policy.megatron_setup import build_lr_scheduler, resolve_param_dtype
+from cipo_nemo.models.policy.megatron_setup import build_lr_scheduler, resolve_param_dtype, use_fused_adam_on_cpu
 
 CHECKPOINT_FILE = "policy.pt"
 
@@ -172,6 +172,7 @@ class HFPolicy:
         state = torch.load(checkpoint_file, map_location=self._device, weights_only=True)
         self._model.load_state_dict(state["model"])
         self._optimizer.load_state_dict(state["optimizer"])
+        use_fused_adam_on_cpu(self._optimizer)
         self._lr_schedule.load_state_dict(state["lr_schedule"])
 
     def save_hf(self, path: str | Path) -> None:
@@ -193,7 +194,7 @@ def build_adamw(*, optimizer_cfg: OptimizerConfig, model: torch.nn.Module) -> to
         if not parameter.requires_grad:
             continue
         (not_decayed if parameter.ndim == 1 or name.endswith(".bias") else decayed).append(parameter)
-    return torch.optim.AdamW(
+    optimizer = torch.optim.AdamW(
         [
             {"params": decayed, "weight_decay": optimizer_cfg.weight_decay},
             {"params": not_decayed, "weight_decay": 0.0},
@@ -202,6 +203,8 @@ def build_adamw(*, optimizer_cfg: OptimizerConfig, model: torch.nn.Module) -> to
         betas=(optimizer_cfg.adam_beta1, optimizer_cfg.adam_beta2),
         eps=optimizer_cfg.adam_eps,
     )
+    use_fused_adam_on_cpu(optimizer)
+    return optimizer
 
 
 def _plain_lm_head(config: object) -> bool:

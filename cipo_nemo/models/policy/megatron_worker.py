@@ -50,6 +50,7 @@ from cipo_nemo.models.policy.megatron_setup import (
     build_lr_scheduler,
     build_megatron_model,
     build_optimizer,
+    use_fused_adam_on_cpu,
     init_parallel_state,
 )
 
@@ -424,6 +425,8 @@ class MegatronPolicyWorker:
         self._unwrapped_model().load_state_dict(state["model"])
         with _torch_adam_step_set_aside(self._optimizer):
             self._optimizer.load_state_dict(state["optimizer"])
+        for _, inner in _torch_adams(self._optimizer):
+            use_fused_adam_on_cpu(inner)
         self._lr_schedule.load_state_dict(state["lr_schedule"])
 
     def _unwrapped_model(self) -> Any:
