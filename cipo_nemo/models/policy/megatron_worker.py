@@ -50,8 +50,8 @@ from cipo_nemo.models.policy.megatron_setup import (
     build_lr_scheduler,
     build_megatron_model,
     build_optimizer,
-    use_fused_adam_on_cpu,
     init_parallel_state,
+    use_fused_adam_on_cpu,
 )
 
 # dist_checkpointing metadata, as megatron's trainer writes with --dist-ckpt-optim-fully-reshardable: the
