@@ -59,7 +59,8 @@ def test_launcher_refuses_outside_an_allocation():
 
 FAKE_SRUN = r"""#!/bin/bash
 # Record the step (its arguments, the open-files limit it inherited, whether the Ray head was up), then act it out.
-{ printf '%s\t' "$(ulimit -n)" "$([ -e "$FAKE_DIR/head_up" ] && echo head-up || echo head-down)"; printf '%s ' "$@"; echo; } >> "$FAKE_DIR/srun.log"
+# One write per record: steps started together append concurrently, and separate writes interleaved their lines.
+printf '%s\t%s\t%s\n' "$(ulimit -n)" "$([ -e "$FAKE_DIR/head_up" ] && echo head-up || echo head-down)" "$(printf '%s ' "$@")" >> "$FAKE_DIR/srun.log"
 case " $* " in
     *" start --head "*) sleep 0.5; touch "$FAKE_DIR/head_up"; echo "Ray runtime started."; exec sleep 300 ;;
     *ray_worker.sh*) exec sleep 300 ;;
@@ -67,7 +68,7 @@ esac
 exit 0
 """
 FAKE_PYTHON = r"""#!/bin/bash
-{ printf '%s\t' "$(ulimit -n)" "$([ -e "$FAKE_DIR/head_up" ] && echo head-up || echo head-down)"; printf '%s ' "$@"; echo; } >> "$FAKE_DIR/python.log"
+printf '%s\t%s\t%s\n' "$(ulimit -n)" "$([ -e "$FAKE_DIR/head_up" ] && echo head-up || echo head-down)" "$(printf '%s ' "$@")" >> "$FAKE_DIR/python.log"
 case " $* " in
     *" -c "*) echo 41001 41002 41003 41004 ;;
     *" start --head "*) sleep 0.5; touch "$FAKE_DIR/head_up"; echo "Ray runtime started."; exec sleep 300 ;;
