@@ -354,8 +354,6 @@ def build_optimizer(*, optimizer_cfg: OptimizerConfig, model: MegatronModel) -> 
         params_dtype=model.dtype,
     )
     optimizer = get_megatron_optimizer(config, model.chunks)
-    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
-        use_fused_adam_on_cpu(megatron_optimizer.optimizer)
     for chunk in model.chunks:
         # the schedule multiplies the last stage's loss by the loss scale (1 without fp16)
         chunk.config.grad_scale_func = optimizer.scale_loss
@@ -371,7 +369,8 @@ def use_fused_adam_on_cpu(optimizer: torch.optim.Optimizer) -> bool:
     foreach path is for accelerators); the fused CPU kernel does the same update in one pass (SmolLM2-135M, 2
     threads: 0.05-0.07 s per step instead of 0.165 s, weights equal within 1e-8; docs/notes/step_speed.md).
     Torch reads the flag from the param groups at every step; a checkpoint load replaces the groups with the saved
-    ones, so the policies apply it again after loading. Returns whether the kernel is used.
+    ones, so the policies apply it when they build the optimizer and again after loading. Returns whether the
+    kernel is used.
     """
     if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         return False

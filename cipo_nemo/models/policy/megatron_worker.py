@@ -107,6 +107,7 @@ class MegatronPolicyWorker:
         model = build_megatron_model(policy_cfg=policy)
         self._bridge, self._chunks, self._layer_spec = model.bridge, model.chunks, model.layer_spec
         self._optimizer = build_optimizer(optimizer_cfg=policy.optimizer, model=model)
+        _use_fused_cpu_adams(self._optimizer)
         self._lr_schedule = build_lr_scheduler(optimizer_cfg=policy.optimizer, num_steps=num_steps)
         self._reference_weights = maybe_snapshot_reference(policy.reference_policy, self._named_parameters)
 
@@ -425,8 +426,7 @@ class MegatronPolicyWorker:
         self._unwrapped_model().load_state_dict(state["model"])
         with _torch_adam_step_set_aside(self._optimizer):
             self._optimizer.load_state_dict(state["optimizer"])
-        for _, inner in _torch_adams(self._optimizer):
-            use_fused_adam_on_cpu(inner)
+        _use_fused_cpu_adams(self._optimizer)  # the load replaced the param groups, flag included
         self._lr_schedule.load_state_dict(state["lr_schedule"])
 
     def _unwrapped_model(self) -> Any:
@@ -479,6 +479,11 @@ def _torch_adams(optimizer: Any) -> Iterator[tuple[Any, torch.optim.Optimizer]]:
         inner = megatron_optimizer.optimizer
         if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
             yield megatron_optimizer, inner
+
+
+def _use_fused_cpu_adams(optimizer: Any) -> None:
+    for _, inner in _torch_adams(optimizer):
+        use_fused_adam_on_cpu(inner)
 
 
 def _fill_empty_torch_adam_state(optimizer: Any) -> None:
