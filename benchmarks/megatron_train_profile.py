@@ -12,7 +12,8 @@ the worker's `_run_schedule` and its optimizer's `step`. `--profile` adds one to
     python benchmarks/megatron_train_profile.py --variants hf megatron megatron_packed hf_packed --profile --cprofile
 
 `megatron_dp1_collectives` is `megatron` with the distributed optimizer's one-rank all-gather / reduce-scatter put
-back (cpu_compat skips them at DP 1): the A/B of that change in one run.
+back (cpu_compat skips them at DP 1): the A/B of that change in one run. `megatron_every_position` and
+`hf_every_position` project every position in the training pass, not only those that predict a response token.
 
 Run it under the machine's shared lock (flock /tmp/cipo_heavy.lock ...): other load slows torch's threads 20-300x.
 """
@@ -56,8 +57,27 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # "megatron" with gloo's one-rank all-gather / reduce-scatter of the DDP buffers put back (the state before
     # cpu_compat skipped them at DP 1)
     "megatron_dp1_collectives": ("megatron", []),
+    # the training pass's output projection over every position, prompt included (before it took the response
+    # positions only, as TRL's logits_to_keep does)
+    "megatron_every_position": ("megatron", []),
+    "hf_every_position": ("hf", []),
 }
 WITH_DP1_COLLECTIVES = {"megatron_dp1_collectives"}
+EVERY_POSITION = {"megatron_every_position", "hf_every_position"}
+
+
+@contextlib.contextmanager
+def every_position(on: bool):
+    """Temporarily make both policies' training pass project every position (no trained-position selection)."""
+    from cipo_nemo.models.policy import hf_policy, megatron_worker
+
+    patched = hf_policy.trained_positions, megatron_worker.trained_positions
+    if on:
+        hf_policy.trained_positions = megatron_worker.trained_positions = lambda response_mask: None
+    try:
+        yield
+    finally:
+        hf_policy.trained_positions, megatron_worker.trained_positions = patched
 
 
 @contextlib.contextmanager
@@ -140,7 +160,7 @@ def _time_phases(worker) -> None:
 
 
 def train_once(policy, batch: Batch, denominator: float) -> tuple[float, float]:
-    with dp1_collectives(getattr(policy, "dp1_collectives", False)):
+    with dp1_collectives(getattr(policy, "dp1_collectives", False)), every_position(policy.every_position):
         started = time.perf_counter()
         metrics = policy.train(batch, LOSS, global_denominator=denominator)
         return time.perf_counter() - started, metrics["loss"]
@@ -248,6 +268,7 @@ def main() -> int:
         backend, overrides = VARIANTS[name]
         policies[name] = build_policy(backend, overrides, model_dir)
         policies[name].dp1_collectives = name in WITH_DP1_COLLECTIVES
+        policies[name].every_position = name in EVERY_POSITION
         train_once(policies[name], batch, denominator)  # warm-up (optimizer state, buffers)
         for phases in getattr(policies[name], "phase_seconds", {}).values():
             phases.clear()

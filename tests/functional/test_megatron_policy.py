@@ -10,10 +10,12 @@ Four multi-rank runs, each a module fixture that checks several things at once (
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import typing
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,12 +128,17 @@ def single_rank_checks(rank: int, world_size: int, policies: dict[str, PolicyCon
     # the same llama step in one micro-batch of 8 (the runs above use 4 micro-batches of 2), and with megatron's
     # plain (not distributed) optimizer
     llama = policies["llama"]
+    # (unchunked, so each position reaches the output layer once: counted)
     one_micro_batch = llama.model_copy(
-        update={"micro_batch_size": 8, "megatron": llama.megatron.model_copy(update={"distributed_optimizer": False})}
+        update={"micro_batch_size": 8, "logprob_chunk_tokens": 0,
+                "megatron": llama.megatron.model_copy(update={"distributed_optimizer": False})}
     )
     worker = MegatronPolicyWorker(policy=one_micro_batch, num_steps=4, seed=0)
+    with _counting_output_layer_tokens(worker) as projected:
+        step = worker.train(batches["llama"], LOSS, global_denominator=_denominator([batches["llama"]]))
     results["llama_one_micro_batch"] = {
-        "step": worker.train(batches["llama"], LOSS, global_denominator=_denominator([batches["llama"]])),
+        "step": step,
+        "train_projected_tokens": sum(projected),
         "stepped_export": worker.export_hf_weights(),
         "exported_count": worker.export_hf_weights_to(export_path),
     }
@@ -152,6 +159,20 @@ def single_rank_checks(rank: int, world_size: int, policies: dict[str, PolicyCon
             update={"megatron": llama.megatron.model_copy(update={"tensor_parallel": 2})})),
     }
     return results
+
+
+@contextlib.contextmanager
+def _counting_output_layer_tokens(worker: Any) -> Iterator[list[int]]:
+    """Token positions per call of the worker's output layer while the block runs."""
+    from megatron.core.utils import unwrap_model
+
+    counts: list[int] = []
+    output_layer = unwrap_model(worker._chunks[-1]).output_layer
+    handle = output_layer.register_forward_hook(lambda _, inputs, __: counts.append(inputs[0].shape[:-1].numel()))
+    try:
+        yield counts
+    finally:
+        handle.remove()
 
 
 def _adam_fused(worker: Any) -> list[bool]:
@@ -350,6 +371,16 @@ def test_train_step_matches_hf(model: str, single: dict[str, Any], tp2: dict[str
         assert max_abs_diff(result["stepped_logprobs"], reference.stepped_logprobs) < LOGPROB_TOLERANCE, layout
     # the step moved the policy far beyond the tolerance
     assert max_abs_diff(reference.stepped_logprobs, reference.initial_logprobs) > 0.05
+
+
+def test_a_train_step_projects_only_the_outputs_that_predict_response_tokens(
+    single: dict[str, Any], references: dict[str, HFReference]
+) -> None:
+    """The loss reads response tokens only: the prompt's positions never reach the output layer in training
+    (and the step still equals HF's whole-vocab, every-position one: test_train_step_matches_hf)."""
+    run = single["llama_one_micro_batch"]
+    assert run["train_projected_tokens"] == int(references["llama"].batch["response_mask"].sum())
+    assert run["step"]["loss"] == pytest.approx(references["llama"].step["loss"], rel=1e-5, abs=1e-7)
 
 
 def test_mini_batch_steps_match_hf(single: dict[str, Any], references: dict[str, HFReference]) -> None:

@@ -18,8 +18,13 @@ from cipo_nemo.config.schema import OptimizerConfig, PolicyConfig
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.packing import PackedRow, pack_row, restore_order
 from cipo_nemo.models.generation.refit import write_refit_file
-from cipo_nemo.models.policy.chunked_logprobs import chunked_token_logprobs, full_vocab_logprobs
-from cipo_nemo.models.policy.microbatches import align_logprobs, next_token_targets, plan_micro_batches
+from cipo_nemo.models.policy.chunked_logprobs import full_vocab_logprobs, token_logprobs_at
+from cipo_nemo.models.policy.microbatches import (
+    align_logprobs,
+    next_token_targets,
+    plan_micro_batches,
+    trained_positions,
+)
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import build_lr_scheduler, resolve_param_dtype, use_fused_adam_on_cpu
 
@@ -81,28 +86,35 @@ class HFPolicy:
             # right padding: the causal mask alone is exact for real tokens, so trim to the longest, pass no mask
             length = int((torch.arange(full_length, device=self._device) * sequence_mask).max().item()) + 1
             input_ids, position_ids = micro_batch["input_ids"][:, :length].long().to(self._device), None
+            response_mask = micro_batch["response_mask"][:, :length]
         else:
             # no attention mask and no KV cache: then transformers builds the block-diagonal causal mask from the
             # restarting position ids (masking_utils._preprocess_mask_arguments skips that when a cache exists)
             packed = pack_row(micro_batch["input_ids"], _row_within(packed_row), packed_row.num_tokens)
             input_ids, position_ids = packed.input_ids.to(self._device), packed.position_ids.to(self._device)
+            response_mask = pack_row(micro_batch["response_mask"], _row_within(packed_row),
+                                     packed_row.num_tokens).input_ids
         targets = next_token_targets(input_ids)
+        # the loss reads response tokens only, so a training pass projects only the outputs that predict one
+        positions = trained_positions(response_mask.to(self._device)) if torch.is_grad_enabled() else None
         with self._autocast:
-            next_token_logprobs = self._next_token_logprobs(input_ids, position_ids, targets)  # (rows, S)
+            next_token_logprobs = self._next_token_logprobs(input_ids, position_ids, targets, positions)
         return align_logprobs(next_token_logprobs, samples=micro_batch, packed_row=packed_row, full_length=full_length)
 
     def _next_token_logprobs(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, targets: torch.Tensor
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, targets: torch.Tensor,
+        positions: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Decoder hidden states, then lm_head + log-softmax in chunks of `logprob_chunk_tokens` tokens
-        (chunked_logprobs.py); models whose head does more than a plain lm_head get their whole logits."""
+        """(rows, S) logprobs: decoder hidden states, then lm_head + log-softmax at `positions` (None: all) in
+        chunks of `logprob_chunk_tokens` tokens (chunked_logprobs.py); models whose head does more than a plain
+        lm_head get their whole logits."""
         if not _plain_lm_head(self._model.config):
             logits = self._model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
             return full_vocab_logprobs(logits, targets)
         hidden = self._model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        return chunked_token_logprobs(hidden.last_hidden_state, targets, project=self._model.get_output_embeddings(),
-                                      token_logprobs=full_vocab_logprobs,
-                                      chunk_tokens=self._policy.logprob_chunk_tokens, dim=1)
+        return token_logprobs_at(hidden.last_hidden_state, targets, positions,
+                                 project=self._model.get_output_embeddings(), token_logprobs=full_vocab_logprobs,
+                                 chunk_tokens=self._policy.logprob_chunk_tokens, dim=1)
 
     # ----- training -----------------------------------------------------------------------------
 

@@ -44,7 +44,12 @@ from cipo_nemo.models.generation.refit import detach_for_transfer, write_refit_f
 from cipo_nemo.models.policy.chunked_logprobs import megatron_logprob_processor
 from cipo_nemo.models.policy.hf_directory import write_hf_directory
 from cipo_nemo.models.refit_profile import RefitProfile
-from cipo_nemo.models.policy.microbatches import align_logprobs, next_token_targets, plan_micro_batches
+from cipo_nemo.models.policy.microbatches import (
+    align_logprobs,
+    next_token_targets,
+    plan_micro_batches,
+    trained_positions,
+)
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import (
     build_lr_scheduler,
@@ -71,6 +76,7 @@ class _MicroBatch:
     input_ids: torch.Tensor  # (rows, S); rows >= len(samples) unpacked, 1 packed
     position_ids: torch.Tensor  # (rows, S)
     full_length: int  # the batch's T: logprobs are right-padded back to it
+    response_mask: torch.Tensor  # (rows, S) bool, laid out like input_ids: the tokens a training pass scores
     packed_row: PackedRow | None = None  # which samples the single packed row holds, and their lengths
     attention_mask: torch.Tensor | None = None  # packed, local spec: (1, 1, S, S) block-diagonal, True = masked
     packed_seq_params: Any = None  # packed, Transformer Engine: megatron's PackedSeqParams (THD)
@@ -245,11 +251,13 @@ class MegatronPolicyWorker:
 
         def forward_step(data_iterator: Iterator[_MicroBatch], model: Any) -> tuple[torch.Tensor, Callable]:
             micro_batch = next(data_iterator)
+            # the loss reads response tokens only, so a training pass projects only the outputs that predict one
+            positions = None if forward_only else trained_positions(micro_batch.response_mask)
             # later pipeline stages ignore input_ids and take the previous stage's activations
             output = model(input_ids=micro_batch.input_ids, position_ids=micro_batch.position_ids,
                            attention_mask=micro_batch.attention_mask, packed_seq_params=micro_batch.packed_seq_params,
                            output_processor=logprob_processor,
-                           output_processor_context=next_token_targets(micro_batch.input_ids))
+                           output_processor_context=(next_token_targets(micro_batch.input_ids), positions))
             return output, partial(loss_func, micro_batch)
 
         rows, seq_length = micro_batches[0].input_ids.shape
@@ -282,14 +290,18 @@ class MegatronPolicyWorker:
         micro_batches = []
         for samples, _ in planned:
             rows = micro_batch_size if pad_rows else len(samples)
-            columns = samples["input_ids"][:, :length].long()
-            input_ids = _pad_rows(F.pad(columns, (0, length - columns.shape[1])), rows)
+
+            def laid_out(key: str) -> torch.Tensor:  # (rows, length): trimmed or padded with 0, padding rows
+                columns = samples[key][:, :length].long()
+                return _pad_rows(F.pad(columns, (0, length - columns.shape[1])), rows)
+
             micro_batches.append(
                 _MicroBatch(
                     samples=samples,
-                    input_ids=input_ids.to(_device()),
+                    input_ids=laid_out("input_ids").to(_device()),
                     position_ids=positions.expand(rows, length).to(_device()),
                     full_length=full_length,
+                    response_mask=laid_out("response_mask").bool().to(_device()),
                 )
             )
         return micro_batches
@@ -322,6 +334,7 @@ class MegatronPolicyWorker:
                 input_ids=packed.input_ids.to(_device()),
                 position_ids=packed.position_ids.to(_device()),
                 full_length=batch["input_ids"].shape[1],
+                response_mask=pack_row(batch["response_mask"], row, length).input_ids.bool().to(_device()),
                 packed_row=row,
             )
             if self._layer_spec == "transformer_engine":

@@ -34,6 +34,14 @@ def next_token_targets(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.roll(input_ids, shifts=-1, dims=1)
 
 
+def trained_positions(response_mask: torch.Tensor) -> torch.Tensor:
+    """positions[:, s] = response_mask[:, s + 1] (bool, (rows, S) in the model's layout): the outputs whose
+    logprob enters the loss, i.e. those that predict a response token; the last column predicts nothing."""
+    positions = torch.zeros_like(response_mask, dtype=torch.bool)
+    positions[:, :-1] = response_mask[:, 1:].bool()
+    return positions
+
+
 def align_logprobs(
     next_token_logprobs: torch.Tensor, *, samples: Batch, packed_row: PackedRow | None, full_length: int
 ) -> torch.Tensor:
