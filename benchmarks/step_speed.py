@@ -189,6 +189,7 @@ def refit_breakdown(profile: Path) -> dict[str, float]:
         record = json.loads(line)
         where = record.pop("where")
         record.pop("pid")
+        record.pop("spans", None)
         for stage, seconds in record.items():
             by_key.setdefault(f"{where}/{stage}", []).append(seconds)
     return {key: statistics.median(values[1:] or values) for key, values in by_key.items()}

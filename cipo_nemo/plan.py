@@ -424,8 +424,8 @@ class LaunchPlan:
         timing = " + ".join(f"{name} {seconds:.1f} s" for name, seconds in stages.items())
         lines = [f"refit per step: {refit.file_bytes / GIB:.1f} GiB of HF weights gathered by {refit.writers} rank(s) "
                  f"(the first of each node; the other ranks copy nothing to host memory) into one /dev/shm file per "
-                 f"node; host transient on a writing node {refit.host_transient_bytes / GIB:.1f} GiB (the file: each "
-                 f"gathered tensor is streamed into it); ~{sum(stages.values()):.1f} s = {timing} (assumed rates, GB/s: device->host "
+                 f"node; host memory on a writing node {refit.host_transient_bytes / GIB:.1f} GiB (the file, kept between "
+                 f"refits: each gathered tensor is streamed into it); ~{sum(stages.values()):.1f} s = {timing} (assumed rates, GB/s: device->host "
                  f"{REFIT_DEVICE_TO_HOST_GBPS:g}, write {REFIT_WRITE_GBPS:g}, load {REFIT_LOAD_GBPS:g})"]
         if refit.checked_here:
             shm = "no /dev/shm (temp dir)" if refit.shm_free_bytes is None else \

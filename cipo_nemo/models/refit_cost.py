@@ -40,8 +40,9 @@ class RefitEstimate:
 
     @property
     def host_transient_bytes(self) -> int:
-        """A writer's node during the export: the file itself (tmpfs is memory). The writer streams each gathered
-        tensor into it, so it never holds a second host copy of the model (only one tensor at a time)."""
+        """A writer's node: the file itself (tmpfs is memory), kept from one refit to the next (RefitStaging reuses
+        its pages). The writer streams each gathered tensor into it, so it never holds a second host copy of the
+        model (only one tensor at a time)."""
         return self.file_bytes
 
     @property
@@ -102,7 +103,7 @@ def check_refit_host(refit: RefitEstimate) -> list[str]:
             "/dev/shm (docker --shm-size, or a host /dev/shm mount)")
     if refit.host_total_bytes is not None and refit.host_total_bytes < refit.host_transient_bytes:
         problems.append(
-            f"host memory ({refit.host_total_bytes / GIB:.1f} GiB) is smaller than the refit's transient on a "
+            f"host memory ({refit.host_total_bytes / GIB:.1f} GiB) is smaller than the refit's file on a "
             f"writing node ({refit.host_transient_bytes / GIB:.1f} GiB: the weights file in "
             "/dev/shm)")
     return problems

@@ -51,6 +51,6 @@ def test_small_shared_memory_or_host_memory_is_reported_where_the_workers_run():
     assert "does not fit /dev/shm on this machine (0.06 GiB free)" in problem and "131.4 GiB" in problem
     assert check_refit_host(replace(refit, shm_free_bytes=2**40, host_total_bytes=200 * GIB)) == []  # holds it once
     (problem,) = check_refit_host(replace(refit, shm_free_bytes=2**40, host_total_bytes=100 * GIB))
-    assert "host memory (100.0 GiB) is smaller than the refit's transient on a writing node (131.4 GiB" in problem
+    assert "host memory (100.0 GiB) is smaller than the refit's file on a writing node (131.4 GiB" in problem
     assert check_refit_host(replace(refit, shm_free_bytes=2**40)) == []
     assert check_refit_host(replace(refit, checked_here=False)) == []  # a login node without GPUs: not its memory

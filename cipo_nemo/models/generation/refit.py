@@ -25,10 +25,12 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -163,23 +165,96 @@ def write_refit_file(path: Path | str, named_tensors: Iterable[tuple[str, torch.
     Each tensor's own bytes are written (a view into a larger buffer writes only the view), so the exporter needs
     no owning copy first; a device tensor is copied to host memory one at a time.
     """
+    with open(path, "wb") as file:
+        return _write_tensors(file, named_tensors)
+
+
+def _write_tensors(file: BinaryIO, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """The raw refit format from `file`'s start; an overwritten file is cut at its new end."""
     index = []
     offset = 0
-    with open(path, "wb") as file:
-        for name, tensor in named_tensors:
-            host = tensor.detach().to("cpu").contiguous()
-            padding = -offset % REFIT_FILE_ALIGNMENT
-            file.write(bytes(padding))
-            offset += padding
-            raw = host.reshape(-1).view(torch.uint8).numpy()
-            file.write(memoryview(raw))
-            index.append({"name": name, "dtype": str(host.dtype).removeprefix("torch."), "shape": list(host.shape),
-                          "offset": offset, "nbytes": raw.nbytes})
-            offset += raw.nbytes
-        encoded = json.dumps(index).encode()
-        file.write(encoded)
-        file.write(len(encoded).to_bytes(8, "little") + REFIT_FILE_MAGIC)
+    file.seek(0)
+    for name, tensor in named_tensors:
+        host = tensor.detach().to("cpu").contiguous()
+        padding = -offset % REFIT_FILE_ALIGNMENT
+        file.write(bytes(padding))
+        offset += padding
+        raw = host.reshape(-1).view(torch.uint8).numpy()
+        file.write(memoryview(raw))
+        index.append({"name": name, "dtype": str(host.dtype).removeprefix("torch."), "shape": list(host.shape),
+                      "offset": offset, "nbytes": raw.nbytes})
+        offset += raw.nbytes
+    encoded = json.dumps(index).encode()
+    file.write(encoded)
+    file.write(len(encoded).to_bytes(8, "little") + REFIT_FILE_MAGIC)
+    file.truncate()
     return len(index)
+
+
+class RefitStaging:
+    """A writer's refit file whose memory pages stay allocated from one refit to the next.
+
+    Every refit used to write a fresh file that the engine's load then removed, so each refit allocated (and the
+    kernel zeroed) a whole model's worth of fresh tmpfs pages. On a VM that hands freed memory back to its host
+    (free page reporting, as on this project's firecracker machines) touching such pages faults on the host too: in
+    the training loop the 538 MB write of SmolLM2-135M took 1-3 s instead of 0.2 s (docs/notes/refit.md). Here the
+    bytes go into one staging file per writer process, overwritten in place each refit and published under the
+    refit's path as a hard link (atomically: a reader sees the whole file or none); removing that path removes the
+    name only. The price: the file's memory stays allocated between refits (the refit needs it at its peak anyway).
+    `close()` removes the file; one left by a killed process (its pid gone on this host) is removed by the next
+    writer that starts in the same directory.
+    """
+
+    PREFIX = "cipo-refit-staging-"
+
+    def __init__(self) -> None:
+        self._path: Path | None = None
+
+    def write(self, path: Path | str, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        path = Path(path)
+        staging = self._staging_path(path.parent.parent)
+        with open(staging, "r+b" if staging.exists() else "w+b") as file:
+            count = _write_tensors(file, named_tensors)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # writers sharing a filesystem
+        try:
+            os.link(staging, partial)
+        except OSError:  # e.g. the refit directory is another filesystem's mount point: a copy
+            shutil.copyfile(staging, partial)
+        partial.replace(path)
+        return count
+
+    def _staging_path(self, directory: Path) -> Path:
+        """This process's staging file in `directory` (the refit directories' parent, e.g. /dev/shm: it outlives
+        each refit's own directory); a new directory moves it there."""
+        if self._path is not None and self._path.parent == directory:
+            return self._path
+        self.close()
+        _remove_stale_staging(directory)
+        self._path = directory / f"{self.PREFIX}{socket.gethostname()}-{os.getpid()}"
+        return self._path
+
+    def close(self) -> None:
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+            self._path = None
+
+
+def _remove_stale_staging(directory: Path) -> None:
+    """Remove staging files of this host's processes that no longer exist (a killed run leaves its file)."""
+    for stale in directory.glob(f"{RefitStaging.PREFIX}{socket.gethostname()}-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def read_refit_index(path: Path | str) -> list[dict]:

@@ -17,7 +17,7 @@ from cipo_nemo.algorithms.loss import PolicyLoss, aggregate_metrics
 from cipo_nemo.config.schema import OptimizerConfig, PolicyConfig
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.packing import PackedRow, pack_row, restore_order
-from cipo_nemo.models.generation.refit import write_refit_file
+from cipo_nemo.models.generation.refit import RefitStaging
 from cipo_nemo.models.policy.chunked_logprobs import full_vocab_logprobs, token_logprobs_at
 from cipo_nemo.models.policy.microbatches import (
     align_logprobs,
@@ -50,6 +50,7 @@ class HFPolicy:
         self._optimizer = build_adamw(optimizer_cfg=policy.optimizer, model=self._model)
         self._lr_schedule = build_lr_scheduler(optimizer_cfg=policy.optimizer, num_steps=num_steps)
         self._reference_weights = maybe_snapshot_reference(policy.reference_policy, self._model.named_parameters)
+        self._refit_staging = RefitStaging()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -155,7 +156,7 @@ class HFPolicy:
 
     def export_hf_weights_to(self, path: str | Path) -> int:
         """Write the exported weights to `path` in the refit file format (e.g. /dev/shm); returns the count."""
-        return write_refit_file(path, self._untied_state())
+        return self._refit_staging.write(path, self._untied_state())
 
     def _untied_state(self) -> Iterator[tuple[str, torch.Tensor]]:
         tied_targets = set(getattr(self._model, "all_tied_weights_keys", None) or {})
@@ -197,6 +198,7 @@ class HFPolicy:
 
     def shutdown(self) -> None:
         self._model, self._optimizer, self._reference_weights = None, None, None
+        self._refit_staging.close()
 
 
 def build_adamw(*, optimizer_cfg: OptimizerConfig, model: torch.nn.Module) -> torch.optim.AdamW:

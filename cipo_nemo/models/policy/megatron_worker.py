@@ -40,7 +40,7 @@ from cipo_nemo.data.packing import (
     sequence_lengths,
     sequence_pad_multiple,
 )
-from cipo_nemo.models.generation.refit import detach_for_transfer, write_refit_file
+from cipo_nemo.models.generation.refit import RefitStaging, detach_for_transfer
 from cipo_nemo.models.policy.chunked_logprobs import megatron_logprob_processor
 from cipo_nemo.models.policy.hf_directory import write_hf_directory
 from cipo_nemo.models.refit_profile import RefitProfile
@@ -114,6 +114,7 @@ class MegatronPolicyWorker:
         self._bridge, self._chunks, self._layer_spec = model.bridge, model.chunks, model.layer_spec
         self._optimizer = build_optimizer(optimizer_cfg=policy.optimizer, model=model)
         _use_fused_cpu_adams(self._optimizer)
+        self._refit_staging = RefitStaging()
         self._lr_schedule = build_lr_scheduler(optimizer_cfg=policy.optimizer, num_steps=num_steps)
         self._reference_weights = maybe_snapshot_reference(policy.reference_policy, self._named_parameters)
 
@@ -391,9 +392,7 @@ class MegatronPolicyWorker:
             if writer:
                 path = Path(path)
                 path.parent.mkdir(parents=True, exist_ok=True)  # on other nodes the driver's directory does not exist
-                partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # writers sharing a filesystem
-                count = write_refit_file(partial, gathered)
-                partial.replace(path)
+                count = self._refit_staging.write(path, gathered)
             else:
                 for _ in gathered:  # the gather is collective: take part, copy nothing to host memory
                     pass
@@ -478,6 +477,7 @@ class MegatronPolicyWorker:
         from megatron.core import parallel_state
 
         self._chunks, self._optimizer, self._reference_weights = [], None, None
+        self._refit_staging.close()
         parallel_state.destroy_model_parallel()
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
