@@ -48,6 +48,13 @@ def read_threads(pid: int) -> dict[tuple[int, int], tuple[str, float]]:
     return threads
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 class Sampler:
     """(time, {(pid, start): cpu seconds}) every `interval_s`, and each process's name, from a thread; per thread
     too for the processes whose command line contains one of `thread_patterns` (e.g. a Ray actor's class)."""
@@ -76,7 +83,8 @@ class Sampler:
             self.times.append(now)
             self.cpu.append({key: sample.cpu_s for key, sample in samples.items()})
             for key, sample in samples.items():
-                self.names.setdefault(key, f"{sample.name}[{key[0]}]")
+                if key not in self.names or sample.name == "python":  # a python child renames itself later
+                    self.names[key] = f"{sample.name}[{key[0]}] {_cmdline(key[0])[:40]}".rstrip()
             for pid in {pid for pid, _ in samples}:
                 if self._traced(pid):
                     for (tid_pid, tid), (name, cpu_s) in read_threads(pid).items():
@@ -89,11 +97,16 @@ class Sampler:
         if not self.thread_patterns:
             return False
         if pid not in self._cmdlines:
-            try:
-                self._cmdlines[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                return False
+            self._cmdlines[pid] = _cmdline(pid)
         return any(pattern in self._cmdlines[pid] for pattern in self.thread_patterns)
+
+    def timeline(self, name: str, start: float, end: float) -> str:
+        """`name`'s CPU seconds in each sample interval within [start, end]."""
+        keys = [key for key, known in self.names.items() if known == name]
+        first = max(0, bisect.bisect_right(self.times, start) - 1)
+        last = min(len(self.times) - 1, bisect.bisect_left(self.times, end))
+        steps = [sum(self.cpu[i + 1].get(k, 0.0) - self.cpu[i].get(k, 0.0) for k in keys) for i in range(first, last)]
+        return " ".join(f"{cpu:.2f}" for cpu in steps)
 
     def cpu_between(self, start: float, end: float) -> dict[str, float]:
         """CPU seconds per process between the samples that enclose [start, end]."""
@@ -140,6 +153,20 @@ def report(profile: Path, sampler: Sampler, top: int) -> None:
                   f" (median {medians[key]:.3f}){slow}  cpu: {who}")
 
 
+def report_train_windows(profile: Path, summary: Path, sampler: Sampler, top: int) -> None:
+    """Who used the CPU during each step's train stage: it ends where the step's refit export starts."""
+    exports = [json.loads(line)["spans"]["export"][0] for line in profile.read_text().splitlines()
+               if json.loads(line)["where"] == "driver"]
+    steps = json.loads(summary.read_text())["steps"]
+    for number, (export_start, step) in enumerate(zip(exports, steps), start=1):
+        train_s = step["timing/train"]
+        busiest = sorted(sampler.cpu_between(export_start - train_s, export_start).items(), key=lambda kv: -kv[1])
+        who = ", ".join(f"{name} {cpu:.2f}" for name, cpu in busiest[:top])
+        print(f"step {number} train {train_s:5.2f} s  cpu: {who}")
+        if len(busiest) > 1:  # when in the train stage the second-busiest process ran: CPU s per sample interval
+            print(f"    {busiest[1][0][:60]}: " + sampler.timeline(busiest[1][0], export_start - train_s, export_start))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
@@ -161,6 +188,7 @@ def main() -> int:
         if line.startswith("step "):
             print(line)
     report(profile, sampler, args.top)
+    report_train_windows(profile, work / "summary.json", sampler, args.top)
     return 0
 
 
