@@ -120,7 +120,7 @@ class Sampler:
 def run_loop(args: argparse.Namespace, work: Path) -> Path:
     """Our GRPO side as step_speed.py runs it; returns the refit profile."""
     side = "grpo_megatron_vllm"
-    overrides = common_overrides(args, work / side) + SIDE_OVERRIDES[side]
+    overrides = common_overrides(args, work / side) + SIDE_OVERRIDES[side] + args.overrides
     profile = work / "refit.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -179,6 +179,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=4, help="processes (and threads) listed per stage")
     parser.add_argument("--threads-of", nargs="*", default=["ray::", "default_worker.py"],
                         help="also sample the threads of processes whose command line contains one of these")
+    parser.add_argument("overrides", nargs="*", help="config overrides on top of the benchmark's (key=value)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="refit_stall_probe_"))
     with Sampler(args.interval, tuple(args.threads_of)) as sampler:

@@ -94,6 +94,24 @@ def test_a_train_step_projects_only_the_outputs_that_predict_response_tokens(lla
     assert logprob_pass > sum(projected) and int((logprobs != 0).sum()) > int(batch["response_mask"].sum())
 
 
+def test_training_micro_batches_group_similar_lengths_and_pad_to_their_own_longest(llama_dir: Path) -> None:
+    """The step sorts its samples by length, so each micro-batch of 2 runs at its own longest length."""
+    from cipo_nemo.data.packing import sequence_lengths
+
+    batch = make_batch(vocab_size=_vocab_size(llama_dir))
+    policy = HFPolicy(policy=make_policy(llama_dir, micro_batch_size=2), num_steps=4, seed=0)
+    widths: list[int] = []
+    handle = policy._model.base_model.register_forward_pre_hook(
+        lambda _, __, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        policy.train(batch, LOSS)
+    finally:
+        handle.remove()
+    lengths = sorted(sequence_lengths(batch))
+    assert widths == [max(lengths[i : i + 2]) for i in range(0, len(lengths), 2)]
+    assert sum(widths) < len(widths) * max(lengths)  # less padding than the batch's longest everywhere
+
+
 @pytest.mark.parametrize("model", ["llama", "qwen2"])
 def test_packed_sequences_give_the_unpacked_numbers(model: str, request: pytest.FixtureRequest) -> None:
     from cipo_nemo.data.packing import plan_packed_rows, sequence_lengths

@@ -119,7 +119,9 @@ def single_rank_checks(rank: int, world_size: int, policies: dict[str, PolicyCon
         worker = MegatronPolicyWorker(policy=policy, num_steps=4, seed=0)
         result = {"initial_logprobs": worker.get_logprobs(batch), "initial_export": worker.export_hf_weights(),
                   "adam_fused": _adam_fused(worker)}
-        result["step"] = worker.train(batch, LOSS, global_denominator=_denominator([batch]))
+        with _recording_input_widths(worker) as widths:
+            result["step"] = worker.train(batch, LOSS, global_denominator=_denominator([batch]))
+        result["train_widths"] = widths
         result["stepped_logprobs"] = worker.get_logprobs(batch)
         result["reference_logprobs"] = worker.get_reference_logprobs(batch)
         result["logprobs_after_reference"] = worker.get_logprobs(batch)
@@ -171,6 +173,21 @@ def _counting_output_layer_tokens(worker: Any) -> Iterator[list[int]]:
     handle = output_layer.register_forward_hook(lambda _, inputs, __: counts.append(inputs[0].shape[:-1].numel()))
     try:
         yield counts
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _recording_input_widths(worker: Any) -> Iterator[list[int]]:
+    """The sequence length of every micro-batch the worker's model runs while the block runs."""
+    from megatron.core.utils import unwrap_model
+
+    widths: list[int] = []
+    model = unwrap_model(worker._chunks[0])
+    handle = model.register_forward_pre_hook(lambda _, __, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                             with_kwargs=True)
+    try:
+        yield widths
     finally:
         handle.remove()
 
@@ -381,6 +398,18 @@ def test_a_train_step_projects_only_the_outputs_that_predict_response_tokens(
     run = single["llama_one_micro_batch"]
     assert run["train_projected_tokens"] == int(references["llama"].batch["response_mask"].sum())
     assert run["step"]["loss"] == pytest.approx(references["llama"].step["loss"], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_training_micro_batches_group_similar_lengths_and_pad_to_their_own_longest(
+    model: str, single: dict[str, Any], references: dict[str, HFReference]
+) -> None:
+    """The step sorts its shard by length, so each micro-batch of 2 runs at its own longest length (and the
+    step still equals HF's: test_train_step_matches_hf)."""
+    lengths = sorted(sequence_lengths(references[model].batch))
+    widths = single[model]["train_widths"]
+    assert widths == [max(lengths[i : i + 2]) for i in range(0, len(lengths), 2)]
+    assert sum(widths) < len(widths) * max(lengths)
 
 
 def test_mini_batch_steps_match_hf(single: dict[str, Any], references: dict[str, HFReference]) -> None:

@@ -68,3 +68,21 @@ def test_the_pi_old_pass_runs_only_when_it_can_change_something(overrides, separ
 
     cfg = load_config(BASE, overrides)
     assert needs_old_logprobs(SimpleNamespace(cfg=cfg), cfg.max_samples_per_step()) is separate_pass
+
+
+def test_a_training_batch_is_ordered_shortest_first_with_every_sample_kept() -> None:
+    from cipo_nemo.data.batch import Batch
+    from cipo_nemo.data.packing import sequence_lengths
+    from cipo_nemo.models.policy.microbatches import sorted_by_length
+
+    lengths = [7, 3, 9, 3, 5]
+    prompt_mask = torch.zeros(len(lengths), 10, dtype=torch.bool)
+    response_mask = torch.zeros(len(lengths), 10, dtype=torch.bool)
+    for row, length in enumerate(lengths):
+        prompt_mask[row, :2] = True
+        response_mask[row, 2:length] = True
+    batch = Batch({"group_id": torch.arange(5), "sample_kind": ["base"] * 5, "prompt_mask": prompt_mask,
+                   "response_mask": response_mask})
+    ordered = sorted_by_length(batch)
+    assert sequence_lengths(ordered) == [3, 3, 5, 7, 9]
+    assert ordered["group_id"].tolist() == [1, 3, 4, 0, 2]  # stable: equal lengths keep their order

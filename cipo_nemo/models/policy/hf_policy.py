@@ -23,6 +23,7 @@ from cipo_nemo.models.policy.microbatches import (
     align_logprobs,
     next_token_targets,
     plan_micro_batches,
+    sorted_by_length,
     trained_positions,
 )
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
@@ -127,7 +128,9 @@ class HFPolicy:
         Every micro-batch loss is divided by the denominator of the whole batch (counted here unless given), so
         the accumulated gradient is the full-batch gradient whatever the micro-batch size.
         """
-        micro_batches = self._micro_batches(batch, self._policy.micro_batch_size)
+        # shortest first: each micro-batch is trimmed to its own longest (packing plans its own rows)
+        ordered = batch if self._policy.sequence_packing else sorted_by_length(batch)
+        micro_batches = self._micro_batches(ordered, self._policy.micro_batch_size)
         if global_denominator is None:
             global_denominator = float(loss_fn.local_denominator([samples for samples, _ in micro_batches]))
         self._model.train()

@@ -48,6 +48,7 @@ from cipo_nemo.models.policy.microbatches import (
     align_logprobs,
     next_token_targets,
     plan_micro_batches,
+    sorted_by_length,
     trained_positions,
 )
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
@@ -197,7 +198,7 @@ class MegatronPolicyWorker:
         (gradient_scaling_factor in distributed/distributed_data_parallel.py); scaling the loss by both undoes
         that, so the gradient is the sum over all micro-batches of all DP ranks: the full-batch gradient.
         """
-        micro_batches = self._build_micro_batches(batch, self._policy.micro_batch_size)
+        micro_batches = self._build_micro_batches(self._length_grouped(batch), self._policy.micro_batch_size)
         loss_scale = len(micro_batches) * self.dp_size
         for chunk in self._chunks:
             chunk.train()
@@ -272,9 +273,18 @@ class MegatronPolicyWorker:
             forward_only=forward_only,
         )
 
+    def _length_grouped(self, batch: Batch) -> Batch:
+        """A training shard shortest first (`sorted_by_length`) where micro-batches are trimmed one by one: not
+        under PP (every micro-batch has the shard's shape) nor with packing (which plans its own rows)."""
+        from megatron.core import parallel_state
+
+        if self._policy.sequence_packing or parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            return batch
+        return sorted_by_length(batch)
+
     def _build_micro_batches(self, batch: Batch, micro_batch_size: int) -> list[_MicroBatch]:
-        """Micro-batches trimmed to the shard's longest sequence (rounded up to `sequence_pad_multiple`); padded
-        to full rows under PP (fixed p2p shapes).
+        """Micro-batches trimmed to their longest sequence (rounded up to `sequence_pad_multiple`); under PP
+        (fixed p2p shapes) all to the shard's longest and padded to full rows.
         With sequence packing, packed rows of `micro_batch_size x max_total_sequence_length` tokens instead."""
         from megatron.core import parallel_state
 
@@ -285,12 +295,12 @@ class MegatronPolicyWorker:
         if self._policy.sequence_packing:
             return self._build_packed_micro_batches(batch, planned)
         full_length = batch["input_ids"].shape[1]
-        length = round_up(max(sequence_lengths(batch)), self._sequence_pad_multiple())
-        positions = torch.arange(length)
         pad_rows = parallel_state.get_pipeline_model_parallel_world_size() > 1
         micro_batches = []
         for samples, _ in planned:
             rows = micro_batch_size if pad_rows else len(samples)
+            length = round_up(max(sequence_lengths(batch if pad_rows else samples)), self._sequence_pad_multiple())
+            positions = torch.arange(length)
 
             def laid_out(key: str) -> torch.Tensor:  # (rows, length): trimmed or padded with 0, padding rows
                 columns = samples[key][:, :length].long()

@@ -29,6 +29,15 @@ def plan_micro_batches(
     return [(batch.select(list(row.indices)), row) for row in rows]
 
 
+def sorted_by_length(batch: Batch) -> Batch:
+    """The samples shortest first, for a training step: consecutive micro-batches then hold similar lengths and
+    each is trimmed to its own longest, so less padding is computed (responses that stop early leave 30-40% of a
+    batch's positions as padding). The step's gradient is a sum over samples (every micro-batch loss is divided by
+    the whole batch's denominator), so the order changes it by float rounding only."""
+    lengths = sequence_lengths(batch)
+    return batch.select(sorted(range(len(batch)), key=lengths.__getitem__))
+
+
 def next_token_targets(input_ids: torch.Tensor) -> torch.Tensor:
     """targets[:, s] = input_ids[:, s + 1]; the last column wraps around and is masked by `align_logprobs`."""
     return torch.roll(input_ids, shifts=-1, dims=1)
