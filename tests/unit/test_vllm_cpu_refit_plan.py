@@ -85,3 +85,29 @@ def test_only_layers_that_compute_with_their_packed_copy_are_repacked() -> None:
     assert computes_with_packed_copy(ParallelLMHead())
     assert computes_with_packed_copy(PackedLinear(2, 2))
     assert not computes_with_packed_copy(torch.nn.LayerNorm(2))
+
+
+def test_shards_back_to_back_in_the_refit_file_fuse_without_a_copy(tmp_path) -> None:
+    """q/k/v follow each other in the refit file's mapping: the fused weight is a view of it; shards elsewhere (or
+    out of order) are copied, with the same values either way."""
+    from cipo_nemo.models.generation.refit import load_refit_file, write_refit_file
+    from cipo_nemo.models.generation.vllm_cpu_refit import fused_rows
+
+    generator = torch.Generator().manual_seed(0)
+    shards = {name: torch.randn(rows, 16, generator=generator) for name, rows in (("q", 8), ("k", 4), ("v", 4))}
+    path = tmp_path / "weights.bin"
+    write_refit_file(path, shards.items())
+    mapped = load_refit_file(path)
+    in_order = [mapped["q"], mapped["k"], mapped["v"]]
+    fused = fused_rows(in_order)
+    assert torch.equal(fused, torch.cat(list(shards.values())))
+    assert fused.data_ptr() == mapped["q"].data_ptr()  # a view: no 16 x 16 copy was made
+    reordered = fused_rows([mapped["k"], mapped["q"], mapped["v"]])
+    assert torch.equal(reordered, torch.cat([shards["k"], shards["q"], shards["v"]]))
+    assert reordered.data_ptr() != mapped["k"].data_ptr()
+    buffer = torch.zeros(40, 16)  # the same shards with gaps between them in one buffer
+    gapped = [buffer[0:8], buffer[10:14], buffer[20:24]]
+    for shard, values in zip(gapped, shards.values()):
+        shard.copy_(values)
+    separate = fused_rows(gapped)
+    assert torch.equal(separate, fused) and separate.data_ptr() != buffer.data_ptr()

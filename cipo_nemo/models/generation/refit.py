@@ -159,21 +159,22 @@ def save_weights_for_refit(
     return path
 
 
-def write_refit_file(path: Path | str, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+def write_refit_file(
+    path: Path | str, named_tensors: Iterable[tuple[str, torch.Tensor]], *, in_place: bool = False
+) -> int:
     """Stream `named_tensors` into `path` in the raw refit format (module docstring); returns the tensor count.
 
     Each tensor's own bytes are written (a view into a larger buffer writes only the view), so the exporter needs
-    no owning copy first; a device tensor is copied to host memory one at a time.
+    no owning copy first; a device tensor is copied to host memory one at a time. `in_place` overwrites an
+    existing file's pages (and cuts it at its new end) instead of replacing them with fresh ones.
     """
-    with open(path, "wb") as file:
+    with open(path, "r+b" if in_place else "wb") as file:
         return _write_tensors(file, named_tensors)
 
 
 def _write_tensors(file: BinaryIO, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-    """The raw refit format from `file`'s start; an overwritten file is cut at its new end."""
     index = []
     offset = 0
-    file.seek(0)
     for name, tensor in named_tensors:
         host = tensor.detach().to("cpu").contiguous()
         padding = -offset % REFIT_FILE_ALIGNMENT
@@ -213,8 +214,7 @@ class RefitStaging:
     def write(self, path: Path | str, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         path = Path(path)
         staging = self._staging_path(path.parent.parent)
-        with open(staging, "r+b" if staging.exists() else "w+b") as file:
-            count = _write_tensors(file, named_tensors)
+        count = write_refit_file(staging, named_tensors, in_place=staging.exists())
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # writers sharing a filesystem
         try:
             os.link(staging, partial)
