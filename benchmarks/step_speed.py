@@ -140,6 +140,15 @@ def write_prompts(args: argparse.Namespace, path: Path) -> tuple[str, float]:
 # ---------------------------------------------------------------------------------------------- runs
 
 
+def side_environment(threads: int) -> dict[str, str]:
+    """Every side's environment: `threads` OpenMP threads, no GPU, offline, this checkout importable."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO),
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # vLLM's CPU worker: the same number of threads
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:threads])
+    return env
+
+
 def run_side(side: str, args: argparse.Namespace, *, out_dir: Path, trl_python: Path | None, model_dir: str,
              prompts: Path, lr: float) -> dict:
     summary_path = out_dir / f"{side}.json"
@@ -155,10 +164,7 @@ def run_side(side: str, args: argparse.Namespace, *, out_dir: Path, trl_python: 
         overrides = common_overrides(args, out_dir / side) + SIDE_OVERRIDES[side]
         command = [sys.executable, str(REPO / "benchmarks" / "speed" / "ours_run.py"), "--config", str(CONFIG),
                    "--threads", str(args.threads), "--out", str(summary_path), *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO),
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # vLLM's CPU worker: the same number of threads
-        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[: args.threads])
+    env = side_environment(args.threads)
     profile = out_dir / f"{side}.refit.jsonl"
     profile.unlink(missing_ok=True)
     if side != "trl":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 from benchmarks.speed.cpu_watch import CLOCK_TICKS, read_processes  # noqa: E402
-from benchmarks.step_speed import CONFIG, REPO, SIDE_OVERRIDES, common_overrides  # noqa: E402
+from benchmarks.step_speed import CONFIG, REPO, SIDE_OVERRIDES, common_overrides, side_environment  # noqa: E402
 from cipo_nemo.models.refit_profile import PROFILE_ENV  # noqa: E402
 
 
@@ -122,9 +121,7 @@ def run_loop(args: argparse.Namespace, work: Path) -> Path:
     side = "grpo_megatron_vllm"
     overrides = common_overrides(args, work / side) + SIDE_OVERRIDES[side] + args.overrides
     profile = work / "refit.jsonl"
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO),
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[: args.threads]))
+    env = side_environment(args.threads)
     env[PROFILE_ENV] = str(profile)
     command = [sys.executable, str(REPO / "benchmarks" / "speed" / "ours_run.py"), "--config", str(CONFIG),
                "--threads", str(args.threads), "--out", str(work / "summary.json"), *overrides]
