@@ -56,4 +56,5 @@ def test_fp8_micro_batches_are_padded_to_tp_times_the_recipe_multiple(monkeypatc
 def test_without_fp8_rows_stay_a_multiple_of_tp_only(monkeypatch, packing):
     worker = worker_without_model(monkeypatch, fp8=None, recipe="blockwise", packing=packing)
     widths = [mb.input_ids.shape[1] for mb in worker._build_micro_batches(odd_length_batch(), micro_batch_size=2)]
-    assert widths == ([146] if packing else [92, 92]), widths  # 146 real tokens (packed), longest 91 -> 92: TP 2 only
+    # packed: 146 real tokens; unpacked: each micro-batch of 2 to its own longest (37 -> 38, 91 -> 92): TP 2 only
+    assert widths == ([146] if packing else [38, 92]), widths
