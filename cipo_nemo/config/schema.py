@@ -360,6 +360,11 @@ class ClusterConfig(StrictModel):
         description="Worker deaths (OOM kill, crash) a run survives: the driver exits 75 to be requeued and resume "
         "from the last checkpoint, this many times per run directory; the next death ends the run (exit code 70)."
     )
+    cpu_keep_memory: bool = Field(
+        description="Without GPUs: the policy and generation workers put tensors on transparent huge pages and keep "
+        "freed memory for the next step instead of returning it to the OS (no page faults once the steps repeat; "
+        "each worker keeps its peak memory). cipo_nemo/utils/cpu_memory.py."
+    )
 
 
 class WandbConfig(StrictModel):

@@ -21,6 +21,7 @@ import torch
 from cipo_nemo.config import MasterConfig
 from cipo_nemo.config.schema import PolicyConfig
 from cipo_nemo.data.prompts import use_chat_template_file
+from cipo_nemo.utils.cpu_memory import cpu_memory_environment
 from cipo_nemo.models.hub import resolve_model_dir
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend
 from cipo_nemo.models.refit_profile import RefitProfile
@@ -58,9 +59,10 @@ def _colocated_fraction(cfg: MasterConfig) -> float:
     return 0.5 if both_on_ray and cfg.generation.colocated else 1.0
 
 
-def _worker_env() -> dict[str, str]:
+def _worker_env(cfg: MasterConfig) -> dict[str, str]:
     # Ray pins actors to OMP_NUM_THREADS=1; the phases alternate (generate, then train), so each may use the node.
-    return {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return threads | cpu_memory_environment(cfg.cluster.cpu_keep_memory, on_gpu=torch.cuda.is_available())
 
 
 def _device_capability() -> tuple[int, int] | None:
@@ -84,7 +86,7 @@ def build_policy(cfg: MasterConfig, cluster: Any) -> PolicyBackend:
 
             fp8_env = fp8_process_environment(policy.megatron, device_capability=_device_capability())
             return MegatronPolicy(policy=policy, cluster=cluster, num_steps=cfg.max_optimizer_steps(), seed=cfg.run.seed,
-                                  resource_fraction=_colocated_fraction(cfg), env_vars=_worker_env() | fp8_env)
+                                  resource_fraction=_colocated_fraction(cfg), env_vars=_worker_env(cfg) | fp8_env)
         case _:
             raise ValueError(f"policy.backend: unknown backend {policy.backend!r}")
 
@@ -103,7 +105,7 @@ def build_generation(cfg: MasterConfig, cluster: Any) -> GenerationBackend:
 
             return RayGeneration(cluster=cluster, model_dir=model_dir, generation=cfg.generation,
                                  max_model_len=max_model_len, seed=cfg.run.seed,
-                                 resource_fraction=_colocated_fraction(cfg), env_vars=_worker_env())
+                                 resource_fraction=_colocated_fraction(cfg), env_vars=_worker_env(cfg))
         case _:
             raise ValueError(f"generation.backend: unknown backend {cfg.generation.backend!r}")
 
