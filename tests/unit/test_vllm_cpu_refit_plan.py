@@ -111,3 +111,28 @@ def test_shards_back_to_back_in_the_refit_file_fuse_without_a_copy(tmp_path) -> 
         shard.copy_(values)
     separate = fused_rows(gapped)
     assert torch.equal(separate, fused) and separate.data_ptr() != buffer.data_ptr()
+
+
+def test_repack_drops_the_old_packed_copy_before_making_the_new_one(monkeypatch):
+    """The old copy's memory is free when the new one is made (so it is reused, not fresh pages), and the layer
+    computes with the new weight afterwards (vLLM's real dispatch)."""
+    from vllm.model_executor.layers import utils as vllm_layer_utils
+
+    from cipo_nemo.models.generation.vllm_cpu_refit import repack_gemm
+
+    real_dispatch = vllm_layer_utils.dispatch_cpu_unquantized_gemm
+    old_copy_alive = []
+
+    def recording_dispatch(layer, remove_weight):
+        old_copy_alive.append("cpu_linear" in vars(layer))
+        real_dispatch(layer, remove_weight)
+
+    monkeypatch.setattr(vllm_layer_utils, "dispatch_cpu_unquantized_gemm", recording_dispatch)
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.randn(64, 32), requires_grad=False)
+    repack_gemm(layer, remove_weight=False)
+    layer.weight.data.copy_(torch.randn(64, 32))  # a refit writes the tied embedding in place
+    repack_gemm(layer, remove_weight=False)
+    x = torch.randn(3, 32)
+    assert old_copy_alive == [False, False]
+    torch.testing.assert_close(layer.cpu_linear(x, layer.weight, None), x @ layer.weight.t(), rtol=1e-5, atol=1e-5)

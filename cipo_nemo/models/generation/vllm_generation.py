@@ -52,7 +52,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from cipo_nemo.config.schema import GenerationConfig, VllmConfig
 from cipo_nemo.models.generation import derive_prompt_seed, read_eos_token_ids
 from cipo_nemo.models.generation.engine_watch import EngineWatch
-from cipo_nemo.models.generation.vllm_cpu_refit import apply_cpu_refit, cpu_refit_applies, plan_cpu_refit
+from cipo_nemo.models.generation.vllm_cpu_refit import apply_cpu_refit, cpu_refit_applies, plan_cpu_refit, repack_gemm
 from cipo_nemo.models.generation.vllm_spin import CPU_SPIN_S, SPIN_ENV, limit_spin_from_environment
 from cipo_nemo.models.generation.refit import (
     WeightManifest,
@@ -184,9 +184,7 @@ def maybe_refresh_tied_lm_head(model: torch.nn.Module) -> None:
 
     if not current_platform.is_cpu() or not getattr(model.config, "tie_word_embeddings", False):
         return
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-    dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)
+    repack_gemm(model.lm_head, remove_weight=False)
 
 
 class VllmGeneration:
