@@ -21,10 +21,10 @@ import torch
 from cipo_nemo.config import MasterConfig
 from cipo_nemo.config.schema import PolicyConfig
 from cipo_nemo.data.prompts import use_chat_template_file
-from cipo_nemo.utils.cpu_memory import cpu_memory_environment
 from cipo_nemo.models.hub import resolve_model_dir
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend
 from cipo_nemo.models.refit_profile import RefitProfile
+from cipo_nemo.utils.cpu_memory import cpu_memory_environment
 
 logger = logging.getLogger(__name__)
 
