@@ -126,6 +126,28 @@ def verdicts(diff: dict[str, PairedDifference | None], k_max: int) -> list[tuple
     return rows
 
 
+def exploratory_correction(grpo: dict[str, Any], cipo: dict[str, Any]) -> list[str]:
+    """Post-hoc readings of the correction set, printed apart from the verdicts and never turned into one: the
+    difference over every correction prompt (wrong and right quoted attempts together), and how many problems
+    carry each half's difference (a mean over many exact zeros rests on the few that are not)."""
+    lines = ["Exploratory, post hoc (chosen after seeing seed 0's data; not pre-registered, no verdict): the "
+             "correction prompts use the template CIPO trained on and GRPO never saw.", ""]
+    subsets = (("all correction prompts", None), ("wrong->right", False), ("right->right", True))
+    for label, subset in subsets:
+        a = per_problem(problems(grpo, "correction", attempt_correct=subset), "avg")
+        b = per_problem(problems(cipo, "correction", attempt_correct=subset), "avg")
+        shared = sorted(set(a) & set(b))
+        if not shared:
+            lines.append(f"- {label}: no problems")
+            continue
+        up = sum(b[key] > a[key] for key in shared)
+        down = sum(b[key] < a[key] for key in shared)
+        lines.append(f"- {label}: {_fmt(paired_difference(a, b, statistic='avg'))}; CIPO - GRPO is non-zero on "
+                     f"{up + down} of {len(shared)} problems ({up} up, {down} down), exactly 0 on the other "
+                     f"{len(shared) - up - down}")
+    return lines
+
+
 def _state(held: bool, not_held: bool) -> str:
     return "held" if held else "not held" if not_held else "not shown"
 
@@ -211,6 +233,7 @@ def _seed_section(seed: dict[str, Any], curves: Path | None) -> list[str]:
               f"[{d.low:+.3f}, {d.high:+.3f}] |" for label, d in diff.items()]
     lines += ["", "| claim | verdict | evidence |", "|---|---|---|"]
     lines += [f"| {claim} | {state} | {evidence} |" for claim, state, evidence in verdicts(diff, k_max)]
+    lines += ["", *exploratory_correction(grpo, cipo)]
     lines += ["", "Equal generated tokens:", *equal_tokens(seed["metrics"]), "", "CIPO liveness:"]
     lines += [f"- {key}: {value:.3f}" if isinstance(value, float) else f"- {key}: {value}"
               for key, value in liveness(seed["metrics"].get("cipo", [])).items()]

@@ -205,3 +205,21 @@ def test_an_arm_stopped_early_is_not_evaluated(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(SystemExit, match=r"stopped early \(signal SIGTERM\) after step 17 of 100; run the same"):
         study_instruct.run_unit(args, 0, "cipo", sets={}, fingerprint="abc")
     assert not (study_instruct.unit_dir(args, 0, "cipo") / study_instruct.DONE_FILE).exists()
+
+
+def test_the_exploratory_correction_readings_count_the_problems_that_carry_each_difference(tmp_path: Path) -> None:
+    # wrong attempts: 2 problems improve by 0.5, 1 worsens by 0.25, 3 stay equal; right attempts: 1 worsens, 1 stays
+    grpo = _results([[0] * 4], [[0] * 4], [[0, 0, 0, 0]] * 2 + [[1, 0, 0, 0]] * 4, [[1, 1, 1, 1]] * 2)
+    cipo = _results([[0] * 4], [[0] * 4], [[1, 1, 0, 0]] * 2 + [[0, 0, 0, 0]] + [[1, 0, 0, 0]] * 3,
+                    [[1, 1, 1, 0], [1, 1, 1, 1]])
+    _write_unit(tmp_path, "grpo", grpo)
+    _write_unit(tmp_path, "cipo", cipo)
+    text = write_report(tmp_path, tmp_path / "report.md").read_text()
+    exploratory = text[text.index("Exploratory, post hoc"):]
+    assert "not pre-registered, no verdict" in exploratory
+    assert "- wrong->right: +0.125 [" in exploratory
+    assert "non-zero on 3 of 6 problems (2 up, 1 down), exactly 0 on the other 3" in exploratory
+    assert "- right->right: -0.125 [" in exploratory and "non-zero on 1 of 2 problems (0 up, 1 down)" in exploratory
+    assert "- all correction prompts: +0.06" in exploratory and "non-zero on 4 of 8 problems (2 up, 2 down)" in exploratory
+    # the verdict of claim 3 stays the registered one, whatever the exploratory lines say
+    assert "| 3. wrong->right up, right->right not down | not shown |" in text
