@@ -14,7 +14,7 @@ PASS / FAIL / SKIPPED(why), all written to the JSON file as well:
                               batch, real tokens per second (the goal: not slower; timed on a GPU only).
   local_attention_tokens_per_s  (GPU) fwd + bwd tokens/s of Megatron's local spec (no TE) with megatron's unfused
                               core attention and with SDPACoreAttention, each as a ratio to HF + SDPA on the same
-                              model and batch (benchmarks/local_attention.py; the goal: SDPA not slower).
+                              model and batch (benchmarks/speed/local_attention.py; the goal: SDPA not slower).
   fp8_blockwise_odd_lengths   (TE, Hopper) FP8 blockwise training on packed rows of odd lengths: the rows are padded
                               to what TE's FP8 GEMMs need; logprobs near HF's, a finite train step.
   vllm_sleep_wake_refit       (vLLM) a colocated engine sleeps (level 2) while the policy trains a step, then the
@@ -44,12 +44,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cipo_nemo.algorithms.loss import PolicyLoss
-from cipo_nemo.config import load_config
-from cipo_nemo.data.batch import Batch
-from cipo_nemo.models.tiny import build_tiny_model_dir, build_tiny_tokenizer
+import torch  # noqa: E402
+
+from cipo_nemo.algorithms.loss import PolicyLoss  # noqa: E402
+from cipo_nemo.config import load_config  # noqa: E402
+from cipo_nemo.data.batch import Batch  # noqa: E402
+from cipo_nemo.models.tiny import build_tiny_model_dir, build_tiny_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "conf" / "cipo_base.yaml"
@@ -293,7 +295,7 @@ def check_speed(worker, batch: Batch, hf_tokens_per_s: float, steps: int) -> Cal
 
 def check_local_attention(model_dir: Path, batch: Batch, args: argparse.Namespace) -> Callable:
     def check() -> tuple[bool, str, dict]:
-        from local_attention import measure_variants, ratio_line  # benchmarks/, next to this script
+        from benchmarks.speed.local_attention import measure_variants, ratio_line
 
         results = measure_variants(model_dir, batch["input_ids"], dtype=torch.bfloat16, steps=args.steps)
         values = {**{f"{name}_tokens_per_s": value for name, value in results.items()},
@@ -455,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     if on_gpu:
         checks.run("local_attention_tokens_per_s", check_local_attention(model_dir, main_batch, args))
     else:
-        checks.skip("local_attention_tokens_per_s", "no GPU: the CPU numbers come from benchmarks/local_attention.py")
+        checks.skip("local_attention_tokens_per_s",
+                    "no GPU: the CPU numbers come from benchmarks/speed/local_attention.py")
     from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
 
     # the unpacked worker first (one model on the device at a time), then the packed one that the checks keep

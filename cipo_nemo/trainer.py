@@ -364,7 +364,7 @@ def step_metrics(
         "reward/correction_mean": None,
         "tokens/generated": float(_response_tokens(base) + _response_tokens(rollouts.corrections)),
         "tokens/trained": float(batch.num_valid_tokens()),
-        # prompt + response tokens per stream: what logprobs and train process (benchmarks/step_speed.py per token)
+        # prompt + response tokens per stream: what logprobs and train process (benchmarks/speed/step_speed.py per token)
         "tokens/base_sequence": float(_sequence_tokens(base)),
         "tokens/correction_sequence": float(_sequence_tokens(rollouts.corrections)),
         "response_length/base_mean": float(base["response_mask"].sum(dim=1).float().mean()),

@@ -27,19 +27,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local directory: no hub lookups
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.megatron_train_profile import LOSS, make_batch  # noqa: E402
+from benchmarks.speed.megatron_train_profile import LOSS, make_batch  # noqa: E402
 from benchmarks.speed.cpu_watch import CpuWatch  # noqa: E402
 from cipo_nemo.config import load_config  # noqa: E402
 from cipo_nemo.models.interfaces import SamplingSettings  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "conf" / "cipo_smollm2_cpu.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "conf" / "cipo_smollm2_cpu.yaml"
 OVERRIDES = ["policy.precision=fp32", "data.system_prompt=null", "generation.temperature=1.0",
              "generation.top_p=1.0", "generation.max_new_tokens=64"]
 PAUSE_S = 1.5

@@ -1,12 +1,12 @@
 """Which processes use the CPU while a refit sub-stage runs slow in the loop (docs/notes/refit.md: stalls).
 
-Runs our GRPO step (benchmarks/step_speed.py's `grpo_megatron_vllm` side: the same config, overrides and
+Runs our GRPO step (benchmarks/speed/step_speed.py's `grpo_megatron_vllm` side: the same config, overrides and
 environment) with the refit profile on, while a thread samples every process's CPU time from /proc every
 `--interval` seconds. Afterwards, for every refit sub-stage of every step (their wall-clock spans come from the
 profile), it prints the stage's seconds and the processes that used the most CPU during it: a stage that takes
 several times its usual time shows who ran beside it.
 
-    flock /tmp/cipo_heavy.lock python benchmarks/speed/refit_stall_probe.py --steps 6
+    flock /tmp/cipo_heavy.lock python benchmarks/probes/refit_stall_probe.py --steps 6
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 from benchmarks.speed.cpu_watch import CLOCK_TICKS, read_processes  # noqa: E402
-from benchmarks.step_speed import CONFIG, REPO, SIDE_OVERRIDES, common_overrides, side_environment  # noqa: E402
+from benchmarks.speed.step_speed import CONFIG, REPO, SIDE_OVERRIDES, common_overrides, side_environment  # noqa: E402
 from cipo_nemo.models.refit_profile import PROFILE_ENV  # noqa: E402
 
 

@@ -18,7 +18,7 @@ is what the pass added. glibc keeps freed small blocks in its heap, which would 
 with MALLOC_MMAP_THRESHOLD_=65536: every tensor over 64 KiB is its own mmap, returned to the kernel when freed,
 and the resident set follows the live tensors. Each pass also reports its wall time.
 
-Usage: python benchmarks/logprob_memory.py [--chunk-tokens 1024] [--micro-batch 4] [--length 1024]
+Usage: python benchmarks/speed/logprob_memory.py [--chunk-tokens 1024] [--micro-batch 4] [--length 1024]
        [--backends hf,megatron]
 Exit 1 when the chunked logprob pass is above 1/4 of the naive one's peak, or the logprobs differ.
 """
@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
@@ -43,7 +43,7 @@ from cipo_nemo.algorithms.loss import PolicyLoss  # noqa: E402
 from cipo_nemo.config import load_config  # noqa: E402
 from cipo_nemo.data.batch import Batch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE_CONFIG = ROOT / "conf" / "cipo_base.yaml"
 VOCAB, HIDDEN = 49152, 576  # SmolLM2-135M's
 GOAL = 0.25

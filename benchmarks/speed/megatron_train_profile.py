@@ -8,8 +8,9 @@ Megatron train step is split into its phases (zero-grad + schedule = forward/bac
 the worker's `_run_schedule` and its optimizer's `step`. `--profile` adds one torch.profiler step per variant
 (top ops by self CPU time) and counts the Python calls the CPU compatibility mode (cpu_compat.py) intercepts.
 
-    python benchmarks/megatron_train_profile.py       # hf, megatron, megatron_dp1_collectives, megatron_no_distopt
-    python benchmarks/megatron_train_profile.py --variants hf megatron megatron_packed hf_packed --profile --cprofile
+    python benchmarks/speed/megatron_train_profile.py  # hf, megatron, megatron_dp1_collectives, megatron_no_distopt
+    python benchmarks/speed/megatron_train_profile.py --variants hf megatron megatron_packed hf_packed \
+        --profile --cprofile
 
 `megatron_dp1_collectives` is `megatron` with the distributed optimizer's one-rank all-gather / reduce-scatter put
 back (cpu_compat skips them at DP 1): the A/B of that change in one run. `megatron_every_position` and
@@ -30,7 +31,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local directory: no hub lookups
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -41,7 +42,7 @@ from cipo_nemo.algorithms.loss import PolicyLoss  # noqa: E402
 from cipo_nemo.config import load_config  # noqa: E402
 from cipo_nemo.data.batch import Batch  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "conf" / "cipo_smollm2_cpu.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "conf" / "cipo_smollm2_cpu.yaml"
 LOSS = PolicyLoss(clip_low=0.2, clip_high=0.28, normalization="token", kl_beta=0.0, kl_estimator="k3",
                   importance_sampling=False, is_truncation=2.0, loss_weight=1.0)
 # variant -> (backend, policy overrides on top of the step-speed benchmark's fp32 policy)

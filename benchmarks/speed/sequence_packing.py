@@ -8,7 +8,7 @@ policy backend (HF in-process and the Megatron worker in a one-rank gloo world),
 the median seconds, the packed/unpacked ratio, the share of computed positions that are padding, and checks
 that both layouts give the same loss (else exit 1).
 
-Usage: python benchmarks/sequence_packing.py [--samples 32] [--max-response 448] [--repeats 3]
+Usage: python benchmarks/speed/sequence_packing.py [--samples 32] [--max-response 448] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
@@ -32,7 +32,7 @@ from cipo_nemo.data.batch import Batch  # noqa: E402
 from cipo_nemo.data.packing import plan_packed_rows, sequence_lengths  # noqa: E402
 from cipo_nemo.models.tiny import build_tiny_model_dir  # noqa: E402
 
-BASE_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "cipo_base.yaml"
+BASE_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 MICRO_BATCH_SIZE = 4
 LOSS = PolicyLoss(clip_low=0.2, clip_high=0.28, normalization="token", kl_beta=0.0, kl_estimator="k3",
                   importance_sampling=False, is_truncation=2.0, loss_weight=1.0)
