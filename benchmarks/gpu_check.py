@@ -48,15 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from cipo_nemo.algorithms.loss import PolicyLoss  # noqa: E402
+from benchmarks.common.batches import LOSS, variable_length_batch  # noqa: E402
 from cipo_nemo.config import load_config  # noqa: E402
 from cipo_nemo.data.batch import Batch  # noqa: E402
 from cipo_nemo.models.tiny import build_tiny_model_dir, build_tiny_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "conf" / "cipo_base.yaml"
-LOSS = PolicyLoss(clip_low=0.2, clip_high=0.2, normalization="token", kl_beta=0.0, kl_estimator="k3",
-                  importance_sampling=False, is_truncation=2.0, loss_weight=1.0)
 # pass thresholds: mean exp(|logprob difference|) over response tokens (NeMo-RL's token_mult_prob_error)
 MULT_ERROR_BF16 = 1.05  # bf16 kernels on both sides
 MULT_ERROR_FP32 = 1.001  # the CPU smoke run: fp32 everywhere
@@ -120,26 +118,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed train steps (best of)")
     parser.add_argument("--json", type=Path, default=REPO / "results" / "gpu_check.json")
     return parser.parse_args(argv)
-
-
-def variable_length_batch(*, vocab_size: int, lengths: list[int], seq: int, seed: int = 0) -> Batch:
-    """Right-padded samples of the given lengths: a quarter prompt, the rest response; random advantages."""
-    generator = torch.Generator().manual_seed(seed)
-    n = len(lengths)
-    input_ids = torch.full((n, seq), 3, dtype=torch.long)
-    prompt_mask = torch.zeros(n, seq, dtype=torch.bool)
-    response_mask = torch.zeros(n, seq, dtype=torch.bool)
-    for row, length in enumerate(lengths):
-        prompt = max(1, length // 4)
-        input_ids[row, :length] = torch.randint(4, vocab_size, (length,), generator=generator)
-        prompt_mask[row, :prompt] = True
-        response_mask[row, prompt:length] = True
-    return Batch({
-        "input_ids": input_ids, "prompt_mask": prompt_mask, "response_mask": response_mask,
-        "generation_logprobs": torch.zeros(n, seq), "old_logprobs": torch.zeros(n, seq),
-        "advantages": torch.randn(n, generator=generator), "group_id": torch.arange(n) // 2,
-        "sample_kind": ["base"] * n,
-    })
 
 
 def sample_lengths(batch: int, seq: int) -> list[int]:
