@@ -1,4 +1,4 @@
-"""The CIPO training loop: one controller, one named function per stage, in the order of DESIGN.md.
+"""The CIPO training loop: one controller, one named function per stage, in the order of docs/design.md.
 
     rollout -> verify -> select anchors -> correction rollout -> verify corrections -> shape and join
     -> advantages -> logprobs -> train -> refit -> update rho
@@ -336,7 +336,7 @@ def refit(c: Components) -> None:
 
 
 def update_rho(c: Components, retention: float | None) -> None:
-    """The rho update (DESIGN step 7); a CIPO run warns once when rho sits at a bound in most steps (it cannot steer)."""
+    """The rho update (docs/design.md step 7); a CIPO run warns once when rho sits at a bound in most steps."""
     c.rho.update(retention)
     if not c.cfg.cipo.enabled:
         return

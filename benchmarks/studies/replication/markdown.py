@@ -154,7 +154,8 @@ RISK_PENALTY_NOTE = (
     "{-lambda_risk, 1}, an affine map, and (r - mean) / std removes affine maps. With `grpo.normalize_std: false` "
     "it only scales the advantages of right-anchor groups by 1 + lambda_risk. For the penalty to rank breaking a "
     "right answer below failing to fix a wrong one, correction rewards must be compared across groups (one baseline "
-    "for all corrections of a step or of a prompt), which DESIGN step 5 does not do."
+    "for all corrections of a step or of a prompt), which per-group normalization (`cipo.advantage_mode: group`, "
+    "the first design) does not do."
 )
 
 
