@@ -16,6 +16,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.studies.replication.settings import QUICK  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the replication study end to end (the training loop)
+
 MODELS = ("warm", "grpo", "cipo")
 
 

@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks.studies import study_instruct
 from cipo_nemo.models.tiny import build_tiny_model_dir
+
+pytestmark = pytest.mark.slow  # the study end to end (the training loop)
 
 BASE = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 
