@@ -9,7 +9,7 @@ the worker's `_run_schedule` and its optimizer's `step`. `--profile` adds one to
 (top ops by self CPU time) and counts the Python calls the CPU compatibility mode (cpu_compat.py) intercepts.
 
     python benchmarks/speed/megatron_train_profile.py  # hf, megatron, megatron_dp1_collectives, megatron_no_distopt
-    python benchmarks/speed/megatron_train_profile.py --variants hf megatron megatron_packed hf_packed \
+    python benchmarks/speed/megatron_train_profile.py --variants hf megatron megatron_packed hf_packed \\
         --profile --cprofile
 
 `megatron_dp1_collectives` is `megatron` with the distributed optimizer's one-rank all-gather / reduce-scatter put
