@@ -1,6 +1,6 @@
 """A step's math in one place: verifier rewards -> shaped rewards -> advantages -> what carries gradient.
 
-    r~ = r - lambda_risk * 1[correction of a right anchor, r wrong]           (corrections; DESIGN step 5)
+    r~ = r - lambda_risk * 1[correction of a right anchor, r wrong]           (corrections; docs/design.md step 5)
            - factor * clamp(length - (max_new_tokens - buffer), 0) / buffer   (both streams, grpo.overlong_buffer)
     A  = group_advantages(r~) per prompt group (base; step 1) | correction_advantages(r~) (corrections; step 5)
     responses cut at max_new_tokens leave the loss and its normalizer        (grpo.mask_truncated)
