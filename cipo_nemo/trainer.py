@@ -164,7 +164,7 @@ def build_loss(cfg: MasterConfig) -> PolicyLoss:
     return PolicyLoss(clip_low=loss.clip_low, clip_high=loss.clip_high, normalization=loss.normalization,
                       kl_beta=loss.kl_beta, kl_estimator=loss.kl_estimator,
                       importance_sampling=loss.importance_sampling, is_truncation=loss.is_truncation,
-                      loss_weight=cfg.cipo.loss_weight)
+                      is_type=loss.is_type, is_lower_bound=loss.is_lower_bound, loss_weight=cfg.cipo.loss_weight)
 
 
 # ----------------------------------------------------------------------------------------------- the step

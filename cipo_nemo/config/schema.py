@@ -181,12 +181,25 @@ class LossConfig(StrictModel):
     kl_beta: NonNegativeFloat = Field(description="beta of the KL penalty to the reference policy (0 = off).")
     kl_estimator: Literal["k1", "k3"] = Field(description="KL estimator per token (k3 is non-negative).")
     importance_sampling: bool = Field(description="Truncated importance-sampling correction generation -> trainer.")
-    is_truncation: Annotated[float, Field(ge=1.0)] = Field(description="Cap C of the TIS weight min(ratio, C).")
+    is_truncation: Annotated[float, Field(ge=1.0)] = Field(
+        description="Cap C of the TIS weight min(ratio, C); the upper end of the icepop / seq-mask-tis band.")
+    is_type: Literal["tis", "icepop", "seq-mask-tis"] = Field(
+        description="tis: min(ratio, C) per token; icepop: tokens whose ratio is outside [is_lower_bound, C] get "
+        "weight 0; seq-mask-tis: sequences whose geometric-mean ratio is outside it get weight 0 (NeMo-RL's names).")
+    is_lower_bound: NonNegativeFloat = Field(description="Lower end L of the icepop / seq-mask-tis band.")
     skip_zero_advantage: bool | Literal["auto"] = Field(
         description="Samples whose advantage is 0 leave the pi_old and train passes; the loss keeps their share of "
         "its normalizer, so the update is unchanged. auto: on when exact (kl_beta = 0); true with kl_beta > 0 is "
         "refused (the KL term is not zero at zero advantage)."
     )
+
+    @field_validator("is_lower_bound")
+    @classmethod
+    def _band_not_empty(cls, value: float, info: ValidationInfo) -> float:
+        truncation = info.data.get("is_truncation")
+        if truncation is not None and value > truncation:
+            raise ValueError(f"must be <= is_truncation ({truncation}): the band [L, C] is empty")
+        return value
 
     @field_validator("skip_zero_advantage", mode="plain")
     @classmethod
