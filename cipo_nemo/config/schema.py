@@ -13,20 +13,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from cipo_nemo.config.durations import parse_duration
+from cipo_nemo.config.schema_base import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    StrictModel,
+    TaskFamily,
+)
+from cipo_nemo.config.schema_sources import DataSourceConfig, FileFields, FileSourceConfig, ReasoningGymSourceConfig
 
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0.0)]
-PositiveFloat = Annotated[float, Field(gt=0.0)]
-TaskFamily = Literal["math", "code"]
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+__all__ = ["DataSourceConfig", "FileFields", "FileSourceConfig", "ReasoningGymSourceConfig", "StrictModel"]
 
 
 def _require_placeholders(text: str, placeholders: tuple[str, ...]) -> str:
@@ -218,52 +219,6 @@ class LossConfig(StrictModel):
         return self.skip_zero_advantage is True or (self.skip_zero_advantage == "auto" and self.kl_beta == 0)
 
 
-class FileFields(StrictModel):
-    """Which column of a file holds what. Exactly one of `prompt` and `messages` names a column."""
-
-    id: str | None = Field(description="Column with a stable item id (null: '<file>:<row>').")
-    prompt: str | None = Field(description="Column with the problem text, or with a list of chat messages.")
-    messages: str | None = Field(description="Column with chat messages [{role, content}] instead of a prompt.")
-    answer: str = Field(min_length=1, description="Column with the ground truth (dotted paths reach into nested "
-                        "columns, e.g. reward_model.ground_truth).")
-    family: str | None = Field(description="Column with a per-row task family (null: the source's family).")
-
-    @field_validator("messages")
-    @classmethod
-    def _one_prompt_column(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if "prompt" in info.data and (info.data["prompt"] is None) == (value is None):
-            raise ValueError("set exactly one of fields.prompt and fields.messages")
-        return value
-
-
-class FileSourceConfig(StrictModel):
-    path: str | None = Field(description="JSONL file, parquet file, or a datasets.save_to_disk directory.")
-    format: Literal["auto", "jsonl", "parquet", "hf_disk"] = Field(description="auto: by suffix / directory.")
-    split: str | None = Field(description="Split of a saved DatasetDict (null for a plain Dataset).")
-    fields: FileFields
-
-
-class ReasoningGymSourceConfig(StrictModel):
-    name: str = Field(min_length=1, description="reasoning-gym generator name, e.g. basic_arithmetic.")
-    size: PositiveInt = Field(description="Number of items generated.")
-    seed: Annotated[int, Field(ge=0)] = Field(description="Generator seed (same seed, same items).")
-    options: dict[str, Any] = Field(description="Extra generator options (e.g. max_terms, max_digits).")
-
-
-class DataSourceConfig(StrictModel):
-    kind: Literal["reasoning_gym", "file"] = Field(description="Which of the blocks below is used.")
-    family: TaskFamily = Field(description="Task family of the items (file rows may override per row).")
-    reasoning_gym: ReasoningGymSourceConfig
-    file: FileSourceConfig
-
-    @field_validator("file")
-    @classmethod
-    def _file_has_path(cls, value: FileSourceConfig, info: ValidationInfo) -> FileSourceConfig:
-        if info.data.get("kind") == "file" and not value.path:
-            raise ValueError("kind is 'file' but file.path is not set")
-        return value
-
-
 class InstructionConfig(StrictModel):
     math: str = Field(description="Appended to every math problem.")
     code: str = Field(description="Appended to every code problem.")
@@ -396,7 +351,8 @@ class GenerationConfig(StrictModel):
     temperature: NonNegativeFloat = Field(description="Sampling temperature (0 = greedy).")
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(description="Nucleus sampling mass.")
     stop_strings: list[str] = Field(description="Generation stops after any of these strings.")
-    colocated: bool = Field(description="Generation shares the policy's devices (sleep/wake around training).")
+    colocated: bool = Field(description="Generation shares the policy's devices (sleep/wake around training); false: "
+                            "the engines get cluster.generation_devices_per_node devices of their own on every node.")
     vllm: VllmConfig
 
 
@@ -419,6 +375,28 @@ class ClusterConfig(StrictModel):
         description="Without GPUs: the policy and generation workers put tensors on transparent huge pages and keep "
         "freed memory for the next step instead of returning it to the OS (no page faults once the steps repeat; "
         "each worker keeps its peak memory). cipo_nemo/utils/cpu_memory.py."
+    )
+    generation_devices_per_node: PositiveInt | None = Field(
+        description="generation.colocated false: the vLLM engines' own devices per node, beside devices_per_node for "
+        "the policy (CPU: worker cores, each side bound to its own); null when colocated."
+    )
+    max_engine_restarts: NonNegativeInt = Field(
+        description="A dead generation engine is replaced in place (refit, the interrupted batch sampled again with "
+        "the same seeds, no requeue) this many times per driver process; the next death is a worker death."
+    )
+
+
+class AsyncConfig(StrictModel):
+    """One step off-policy (docs/notes/async.md): the next step's rollouts are sampled while the policy trains."""
+
+    enabled: bool = Field(description="Sample batch s+1 in the background while the policy trains on batch s.")
+    max_trajectory_age: Literal[0, 1] = Field(
+        description="Weight versions a trained batch may lag: 1, batch s is sampled by the weights after step s-2 "
+        "(the pipeline is one step deep); 0, the same machinery without overlap (equals the synchronous loop)."
+    )
+    max_wait_s: PositiveFloat = Field(
+        description="The trainer waits at most this long for the next batch; longer, the run stops with one line "
+        "and exit code 75 (requeue), and the resumed run samples that batch again."
     )
 
 
@@ -525,9 +503,12 @@ class MasterConfig(StrictModel):
     policy: PolicyConfig
     generation: GenerationConfig
     cluster: ClusterConfig
+    async_: AsyncConfig = Field(alias="async")  # a Python keyword: cfg.async_ in code, `async:` in YAML
     logger: LoggerConfig
     checkpointing: CheckpointConfig
     validation: ValidationConfig
+
+    model_config = ConfigDict(serialize_by_alias=True)  # config.yaml says `async:` too
 
     def max_samples_per_step(self) -> int:
         """B x G base rollouts plus, for CIPO, at most min(anchor cap, B x G) anchors x G_c corrections."""
@@ -558,6 +539,31 @@ class MasterConfig(StrictModel):
         if grpo is not None and grpo.overlong_buffer >= value.max_new_tokens:
             raise ValueError(f"max_new_tokens ({value.max_new_tokens}) must exceed grpo.overlong_buffer "
                              f"({grpo.overlong_buffer}): the punishment starts max_new_tokens - overlong_buffer tokens in")
+        return value
+
+    @field_validator("cluster")
+    @classmethod
+    def _engine_devices_when_apart(cls, value: ClusterConfig, info: ValidationInfo) -> ClusterConfig:
+        generation = info.data.get("generation")
+        if generation is None or generation.backend != "vllm":
+            return value
+        if not generation.colocated and value.generation_devices_per_node is None:
+            raise ValueError("generation.colocated is false: set generation_devices_per_node (the engines' own "
+                             "devices per node)")
+        if generation.colocated and value.generation_devices_per_node is not None:
+            raise ValueError("generation_devices_per_node is set but generation.colocated is true (the engines share "
+                             "the policy's devices): set it to null, or generation.colocated=false")
+        return value
+
+    @field_validator("async_")
+    @classmethod
+    def _overlap_needs_own_devices(cls, value: AsyncConfig, info: ValidationInfo) -> AsyncConfig:
+        generation, policy = info.data.get("generation"), info.data.get("policy")
+        on_ray = generation is not None and policy is not None and generation.backend == "vllm" and \
+            policy.backend == "megatron"
+        if value.enabled and value.max_trajectory_age > 0 and on_ray and generation.colocated:
+            raise ValueError("max_trajectory_age 1 samples while the policy trains, so the vLLM engines need devices "
+                             "of their own: set generation.colocated=false and cluster.generation_devices_per_node")
         return value
 
     @field_validator("validation")
