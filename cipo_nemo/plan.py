@@ -6,7 +6,8 @@ The preflight builds it for every run and `python -m cipo_nemo --dry-run` prints
    and the model must split the way megatron-core and vLLM split it (heads and KV heads by TP, layers by PP,
    vocab by TP). Each rule is checked here with the error megatron / vLLM / this loop would raise minutes into the
    job, naming the config keys to change.
-2. Where does everything sit? Policy ranks, vLLM engines, colocated or not.
+2. Where does everything sit? Policy ranks, vLLM engines, colocated or on devices of their own (then each side's
+   devices and memory), and, with `async.enabled`, the schedule of the overlap.
 3. How much work is one step? Rollouts (base + the most corrections) and token upper bounds.
 4. Does one GPU hold it? A per-GPU memory estimate against `cluster.gpu_memory_gib`.
 5. What does the refit cost? The HF-weight file each node writes per step, its host-memory transient, a time
@@ -67,10 +68,15 @@ class Layout:
     tensor_parallel: int
     pipeline_parallel: int
     vllm_tensor_parallel: int
+    generation_devices_per_node: int | None = None  # the engines' own devices per node; None: the policy's
 
     @property
     def world(self) -> int:
         return self.num_nodes * self.devices_per_node
+
+    @property
+    def engine_devices_per_node(self) -> int:
+        return self.generation_devices_per_node or self.devices_per_node
 
     @property
     def data_parallel(self) -> int:
@@ -78,7 +84,7 @@ class Layout:
 
     @property
     def vllm_engines(self) -> int:
-        return self.world // self.vllm_tensor_parallel
+        return self.num_nodes * self.engine_devices_per_node // self.vllm_tensor_parallel
 
 
 def layout_of(cfg: MasterConfig) -> Layout:
@@ -89,6 +95,7 @@ def layout_of(cfg: MasterConfig) -> Layout:
         tensor_parallel=cfg.policy.megatron.tensor_parallel if megatron else 1,
         pipeline_parallel=cfg.policy.megatron.pipeline_parallel if megatron else 1,
         vllm_tensor_parallel=cfg.generation.vllm.tensor_parallel,
+        generation_devices_per_node=None if cfg.generation.colocated else cfg.cluster.generation_devices_per_node,
     )
 
 
@@ -135,19 +142,17 @@ def check_model_split(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> l
 
 
 def check_generation(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> list[str]:
-    """vLLM engines live inside one node and split heads like megatron; colocation is the only placement."""
+    """vLLM engines live inside one node (on the policy's devices or on their own) and split heads like megatron."""
     if cfg.generation.backend != "vllm":
         return []
     vtp, problems = layout.vllm_tensor_parallel, []
-    if layout.devices_per_node % vtp:
-        problems.append(f"generation.vllm.tensor_parallel ({vtp}) does not divide cluster.devices_per_node "
-                        f"({layout.devices_per_node}): each vLLM engine must fit inside one node")
+    devices_key = "cluster.generation_devices_per_node" if layout.generation_devices_per_node else \
+        "cluster.devices_per_node"
+    if layout.engine_devices_per_node % vtp:
+        problems.append(f"generation.vllm.tensor_parallel ({vtp}) does not divide {devices_key} "
+                        f"({layout.engine_devices_per_node}): each vLLM engine must fit inside one node")
     problems += [p.format(key="generation.vllm.tensor_parallel") for p in
                  _fits_heads(shape.num_attention_heads, shape.num_kv_heads, vtp)]
-    if cfg.policy.backend == "megatron" and not cfg.generation.colocated:
-        problems.append("generation.colocated is false, but this version places the vLLM engines on the policy's "
-                        "own cluster bundles (each group then asks for whole bundles and cannot be placed); "
-                        "set generation.colocated=true")
     return problems
 
 
@@ -359,7 +364,7 @@ def check_memory(cfg: MasterConfig, memory: MemoryEstimate) -> list[str]:
     if cfg.generation.backend == "vllm" and memory.vllm_kv_cache <= 0:
         problems.append(
             f"generation.vllm.gpu_memory_utilization ({cfg.generation.vllm.gpu_memory_utilization}) x "
-            f"cluster.gpu_memory_gib ({memory.budget:g}) = {memory.vllm_share:.1f} GiB does not hold vLLM's weights "
+            f"cluster.gpu_memory_gib ({memory.budget:g}) = {cfg.generation.vllm.gpu_memory_utilization * memory.budget:.1f} GiB does not hold vLLM's weights "
             f"({memory.vllm_weights:.1f} GiB per GPU) plus its {VLLM_RESERVE_GIB:g} GiB working reserve: no room for a "
             "KV cache; raise gpu_memory_utilization or generation.vllm.tensor_parallel")
     if memory.peak > memory.budget:
@@ -404,8 +409,8 @@ class LaunchPlan:
         return self.base_samples + self.max_correction_samples
 
     def lines(self) -> list[str]:
-        return [self._devices_line(), self._model_line(), *self._placement_lines(), self._rollouts_line(),
-                self._tokens_line(), *self._memory_lines(), *self._refit_lines(),
+        return [self._devices_line(), self._model_line(), *self._placement_lines(), *self._async_lines(),
+                self._rollouts_line(), self._tokens_line(), *self._memory_lines(), *self._refit_lines(),
                 *(f"note: {note}" for note in self.notes)]
 
     def _refit_lines(self) -> list[str]:
@@ -429,11 +434,15 @@ class LaunchPlan:
 
     def _devices_line(self) -> str:
         layout, budget = self.layout, self.cfg.cluster.gpu_memory_gib
+        per_node, world = f"{layout.devices_per_node}", layout.world
+        if layout.generation_devices_per_node:  # two sides, each with its own devices
+            per_node = f"({layout.devices_per_node} policy + {layout.generation_devices_per_node} generation)"
+            world += layout.num_nodes * layout.generation_devices_per_node
         if budget is None:
-            return (f"cluster: {layout.num_nodes} node(s) x {layout.devices_per_node} CPU worker process(es) "
-                    f"= {layout.world} (no GPU: the workers share the host's memory; figures below are per process)")
-        return (f"cluster: {layout.num_nodes} node(s) x {layout.devices_per_node} GPUs = {layout.world} GPUs "
-                f"of {budget:g} GiB")
+            bound = ", each side bound to its own cores" if layout.generation_devices_per_node else ""
+            return (f"cluster: {layout.num_nodes} node(s) x {per_node} CPU worker process(es) = {world} (no GPU: the "
+                    f"workers share the host's memory{bound}; figures below are per process)")
+        return f"cluster: {layout.num_nodes} node(s) x {per_node} GPUs = {world} GPUs of {budget:g} GiB"
 
     def _model_line(self) -> str:
         return f"model: {self.cfg.policy.model_name} ({self.shape_source}): {self.shape.describe()}"
@@ -461,10 +470,24 @@ class LaunchPlan:
         vllm = cfg.generation.vllm
         weights = f"{vllm.dtype} weights" + (", fp8 quantized" if vllm.quantization == "fp8" else "")
         sleeps = " (vLLM sleeps while the policy trains)" if cfg.cluster.gpu_memory_gib is not None else ""
-        where = f"colocated on the policy's devices{sleeps}" if cfg.generation.colocated else "on separate devices"
+        where = f"colocated on the policy's devices{sleeps}" if cfg.generation.colocated else \
+            (f"on {layout.engine_devices_per_node} device(s) per node of their own, beside the policy's on every "
+             "node, so each node's refit file reaches its engines")
         engines = layout.vllm_engines
         return [policy, f"generation: {engines} vLLM engine(s) x TP {layout.vllm_tensor_parallel} "
-                        f"({layout.devices_per_node // layout.vllm_tensor_parallel} per node), {weights}, {where}"]
+                        f"({layout.engine_devices_per_node // layout.vllm_tensor_parallel} per node), {weights}, "
+                        f"{where}"]
+
+    def _async_lines(self) -> list[str]:
+        overlap = self.cfg.async_
+        if not overlap.enabled:
+            return []
+        schedule = ("batch s is sampled by the weights after step s-2 while the policy trains on batch s-1 "
+                    "(both streams of a batch from one weight version)" if overlap.max_trajectory_age else
+                    "batch s is sampled by the weights after step s-1, without overlap (as the synchronous loop)")
+        return [f"async: max_trajectory_age {overlap.max_trajectory_age}: {schedule}; the trainer waits at most "
+                f"{overlap.max_wait_s:g} s for a batch (then exit 75); a dead engine is replaced in place up to "
+                f"{self.cfg.cluster.max_engine_restarts} time(s)"]
 
     def _rollouts_line(self) -> str:
         cfg = self.cfg
@@ -506,8 +529,11 @@ class LaunchPlan:
             sequences = tokens / cfg.policy.max_total_sequence_length
             share = (f"vLLM share {m.vllm_share:.1f} GiB (gpu_memory_utilization "
                      f"{cfg.generation.vllm.gpu_memory_utilization} x {m.budget:g}): " if m.vllm_share else "vLLM: ")
-            lines.append(f"  {share}weights {m.vllm_weights:.1f} GiB + KV cache {m.vllm_kv_cache:.1f} GiB "
-                         f"(~{_count(tokens)} tokens = {sequences:.0f} full-length sequences per engine)")
+            apart = "" if cfg.generation.colocated or m.budget is None else \
+                f"vLLM on its own GPUs: {cfg.generation.vllm.gpu_memory_utilization} x {m.budget:g} GiB: "
+            lines.append(f"  {share if not apart else apart}weights {m.vllm_weights:.1f} GiB + KV cache "
+                         f"{m.vllm_kv_cache:.1f} GiB (~{_count(tokens)} tokens = {sequences:.0f} full-length sequences "
+                         "per engine)")
         if m.budget is None:
             engine = m.vllm_weights + m.vllm_kv_cache if cfg.generation.backend == "vllm" else 0.0
             lines.append(f"  host memory: policy worker {m.training:.1f} GiB + vLLM engine {engine:.1f} GiB per device "
@@ -542,6 +568,9 @@ def plan_notes(cfg: MasterConfig, layout: Layout, *, max_samples: int) -> list[s
                      f"cipo.attempt_max_tokens + template); with max_new_tokens {cfg.generation.max_new_tokens} that "
                      f"exceeds policy.max_total_sequence_length ({cfg.policy.max_total_sequence_length}), so the "
                      "longest corrections are cut short or their anchors dropped")
+    if cfg.async_.enabled and cfg.async_.max_trajectory_age and not cfg.loss.importance_sampling:
+        notes.append("async.max_trajectory_age 1 trains on batches one weight version old without an off-policy "
+                     "correction: consider loss.importance_sampling=true (tis, or is_type seq-mask-tis)")
     if cfg.cipo.enabled and cfg.cipo.risk_penalty > 0 and cfg.cipo.advantage_mode == "group":
         # a correct anchor's group: r~ = r (1 + lambda_risk) - lambda_risk, affine, and (r~ - mean) / std undoes it
         notes.append("cipo.risk_penalty does not change the advantages while cipo.advantage_mode is group: every "

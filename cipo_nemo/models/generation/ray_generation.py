@@ -1,4 +1,6 @@
-"""Generation engines hosted in Ray actors (colocated with the policy on the same bundles).
+"""Generation engines hosted in Ray actors: colocated with the policy on the same bundles, or on bundles of their own
+(`generation.colocated: false`: a virtual cluster of `cluster.generation_devices_per_node` bundles per node; on CPU
+each engine actor is bound to its own cores, distributed/cpu_binding.py).
 
 Layout: `generation.vllm.tensor_parallel` (TP) consecutive bundles of one node form one vLLM engine, so there are
 world_size / TP engines, each a data-parallel replica; prompts are split contiguously over the engines and the
@@ -169,6 +171,7 @@ class RayGeneration:
         seed: int,
         resource_fraction: float,
         env_vars: dict[str, str],
+        node_cores: list[list[int]] | None = None,
     ) -> None:
         self.layout = EngineLayout(num_nodes=cluster.num_nodes, devices_per_node=cluster.devices_per_node,
                                    tensor_parallel=generation.vllm.tensor_parallel)
@@ -180,7 +183,7 @@ class RayGeneration:
                                                "max_model_len": max_model_len, "seed": seed,
                                                "engine_environments": environments},
                                   resource_fraction=resource_fraction, env_vars=env_vars, torch_distributed=False,
-                                  actor_gpus=not ray_tp, capture_child_tasks=ray_tp)
+                                  actor_gpus=not ray_tp, capture_child_tasks=ray_tp, node_cores=node_cores)
 
     @property
     def placements(self) -> list[WorkerPlacement]:
