@@ -9,9 +9,9 @@ cipo_nemo/models/shapes.py) and says whether each model is present and how big i
 hub id absent from the Hugging Face cache in its preflight, once (HF_HUB_OFFLINE=1: it stops instead).
 
 Exit codes: 0 done; 2 config, data, model or install error; 75 (REQUEUE_EXIT_CODE) stopped early on SIGUSR1/SIGTERM or
-checkpointing.checkpoint_must_save_by after a complete checkpoint, or a worker process died (up to
-cluster.max_restarts times per run directory): run the same command again to resume; 70 a worker died once more
-than cluster.max_restarts allows.
+checkpointing.checkpoint_must_save_by after a complete checkpoint, or a worker process died, or (async) the trainer
+waited async.max_wait_s for the generator (up to cluster.max_restarts times per run directory): run the same command
+again to resume; 70 once more than cluster.max_restarts allows.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_training(cfg, loaded_items) -> int:
+    from cipo_nemo.async_rollouts import GenerationStalledError
     from cipo_nemo.data.sources import DataError
     from cipo_nemo.distributed import WorkerDiedError
     from cipo_nemo.loop import REQUEUE_EXIT_CODE, train
@@ -92,6 +93,12 @@ def run_training(cfg, loaded_items) -> int:
     except WorkerDiedError as error:
         logging.getLogger("cipo_nemo").error("%s", error)  # with the remote traceback, for the log
         line, code = after_worker_death(cfg, error.summary(), requeue_exit_code=REQUEUE_EXIT_CODE)
+        print(line, flush=True)
+        return code
+    except GenerationStalledError as error:  # async: the trainer waited async.max_wait_s for a batch
+        detail = str(error).removeprefix("generation stalled: ")
+        line, code = after_worker_death(cfg, f"{detail} ({error.during})", requeue_exit_code=REQUEUE_EXIT_CODE,
+                                        what="generation stalled")
         print(line, flush=True)
         return code
     if summary.stopped_early is not None:

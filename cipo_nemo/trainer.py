@@ -11,6 +11,8 @@ paper, whose exact choices are not public (docs/paper_reconstruction.md): the rh
 rounding and the templates are the reconstruction's defaults, all config keys.
 
 The run around the step (the step loop, validation and checkpoint cadence, early stops) is `cipo_nemo/loop.py`.
+With `async.enabled` the sampling stages of step s+1 run in the background while step s trains
+(`cipo_nemo/async_rollouts.py`; `async_step` below).
 
 Launch: `python -m cipo_nemo --config conf/X.yaml key=value` (one machine; Ray starts in-process);
 on a Slurm cluster the same entry point runs on the Ray head (slurm/).
@@ -34,6 +36,7 @@ from cipo_nemo.algorithms.loss import PolicyLoss
 from cipo_nemo.algorithms.rewards import is_success
 from cipo_nemo.algorithms.rho import RhoController
 from cipo_nemo.algorithms.training_signal import carries_gradient, training_signal
+from cipo_nemo.async_rollouts import RolloutPipeline
 from cipo_nemo.config import MasterConfig, to_yaml
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.correction_prompts import render_correction_prompt
@@ -84,6 +87,8 @@ class Components:
     timer: StageTimer = field(default_factory=StageTimer)
     progress: StepProgress = field(default_factory=StepProgress)
     start_step: int = 0
+    pipeline: RolloutPipeline | None = None  # async.enabled: batches sampled ahead (cipo_nemo/async_loop.py)
+    resumed_batch: dict[str, Any] | None = None  # async: the checkpoint's batch sampled ahead, for the pipeline
 
     def __post_init__(self) -> None:
         self.timer.on_stage = self.progress.stage  # every timed stage shows on the progress line
@@ -99,11 +104,13 @@ class StepRollouts:
     corrections: Batch | None
     dropped_anchors: int  # anchors whose correction prompt did not fit max_total_sequence_length
     sampling_metrics: dict[str, float]  # dynamic_sampling/* (empty without it)
+    rho: float  # the rho the anchors were chosen with (known when the batch was sampled)
 
 
 # Streams of the per-step seeds (step_seed): each draw of a step has its own.
 SEED_BASE, SEED_ANCHORS, SEED_CORRECTIONS, SEED_VALIDATION, SEED_MINI_BATCHES = 0, 1, 2, 3, 4
 SEED_BASE_ROUND = 100  # + r: round r >= 1 of dynamic sampling (round 0 is SEED_BASE, as without it)
+QUICK_SHUTDOWN_S = 5.0  # an engine busy with a call the run no longer waits for: then its actor is killed
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -171,33 +178,47 @@ def build_loss(cfg: MasterConfig) -> PolicyLoss:
 
 
 def cipo_step(c: Components, step: int) -> dict[str, float | None]:
-    """One CIPO (or GRPO) step; returns its metrics."""
+    """One CIPO (or GRPO) step, the synchronous way (async.enabled: cipo_nemo/async_loop.py); returns its metrics."""
+    rollouts = sample_rollouts(c, step, rho=c.rho.rho)
+    c.generation.sleep(level=2)  # the refit below overwrites every weight: nothing to offload to host memory
+    batch, cipo_metrics, train_metrics = train_on_rollouts(c, rollouts, step)
+    with c.timer.time("refit"):
+        refit(c)
+    update_rho(c, cipo_metrics.retention)
+    return step_metrics(c, rollouts, batch, cipo_metrics.as_dict(), train_metrics)
+
+
+def sample_rollouts(c: Components, step: int, *, rho: float) -> StepRollouts:
+    """The sampling stages: base stream, anchors (chosen with `rho`), correction stream, all from the engine's
+    current weights."""
     timer = c.timer
-    items, base, sampling_metrics = sample_base_stream(c, step)
+    items, base, sampling_metrics = sample_base_stream(c, step, rho=rho)
     with timer.time("select_anchors"):
-        anchors = maybe_select_anchors(c, base, step)
+        anchors = maybe_select_anchors(c, base, step, rho=rho)
     with timer.time("correction_rollout"):
         corrections, dropped = correction_rollout(c, base, anchors, items, step)
     with timer.time("verify_corrections"):
         if corrections is not None:
             verify(c, corrections, items)
-    c.generation.sleep(level=2)  # the refit below overwrites every weight: nothing to offload to host memory
-    rollouts = StepRollouts(items, base, anchors, corrections, dropped, sampling_metrics)
+    return StepRollouts(items, base, anchors, corrections, dropped, sampling_metrics, rho)
+
+
+def train_on_rollouts(c: Components, rollouts: StepRollouts, step: int, *, off_policy: bool = False) -> tuple:
+    """Join, advantages, logprobs, train: returns (batch, the join's CIPO metrics, the train metrics)."""
+    timer = c.timer
     with timer.time("join"):
-        joined, cipo_metrics = join_streams(base, corrections, anchors=anchors, rho=c.rho.rho)
+        joined, cipo_metrics = join_streams(rollouts.base, rollouts.corrections, anchors=rollouts.anchors,
+                                            rho=rollouts.rho)
     with timer.time("advantages"):
         batch = compute_advantages(c, joined)
     with timer.time("dump_samples"):
         maybe_dump_samples(c, rollouts, batch, step)
     plan = plan_training(c, batch, step)
     with timer.time("logprobs"):
-        compute_logprobs(c, batch, plan)
+        compute_logprobs(c, batch, plan, off_policy=off_policy)
     with timer.time("train"):
         train_metrics = train_policy(c, batch, plan)
-    with timer.time("refit"):
-        refit(c)
-    update_rho(c, cipo_metrics.retention)
-    return step_metrics(c, rollouts, batch, cipo_metrics.as_dict(), train_metrics)
+    return batch, cipo_metrics, train_metrics
 
 
 def step_seed(c: Components, step: int, stream: int) -> int:
@@ -205,7 +226,7 @@ def step_seed(c: Components, step: int, stream: int) -> int:
     return (c.cfg.run.seed * 1_000_003 + step * 101 + stream) % (2**31)
 
 
-def sample_base_stream(c: Components, step: int) -> tuple[list[TaskItem], Batch, dict[str, float]]:
+def sample_base_stream(c: Components, step: int, *, rho: float) -> tuple[list[TaskItem], Batch, dict[str, float]]:
     """B prompts x G samples, scored. With grpo.dynamic_sampling, further rounds of B prompts until B groups carry
     gradient (up to max_rounds; algorithms/dynamic_sampling.py decides which groups form the batch)."""
     dynamic = c.cfg.grpo.dynamic_sampling
@@ -219,7 +240,7 @@ def sample_base_stream(c: Components, step: int) -> tuple[list[TaskItem], Batch,
             verify(c, base, items)
         if not dynamic.enabled:
             return items, base, {}
-        rounds.append(SampledRound(items, base, live_groups=groups_with_gradient(c, base)))
+        rounds.append(SampledRound(items, base, live_groups=groups_with_gradient(c, base, rho=rho)))
     items, base, stats = assemble_rounds(rounds, prompts_per_step=c.cfg.grpo.prompts_per_step)
     if stats.groups_short:
         logger.warning("step %d: dynamic sampling found %d of %d prompt groups with a non-zero advantage in %d "
@@ -228,9 +249,9 @@ def sample_base_stream(c: Components, step: int) -> tuple[list[TaskItem], Batch,
     return items, base, stats.as_dict()
 
 
-def groups_with_gradient(c: Components, base: Batch) -> set[int]:
+def groups_with_gradient(c: Components, base: Batch, *, rho: float) -> set[int]:
     """The base groups that carry gradient, by the very math the step trains with (`training_signal`)."""
-    joined, _ = join_streams(base, None, anchors=None, rho=c.rho.rho)
+    joined, _ = join_streams(base, None, anchors=None, rho=rho)
     signal = compute_advantages(c, joined)
     return set(signal["group_id"][carries_gradient(signal)].tolist())
 
@@ -265,13 +286,13 @@ def verify(c: Components, batch: Batch, items: list[TaskItem]) -> None:
     batch["verifier_reason"] = scores.reasons
 
 
-def maybe_select_anchors(c: Components, base: Batch, step: int) -> AnchorSelection | None:
-    """Difficulty-aware anchors (paper section 3.3): none for GRPO."""
+def maybe_select_anchors(c: Components, base: Batch, step: int, *, rho: float) -> AnchorSelection | None:
+    """Difficulty-aware anchors (paper section 3.3), a share `rho` of them successful: none for GRPO."""
     correction = c.cfg.cipo
     if not correction.enabled:
         return None
     generator = torch.Generator().manual_seed(step_seed(c, step, SEED_ANCHORS))
-    return select_anchors(base["rewards"], base["group_id"], rho=c.rho.rho,
+    return select_anchors(base["rewards"], base["group_id"], rho=rho,
                           max_anchors_per_step=correction.max_anchors_per_step,
                           difficulty_low=correction.difficulty_low, difficulty_high=correction.difficulty_high,
                           allow_out_of_window=correction.allow_out_of_window, generator=generator,
@@ -336,10 +357,10 @@ def plan_training(c: Components, batch: Batch, step: int) -> list[OptimizerStep]
                                 epochs=policy.epochs_per_batch, generator=generator, carries_gradient=live)
 
 
-def compute_logprobs(c: Components, batch: Batch, plan: list[OptimizerStep]) -> None:
+def compute_logprobs(c: Components, batch: Batch, plan: list[OptimizerStep], *, off_policy: bool = False) -> None:
     """pi_old (the trainer's recompute of the sampled tokens) when it can differ from the policy being trained,
     for the samples the plan trains only, and, for the KL term, the reference policy."""
-    if needs_old_logprobs(c, len(batch)):
+    if needs_old_logprobs(c, len(batch), off_policy=off_policy):
         trained = sorted({i for planned in plan for i in planned.indices})
         old_logprobs = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
         if trained:
@@ -349,13 +370,14 @@ def compute_logprobs(c: Components, batch: Batch, plan: list[OptimizerStep]) -> 
         batch["reference_logprobs"] = c.policy.get_reference_logprobs(batch)
 
 
-def needs_old_logprobs(c: Components, num_samples: int) -> bool:
+def needs_old_logprobs(c: Components, num_samples: int, *, off_policy: bool = False) -> bool:
     """A separate pi_old pass, unless one optimizer step sees the whole batch (pi_old is then the policy being
-    trained: the loss takes it from the training forward pass, detached) and neither the KL term nor truncated
-    importance sampling asks for the recompute."""
+    trained: the loss takes it from the training forward pass, detached) and neither the KL term nor importance
+    sampling asks for the recompute, and the batch is on-policy (an older version's batch always gets its pi_old
+    recomputed by the trainer: what the engine's logprobs are compared with)."""
     policy, loss = c.cfg.policy, c.cfg.loss
     one_step = policy.epochs_per_batch == 1 and (policy.train_global_batch_size or num_samples) >= num_samples
-    return not one_step or loss.kl_beta > 0 or loss.importance_sampling
+    return not one_step or loss.kl_beta > 0 or loss.importance_sampling or off_policy
 
 
 def train_policy(c: Components, batch: Batch, plan: list[OptimizerStep]) -> dict[str, float]:
@@ -365,7 +387,9 @@ def train_policy(c: Components, batch: Batch, plan: list[OptimizerStep]) -> dict
     gradient takes no optimizer step (its learning-rate tick still passes), and the step line says so."""
     c.progress.expect(len(plan), "optimizer steps")
     metrics = take_optimizer_steps(c.policy, batch, plan, c.loss_fn, after_each=c.progress.advance)
-    return metrics | trained_per_stream(batch, plan)
+    # seq-mask-tis: the share of the trained sequences whose importance weights were masked
+    masked_share = metrics.get("is_masked_sequences", 0.0) / max(metrics.get("num_valid_sequences", 0.0), 1.0)
+    return metrics | {"is_masked_sequence_fraction": masked_share} | trained_per_stream(batch, plan)
 
 
 def trained_per_stream(batch: Batch, plan: list[OptimizerStep]) -> dict[str, float]:
@@ -400,6 +424,12 @@ def update_rho(c: Components, retention: float | None) -> None:
         logger.warning(warning)
 
 
+def shutdown_generation(c: Components, *, quick: bool) -> None:
+    """Close the engines; `quick`: an engine in the middle of a call (dead, stalled, or sampling while the run
+    fails) gets QUICK_SHUTDOWN_S to close inside its actor before the actor is killed."""
+    c.generation.shutdown(timeout_s=QUICK_SHUTDOWN_S if quick else None)
+
+
 # ----------------------------------------------------------------------------------------------- metrics
 
 
@@ -409,6 +439,7 @@ def step_metrics(
     batch: Batch,
     cipo_metrics: dict[str, float],
     train_metrics: dict[str, float],
+    sampling_timings: dict[str, float] | None = None,
 ) -> dict[str, float | None]:
     base = rollouts.base
     metrics: dict[str, float | None] = {
@@ -435,7 +466,7 @@ def step_metrics(
         metrics["reward/correction_mean"] = float(rollouts.corrections["rewards"].mean())
     for reason in sorted(set(batch["verifier_reason"])):
         metrics[f"verifier/{reason}"] = float(sum(r == reason for r in batch["verifier_reason"]))
-    timings = c.timer.pop()
+    timings = c.timer.pop() | (sampling_timings or {})  # async: sampled in the background, not in timing/step
     metrics.update(timings)
     generation_seconds = timings.get("timing/rollout", 0.0) + timings.get("timing/correction_rollout", 0.0)
     metrics["throughput/generated_tokens_per_s"] = metrics["tokens/generated"] / max(generation_seconds, 1e-9)
@@ -481,6 +512,8 @@ def _share_of_groups(batch: Batch, predicate: Any) -> float:
 def validate(c: Components, step: int) -> dict[str, float | None]:
     """The evaluation harness on the held-out set (single-turn prompts, as the paper evaluates): avg@n and pass@k."""
     val = c.cfg.validation
+    if c.pipeline is not None:
+        c.pipeline.engine_current()  # the batch sampled ahead finishes, the engine gets this step's weights
     context = EvalContext(generation_backend=c.generation, tokenizer=c.tokenizer, scorer=c.scorer, data=c.cfg.data,
                           correction=c.cfg.cipo,
                           generation=c.cfg.generation.model_copy(update={"temperature": val.temperature}),
@@ -515,6 +548,7 @@ def trainer_state(c: Components, step: int) -> dict[str, Any]:
         "step": step,
         "sampler": c.sampler.state_dict(),
         "rho": c.rho.state_dict(),
+        "async": c.pipeline.state_dict() if c.pipeline is not None else None,  # waits for the batch in flight
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
     }
 
@@ -534,6 +568,7 @@ def maybe_resume(c: Components) -> None:
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
     c.start_step = state["step"]
+    c.resumed_batch = state.get("async")  # async: the batch sampled ahead of step start_step + 1 (async_loop.py)
     refit(c)  # the engine still holds the initial weights
     logger.info("resumed from %s at step %d", latest, c.start_step)
 
@@ -542,7 +577,7 @@ def shutdown(c: Components) -> None:
     """Close workers inside their actors before anything else goes (vLLM leaves /dev/shm files otherwise)."""
     c.metrics.close()
     c.scorer.close()
-    c.generation.shutdown()
+    shutdown_generation(c, quick=c.pipeline is not None and c.pipeline.busy())
     c.policy.shutdown()
     if c.cluster is not None:
         import ray

@@ -83,9 +83,13 @@ class WorkerDiedError(WorkerError):
     """The worker's actor process is gone (exited, crashed, killed by the OOM killer or by Ray), or a process the
     worker owns is (an exception named in its ``process_death_errors``)."""
 
+    during: str | None = None  # what the run was doing, set by the loop: "step 3, stage train"
+
     def summary(self) -> str:
-        """One line: which worker, where, in which call, what happened."""
-        return f"worker group '{self.group}' rank {self.rank} ({self.where}) died in {self.method}: {self.detail}"
+        """One line: which worker, where, in which call, what happened (and in which step and stage)."""
+        during = f" ({self.during})" if self.during else ""
+        return (f"worker group '{self.group}' rank {self.rank} ({self.where}) died in {self.method}{during}: "
+                f"{self.detail}")
 
 
 class _RemoteFailure(Exception):

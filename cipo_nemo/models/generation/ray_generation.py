@@ -39,6 +39,7 @@ from typing import Any
 
 from cipo_nemo.config.schema import GenerationConfig
 from cipo_nemo.distributed import VirtualCluster, WorkerGroup
+from cipo_nemo.distributed.cpu_binding import CORES_ENV
 from cipo_nemo.distributed.worker_group import WorkerPlacement
 from cipo_nemo.models.interfaces import SampledResponse, SamplingSettings
 
@@ -133,6 +134,12 @@ class GenerationWorker:
             return
         # Set for the actor's lifetime, before vllm is imported: vLLM reads these at engine start and later.
         os.environ.update(environment)
+        if os.environ.get(CORES_ENV):  # CPU, sides apart: the engine's threads on this actor's cores, whatever the
+            # driver's environment said (vllm_generation.build_engine_environment keeps an explicit binding)
+            from cipo_nemo.models.generation.vllm_generation import build_cpu_binding
+
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = build_cpu_binding(sorted(os.sched_getaffinity(0)),
+                                                                        generation.vllm.tensor_parallel)
         self.backend = build_generation_backend(model_dir=model_dir, generation=generation,
                                                 max_model_len=max_model_len, seed=seed)
 
@@ -225,5 +232,6 @@ class RayGeneration:
     def wake(self, *, tags: tuple[str, ...] | None = None) -> None:
         self._group.run_all("wake", tags)
 
-    def shutdown(self) -> None:
-        self._group.shutdown()
+    def shutdown(self, *, timeout_s: float | None = None) -> None:
+        """Close every engine inside its actor (at most `timeout_s`, default 120 s), then kill the actors."""
+        self._group.shutdown(120.0 if timeout_s is None else timeout_s)
