@@ -12,7 +12,7 @@ rounding and the templates are the reconstruction's defaults, all config keys.
 
 The run around the step (the step loop, validation and checkpoint cadence, early stops) is `cipo_nemo/loop.py`.
 With `async.enabled` the sampling stages of step s+1 run in the background while step s trains
-(`cipo_nemo/async_rollouts.py`; `async_step` below).
+(`cipo_nemo/async_loop.py` over `cipo_nemo/async_rollouts.py`, with the stages below).
 
 Launch: `python -m cipo_nemo --config conf/X.yaml key=value` (one machine; Ray starts in-process);
 on a Slurm cluster the same entry point runs on the Ray head (slurm/).
@@ -544,11 +544,14 @@ def save_checkpoint(c: Components, step: int, metrics: dict[str, float | None] |
 
 
 def trainer_state(c: Components, step: int) -> dict[str, Any]:
+    # async first: it waits for the batch in flight, whose sampling moves the prompt sampler (and, on the HF
+    # backend, forks the RNG in its thread)
+    sampled_ahead = c.pipeline.state_dict() if c.pipeline is not None else None
     return {
         "step": step,
         "sampler": c.sampler.state_dict(),
         "rho": c.rho.state_dict(),
-        "async": c.pipeline.state_dict() if c.pipeline is not None else None,  # waits for the batch in flight
+        "async": sampled_ahead,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
     }
 
