@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,8 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from benchmarks.speed.cpu_watch import CpuWatch  # noqa: E402
-from benchmarks.speed.step_speed import CONTAMINATED_SHARE, heavy_lock  # noqa: E402
+from benchmarks.speed.step_speed import CONTAMINATED_SHARE, heavy_lock, run_watched  # noqa: E402
 
 CONFIG = REPO / "conf" / "cipo_smollm2_cpu.yaml"
 APART = ["generation.colocated=false", "cluster.generation_devices_per_node=1", "async.enabled=true",
@@ -80,13 +78,8 @@ def run(name: str, overrides: list[str], *, steps: int, args: argparse.Namespace
     env.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # each layout binds the engine itself
     log = out_dir / f"{name}.log"
     print(f"--- {name} ({steps} steps): {log}", flush=True)
-    with CpuWatch() as watch, open(log, "w") as log_file:
-        result = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, check=False)
-    if result.returncode != 0 or not summary_path.exists():
-        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"{name} failed (exit {result.returncode}); last lines of {log}:\n{tail}")
-    summary = json.loads(summary_path.read_text()) | {"cpu": watch.report.as_dict(), "name": name}
-    summary_path.write_text(json.dumps(summary, indent=1))
+    summary, _ = run_watched(name, command, env=env, log=log, summary_path=summary_path)
+    summary_path.write_text(json.dumps(summary | {"name": name}, indent=1))
     return summary
 
 

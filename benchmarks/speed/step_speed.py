@@ -171,18 +171,25 @@ def run_side(side: str, args: argparse.Namespace, *, out_dir: Path, trl_python: 
         env[PROFILE_ENV] = str(profile)
     log = out_dir / f"{side}.log"
     print(f"--- {side}: {log}", flush=True)
-    with CpuWatch() as watch, open(log, "w") as log_file:
-        result = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, check=False)
-    if result.returncode != 0 or not summary_path.exists():
-        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"{side} failed (exit {result.returncode}); last lines of {log}:\n{tail}")
-    summary = json.loads(summary_path.read_text())
-    summary["cpu"] = watch.report.as_dict()
+    summary, watch = run_watched(side, command, env=env, log=log, summary_path=summary_path)
     summary["refit_profile"] = refit_breakdown(profile) if profile.exists() else {}
     summary_path.write_text(json.dumps(summary, indent=1))
     print(f"    median {summary['median_step_s']:.2f} s/step; other processes' CPU {watch.report.other_s:.1f} s "
           f"in {watch.report.wall_s:.0f} s", flush=True)
     return summary
+
+
+def run_watched(name: str, command: list[str], *, env: dict[str, str], log: Path, summary_path: Path) -> tuple:
+    """Run one side's process with its output in `log`, watching other processes' CPU; (its summary with the CPU
+    report under "cpu", the watch). A failed run stops the benchmark with the log's last lines."""
+    with CpuWatch() as watch, open(log, "w") as log_file:
+        result = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0 or not summary_path.exists():
+        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+        raise SystemExit(f"{name} failed (exit {result.returncode}); last lines of {log}:\n{tail}")
+    summary = json.loads(summary_path.read_text())
+    summary["cpu"] = watch.report.as_dict()
+    return summary, watch
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -19,16 +19,7 @@ from pathlib import Path
 import pytest
 
 from test_loop_hf import _records
-from test_loop_stack import (
-    FOUR_STEPS,
-    REPO,
-    _assert_resumed_run_matches,
-    _cli,
-    _processes,
-    _remove_orphans_of_the_killed_run,
-    _run,
-    _shm_files,
-)
+from test_loop_stack import FOUR_STEPS, REPO, _assert_resumed_run_matches, _cli, _processes, _run, _shm_files
 
 from cipo_nemo.loop import REQUEUE_EXIT_CODE
 
@@ -55,46 +46,65 @@ def _thread_cores(pid: int) -> set[str]:
     return cores
 
 
-def _sides(pids_before: set[int]) -> tuple[int, int, list[int]]:
-    """(policy actor, generation actor, the generation actor's descendants) of the run started after pids_before."""
-    table = _processes()
-    actors = [pid for pid, (_, command) in table.items() if pid not in pids_before
-              and command.startswith(b"ray::_WorkerHost")]
-    engines = {actor: [pid for pid in _descendants(actor, table) if table[pid][1].startswith(b"VLLM::")]
-               for actor in actors}
-    (generation,) = [actor for actor in actors if engines[actor]]
-    (policy,) = [actor for actor in actors if actor != generation]
-    return policy, generation, engines[generation]
+class Run:
+    """`python -m cipo_nemo` on the async stack in its own session, and every process it started (its tree is
+    recorded while it runs: Ray's daemons, the actors, vLLM's processes), so that only those are ended after it."""
 
+    def __init__(self, model, run_dir: Path, tmp_path: Path, *extra: str) -> None:
+        self.shm_before, self.tree = _shm_files(), set()
+        self.stdout, self.stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+        with self.stdout.open("w") as stdout, self.stderr.open("w") as stderr:
+            self.process = subprocess.Popen(_cli(model, run_dir, *APART, *FOUR_STEPS, *extra), cwd=REPO,
+                                            stdout=stdout, stderr=stderr, start_new_session=True)
 
-def _engine_core(pids_before: set[int]) -> int:
-    table = _processes()
-    (core,) = [pid for pid, (_, command) in table.items() if pid not in pids_before and b"EngineCore" in command]
-    return core
+    def record_tree(self) -> dict[int, tuple[int, bytes]]:
+        table = _processes()
+        self.tree |= set(_descendants(self.process.pid, table))
+        return table
 
+    def wait_for(self, path: Path, timeout_s: float = 600) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not path.exists():
+            assert self.process.poll() is None, f"the run ended before writing {path}"
+            assert time.monotonic() < deadline, f"{path} did not appear within {timeout_s} s"
+            self.record_tree()
+            time.sleep(0.02)
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        assert process.poll() is None, f"the run ended before writing {path}"
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout_s} s"
-        time.sleep(0.02)
+    def wait(self, timeout_s: float) -> int:
+        deadline = time.monotonic() + timeout_s
+        while self.process.poll() is None and time.monotonic() < deadline:
+            self.record_tree()
+            time.sleep(0.2)
+        return self.process.wait(timeout=1)
 
+    def sides(self) -> tuple[int, int, list[int]]:
+        """(policy actor, generation actor, the processes of its vLLM engine)."""
+        table = self.record_tree()
+        actors = [pid for pid in _descendants(self.process.pid, table) if table[pid][1].startswith(b"ray::_WorkerHost")]
+        engines = {actor: [pid for pid in _descendants(actor, table) if table[pid][1].startswith(b"VLLM::")]
+                   for actor in actors}
+        (generation,) = [actor for actor in actors if engines[actor]]
+        (policy,) = [actor for actor in actors if actor != generation]
+        return policy, generation, engines[generation]
 
-def _start(model, run_dir: Path, tmp_path: Path, *extra: str) -> subprocess.Popen:
-    with (tmp_path / "stdout.txt").open("w") as stdout, (tmp_path / "stderr.txt").open("w") as stderr:
-        return subprocess.Popen(_cli(model, run_dir, *APART, *FOUR_STEPS, *extra), cwd=REPO, stdout=stdout,
-                                stderr=stderr, start_new_session=True)
+    def engine_core(self) -> int:
+        table = self.record_tree()
+        (core,) = [pid for pid in _descendants(self.process.pid, table) if b"EngineCore" in table[pid][1]]
+        return core
 
-
-def _end(process: subprocess.Popen, pids_before: set[int], shm_before: set[Path]) -> None:
-    """Whatever happened: no process of the run (a frozen engine core included) and no queue file outlives it."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    _remove_orphans_of_the_killed_run(pids_before, shm_before)
-    for path in _shm_files() - shm_before:
-        path.unlink(missing_ok=True)
+    def end(self) -> None:
+        """Whatever happened: no process of the run (a frozen engine core included) and no queue file outlives it."""
+        if self.process.poll() is None:
+            self.record_tree()
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        for pid in self.tree:  # outside the driver's process group: Ray's daemons, actors and their children
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for path in _shm_files() - self.shm_before:  # a killed engine core could not remove its queues
+            path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -102,16 +112,15 @@ def async_run(arithmetic_model, tmp_path_factory) -> tuple[Path, dict]:
     """The uninterrupted 4-step run, and the cores each side's processes were bound to while it ran."""
     tmp_path = tmp_path_factory.mktemp("async_straight")
     run_dir = tmp_path / "run"
-    pids_before, shm_before = set(_processes()), _shm_files()
-    process = _start(arithmetic_model, run_dir, tmp_path)
+    run = Run(arithmetic_model, run_dir, tmp_path)
     try:
-        _wait_for(run_dir / "checkpoints" / "step_000001" / "COMPLETE", process)
-        policy, generation, engine = _sides(pids_before)
+        run.wait_for(run_dir / "checkpoints" / "step_000001" / "COMPLETE")
+        policy, generation, engine = run.sides()
         cores = {"policy": _thread_cores(policy), "generation": _thread_cores(generation),
                  "engine": set().union(*(_thread_cores(pid) for pid in engine)), "engine_processes": len(engine)}
-        assert process.wait(timeout=600) == 0, (tmp_path / "stderr.txt").read_text()[-6000:]
+        assert run.wait(timeout_s=600) == 0, run.stderr.read_text()[-6000:]
     finally:
-        _end(process, pids_before, shm_before)
+        run.end()
     return run_dir, cores
 
 
@@ -131,18 +140,17 @@ def test_one_step_off_on_cores_of_their_own(async_run):
 def test_a_stalled_engine_stops_the_run_in_bounded_time_and_the_rerun_matches(arithmetic_model, async_run, tmp_path):
     straight_dir, _ = async_run
     run_dir = tmp_path / "stall"
-    pids_before, shm_before = set(_processes()), _shm_files()
-    process = _start(arithmetic_model, run_dir, tmp_path, f"async.max_wait_s={MAX_WAIT_S}")
+    run = Run(arithmetic_model, run_dir, tmp_path, f"async.max_wait_s={MAX_WAIT_S}")
     try:
-        _wait_for(run_dir / "checkpoints" / "step_000001" / "COMPLETE", process)
-        os.kill(_engine_core(pids_before), signal.SIGSTOP)  # alive, holding its queues, doing nothing
+        run.wait_for(run_dir / "checkpoints" / "step_000001" / "COMPLETE")
+        os.kill(run.engine_core(), signal.SIGSTOP)  # alive, holding its queues, doing nothing
         frozen = time.monotonic()
-        returncode = process.wait(timeout=MAX_WAIT_S + 120)  # a stall must end the run, not hang it
+        returncode = run.wait(timeout_s=MAX_WAIT_S + 120)  # a stall must end the run, not hang it
         stopped_after = time.monotonic() - frozen
     finally:
-        _end(process, pids_before, shm_before)
-    output = (tmp_path / "stdout.txt").read_text()
-    assert returncode == REQUEUE_EXIT_CODE, output[-3000:] + (tmp_path / "stderr.txt").read_text()[-6000:]
+        run.end()
+    output = run.stdout.read_text()
+    assert returncode == REQUEUE_EXIT_CODE, output[-3000:] + run.stderr.read_text()[-6000:]
     assert stopped_after < MAX_WAIT_S + 60  # the wait limit, then a quick shutdown of the stuck engine
     lines = [line for line in output.splitlines() if line.strip()]
     assert sum(line.startswith("generation stalled:") for line in lines) == 1, lines[-5:]
@@ -158,21 +166,20 @@ def test_a_stalled_engine_stops_the_run_in_bounded_time_and_the_rerun_matches(ar
 
 def test_a_killed_engine_is_replaced_in_place_and_the_run_finishes(arithmetic_model, tmp_path):
     run_dir = tmp_path / "death"
-    pids_before, shm_before = set(_processes()), _shm_files()
-    process = _start(arithmetic_model, run_dir, tmp_path)
+    run = Run(arithmetic_model, run_dir, tmp_path)
     try:
-        _wait_for(run_dir / "checkpoints" / "step_000001" / "COMPLETE", process)
-        _, generation, engine = _sides(pids_before)
+        run.wait_for(run_dir / "checkpoints" / "step_000001" / "COMPLETE")
+        _, _, engine = run.sides()
         busy_before = sum(_cpu_ticks(pid) for pid in engine)
         deadline = time.monotonic() + 60
         while sum(_cpu_ticks(pid) for pid in engine) - busy_before < 20 and time.monotonic() < deadline:
             time.sleep(0.02)  # the engine works on step 2's refit or batch 3: the overlap
-        os.kill(_engine_core(pids_before), signal.SIGKILL)
-        returncode = process.wait(timeout=600)
+        os.kill(run.engine_core(), signal.SIGKILL)
+        returncode = run.wait(timeout_s=600)
     finally:
-        _end(process, pids_before, shm_before)
-    output = (tmp_path / "stdout.txt").read_text()
-    assert returncode == 0, output[-3000:] + (tmp_path / "stderr.txt").read_text()[-6000:]
+        run.end()
+    output = run.stdout.read_text()
+    assert returncode == 0, output[-3000:] + run.stderr.read_text()[-6000:]
     assert "worker died" not in output and "generation stalled" not in output
     records = _records(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
