@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         # the dry run reads only config.json (or knows the architecture): no weights needed; a training run fetches
         # an absent hub id here, on the driver's node, before any worker (offline: one clear line)
-        report = run_preflight(cfg, check_memory=not args.ignore_memory_estimate, fetch_models=not args.dry_run)
+        report = run_preflight(cfg, check_memory=not args.ignore_memory_estimate, fetch=not args.dry_run)
     except (ConfigError, DataError, ModelNotFoundError, InstallError) as err:
         kind = ("config" if isinstance(err, ConfigError) else "data" if isinstance(err, DataError)
                 else "install" if isinstance(err, InstallError) else "model")

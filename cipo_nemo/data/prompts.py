@@ -143,8 +143,13 @@ def use_chat_template_file(tokenizer: Any, path: str | None) -> Any:
     tokenizer. None leaves the tokenizer's own template."""
     if path is None:
         return tokenizer
+    tokenizer.chat_template = chat_template_file(path).read_text()
+    return tokenizer
+
+
+def chat_template_file(path: str) -> Path:
+    """The `data.chat_template` file, which must exist (the preflight checks it before any tokenizer is here)."""
     template = Path(path)
     if not template.is_file():
         raise DataError(f"data.chat_template: no such file {path} (resolved to {template.resolve()})")
-    tokenizer.chat_template = template.read_text()
-    return tokenizer
+    return template
