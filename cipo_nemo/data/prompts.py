@@ -109,16 +109,16 @@ def drop_long_prompts(
     ]
     lengths = count_prompt_tokens(rendered, tokenizer=tokenizer)
     kept = [item for item, length in zip(items, lengths, strict=True) if length <= max_prompt_tokens]
+    if items and not kept:  # the error says it all: no warning line before it
+        raise DataError(
+            f"every one of the {len(items)} prompts is longer than data.max_prompt_tokens={max_prompt_tokens} "
+            f"tokens (shortest: {min(lengths)} tokens)"
+        )
     dropped = len(items) - len(kept)
     if dropped:
         logger.warning(
             "dropped %d of %d prompts longer than data.max_prompt_tokens=%d tokens (longest: %d tokens)",
             dropped, len(items), max_prompt_tokens, max(lengths),
-        )
-    if items and not kept:
-        raise DataError(
-            f"every one of the {len(items)} prompts is longer than data.max_prompt_tokens={max_prompt_tokens} "
-            f"tokens (shortest: {min(lengths)} tokens)"
         )
     return kept, dropped
 

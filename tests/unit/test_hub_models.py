@@ -34,6 +34,7 @@ from cipo_nemo.models.hub import (
 )
 from cipo_nemo.models.shapes import find_model_shape
 from cipo_nemo.models.tiny import build_tiny_model_dir
+from tests.hub_layout import put_in_cache
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "conf" / "cipo_base.yaml"
@@ -61,25 +62,6 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
     return {SHA_MAIN: build_tiny_model_dir(root / "main", num_layers=2),
             SHA_V2: build_tiny_model_dir(root / "v2", num_layers=4)}
-
-
-def put_in_cache(cache: Path, repo_id: str, commit: str, source: Path, *, ref: str | None = "main") -> Path:
-    """Store `source`'s files as revision `commit` of `repo_id`, in huggingface_hub's cache layout: content-addressed
-    blobs, a snapshot of symlinks to them, and refs/<ref> naming the commit."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    for file in sorted(p for p in source.rglob("*") if p.is_file()):
-        data = file.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = snapshot / file.relative_to(source)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    if ref is not None:
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 def _run(capsys, *overrides: str, dry_run: bool = False) -> tuple[int, str, str]:
