@@ -14,6 +14,7 @@ parse stop the run before any heavy work.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 from cipo_nemo.config import ConfigError, MasterConfig
@@ -249,6 +250,8 @@ def load_validation_benchmarks(cfg: MasterConfig, report: PreflightReport, *, fe
         except BenchmarkError as err:
             raise DataError(f"validation.benchmarks: {err}") from None
         report.items[f"benchmark:{name}"] = benchmark.items
+        report.data.append(LoadReport(source=benchmark.source, loaded=len(benchmark.items),
+                                      skipped=Counter(benchmark.skipped)))
 
 
 def check_prompt_lengths(cfg: MasterConfig, items: dict[str, list[TaskItem]]) -> str:
@@ -273,7 +276,7 @@ def check_prompt_lengths(cfg: MasterConfig, items: dict[str, list[TaskItem]]) ->
                 template_kwargs=cfg.data.chat_template_kwargs)
         except DataError as err:
             raise DataError(f"{split_section(split)}: {err}") from None
-    counts = ", ".join(f"{split} {count}" for split, count in dropped.items())
+    counts = ", ".join(f"{split.removeprefix('benchmark:')} {count}" for split, count in dropped.items())
     return f"prompts over data.max_prompt_tokens={cfg.data.max_prompt_tokens} dropped: {counts or 'none loaded'}"
 
 

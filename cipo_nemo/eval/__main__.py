@@ -26,12 +26,12 @@ from pathlib import Path
 
 from cipo_nemo.config import ConfigError, load_config
 from cipo_nemo.data.sources import DataError
-from cipo_nemo.eval.benchmarks import BenchmarkError, parse_benchmark_list
+from cipo_nemo.eval.benchmarks import BenchmarkError, load_benchmarks, parse_benchmark_list
 from cipo_nemo.eval.harness import EvalError, check_k_list, evaluate, resolve_eval_model, run_config_of
 from cipo_nemo.eval.registry import describe_registry
 from cipo_nemo.eval.report import format_table
 from cipo_nemo.models.hub import ModelNotFoundError
-from cipo_nemo.utils.console import attach_run_log, route_logging
+from cipo_nemo.utils.console import route_logging, stderr_to_run_log
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "cipo_base.yaml"  # shipped inside the package
 USAGE_ERRORS = (BenchmarkError, EvalError, ConfigError, DataError, ModelNotFoundError)
@@ -79,26 +79,25 @@ def parse_k_list(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # our lines on the console; vLLM, tokenizers and warnings held in memory, then written to <output-dir>/run.log
-    # (a usage error leaves no output directory behind)
+    # our lines on the console; what the libraries say is held in memory until <output-dir>/run.log exists, which
+    # only an evaluation that gets past the checks of its arguments, model and benchmarks creates
     route_logging()
     try:
         check_k_list(args.k, n=args.n)
         if args.max_items is not None and args.max_items < 1:  # checked here too: before the model loads
             raise EvalError(f"--max-items must be >= 1, got {args.max_items}")
-        benchmarks = parse_benchmark_list(args.benchmarks)  # before a checkpoint's export, which takes a while
+        specs = parse_benchmark_list(args.benchmarks)  # before a checkpoint's export, which takes a while
         config_path = args.config or run_config_of(args.model) or DEFAULT_CONFIG
         cfg = load_config(config_path, args.overrides)
         model_dir = resolve_eval_model(args.model)
-        results = evaluate(model_dir, benchmarks, cfg=cfg, n=args.n, k_list=args.k, max_items=args.max_items,
-                           seed=args.seed, output_dir=args.output_dir)
+        benchmarks = load_benchmarks(specs)  # a named benchmark's dataset is downloaded here, once
+        # vLLM's engine process inherits file descriptor 2: its output goes to the run log from its first line on
+        with stderr_to_run_log(args.output_dir) as run_log:
+            results = evaluate(model_dir, benchmarks, cfg=cfg, n=args.n, k_list=args.k, max_items=args.max_items,
+                               seed=args.seed, output_dir=args.output_dir)
     except USAGE_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except BaseException:
-        attach_run_log(args.output_dir)  # a crash: what the libraries said is kept with it
-        raise
-    run_log = attach_run_log(args.output_dir)
     print(format_table(results))
     for kind, path in results["files"].items():
         print(f"{kind}: {path}")
