@@ -344,17 +344,22 @@ def test_cli_errors_are_one_line(tmp_path, capsys, arguments, message):
 
 # ---------------------------------------------------------------------------------------------- the documented examples
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+REPO = Path(__file__).resolve().parents[2]
+DOCS = REPO / "docs" / "benchmarks.md"
 
 
 def documented_examples() -> list[list[str]]:
-    """The JSON lines of each ```json block of docs/benchmarks.md, in order: math, code, correction."""
+    """The JSON lines of each ```json block of docs/benchmarks.md, in order: math, code, correction, and rows of the
+    worked correction example."""
     blocks = re.findall(r"^```json\n(.*?)^```$", DOCS.read_text(), flags=re.DOTALL | re.MULTILINE)
     return [block.strip().splitlines() for block in blocks]
 
 
 def test_documented_examples_load_and_given_solutions_are_judged_by_the_verifiers(tmp_path):
-    math_lines, code_lines, correction_lines = documented_examples()
+    math_lines, code_lines, correction_lines, worked_lines = documented_examples()
+    example = REPO / "examples" / "correction" / "critic_debug_sample.jsonl"
+    example_rows = [json.loads(line) for line in example.read_text().splitlines()]
+    assert all(json.loads(line) in example_rows for line in worked_lines)  # the docs quote the example file
     files = {name: write_lines(tmp_path / f"{name}.jsonl", lines)
              for name, lines in (("math", math_lines), ("code", code_lines), ("fix", correction_lines))}
     assert [item.answer for item in load_benchmark(str(files["math"])).items] == ["2"]
