@@ -1,4 +1,4 @@
-"""The CIPO training loop: one controller, one named function per stage, in the order of DESIGN.md.
+"""The CIPO training loop: one controller, one named function per stage, in the order of docs/design.md.
 
     rollout -> verify -> select anchors -> correction rollout -> verify corrections -> shape and join
     -> advantages -> logprobs -> train -> refit -> update rho
@@ -352,7 +352,7 @@ def refit(c: Components) -> None:
 
 
 def update_rho(c: Components, retention: float | None) -> None:
-    """The rho update (DESIGN step 7); a CIPO run warns once when rho sits at a bound in most steps (it cannot steer)."""
+    """The rho update (docs/design.md step 7); a CIPO run warns once when rho sits at a bound in most steps."""
     c.rho.update(retention)
     if not c.cfg.cipo.enabled:
         return
@@ -380,7 +380,7 @@ def step_metrics(
         "reward/correction_mean": None,
         "tokens/generated": float(_response_tokens(base) + _response_tokens(rollouts.corrections)),
         "tokens/trained": float(batch.num_valid_tokens()),
-        # prompt + response tokens per stream: what logprobs and train process (benchmarks/step_speed.py per token)
+        # prompt + response tokens per stream: what logprobs and train process (benchmarks/speed/step_speed.py per token)
         "tokens/base_sequence": float(_sequence_tokens(base)),
         "tokens/correction_sequence": float(_sequence_tokens(rollouts.corrections)),
         "response_length/base_mean": float(base["response_mask"].sum(dim=1).float().mean()),

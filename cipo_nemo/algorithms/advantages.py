@@ -1,4 +1,4 @@
-"""Advantages: group-relative for the base stream (DESIGN step 1), `correction_advantages` for the correction
+"""Advantages: group-relative for the base stream (docs/design.md step 1), `correction_advantages` for the correction
 stream (step 5).
 
 Config keys: ``grpo.normalize_std`` (false = Dr.GRPO), ``grpo.leave_one_out`` (RLOO baseline), ``grpo.std_eps``;
@@ -87,7 +87,7 @@ def _is_constant_per_group(values: torch.Tensor, inverse: torch.Tensor, num_grou
     return group_min == group_max
 
 
-# ----- the correction stream (DESIGN step 5) ---------------------------------------------------------------
+# ----- the correction stream (docs/design.md step 5) ---------------------------------------------------------------
 
 CorrectionAdvantageMode = Literal["stream", "anchor", "group"]
 

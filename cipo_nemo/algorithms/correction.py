@@ -1,4 +1,4 @@
-"""The correction stream's rewards and the joint batch (DESIGN steps 4-5).
+"""The correction stream's rewards and the joint batch (docs/design.md steps 4-5).
 
 - `shape_correction_rewards`: risk-averse shaping, r~ = r - lambda_risk * 1[anchor correct and correction wrong].
 - `build_training_batch`: one training batch from a step's base and correction rollouts, plus metrics.

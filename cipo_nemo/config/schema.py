@@ -50,7 +50,7 @@ class RunConfig(StrictModel):
 
 
 class GRPOConfig(StrictModel):
-    """The base stream: standard GRPO on the original prompts (DESIGN step 1)."""
+    """The base stream: standard GRPO on the original prompts (docs/design.md step 1)."""
 
     num_steps: PositiveInt = Field(description="RL steps (one rollout batch and one policy update each).")
     prompts_per_step: PositiveInt = Field(description="B: prompts drawn per step.")
@@ -124,7 +124,7 @@ class CorrectionTemplates(StrictModel):
 
 
 class CorrectionConfig(StrictModel):
-    """The correction stream (DESIGN steps 2-7). `enabled: false` turns CIPO into plain GRPO."""
+    """The correction stream (docs/design.md steps 2-7). `enabled: false` turns CIPO into plain GRPO."""
 
     enabled: bool = Field(description="Run the correction stream (false = GRPO baseline).")
     samples_per_anchor: PositiveInt = Field(description="G_c: corrections sampled per correction prompt.")
@@ -150,7 +150,7 @@ class CorrectionConfig(StrictModel):
 
 
 class LossConfig(StrictModel):
-    """Token-level clipped surrogate shared by both streams (DESIGN step 6)."""
+    """Token-level clipped surrogate shared by both streams (docs/design.md step 6)."""
 
     clip_low: NonNegativeFloat = Field(description="Ratio clipped below at 1 - clip_low.")
     clip_high: NonNegativeFloat = Field(description="Ratio clipped above at 1 + clip_high (clip-higher when > clip_low).")

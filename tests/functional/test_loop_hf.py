@@ -13,6 +13,8 @@ from cipo_nemo.config import load_config
 from cipo_nemo.models.policy.hf_policy import CHECKPOINT_FILE
 from cipo_nemo.samples import OUTCOMES, read_samples
 
+pytestmark = pytest.mark.slow  # the training loop end to end
+
 BASE = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 
 STEP_METRICS = [

@@ -41,6 +41,8 @@ from cipo_nemo.models.policy.hf_policy import HFPolicy
 from cipo_nemo.models.policy.microbatches import plan_mini_batches
 from cipo_nemo.models.tiny import build_tiny_model_dir
 
+pytestmark = pytest.mark.slow  # Megatron ranks (gloo, Ray)
+
 LOGPROB_TOLERANCE = 1e-4
 ODD_LENGTH_ROWS = [1, 3, 4, 7]  # make_batch's samples of 10, 11, 11 and 7 tokens
 MODELS = ("llama", "qwen2_tied")
