@@ -213,18 +213,12 @@ class DataSourceConfig(StrictModel):
     file: FileSourceConfig
     hf: HubSourceConfig
 
-    @field_validator("file")
+    @field_validator("file", "hf")
     @classmethod
-    def _file_has_path(cls, value: FileSourceConfig, info: ValidationInfo) -> FileSourceConfig:
-        if info.data.get("kind") == "file" and not value.path:
-            raise ValueError("kind is 'file' but file.path is not set")
-        return value
-
-    @field_validator("hf")
-    @classmethod
-    def _hf_has_path(cls, value: HubSourceConfig, info: ValidationInfo) -> HubSourceConfig:
-        if info.data.get("kind") == "hf" and not value.path:
-            raise ValueError("kind is 'hf' but hf.path is not set")
+    def _chosen_block_has_path(cls, value: FileSourceConfig | HubSourceConfig,
+                               info: ValidationInfo) -> FileSourceConfig | HubSourceConfig:
+        if info.data.get("kind") == info.field_name and not value.path:
+            raise ValueError(f"kind is {info.field_name!r} but {info.field_name}.path is not set")
         return value
 
 

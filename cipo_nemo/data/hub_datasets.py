@@ -14,16 +14,14 @@ directory laid out like a dataset repository is read the same way, without the c
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cipo_nemo.data.sources import DataError
-from cipo_nemo.utils.hub_cache import hub_cache_dir, hub_offline
+from cipo_nemo.utils.hub_cache import DownloadFailed, download_once, hub_cache_dir, hub_offline
 
-logger = logging.getLogger(__name__)
 
 # huggingface_hub.snapshot_download's contract: (repo_id, repo_type=, revision=) -> the snapshot directory
 DatasetDownloader = Callable[..., str]
@@ -78,20 +76,13 @@ def fetch_dataset(path: str, revision: str | None, *, key: str, download: Datase
     directory = find_local_dataset_dir(path, revision, key=key)
     if directory is not None:
         return directory
-    cache = hub_cache_dir()
     if hub_offline():
         raise DataError(offline_absence(path, revision, key=key))
-    if download is None:
-        from huggingface_hub import snapshot_download as download
-    from huggingface_hub.errors import HfHubHTTPError
-
-    logger.info("downloading dataset %s%s into %s (once; later runs find it in the cache)", path, _at(revision), cache)
     try:
-        return Path(download(path, repo_type="dataset", revision=revision))
-    except (HfHubHTTPError, OSError, ValueError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise DataError(f"{key}: downloading dataset {path!r}{_at(revision)} into {cache} failed: "
-                        f"{type(error).__name__}: {first_line}") from None
+        return download_once(path, revision, repo_type="dataset", download=download)
+    except DownloadFailed as error:
+        raise DataError(f"{key}: downloading dataset {path!r}{_at(revision)} into {hub_cache_dir()} failed: "
+                        f"{error}") from None
 
 
 def offline_absence(path: str, revision: str | None, *, key: str) -> str:

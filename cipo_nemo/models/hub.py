@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cipo_nemo.utils.hub_cache import hub_cache_dir, hub_offline
+from cipo_nemo.utils.hub_cache import DownloadFailed, download_once, hub_cache_dir, hub_offline
 
 logger = logging.getLogger(__name__)
 
@@ -154,20 +154,13 @@ def fetch_model(name: str, revision: str | None = None, *, key: str = "policy.mo
         return found
     if _bundled_smollm2_available(name, revision):
         return convert_bundled_smollm2(_converted_smollm2())
-    cache = hub_cache_dir()
     if hub_offline():
         raise ModelNotFoundError(_offline_absence(name, revision, key=key))
-    if download is None:
-        from huggingface_hub import snapshot_download as download
-    logger.info("downloading %s%s into %s (once; later runs find it in the cache)", name, _at(revision), cache)
-    from huggingface_hub.errors import HfHubHTTPError
-
     try:
-        directory = Path(download(name, revision=revision))
-    except (HfHubHTTPError, OSError, ValueError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ModelNotFoundError(f"{key}: downloading {name!r}{_at(revision)} into {cache} failed: "
-                                 f"{type(error).__name__}: {first_line}") from None
+        directory = download_once(name, revision, repo_type="model", download=download)
+    except DownloadFailed as error:
+        raise ModelNotFoundError(f"{key}: downloading {name!r}{_at(revision)} into {hub_cache_dir()} failed: "
+                                 f"{error}") from None
     if not (directory / "config.json").is_file():
         raise ModelNotFoundError(f"{key}: {name!r}{_at(revision)} was downloaded to {directory}, which has no "
                                  "config.json (not an HF checkpoint)")

@@ -11,13 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import pytest
-from huggingface_hub import constants
 
 import cipo_nemo.__main__ as entry
 from cipo_nemo.eval.registry import REGISTRY
 from tests.hub_layout import put_in_cache, write_dataset_repo
+
+pytestmark = pytest.mark.slow  # a vLLM engine (eval) and the training loop
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "conf" / "cipo_base.yaml"
@@ -30,9 +30,10 @@ def question(a: int, b: int) -> str:
 
 
 @pytest.fixture
-def hub(tmp_path) -> Path:
-    """MATH-500 and GSM8K in their hub schemas (sums the tiny model knows), and a training set by hub id."""
-    cache = tmp_path / "hub"
+def hub(offline_hub, tmp_path) -> Path:
+    """MATH-500 and GSM8K in their hub schemas (sums the tiny model knows), and a training set by hub id, in the
+    offline hub cache of this process (tests/conftest.py)."""
+    cache = offline_hub
     math500 = [{"problem": question(a, b), "solution": f"$\\boxed{{{a + b}}}$", "answer": str(a + b),
                 "subject": "Prealgebra", "level": 1, "unique_id": f"test/prealgebra/{i}.json"}
                for i, (a, b) in enumerate(SUMS[::5])]
@@ -49,11 +50,7 @@ def hub(tmp_path) -> Path:
     return cache
 
 
-def test_training_takes_a_hub_dataset_and_validates_on_a_named_benchmark(arithmetic_model, hub, tmp_path, capsys,
-                                                                         monkeypatch):
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
+def test_training_takes_a_hub_dataset_and_validates_on_a_named_benchmark(arithmetic_model, hub, tmp_path, capsys):
     run_dir = tmp_path / "run"
     code = entry.main([
         "--config", str(BASE), f"run.output_dir={run_dir}", "grpo.num_steps=1", "grpo.prompts_per_step=2",

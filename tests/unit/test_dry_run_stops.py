@@ -9,9 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import datasets
 import pytest
-from huggingface_hub import constants
 
 import cipo_nemo.__main__ as entry
 from cipo_nemo.models.tiny import build_tiny_model_dir
@@ -23,16 +21,6 @@ BASE = REPO / "conf" / "cipo_base.yaml"
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return build_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
-    return cache
 
 
 def run_main(capsys, *overrides: str, dry_run: bool) -> tuple[int, str, str]:

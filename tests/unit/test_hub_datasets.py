@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import datasets
 import huggingface_hub
 import pytest
 from huggingface_hub import constants
 
 import cipo_nemo.__main__ as entry
 from cipo_nemo.config import load_config
+from cipo_nemo.data.hub_datasets import fetch_dataset
 from cipo_nemo.data.sources import DataError, load_items
 from cipo_nemo.models.tiny import build_tiny_model_dir
 from cipo_nemo.preflight import run_preflight
@@ -34,17 +34,6 @@ REAL_SNAPSHOT_DOWNLOAD = huggingface_hub.snapshot_download
 def sums(prefix: str, count: int, offset: int = 0) -> list[dict]:
     return [{"question": f"{prefix}: what is {i} + {offset}?", "final": str(i + offset), "uid": f"{prefix}-{i}"}
             for i in range(count)]
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """An empty hub cache, offline as every test is, and the datasets library's Arrow cache in tmp_path."""
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
-    return cache
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +61,9 @@ def train_source(*overrides: str):
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def test_a_cached_hub_dataset_gives_the_config_and_split_asked_for_at_the_pinned_revision(hub, tmp_path):
-    put_in_cache(hub, REPO_ID, SHA_MAIN, sums_repo(tmp_path / "main", offset=0), repo_type="dataset")
-    put_in_cache(hub, REPO_ID, SHA_V2, sums_repo(tmp_path / "v2", offset=100), ref="v2", repo_type="dataset")
+def test_a_cached_hub_dataset_gives_the_config_and_split_asked_for_at_the_pinned_revision(offline_hub, tmp_path):
+    put_in_cache(offline_hub, REPO_ID, SHA_MAIN, sums_repo(tmp_path / "main", offset=0), repo_type="dataset")
+    put_in_cache(offline_hub, REPO_ID, SHA_V2, sums_repo(tmp_path / "v2", offset=100), ref="v2", repo_type="dataset")
     items, report = load_items(train_source(*hf_overrides(REPO_ID, "data.train.hf.name=hard",
                                                           "data.train.hf.split=test")))
     assert [item.prompt for item in items] == [f"hard-test: what is {i} + 0?" for i in range(5)]  # both shards
@@ -109,8 +98,8 @@ def test_dotted_fields_and_chat_rows_map_as_for_files(tmp_path):
      "acme/sums:easy:train: no column(s) solution (set data.<train|validation>.<file|hf>.fields.*); "
      "columns: question, final, uid"),
 ])
-def test_a_config_split_or_column_that_is_not_there_is_one_line_naming_what_is(overrides, message, hub, tmp_path):
-    put_in_cache(hub, REPO_ID, SHA_MAIN, sums_repo(tmp_path / "main", offset=0), repo_type="dataset")
+def test_a_config_split_or_column_that_is_not_there_is_one_line_naming_what_is(overrides, message, offline_hub, tmp_path):
+    put_in_cache(offline_hub, REPO_ID, SHA_MAIN, sums_repo(tmp_path / "main", offset=0), repo_type="dataset")
     with pytest.raises(DataError) as caught:
         run_preflight(load_config(BASE, hf_overrides(REPO_ID, *overrides, "verifier.num_workers=1")))
     assert str(caught.value).startswith("data.train: ") and message in str(caught.value)
@@ -148,9 +137,9 @@ def _main(capsys, model_dir: Path, *overrides: str, dry_run: bool = False) -> tu
     return code, captured.out, captured.err
 
 
-def test_the_preflight_downloads_an_absent_dataset_once_before_any_worker(hub, tmp_path, model_dir, capsys,
+def test_the_preflight_downloads_an_absent_dataset_once_before_any_worker(offline_hub, tmp_path, model_dir, capsys,
                                                                           monkeypatch):
-    downloads = Downloads(hub, sums_repo(tmp_path / "served", offset=0))
+    downloads = Downloads(offline_hub, sums_repo(tmp_path / "served", offset=0))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", downloads.snapshot_download)
     monkeypatch.setattr(entry, "run_training", downloads.run_training)
     args = hf_overrides(REPO_ID, "data.train.hf.name=easy", "data.train.hf.revision=v2",
@@ -158,11 +147,11 @@ def test_the_preflight_downloads_an_absent_dataset_once_before_any_worker(hub, t
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     code, out, err = _main(capsys, model_dir, *args, dry_run=True)  # the dry run never downloads
     assert code == 0, err
-    assert (f"data.train.hf.path acme/sums at revision 'v2': absent: will be downloaded in the preflight into {hub}"
+    assert (f"data.train.hf.path acme/sums at revision 'v2': absent: will be downloaded in the preflight into {offline_hub}"
             in out) and downloads.events == []
     code, out, err = _main(capsys, model_dir, *args)
     assert code == 0, err
-    snapshot = hub / "datasets--acme--sums" / "snapshots" / SHA_V2
+    snapshot = offline_hub / "datasets--acme--sums" / "snapshots" / SHA_V2
     assert downloads.events == [("download", REPO_ID, "dataset", "v2"), ("workers start", [str(i) for i in range(6)])]
     assert f"data.train.hf.path acme/sums at revision 'v2': present in {snapshot}" in out
     assert "acme/sums:easy:train: 6 items" in out
@@ -173,7 +162,7 @@ def test_the_preflight_downloads_an_absent_dataset_once_before_any_worker(hub, t
 
 
 @pytest.mark.parametrize("section", ["train", "validation"])
-def test_offline_an_absent_dataset_stops_the_run_and_the_dry_run_with_one_line(section, hub, tmp_path, model_dir,
+def test_offline_an_absent_dataset_stops_the_run_and_the_dry_run_with_one_line(section, offline_hub, tmp_path, model_dir,
                                                                                  capsys, monkeypatch):
     monkeypatch.setattr(entry, "run_training", lambda *args: pytest.fail("workers started without the dataset"))
     args = [f"run.output_dir={tmp_path / 'run'}", *hf_overrides(REPO_ID)]
@@ -189,6 +178,19 @@ def test_offline_an_absent_dataset_stops_the_run_and_the_dry_run_with_one_line(s
     run = _main(capsys, model_dir, *args)
     assert dry[0] == run[0] == 2 and dry[2] == run[2]
     assert run[2].strip() == (f"data error: data.{section}.hf.path: dataset 'acme/sums' is not in the Hugging Face "
-                              f"cache {hub} and HF_HUB_OFFLINE=1 forbids downloading it: download it into that cache "
+                              f"cache {offline_hub} and HF_HUB_OFFLINE=1 forbids downloading it: download it into that cache "
                               "first (hf download acme/sums --repo-type dataset)")
     assert "preflight passed" not in dry[1]
+
+
+def test_a_failed_download_is_one_line_naming_the_dataset(offline_hub, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(repo_id, *, repo_type=None, revision=None):
+        assert repo_type == "dataset"
+        raise OSError("Connection refused")
+
+    with pytest.raises(DataError) as caught:
+        fetch_dataset(REPO_ID, "v2", key="data.train.hf.path", download=unreachable)
+    assert str(caught.value) == (f"data.train.hf.path: downloading dataset '{REPO_ID}' at revision 'v2' into "
+                                 f"{offline_hub} failed: OSError: Connection refused")

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import datasets
 import pytest
-from huggingface_hub import constants
 
 from cipo_nemo.environments.code import CodeTask, score_code
 from cipo_nemo.environments.math import score_one
@@ -129,20 +127,10 @@ RESPONSES = {
 }
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
-    return cache
-
-
-def cache_benchmark(hub: Path, tmp_path: Path, name: str) -> None:
+def cache_benchmark(cache: Path, tmp_path: Path, name: str) -> None:
     entry = REGISTRY[name]
     repo = write_dataset_repo(tmp_path / "repos" / name, ROWS[name])
-    put_in_cache(hub, entry.hub_id, COMMIT, repo, repo_type="dataset")
+    put_in_cache(cache, entry.hub_id, COMMIT, repo, repo_type="dataset")
 
 
 def test_every_entry_has_rows_here():
@@ -154,8 +142,8 @@ def test_every_entry_has_rows_here():
 
 
 @pytest.mark.parametrize("name", sorted(GOLDS))
-def test_math_entry_reads_its_schema_normalizes_the_gold_and_the_verifier_agrees(name, hub, tmp_path):
-    cache_benchmark(hub, tmp_path, name)
+def test_math_entry_reads_its_schema_normalizes_the_gold_and_the_verifier_agrees(name, offline_hub, tmp_path):
+    cache_benchmark(offline_hub, tmp_path, name)
     benchmark = load_benchmark(name)
     entry = REGISTRY[name]
     split_rows = ROWS[name][entry.config or "default"][entry.split]
@@ -184,11 +172,11 @@ def test_normalizations_of_the_gold_columns():
             normalize(bad)
 
 
-def test_a_row_the_normalization_cannot_read_is_skipped_and_counted(hub, tmp_path):
+def test_a_row_the_normalization_cannot_read_is_skipped_and_counted(offline_hub, tmp_path):
     entry = REGISTRY["aime25"]
     rows = [{"problem": "ok", "answer": "70", "id": "0"}, {"problem": "bad gold", "answer": "seventy", "id": "1"},
             {"problem": "  ", "answer": "5", "id": "2"}]
-    put_in_cache(hub, entry.hub_id, COMMIT, write_dataset_repo(tmp_path / "r", {"default": {"test": rows}}),
+    put_in_cache(offline_hub, entry.hub_id, COMMIT, write_dataset_repo(tmp_path / "r", {"default": {"test": rows}}),
                  repo_type="dataset")
     benchmark = load_benchmark("aime25")
     assert [item.answer for item in benchmark.items] == ["70"]
@@ -202,8 +190,8 @@ def score(item, response: str):
     return score_code(response, code_task_of(item), timeout_s=10)
 
 
-def test_openai_humaneval_runs_prompt_plus_completion(hub, tmp_path):
-    cache_benchmark(hub, tmp_path, "openai_humaneval")
+def test_openai_humaneval_runs_prompt_plus_completion(offline_hub, tmp_path):
+    cache_benchmark(offline_hub, tmp_path, "openai_humaneval")
     (item,) = load_benchmark("openai_humaneval").items
     assert item.id == "openai_humaneval:HumanEval/3" and item.prompt == HUMANEVAL_PROMPT
     # a chat model repeats the function and uses List without importing it: the prompt's import is in the program
@@ -219,8 +207,8 @@ def test_openai_humaneval_runs_prompt_plus_completion(hub, tmp_path):
     assert verdict.outcome == "crashed" and "NameError" in verdict.detail and "List" in verdict.detail
 
 
-def test_mbpp_runs_the_program_then_setup_then_the_test_list(hub, tmp_path):
-    cache_benchmark(hub, tmp_path, "mbpp")
+def test_mbpp_runs_the_program_then_setup_then_the_test_list(offline_hub, tmp_path):
+    cache_benchmark(offline_hub, tmp_path, "mbpp")
     first, second = load_benchmark("mbpp").items
     assert first.id == "mbpp:11" and first.prompt == (
         "Write a python function to remove every occurrence of a given character from a string.\n"
@@ -248,7 +236,7 @@ def test_mbpp_entry_point_is_the_function_the_tests_call():
 # ---------------------------------------------------------------------------------------------- the command line
 
 
-def test_an_absent_benchmark_offline_is_one_line_naming_the_id_and_the_cache(hub, tmp_path, capsys):
+def test_an_absent_benchmark_offline_is_one_line_naming_the_id_and_the_cache(offline_hub, tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -256,7 +244,7 @@ def test_an_absent_benchmark_offline_is_one_line_naming_the_id_and_the_cache(hub
                  "--output-dir", str(tmp_path / "out")])
     assert code == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: benchmark math500: dataset 'HuggingFaceH4/MATH-500' is not in the Hugging Face cache {hub} and "
+        f"error: benchmark math500: dataset 'HuggingFaceH4/MATH-500' is not in the Hugging Face cache {offline_hub} and "
         "HF_HUB_OFFLINE=1 forbids downloading it: download it into that cache first "
         "(hf download HuggingFaceH4/MATH-500 --repo-type dataset)")
 
