@@ -92,7 +92,7 @@ def average_summary(summaries: Sequence[Mapping[str, Any]], *, k_list: Sequence[
     count). One summary averages to its own numbers."""
     measured = [summary for summary in summaries if summary["problems"]]
     average: dict[str, Any] = {"benchmarks": len(measured), "problems": sum(s["problems"] for s in measured),
-                               "n": measured[0]["n"] if measured else None,
+                               "n": summaries[0]["n"] if summaries else None,
                                "samples": sum(s["samples"] for s in measured)}
     if not measured:
         return average | {"avg": None, "pass@k": {str(k): None for k in k_list}}
