@@ -217,6 +217,13 @@ class MegatronPolicyWorker:
         metrics = self._global_metrics(per_micro_batch)
         return {**metrics, "grad_norm": float(grad_norm), "lr": lr}
 
+    def skip_optimizer_step(self) -> float:
+        """The LR schedule's tick of a planned step that carries no gradient; no optimizer step (interfaces.py).
+        Every rank ticks its own copy of the schedule, so they stay in step."""
+        lr = self._lr_schedule.lr_at(self._lr_schedule.step_count)
+        self._lr_schedule.step()
+        return lr
+
     def _global_metrics(self, per_micro_batch: list[dict[str, float]]) -> dict[str, float]:
         """Loss metrics over all micro-batches and DP ranks, on every rank (they exist on the last stage only)."""
         from megatron.core import parallel_state
