@@ -49,6 +49,8 @@ from cipo_nemo.data.sources import TaskItem, describe, load_items
 from cipo_nemo.environments.scoring import TaskScorer
 from cipo_nemo.eval.benchmarks import Benchmark
 from cipo_nemo.eval.harness import EvalContext, evaluate_benchmarks
+from cipo_nemo.eval.registry import load_registered_benchmark
+from cipo_nemo.eval.report import average_summary
 from cipo_nemo.models.factory import build_cluster, build_generation, build_policy, build_tokenizer, needs_ray, refit_weights
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, SamplingSettings
 from cipo_nemo.models.policy.microbatches import OptimizerStep, plan_optimizer_steps, take_optimizer_steps
@@ -71,7 +73,7 @@ class Components:
     run_dir: Path
     tokenizer: Any
     train_items: list[TaskItem]
-    validation_items: list[TaskItem]
+    validation_sets: dict[str, list[TaskItem]]  # "validation" (data.validation) and each validation.benchmarks name
     sampler: PromptSampler
     scorer: TaskScorer
     policy: PolicyBackend
@@ -121,15 +123,14 @@ def setup(cfg: MasterConfig, loaded_items: dict[str, list[TaskItem]] | None = No
     loaded_items = loaded_items or {}
     # prompts first: a data set with nothing that fits data.max_prompt_tokens stops here, before Ray and workers
     train_items = load_prompts(cfg, tokenizer, split="train", items=loaded_items.get("train"))
-    validation_items = (load_prompts(cfg, tokenizer, split="validation", items=loaded_items.get("validation"))
-                        if cfg.data.validation else [])
+    validation_sets = load_validation_sets(cfg, tokenizer, loaded_items)
     cluster = build_cluster(cfg) if needs_ray(cfg) else None
     components = Components(
         cfg=cfg,
         run_dir=run_dir,
         tokenizer=tokenizer,
         train_items=train_items,
-        validation_items=validation_items[: cfg.validation.max_items],
+        validation_sets={name: items[: cfg.validation.max_items] for name, items in validation_sets.items()},
         sampler=PromptSampler(train_items, batch_size=cfg.grpo.prompts_per_step, seed=cfg.run.seed,
                               shuffle=cfg.data.shuffle),
         scorer=TaskScorer(verifier=cfg.verifier),
@@ -157,6 +158,21 @@ def load_prompts(cfg: MasterConfig, tokenizer: Any, *, split: str, items: list[T
                                 template_kwargs=cfg.data.chat_template_kwargs,
                                 system_prompt=cfg.data.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens)
     return kept
+
+
+def load_validation_sets(cfg: MasterConfig, tokenizer: Any,
+                         loaded_items: dict[str, list[TaskItem]]) -> dict[str, list[TaskItem]]:
+    """data.validation (as "validation") and each named benchmark of validation.benchmarks, without prompts over
+    data.max_prompt_tokens; the preflight's items when it loaded them."""
+    sets = {}
+    if cfg.data.validation is not None:
+        sets["validation"] = load_prompts(cfg, tokenizer, split="validation", items=loaded_items.get("validation"))
+    for name in cfg.validation.benchmarks:
+        items = loaded_items.get(f"benchmark:{name}")
+        if items is None:
+            items = load_registered_benchmark(name, fetch=False).items
+        sets[name] = load_prompts(cfg, tokenizer, split=name, items=items)
+    return sets
 
 
 def build_loss(cfg: MasterConfig) -> PolicyLoss:
@@ -479,17 +495,28 @@ def _share_of_groups(batch: Batch, predicate: Any) -> float:
 
 
 def validate(c: Components, step: int) -> dict[str, float | None]:
-    """The evaluation harness on the held-out set (single-turn prompts, as the paper evaluates): avg@n and pass@k."""
+    """The evaluation harness on the held-out sets (single-turn prompts, as the paper evaluates): avg@n and pass@k.
+    val/* is the average over the sets (data.validation alone: its own numbers); with named benchmarks each set
+    also logs val/<name>/*, as the paper's table has a column per benchmark and their average."""
     val = c.cfg.validation
     context = EvalContext(generation_backend=c.generation, tokenizer=c.tokenizer, scorer=c.scorer, data=c.cfg.data,
                           correction=c.cfg.cipo,
                           generation=c.cfg.generation.model_copy(update={"temperature": val.temperature}),
                           max_model_len=c.cfg.policy.max_total_sequence_length)
-    held_out = Benchmark(name="validation", kind="answer", items=c.validation_items, source="data.validation")
-    results, _ = evaluate_benchmarks([held_out], context, n=val.samples_per_prompt, k_list=val.pass_k,
+    held_out = [Benchmark(name=name, kind="answer", items=items, source=name)
+                for name, items in c.validation_sets.items()]
+    results, _ = evaluate_benchmarks(held_out, context, n=val.samples_per_prompt, k_list=val.pass_k,
                                      max_items=None, seed=step_seed(c, step, SEED_VALIDATION))
-    metrics = results["benchmarks"]["validation"]["metrics"]
-    return {"val/reward_mean": metrics["avg"], **{f"val/pass@{k}": v for k, v in metrics["pass@k"].items()}}
+    per_set = {name: record["metrics"] for name, record in results["benchmarks"].items()}
+    metrics = _validation_metrics("val", average_summary(list(per_set.values()), k_list=val.pass_k))
+    if val.benchmarks:
+        for name, summary in per_set.items():
+            metrics.update(_validation_metrics(f"val/{name}", summary))
+    return metrics
+
+
+def _validation_metrics(prefix: str, summary: dict[str, Any]) -> dict[str, float | None]:
+    return {f"{prefix}/reward_mean": summary["avg"], **{f"{prefix}/pass@{k}": v for k, v in summary["pass@k"].items()}}
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

@@ -237,17 +237,30 @@ class ReasoningGymSourceConfig(StrictModel):
     options: dict[str, Any] = Field(description="Extra generator options (e.g. max_terms, max_digits).")
 
 
+class HubSourceConfig(StrictModel):
+    """A dataset by hub id, loaded with `datasets.load_dataset` (cipo_nemo/data/hub_datasets.py)."""
+
+    path: str | None = Field(description="Hub dataset id (owner/name: the Hugging Face cache, else downloaded once by "
+                             "the preflight), or a local directory laid out like a dataset repository.")
+    name: str | None = Field(description="Dataset config name (null: the dataset's only or default config).")
+    split: str = Field(min_length=1, description="Split to read, e.g. train or test.")
+    revision: str | None = Field(min_length=1, description="Hub revision (branch, tag or commit) to pin (null: main).")
+    fields: FileFields
+
+
 class DataSourceConfig(StrictModel):
-    kind: Literal["reasoning_gym", "file"] = Field(description="Which of the blocks below is used.")
+    kind: Literal["reasoning_gym", "file", "hf"] = Field(description="Which of the blocks below is used.")
     family: TaskFamily = Field(description="Task family of the items (file rows may override per row).")
     reasoning_gym: ReasoningGymSourceConfig
     file: FileSourceConfig
+    hf: HubSourceConfig
 
-    @field_validator("file")
+    @field_validator("file", "hf")
     @classmethod
-    def _file_has_path(cls, value: FileSourceConfig, info: ValidationInfo) -> FileSourceConfig:
-        if info.data.get("kind") == "file" and not value.path:
-            raise ValueError("kind is 'file' but file.path is not set")
+    def _chosen_block_has_path(cls, value: FileSourceConfig | HubSourceConfig,
+                               info: ValidationInfo) -> FileSourceConfig | HubSourceConfig:
+        if info.data.get("kind") == info.field_name and not value.path:
+            raise ValueError(f"kind is {info.field_name!r} but {info.field_name}.path is not set")
         return value
 
 
@@ -479,8 +492,21 @@ class ValidationConfig(StrictModel):
     every: Annotated[int, Field(ge=0)] = Field(description="Validate every N steps (0 = never).")
     samples_per_prompt: PositiveInt = Field(description="n samples per held-out problem (pass@k needs n >= k).")
     pass_k: list[PositiveInt] = Field(min_length=1, description="k values reported as pass@k.")
-    max_items: PositiveInt = Field(description="Held-out problems used per validation.")
+    max_items: PositiveInt = Field(description="Held-out problems used per validation (per set: data.validation "
+                                   "and each named benchmark).")
     temperature: NonNegativeFloat = Field(description="Sampling temperature at validation.")
+    benchmarks: list[Annotated[str, Field(min_length=1)]] = Field(
+        description="Named benchmarks (cipo_nemo/eval/registry.py, e.g. [math500, aime24]) validated on besides "
+        "data.validation; val/* is the average over the validation sets, val/<name>/* each set's own."
+    )
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _benchmarks_unique(cls, value: list[str]) -> list[str]:
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"benchmark(s) {', '.join(repeated)} listed twice")
+        return value
 
 
 def validation_metric_names(validation: ValidationConfig) -> list[str]:
@@ -551,8 +577,8 @@ class MasterConfig(StrictModel):
     @classmethod
     def _validation_is_possible(cls, value: ValidationConfig, info: ValidationInfo) -> ValidationConfig:
         data = info.data.get("data")
-        if value.every > 0 and data is not None and data.validation is None:
-            raise ValueError("every > 0 but data.validation is null (no held-out set)")
+        if value.every > 0 and data is not None and data.validation is None and not value.benchmarks:
+            raise ValueError("every > 0 but data.validation is null and benchmarks is empty (no held-out set)")
         if max(value.pass_k, default=1) > value.samples_per_prompt:
             raise ValueError(f"pass_k {value.pass_k} needs samples_per_prompt >= {max(value.pass_k)}")
         checkpointing = info.data.get("checkpointing")

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants
 
 from cipo_nemo.__main__ import main
 from cipo_nemo.config import load_config
@@ -24,6 +25,13 @@ PRESETS = {
     "cipo_qwen3_4b_math.yaml": (1, 8, "policy: Megatron TP 1 x PP 1 x DP 8 = 8 ranks"),
     "cipo_seed_coder_8b_code.yaml": (2, 8, "generation: 16 vLLM engine(s) x TP 1"),
 }
+
+
+@pytest.fixture(autouse=True)
+def hub_reachable(monkeypatch):
+    """The presets name hub models that are not here; with the hub reachable the dry run plans them without weights
+    (it never downloads). Offline, an absent model stops it as it stops the run (tests/unit/test_dry_run_stops.py)."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
 def _dry_run(capsys, config: str, *overrides: str) -> tuple[int, str, str]:
