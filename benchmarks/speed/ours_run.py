@@ -30,7 +30,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--save-hf", type=Path, help="write the final policy as an HF directory here (to compare weights)")
+    parser.add_argument("--save-weights", type=Path,
+                        help="torch.save the final policy's HF-named weights here, in the dtype it trains in (to "
+                        "compare runs: an HF directory would round them to the checkpoint's dtype, e.g. bf16)")
     parser.add_argument("overrides", nargs="*")
     return parser.parse_args()
 
@@ -58,8 +60,8 @@ def main() -> None:
             steps.append({"seconds": wall, **{k: v for k, v in metrics.items() if k.startswith(STEP_KEYS_PREFIXES)}})
             print(f"step {step}: {wall:.2f} s "
                   + " ".join(f"{k[7:]} {v:.2f}" for k, v in metrics.items() if k.startswith("timing/")), flush=True)
-        if args.save_hf is not None:
-            components.policy.save_hf(args.save_hf)
+        if args.save_weights is not None:
+            torch.save(dict(components.policy.export_hf_weights()), args.save_weights)
     finally:
         shutdown(components)
     timed = steps[1:]  # step 1 is warm-up

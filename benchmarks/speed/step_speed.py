@@ -184,12 +184,12 @@ def run_side(side: str, args: argparse.Namespace, *, out_dir: Path, trl_python: 
 
 
 def run_ours(name: str, config: Path, overrides: list[str], *, out_dir: Path, threads: int,
-             save_hf: Path | None = None) -> dict:
+             save_weights: Path | None = None) -> dict:
     """One run of our loop (benchmarks/speed/ours_run.py) as its own measured process, with the refit profile."""
     command = [sys.executable, str(REPO / "benchmarks" / "speed" / "ours_run.py"), "--config", str(config),
                "--threads", str(threads), "--out", str(out_dir / f"{name}.json"), *overrides]
-    if save_hf is not None:
-        command += ["--save-hf", str(save_hf)]
+    if save_weights is not None:
+        command += ["--save-weights", str(save_weights)]
     return run_measured(name, command, out_dir=out_dir, threads=threads, refit_profile=True)
 
 

@@ -53,17 +53,21 @@ def overrides(args: argparse.Namespace, run_dir: Path, arm: str, skip: bool) -> 
             "checkpointing.resume=never", *(() if skip else (NO_SKIP,))]
 
 
-def load_weights(directory: Path) -> dict:
+def load_weights(path: Path) -> dict:
+    """HF-named tensors: a run's --save-weights file, or an HF directory's safetensors (the start model)."""
+    import torch
     from safetensors.torch import load_file
 
+    if path.is_file():
+        return torch.load(path, weights_only=True)
     weights: dict = {}
-    for shard in sorted(directory.glob("*.safetensors")):
+    for shard in sorted(path.glob("*.safetensors")):
         weights.update(load_file(shard))
     return weights
 
 
 def max_weight_diff(a: dict, b: dict) -> float:
-    return max(float((a[name].double() - b[name].double()).abs().max()) for name in a)
+    return max(float((a[name].double() - b[name].double()).abs().max()) for name in a if name in b)
 
 
 def curve_gap(on: dict, off: dict, key: str) -> float | None:
@@ -111,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, skip in (("on", True), ("off", False)):
                 run = f"{arm}_skip_{name}"
                 summaries[name] = run_ours(run, CONFIG, overrides(args, out_dir / run, arm, skip), out_dir=out_dir,
-                                           threads=args.threads, save_hf=out_dir / f"{run}_hf")
-                weights[name] = load_weights(out_dir / f"{run}_hf")
+                                           threads=args.threads, save_weights=out_dir / f"{run}_weights.pt")
+                weights[name] = load_weights(out_dir / f"{run}_weights.pt")
             lines += arm_report(arm, summaries["on"], summaries["off"], weights, start)
     contaminated = [p.stem for p in out_dir.glob("*_skip_*.json")
                     if json.loads(p.read_text())["cpu"]["other_share"] > 0.05]
