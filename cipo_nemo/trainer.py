@@ -433,7 +433,9 @@ def step_metrics(
         "reward/prompts_all_correct": _share_of_groups(base, lambda r: bool(is_success(r).all())),
         "reward/prompts_all_wrong": _share_of_groups(base, lambda r: bool((~is_success(r)).all())),
         "reward/correction_mean": None,
-        "tokens/generated": float(_response_tokens(base) + _response_tokens(rollouts.corrections)),
+        # every sampled response token, dynamic sampling's discarded groups included: what generation cost
+        "tokens/generated": float(_response_tokens(base) + _response_tokens(rollouts.corrections)
+                                  + rollouts.sampling_metrics.get("dynamic_sampling/tokens_discarded", 0.0)),
         "tokens/trained": float(batch.num_valid_tokens()),  # response tokens in the loss's normalizer
         # prompt + response tokens per stream: what logprobs and train process (benchmarks/speed/step_speed.py per token)
         "tokens/base_sequence": float(_sequence_tokens(base)),
