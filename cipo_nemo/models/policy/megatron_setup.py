@@ -232,6 +232,11 @@ def apply_layer_spec(provider: Any, *, layer_spec: LayerSpec, local_core_attenti
         case "transformer_engine":
             provider.transformer_layer_spec = transformer_engine_layer_spec
             provider.transformer_impl = "transformer_engine"
+            # megatron-bridge turns the fusion on whenever transformer_engine.pytorch imports (bridge
+            # utils/fusions.py:34-53), but GPTModel's output layer is megatron's own ColumnParallelLinear
+            # (core models/gpt/gpt_model.py:264-269), which raises at build without APEX's extension
+            # (core tensor_parallel/layers.py:1070-1079): the flag follows what that layer can run
+            provider.gradient_accumulation_fusion = apex_gradient_accumulation_fusion_available()
         case "local":
             if provider.sequence_parallel:
                 # transformer/torch_norm.py:50 asserts: torch norms do not support sequence parallelism
@@ -247,6 +252,16 @@ def apply_layer_spec(provider: Any, *, layer_spec: LayerSpec, local_core_attenti
                 setattr(provider, fusion, False)
         case _:
             raise ValueError(f"unknown layer spec {layer_spec!r}")
+
+
+def apex_gradient_accumulation_fusion_available() -> bool:
+    """Whether APEX's `fused_weight_gradient_mlp_cuda` imports: megatron-core 0.19.2 decides the same way
+    (tensor_parallel/layers.py:49-53) whether ColumnParallelLinear may fuse its weight-gradient accumulation."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def apply_precision(provider: Any, *, dtype: torch.dtype) -> None:
