@@ -347,7 +347,7 @@ def _vllm_gib(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> dict[str,
     """vLLM's share, its weights per GPU and the KV cache left for sequences (CPU: the configured KV space)."""
     vllm, vtp = cfg.generation.vllm, layout.vllm_tensor_parallel
     dtype_bytes = {"auto": shape.dtype_bytes, "float32": 4, "bfloat16": 2, "float16": 2}[vllm.dtype]
-    linear_bytes = 1 if vllm.quantization == "fp8" else dtype_bytes  # fp8 quantizes the linear layers only
+    linear_bytes = 1 if vllm.quantization else dtype_bytes  # FP8 quantizes the linear layers only
     embeddings = shape.embedding_params() * (1 if shape.tied_embeddings else 2)
     weights = (shape.num_layers * shape.layer_params() * linear_bytes + embeddings * dtype_bytes) / vtp / GIB
     kv_heads_per_gpu = math.ceil(shape.num_kv_heads / vtp)  # KV heads are replicated when vLLM's TP exceeds them
@@ -469,7 +469,7 @@ class LaunchPlan:
         if cfg.generation.backend != "vllm":
             return [policy, "generation: HF transformers generate in the driver process"]
         vllm = cfg.generation.vllm
-        weights = f"{vllm.dtype} weights" + (", fp8 quantized" if vllm.quantization == "fp8" else "")
+        weights = f"{vllm.dtype} weights" + (f", {engine_fp8_scaling(cfg)}" if vllm.quantization else "")
         sleeps = " (vLLM sleeps while the policy trains)" if cfg.cluster.gpu_memory_gib is not None else ""
         where = f"colocated on the policy's devices{sleeps}" if cfg.generation.colocated else "on separate devices"
         engines = layout.vllm_engines
@@ -527,6 +527,23 @@ class LaunchPlan:
         lines.append(f"  peak {m.peak:.1f} GiB of {m.budget:g} GiB ({m.peak_phase}; training {m.training:.1f}, "
                      f"generation {m.generation:.1f}, refit {m.refit:.1f}, overhead {m.overhead:.1f}): {verdict}")
         return lines
+
+
+# vLLM 0.32's online FP8 (config/quantization.py:193-200, quantization/online/fp8.py:307-318) and the TE recipe
+# that scales the same way
+VLLM_FP8_SCALING = {"fp8_per_block": ("128x128 weight blocks, 1x128 activation groups", "blockwise"),
+                    "fp8_per_tensor": ("one scale per tensor", "tensorwise")}
+
+
+def engine_fp8_scaling(cfg: MasterConfig) -> str:
+    """The engine's FP8 scaling, and whether it is the scaling the policy trains with."""
+    scaling, recipe = VLLM_FP8_SCALING[cfg.generation.vllm.quantization]
+    megatron = cfg.policy.megatron
+    if cfg.policy.backend != "megatron" or megatron.fp8 is None:
+        return f"FP8 {cfg.generation.vllm.quantization} ({scaling}; the policy trains in {cfg.policy.precision})"
+    same = megatron.fp8_recipe == recipe or (recipe == "tensorwise" and megatron.fp8_recipe == "delayed")
+    return (f"FP8 {cfg.generation.vllm.quantization} ({scaling}: {'the same' if same else 'NOT the same'} scaling as "
+            f"the trainer's {megatron.fp8_recipe} FP8)")
 
 
 def _count(value: float) -> str:

@@ -69,7 +69,7 @@ def test_dry_run_says_when_the_risk_penalty_cannot_act(capsys):
 def test_fp8_preset_inherits_the_70b_layout_and_turns_on_tis():
     bf16, fp8 = load_config(CONF / "cipo_llama3_70b_math.yaml"), load_config(CONF / "cipo_llama3_70b_math_fp8.yaml")
     assert fp8.policy.megatron.model_copy(update={"fp8": None}) == bf16.policy.megatron
-    assert fp8.policy.megatron.fp8 == "e4m3" and fp8.generation.vllm.quantization == "fp8"
+    assert fp8.policy.megatron.fp8 == "e4m3" and fp8.generation.vllm.quantization == "fp8_per_block"
     assert fp8.loss.importance_sampling  # TIS on
     assert load_config(CONF / "grpo_llama3_70b_math.yaml").model_dump(exclude={"run", "cipo"}) == \
         bf16.model_dump(exclude={"run", "cipo"})

@@ -330,6 +330,9 @@ def build_engine_kwargs(
         kwargs |= {
             "enforce_eager": vllm.enforce_eager,
             "gpu_memory_utilization": vllm.gpu_memory_utilization,
+            # vLLM's own online-FP8 names: fp8_per_block quantizes weights in 128x128 blocks at load (and after
+            # every reload) and activations in 1x128 groups (vllm config/quantization.py:197-200,
+            # quantization/online/fp8.py:307-318); a bare "fp8" would be per-tensor (weight_utils.py:351-357)
             "quantization": vllm.quantization,
             "enable_sleep_mode": colocated,
         }
