@@ -40,6 +40,9 @@ class SamplingSettings:
     top_p: float
     stop_strings: tuple[str, ...]
     seed: int  # per call; the same seed and weights give the same samples
+    # the call-wide index of the first prompt handed to a backend: prompt i draws from the random stream of
+    # (seed, first_prompt_index + i), so an engine that gets a shard seeds each prompt as the whole call would
+    first_prompt_index: int = 0
 
     @classmethod
     def from_config(
