@@ -318,7 +318,19 @@ class PolicyConfig(StrictModel):
     reference_policy: Literal["cpu_copy", "none"] = Field(
         description="cpu_copy: the initial weights kept on CPU and swapped in for reference logprobs (needed by kl_beta)."
     )
+    offload_optimizer_for_generation: bool | Literal["auto"] = Field(
+        description="Keep the optimizer's state (moments, fp32 main weights) in host memory except while the policy "
+        "trains, so a colocated vLLM engine has that memory; auto: only when the dry run's peak per GPU does not "
+        "fit otherwise."
+    )
     optimizer: OptimizerConfig
+
+    @field_validator("offload_optimizer_for_generation", mode="plain")
+    @classmethod
+    def _true_false_or_auto(cls, value: object) -> bool | str:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError("must be true, false or 'auto'")
     megatron: MegatronConfig
 
 

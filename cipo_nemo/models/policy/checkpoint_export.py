@@ -43,6 +43,10 @@ from cipo_nemo.utils.checkpoint import COMPLETE_MARKER, CONFIG_FILE, POLICY_DIR,
 logger = logging.getLogger(__name__)
 
 EXPORTS_DIR = "exports"  # under cache_root(): exports made for `cipo_nemo.eval --model CHECKPOINT`
+# policy keys added after checkpoints were first exported: a checkpoint without one reads the base config's value
+# (shipped inside the package)
+POLICY_KEYS_ADDED_SINCE = ("offload_optimizer_for_generation",)
+BASE_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 
 
 class ExportError(ValueError):
@@ -72,14 +76,19 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
 def checkpoint_policy(checkpoint: Path) -> PolicyConfig:
     """The `policy` section of a complete checkpoint's config.yaml, its base model present; else ExportError.
 
-    Only that section is validated: a checkpoint written before a config key was added elsewhere still exports."""
+    Only that section is validated (with the base config's values of POLICY_KEYS_ADDED_SINCE where it lacks them): a
+    checkpoint written before a config key was added still exports."""
     problem = checkpoint_problem(checkpoint)
     if problem is not None:
         raise ExportError(problem)
     config_file = checkpoint / CONFIG_FILE
     try:
         container, _ = resolve(config_file)
-        policy = PolicyConfig.model_validate(container.get("policy") if isinstance(container, dict) else None)
+        section = container.get("policy") if isinstance(container, dict) else None
+        if isinstance(section, dict):
+            defaults = resolve(BASE_CONFIG)[0]["policy"]
+            section = {key: defaults[key] for key in POLICY_KEYS_ADDED_SINCE} | section
+        policy = PolicyConfig.model_validate(section)
     except ConfigError as error:
         raise ExportError(f"{config_file}: {str(error).splitlines()[0]}") from None
     except ValidationError as error:
