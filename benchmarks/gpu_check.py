@@ -14,7 +14,7 @@ PASS / FAIL / SKIPPED(why), all written to the JSON file as well:
                               batch, real tokens per second (the goal: not slower; timed on a GPU only).
   local_attention_tokens_per_s  (GPU) fwd + bwd tokens/s of Megatron's local spec (no TE) with megatron's unfused
                               core attention and with SDPACoreAttention, each as a ratio to HF + SDPA on the same
-                              model and batch (benchmarks/local_attention.py; the goal: SDPA not slower).
+                              model and batch (benchmarks/speed/local_attention.py; the goal: SDPA not slower).
   fp8_blockwise_odd_lengths   (TE, Hopper) FP8 blockwise training on packed rows of odd lengths: the rows are padded
                               to what TE's FP8 GEMMs need; logprobs near HF's, a finite train step.
   vllm_sleep_wake_refit       (vLLM) a colocated engine sleeps (level 2) while the policy trains a step, then the
@@ -44,17 +44,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cipo_nemo.algorithms.loss import PolicyLoss
-from cipo_nemo.config import load_config
-from cipo_nemo.data.batch import Batch
-from cipo_nemo.models.tiny import build_tiny_model_dir, build_tiny_tokenizer
+import torch  # noqa: E402
+
+from benchmarks.common.batches import LOSS, variable_length_batch  # noqa: E402
+from cipo_nemo.config import load_config  # noqa: E402
+from cipo_nemo.data.batch import Batch  # noqa: E402
+from cipo_nemo.models.tiny import build_tiny_model_dir, build_tiny_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "conf" / "cipo_base.yaml"
-LOSS = PolicyLoss(clip_low=0.2, clip_high=0.2, normalization="token", kl_beta=0.0, kl_estimator="k3",
-                  importance_sampling=False, is_truncation=2.0, loss_weight=1.0)
 # pass thresholds: mean exp(|logprob difference|) over response tokens (NeMo-RL's token_mult_prob_error)
 MULT_ERROR_BF16 = 1.05  # bf16 kernels on both sides
 MULT_ERROR_FP32 = 1.001  # the CPU smoke run: fp32 everywhere
@@ -118,26 +118,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed train steps (best of)")
     parser.add_argument("--json", type=Path, default=REPO / "results" / "gpu_check.json")
     return parser.parse_args(argv)
-
-
-def variable_length_batch(*, vocab_size: int, lengths: list[int], seq: int, seed: int = 0) -> Batch:
-    """Right-padded samples of the given lengths: a quarter prompt, the rest response; random advantages."""
-    generator = torch.Generator().manual_seed(seed)
-    n = len(lengths)
-    input_ids = torch.full((n, seq), 3, dtype=torch.long)
-    prompt_mask = torch.zeros(n, seq, dtype=torch.bool)
-    response_mask = torch.zeros(n, seq, dtype=torch.bool)
-    for row, length in enumerate(lengths):
-        prompt = max(1, length // 4)
-        input_ids[row, :length] = torch.randint(4, vocab_size, (length,), generator=generator)
-        prompt_mask[row, :prompt] = True
-        response_mask[row, prompt:length] = True
-    return Batch({
-        "input_ids": input_ids, "prompt_mask": prompt_mask, "response_mask": response_mask,
-        "generation_logprobs": torch.zeros(n, seq), "old_logprobs": torch.zeros(n, seq),
-        "advantages": torch.randn(n, generator=generator), "group_id": torch.arange(n) // 2,
-        "sample_kind": ["base"] * n,
-    })
 
 
 def sample_lengths(batch: int, seq: int) -> list[int]:
@@ -293,7 +273,7 @@ def check_speed(worker, batch: Batch, hf_tokens_per_s: float, steps: int) -> Cal
 
 def check_local_attention(model_dir: Path, batch: Batch, args: argparse.Namespace) -> Callable:
     def check() -> tuple[bool, str, dict]:
-        from local_attention import measure_variants, ratio_line  # benchmarks/, next to this script
+        from benchmarks.speed.local_attention import measure_variants, ratio_line
 
         results = measure_variants(model_dir, batch["input_ids"], dtype=torch.bfloat16, steps=args.steps)
         values = {**{f"{name}_tokens_per_s": value for name, value in results.items()},
@@ -455,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     if on_gpu:
         checks.run("local_attention_tokens_per_s", check_local_attention(model_dir, main_batch, args))
     else:
-        checks.skip("local_attention_tokens_per_s", "no GPU: the CPU numbers come from benchmarks/local_attention.py")
+        checks.skip("local_attention_tokens_per_s",
+                    "no GPU: the CPU numbers come from benchmarks/speed/local_attention.py")
     from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
 
     # the unpacked worker first (one model on the device at a time), then the packed one that the checks keep

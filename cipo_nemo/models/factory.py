@@ -1,6 +1,6 @@
 """Build the tokenizer, the Ray cluster, the policy and the generation backend from the config.
 
-Placement (DESIGN.md "Architecture"): with `policy.backend: megatron` the policy is a worker group of
+Placement (docs/design.md "Architecture"): with `policy.backend: megatron` the policy is a worker group of
 `cluster.num_nodes x cluster.devices_per_node` ranks; a vLLM generation group sits on the same bundles when
 `generation.colocated` (each group takes half of every bundle, NeMo-RL's colocation by fractional resources).
 The HF backends run in the controller process: small models, tests, and the reference implementation.

@@ -37,6 +37,8 @@ from cipo_nemo.models.generation.vllm_generation import VllmGeneration
 from cipo_nemo.models.interfaces import GenerationBackend, SampledResponse, SamplingSettings
 from cipo_nemo.models.tiny import build_tiny_model_dir
 
+pytestmark = pytest.mark.slow  # vLLM engines
+
 MAX_MODEL_LEN = 256
 PROMPT_TEXTS = ("What is 12 + 7?", "def add(a, b):", "Let me think step by step.")
 WEIGHT_STD = 0.15

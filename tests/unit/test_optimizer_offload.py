@@ -119,25 +119,25 @@ class Recorder:
         self.calls = calls
 
     def __getattr__(self, method: str):
-        return lambda *args, **kwargs: self.calls.append(method) or {"loss": 0.0}
+        return lambda *args, **kwargs: self.calls.append(method)
 
 
 @pytest.mark.parametrize(("setting", "expected"), [(True, ["restore_optimizer", "train", "train",
                                                            "offload_optimizer"]), (False, ["train", "train"])])
 def test_the_optimizer_is_on_the_device_exactly_for_the_optimizer_steps(monkeypatch, setting, expected):
     calls: list = []
-    cfg = load_config(CONF / "cipo_base.yaml", [f"policy.offload_optimizer_for_generation={str(setting).lower()}",
-                                                "policy.train_global_batch_size=2"])
-    monkeypatch.setattr(trainer, "combine_optimizer_steps", lambda results: results)
+    cfg = load_config(CONF / "cipo_base.yaml", [f"policy.offload_optimizer_for_generation={str(setting).lower()}"])
+
+    def take_optimizer_steps(policy, batch, plan, loss_fn, *, after_each):
+        for planned in plan:
+            policy.train(planned)
+        return {}
+
+    monkeypatch.setattr(trainer, "take_optimizer_steps", take_optimizer_steps)
+    monkeypatch.setattr(trainer, "trained_per_stream", lambda batch, plan: {})
     c = SimpleNamespace(cfg=cfg, policy=Recorder(calls), loss_fn=None,
                         progress=SimpleNamespace(expect=lambda *a: None, advance=lambda: None))
-    class Batch(list):
-        def select(self, indices):
-            return indices
-
-    batch = Batch(range(4))
-    monkeypatch.setattr(trainer, "plan_mini_batches", lambda n, **kwargs: [[0, 1], [2, 3]])
-    trainer.train_policy(c, batch, step=0)
+    trainer.train_policy(c, batch=None, plan=[[0, 1], [2, 3]])
     assert calls == expected
 
 

@@ -153,8 +153,13 @@ class HFPolicy(OffloadsOptimizerState):
         self._lr_schedule.step()
         return {**aggregate_metrics(per_micro_batch), "grad_norm": float(grad_norm), "lr": lr}
 
-    # ----- weights ------------------------------------------------------------------------------
+    def skip_optimizer_step(self) -> float:
+        """The LR schedule's tick of a planned step that carries no gradient; no optimizer step (interfaces.py)."""
+        lr = self._lr_schedule.lr_at(self._lr_schedule.step_count)
+        self._lr_schedule.step()
+        return lr
 
+    # ----- weights ------------------------------------------------------------------------------
 
     def export_hf_weights(self) -> list[tuple[str, torch.Tensor]]:
         """HF-named weights, cloned to CPU; tied duplicates (e.g. a tied lm_head.weight) are left out, as
