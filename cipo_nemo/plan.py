@@ -25,7 +25,8 @@ on the GPU during generation, and its optimizer state unless `policy.offload_opt
 host memory from the end of train to the next optimizer step (auto: when the peak does not fit otherwise), and
 returns its freed activation blocks (`empty_cache` after logprobs, train and export); the refit exports while vLLM
 sleeps (one full gathered tensor at a time on every rank), then vLLM wakes its weights only, reloads, and wakes its
-KV cache last. Fixed overheads (CUDA contexts, NCCL, fragmentation) are rough. The refit's time uses assumed transfer rates (REFIT_*_GBPS), not measurements.
+KV cache last. Fixed overheads (CUDA contexts, NCCL, fragmentation) are rough. The refit's time uses assumed
+transfer rates (REFIT_*_GBPS), not measurements.
 """
 
 from __future__ import annotations

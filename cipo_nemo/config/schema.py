@@ -366,6 +366,7 @@ class PolicyConfig(StrictModel):
         "fit otherwise."
     )
     optimizer: OptimizerConfig
+    megatron: MegatronConfig
 
     @field_validator("offload_optimizer_for_generation", mode="plain")
     @classmethod
@@ -373,7 +374,6 @@ class PolicyConfig(StrictModel):
         if value == "auto" or isinstance(value, bool):
             return value
         raise ValueError("must be true, false or 'auto'")
-    megatron: MegatronConfig
 
 
 class VllmConfig(StrictModel):

@@ -230,7 +230,8 @@ def _offload_checks(worker: Any) -> dict[str, int]:
 
     owned = list(optimizer_owned_tensors(torch_optimizers(worker._optimizer),
                                          [parameter for _, parameter in worker._named_parameters()]))
-    return {"main_copies": sum(slot.key is None for slot in owned), "state": sum(slot.key is not None for slot in owned),
+    return {"main_copies": sum(slot.key is None for slot in owned),
+            "state": sum(slot.key is not None for slot in owned),
             "offloaded": worker.offload_optimizer(), "restored": worker.restore_optimizer()}
 
 

@@ -173,7 +173,8 @@ def test_dry_run_refuses_when_neither_fits_and_follows_an_explicit_setting():
 
 def test_the_run_gets_the_plans_choice_and_a_cpu_run_keeps_auto_off():
     cfg = load_config(CONF / "cipo_llama3_70b_math.yaml", ["generation.vllm.gpu_memory_utilization=0.6"])
-    resolved = with_planned_memory_order(cfg, SimpleNamespace(launch=plan("generation.vllm.gpu_memory_utilization=0.6")))
+    report = SimpleNamespace(launch=plan("generation.vllm.gpu_memory_utilization=0.6"))
+    resolved = with_planned_memory_order(cfg, report)
     assert resolved.policy.offload_optimizer_for_generation is True and trainer.offloads_optimizer(resolved)
     cpu = load_config(CONF / "cipo_smollm2_cpu.yaml")
     launch = plan_launch(cpu, base_samples=32, max_correction_samples=16)

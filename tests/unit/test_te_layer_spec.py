@@ -68,7 +68,8 @@ def test_te_layer_spec_builds_an_output_layer_megatron_core_accepts(provider_as_
 
 
 def test_te_layer_spec_keeps_the_fusion_where_apex_provides_it(provider_as_on_a_te_install, monkeypatch):
-    monkeypatch.setitem(sys.modules, "fused_weight_gradient_mlp_cuda", types.ModuleType("fused_weight_gradient_mlp_cuda"))
+    apex_extension = "fused_weight_gradient_mlp_cuda"
+    monkeypatch.setitem(sys.modules, apex_extension, types.ModuleType(apex_extension))
     provider_as_on_a_te_install.gradient_accumulation_fusion = False
     apply_layer_spec(provider_as_on_a_te_install, layer_spec="transformer_engine", local_core_attention="sdpa")
     assert provider_as_on_a_te_install.gradient_accumulation_fusion is True

@@ -7,11 +7,12 @@ megatron-bridge then maps the weights to HF names, and they are written as the p
 a whole 70B model does not fit one GPU (141 GB in bf16), and Transformer Engine may be absent where the export
 runs. The checkpoint's keys are the same for both specs: megatron-core's local spec saves its separate norms under
 the fused Transformer Engine names (`sharded_state_dict_keys_map`, models/gpt/gpt_layer_specs.py:459-462:
-`input_layernorm.` -> `self_attention.linear_qkv.layer_norm_`, `pre_mlp_layernorm.` -> `mlp.linear_fc1.layer_norm_`),
-and the Transformer Engine modules' `_extra_state` entries (FP8 scaling state) are not asked for, which
-dist_checkpointing.load allows (strict=ASSUME_OK_UNEXPECTED, dist_checkpointing/serialization.py:74). HF-backend checkpoints (policy/policy.pt) load into the HF policy and are written by its
-`save_hf`. Either way the run's base model (`policy.model_name` in the checkpoint's config.yaml) must still be
-readable: it gives the architecture, the HF config and the tokenizer files.
+`input_layernorm.` -> `self_attention.linear_qkv.layer_norm_`, `pre_mlp_layernorm.` ->
+`mlp.linear_fc1.layer_norm_`), and the Transformer Engine modules' `_extra_state` entries (FP8 scaling state) are
+not asked for, which dist_checkpointing.load allows (strict=ASSUME_OK_UNEXPECTED,
+dist_checkpointing/serialization.py:74). HF-backend checkpoints (policy/policy.pt) load into the HF policy and are
+written by its `save_hf`. Either way the run's base model (`policy.model_name` in the checkpoint's config.yaml) must
+still be readable: it gives the architecture, the HF config and the tokenizer files.
 
 The output directory is written under a temporary name beside it and renamed when complete, so a failed export
 leaves nothing that looks like a model. `export_checkpoint_isolated` runs the export in a fresh process: Megatron's

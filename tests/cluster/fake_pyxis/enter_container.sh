@@ -27,6 +27,7 @@ for i in "${!pairs[@]}"; do
 done
 rm -rf "$stage"
 # one line per step: the newlines of a `python -c` program become spaces
-echo "step $SLURM_STEP_ID on $(hostname): $kind, private /tmp, mounts $mounts: $(printf '%s ' "$@" | tr '\n' ' ')" >> "$FAKE_PYXIS_LOG"
+command=$(printf '%s ' "$@" | tr '\n' ' ')
+echo "step $SLURM_STEP_ID on $(hostname): $kind, private /tmp, mounts $mounts: $command" >> "$FAKE_PYXIS_LOG"
 cd "${workdir:-/}"
 exec "$@"
