@@ -68,7 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print("dry run: preflight passed, nothing trained")
         return 0
-    return run_training(cfg, report.items)
+    return run_training(with_planned_memory_order(cfg, report), report.items)
+
+
+def with_planned_memory_order(cfg, report):
+    """The config with `policy.offload_optimizer_for_generation` as the launch plan resolved it (auto: true where the
+    peak per GPU does not fit otherwise); the run's config.yaml then says what the run does."""
+    offload = report.launch.memory.optimizer_offloaded if report.launch is not None else False
+    policy = cfg.policy.model_copy(update={"offload_optimizer_for_generation": offload})
+    return cfg.model_copy(update={"policy": policy})
 
 
 def run_training(cfg, loaded_items) -> int:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,7 +116,9 @@ SEED_BASE_ROUND = 100  # + r: round r >= 1 of dynamic sampling (round 0 is SEED_
 def setup(cfg: MasterConfig, loaded_items: dict[str, list[TaskItem]] | None = None) -> Components:
     """Build every component (data, scorer, workers, loss, logger) and resume from a checkpoint if asked.
 
-    `loaded_items` (split -> items) are the preflight's: the data sources are then not read a second time."""
+    `loaded_items` (split -> items) are the preflight's: the data sources are then not read a second time.
+    `policy.offload_optimizer_for_generation` comes resolved by the launch plan (`python -m cipo_nemo`); an `auto`
+    left unresolved means no (the plan says yes only where a GPU budget does not fit otherwise)."""
     run_dir = Path(cfg.run.output_dir)
     resume_checkpoint(cfg)  # a checkpoint of another setup stops the run here, before any worker starts
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +129,9 @@ def setup(cfg: MasterConfig, loaded_items: dict[str, list[TaskItem]] | None = No
     train_items = load_prompts(cfg, tokenizer, split="train", items=loaded_items.get("train"))
     validation_sets = load_validation_sets(cfg, tokenizer, loaded_items)
     cluster = build_cluster(cfg) if needs_ray(cfg) else None
+    policy = build_policy(cfg, cluster)
+    if offloads_optimizer(cfg):
+        policy.offload_optimizer()  # before the engine starts and takes its share of the GPU
     components = Components(
         cfg=cfg,
         run_dir=run_dir,
@@ -134,7 +141,7 @@ def setup(cfg: MasterConfig, loaded_items: dict[str, list[TaskItem]] | None = No
         sampler=PromptSampler(train_items, batch_size=cfg.grpo.prompts_per_step, seed=cfg.run.seed,
                               shuffle=cfg.data.shuffle),
         scorer=TaskScorer(verifier=cfg.verifier),
-        policy=build_policy(cfg, cluster),
+        policy=policy,
         generation=build_generation(cfg, cluster),
         loss_fn=build_loss(cfg),
         rho=RhoController(cfg.cipo.rho),
@@ -380,7 +387,8 @@ def train_policy(c: Components, batch: Batch, plan: list[OptimizerStep]) -> dict
     ratio pi / pi_old moves away from 1 and the clip ranges bind. A mini-batch none of whose samples carries
     gradient takes no optimizer step (its learning-rate tick still passes), and the step line says so."""
     c.progress.expect(len(plan), "optimizer steps")
-    metrics = take_optimizer_steps(c.policy, batch, plan, c.loss_fn, after_each=c.progress.advance)
+    with optimizer_state_for_training(c):
+        metrics = take_optimizer_steps(c.policy, batch, plan, c.loss_fn, after_each=c.progress.advance)
     return metrics | trained_per_stream(batch, plan)
 
 
@@ -399,6 +407,24 @@ def trained_per_stream(batch: Batch, plan: list[OptimizerStep]) -> dict[str, flo
         metrics[f"samples_skipped/{stream}"] = float((in_stream & ~trained_any).sum())
         metrics[f"tokens_trained/{stream}"] = float((tokens * passes)[in_stream].sum())
     return metrics
+
+
+def offloads_optimizer(cfg: MasterConfig) -> bool:
+    return cfg.policy.offload_optimizer_for_generation is True  # `auto` as the launch plan resolved it, or no
+
+
+@contextmanager
+def optimizer_state_for_training(c: Components) -> Iterator[None]:
+    """With `policy.offload_optimizer_for_generation` the optimizer's state lives in host memory except in here:
+    back on the device for the optimizer steps (vLLM sleeps), out again before the refit wakes the engine (NeMo-RL's
+    colocated order)."""
+    if offloads_optimizer(c.cfg):
+        c.policy.restore_optimizer()
+    try:
+        yield
+    finally:
+        if offloads_optimizer(c.cfg):
+            c.policy.offload_optimizer()
 
 
 def refit(c: Components) -> None:
@@ -556,7 +582,8 @@ def maybe_resume(c: Components) -> None:
         return
     state = torch.load(latest / TRAINER_STATE, weights_only=False)
     c.generation.sleep(level=2)  # a colocated engine frees the GPU for the load; the refit below refills it
-    c.policy.load_checkpoint(latest / POLICY_DIR)
+    with optimizer_state_for_training(c):  # the state loads into the tensors the next optimizer step uses
+        c.policy.load_checkpoint(latest / POLICY_DIR)
     c.sampler.load_state_dict(state["sampler"])
     c.rho.load_state_dict(state["rho"])
     torch.set_rng_state(state["rng"]["torch"])

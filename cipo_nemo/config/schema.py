@@ -373,8 +373,20 @@ class PolicyConfig(StrictModel):
     reference_policy: Literal["cpu_copy", "none"] = Field(
         description="cpu_copy: the initial weights kept on CPU and swapped in for reference logprobs (needed by kl_beta)."
     )
+    offload_optimizer_for_generation: bool | Literal["auto"] = Field(
+        description="Keep the optimizer's state (moments, fp32 main weights) in host memory except while the policy "
+        "trains, so a colocated vLLM engine has that memory; auto: only when the dry run's peak per GPU does not "
+        "fit otherwise."
+    )
     optimizer: OptimizerConfig
     megatron: MegatronConfig
+
+    @field_validator("offload_optimizer_for_generation", mode="plain")
+    @classmethod
+    def _true_false_or_auto(cls, value: object) -> bool | str:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError("must be true, false or 'auto'")
 
 
 class VllmConfig(StrictModel):
@@ -382,12 +394,22 @@ class VllmConfig(StrictModel):
     gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = Field(description="Share of GPU memory vLLM may use.")
     cpu_kv_cache_gib: PositiveInt = Field(description="KV cache size on CPU in whole GiB (VLLM_CPU_KVCACHE_SPACE).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(description="Engine dtype.")
-    quantization: Literal["fp8"] | None = Field(description="fp8 = FP8 weights/activations in vLLM (GPU).")
+    quantization: Literal["fp8_per_block", "fp8_per_tensor"] | None = Field(
+        description="Online FP8 in vLLM (GPU), by vLLM's own names: fp8_per_block = 128x128 weight blocks and 1x128 "
+        "activation groups, the scaling of the blockwise FP8 trainer; fp8_per_tensor = one scale per tensor. `fp8` "
+        "is read as fp8_per_block (vLLM itself reads it as per-tensor).")
     enforce_eager: bool = Field(description="No CUDA graphs (always on CPU).")
     max_num_batched_tokens: PositiveInt | None = Field(
         description="Tokens one engine step may process (prefill + decode); null: vLLM's default (CPU: 4096 x TP, "
         "at least max_model_len). On CPU a prompt's prefill is never split, so it must be >= max_model_len."
     )
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _fp8_means_the_trainers_blocks(cls, value: Any) -> Any:
+        # vLLM 0.32 maps a bare "fp8" to per-tensor online FP8 (model_loader/weight_utils.py:351-357), which would
+        # sample with other scales than the blockwise FP8 policy trains with
+        return "fp8_per_block" if value == "fp8" else value
 
 
 class GenerationConfig(StrictModel):
