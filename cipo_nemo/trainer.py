@@ -35,7 +35,7 @@ from cipo_nemo.algorithms.dynamic_sampling import SampledRound, assemble_rounds,
 from cipo_nemo.algorithms.loss import PolicyLoss
 from cipo_nemo.algorithms.rewards import is_success
 from cipo_nemo.algorithms.rho import RhoController
-from cipo_nemo.algorithms.training_signal import carries_gradient, training_signal
+from cipo_nemo.algorithms.training_signal import carries_gradient, correction_groups_live, training_signal
 from cipo_nemo.config import MasterConfig, to_yaml
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.correction_prompts import render_correction_prompt
@@ -55,7 +55,12 @@ from cipo_nemo.eval.registry import load_registered_benchmark
 from cipo_nemo.eval.report import average_summary
 from cipo_nemo.models.factory import build_cluster, build_generation, build_policy, build_tokenizer, needs_ray, refit_weights
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, SamplingSettings
-from cipo_nemo.models.policy.microbatches import OptimizerStep, plan_optimizer_steps, take_optimizer_steps
+from cipo_nemo.models.policy.microbatches import (
+    OptimizerStep,
+    plan_optimizer_steps,
+    take_optimizer_steps,
+    trained_per_stream,
+)
 from cipo_nemo.models.rollout import responses_to_batch
 from cipo_nemo.samples import sample_records, write_samples
 from cipo_nemo.utils.checkpoint import POLICY_DIR, TRAINER_STATE, CheckpointManager, resume_checkpoint
@@ -392,23 +397,6 @@ def train_policy(c: Components, batch: Batch, plan: list[OptimizerStep]) -> dict
     return metrics | trained_per_stream(batch, plan)
 
 
-def trained_per_stream(batch: Batch, plan: list[OptimizerStep]) -> dict[str, float]:
-    """train/samples_skipped/<stream>: samples no train pass saw; train/tokens_trained/<stream>: response tokens
-    the train passes computed (over every optimizer step)."""
-    trained_any = torch.zeros(len(batch), dtype=torch.bool)
-    passes = torch.zeros(len(batch))
-    for planned in plan:
-        trained_any[planned.indices] = True
-        passes[planned.indices] += 1
-    tokens = batch["response_mask"].sum(dim=1).float().cpu()
-    metrics = {}
-    for stream in ("base", "correction"):
-        in_stream = torch.tensor([kind == stream for kind in batch["sample_kind"]], dtype=torch.bool)
-        metrics[f"samples_skipped/{stream}"] = float((in_stream & ~trained_any).sum())
-        metrics[f"tokens_trained/{stream}"] = float((tokens * passes)[in_stream].sum())
-    return metrics
-
-
 def offloads_optimizer(cfg: MasterConfig) -> bool:
     return cfg.policy.offload_optimizer_for_generation is True  # `auto` as the launch plan resolved it, or no
 
@@ -486,15 +474,6 @@ def step_metrics(
     computed = sum(metrics[f"train/tokens_trained/{stream}"] for stream in ("base", "correction"))
     metrics["throughput/trained_tokens_per_s"] = computed / max(timings.get("timing/train", 0.0), 1e-9)
     return metrics
-
-
-def correction_groups_live(batch: Batch) -> float | None:
-    """Share of this step's correction groups with a non-zero advantage somewhere, i.e. that send a gradient
-    (a group whose shaped rewards are all equal trains nothing); None without a correction stream."""
-    groups = [indices for indices in batch.group_indices().values() if batch["sample_kind"][indices[0]] == "correction"]
-    if not groups:
-        return None
-    return sum(bool(batch["advantages"][indices].abs().gt(0).any()) for indices in groups) / len(groups)
 
 
 def rho_metrics(c: Components) -> dict[str, float | None]:
