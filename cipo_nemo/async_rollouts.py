@@ -38,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cipo_nemo.config import MasterConfig
+
 logger = logging.getLogger(__name__)
 
 # What the sampling thread runs for one batch: told each stage as it starts, returns (rollouts, stage timings).
@@ -74,6 +76,22 @@ class _InFlight:
 def sampling_version(step: int, *, max_trajectory_age: int) -> int:
     """v(s) = max(0, s - 1 - age): the weight version that samples batch `step`."""
     return max(0, step - 1 - max_trajectory_age)
+
+
+def describe_schedule(cfg: MasterConfig) -> list[str]:
+    """The dry run's lines for async.enabled: the schedule, and a note when one-step-old batches train without an
+    off-policy correction."""
+    overlap = cfg.async_
+    if not overlap.enabled:
+        return []
+    behind = "s-2 while the policy trains on batch s-1" if overlap.max_trajectory_age else "s-1, without overlap"
+    lines = [f"async: batch s is sampled by the weights after step {behind} (both streams from one version); the "
+             f"trainer waits at most {overlap.max_wait_s:g} s (then exit 75); a dead engine is replaced in place up "
+             f"to {cfg.cluster.max_engine_restarts} time(s)"]
+    if overlap.max_trajectory_age and not cfg.loss.importance_sampling:
+        lines.append("note: async.max_trajectory_age 1 trains on batches one weight version old without an "
+                     "off-policy correction: consider loss.importance_sampling=true (tis, or is_type seq-mask-tis)")
+    return lines
 
 
 class RolloutPipeline:

@@ -6,8 +6,7 @@ The preflight builds it for every run and `python -m cipo_nemo --dry-run` prints
    and the model must split the way megatron-core and vLLM split it (heads and KV heads by TP, layers by PP,
    vocab by TP). Each rule is checked here with the error megatron / vLLM / this loop would raise minutes into the
    job, naming the config keys to change.
-2. Where does everything sit? Policy ranks, vLLM engines, colocated or on devices of their own (then each side's
-   devices and memory), and, with `async.enabled`, the schedule of the overlap.
+2. Where does everything sit? Policy ranks, vLLM engines, colocated or apart (each side's devices and memory).
 3. How much work is one step? Rollouts (base + the most corrections) and token upper bounds.
 4. Does one GPU hold it? A per-GPU memory estimate against `cluster.gpu_memory_gib`.
 5. What does the refit cost? The HF-weight file each node writes per step, its host-memory transient, a time
@@ -21,19 +20,23 @@ moments in the optimizer, sharded over DP by the distributed optimizer; activati
 (no s^2 term) for the Transformer Engine spec and an unfused s^2 term for the local spec; every sample as long
 as `policy.max_total_sequence_length`; 1F1B keeps min(PP, micro-batches) micro-batches in flight on the first
 stage; colocated vLLM takes `gpu_memory_utilization x gpu_memory_gib` while awake and sleeps at level 2 (weights
-discarded, KV cache freed) while the policy computes logprobs and trains; the policy keeps its weights, gradients
-and optimizer state on the GPU during generation but returns its freed activation blocks (`empty_cache` after
-logprobs, train and export); the refit exports while vLLM sleeps (one full gathered tensor at a time on every
-rank), then vLLM wakes its weights only, reloads, and wakes its KV cache last. Fixed overheads (CUDA contexts,
-NCCL, fragmentation) are rough. The refit's time uses assumed transfer rates (REFIT_*_GBPS), not measurements.
+discarded, KV cache freed) while the policy computes logprobs and trains; the policy keeps its weights and gradients
+on the GPU during generation, and its optimizer state unless `policy.offload_optimizer_for_generation` moves that to
+host memory from the end of train to the next optimizer step (auto: when the peak does not fit otherwise), and
+returns its freed activation blocks (`empty_cache` after logprobs, train and export); the refit exports while vLLM
+sleeps (one full gathered tensor at a time on every rank), then vLLM wakes its weights only, reloads, and wakes its
+KV cache last. Fixed overheads (CUDA contexts, NCCL, fragmentation) are rough. The refit's time uses assumed
+transfer rates (REFIT_*_GBPS), not measurements.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from cipo_nemo.config import ConfigError, MasterConfig
+from cipo_nemo.models.fp8_settings import check_precision, engine_fp8_scaling
 from cipo_nemo.models.refit_cost import (
     REFIT_DEVICE_TO_HOST_GBPS,
     REFIT_LOAD_GBPS,
@@ -146,29 +149,13 @@ def check_generation(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> li
     if cfg.generation.backend != "vllm":
         return []
     vtp, problems = layout.vllm_tensor_parallel, []
-    devices_key = "cluster.generation_devices_per_node" if layout.generation_devices_per_node else \
-        "cluster.devices_per_node"
+    devices_key = f"cluster.{'generation_' if layout.generation_devices_per_node else ''}devices_per_node"
     if layout.engine_devices_per_node % vtp:
         problems.append(f"generation.vllm.tensor_parallel ({vtp}) does not divide {devices_key} "
                         f"({layout.engine_devices_per_node}): each vLLM engine must fit inside one node")
     problems += [p.format(key="generation.vllm.tensor_parallel") for p in
                  _fits_heads(shape.num_attention_heads, shape.num_kv_heads, vtp)]
     return problems
-
-
-def check_precision(cfg: MasterConfig) -> list[str]:
-    """FP8 against the GPU generation: FP8 GEMMs need Hopper or newer, MXFP8 (32-element block scales in hardware)
-    needs Blackwell; Transformer Engine would refuse the recipe only when the first FP8 layer runs."""
-    arch, megatron = cfg.cluster.gpu_arch, cfg.policy.megatron
-    if arch is None or cfg.policy.backend != "megatron" or megatron.fp8 is None:
-        return []
-    if arch == "ampere":
-        return [f"policy.megatron.fp8 is {megatron.fp8!r} but cluster.gpu_arch is 'ampere': FP8 needs Hopper or "
-                "Blackwell GPUs; set policy.megatron.fp8=null"]
-    if megatron.fp8_recipe == "mxfp8" and arch != "blackwell":
-        return [f"policy.megatron.fp8_recipe is 'mxfp8' but cluster.gpu_arch is {arch!r}: MXFP8 needs Blackwell GPUs; "
-                "use fp8_recipe blockwise (or tensorwise / delayed) on Hopper"]
-    return []
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -193,10 +180,16 @@ class MemoryEstimate:
     kv_bytes_per_token: int
     largest_tensor: float  # the largest full (gathered) HF tensor: the export's transient on every rank
     budget: float | None  # cluster.gpu_memory_gib; None on CPU
+    optimizer_offloaded: bool = False  # the optimizer's state in host memory outside the training stage
 
     @property
     def policy_state(self) -> float:
         return self.weights + self.gradients + self.optimizer + self.fp8_weights
+
+    @property
+    def resident_state(self) -> float:
+        """The policy's state on the GPU while vLLM holds it (generation, refit)."""
+        return self.policy_state - (self.optimizer if self.optimizer_offloaded else 0.0)
 
     @property
     def training(self) -> float:
@@ -204,18 +197,18 @@ class MemoryEstimate:
 
     @property
     def generation(self) -> float:
-        # the policy's state stays (its activation blocks were released after train), and vLLM takes its share
-        return self.policy_state + self.overhead + self.vllm_share
+        # the policy's resident state stays (its activation blocks were released after train), vLLM takes its share
+        return self.resident_state + self.overhead + self.vllm_share
 
     @property
     def refit(self) -> float:
         """The refit's device peak: the export (vLLM asleep, one gathered tensor) or the reload (vLLM's weights
         awake, its KV cache not yet)."""
         if not self.vllm_share:
-            return self.policy_state + self.overhead + self.largest_tensor
+            return self.resident_state + self.overhead + self.largest_tensor
         export = self.vllm_asleep + self.largest_tensor
         reload = self.vllm_asleep + self.vllm_weights
-        return self.policy_state + self.overhead + max(export, reload)
+        return self.resident_state + self.overhead + max(export, reload)
 
     def _phases(self) -> dict[str, float]:
         return {"training": self.training, "generation": self.generation, "refit": self.refit}
@@ -291,6 +284,16 @@ def estimate_memory(cfg: MasterConfig, shape: ModelShape, layout: Layout, *, sam
     )
 
 
+def choose_optimizer_offload(cfg: MasterConfig, memory: MemoryEstimate) -> tuple[MemoryEstimate, MemoryEstimate]:
+    """(the memory order the run uses, the other one): the optimizer's state on the GPU throughout, or in host memory
+    while vLLM holds the GPU (`policy.offload_optimizer_for_generation`; auto: when keeping it does not fit)."""
+    kept, offloaded = memory, dataclasses.replace(memory, optimizer_offloaded=True)
+    setting = cfg.policy.offload_optimizer_for_generation
+    if setting == "auto":
+        setting = memory.budget is not None and memory.vllm_share > 0 and kept.peak > memory.budget
+    return (offloaded, kept) if setting else (kept, offloaded)
+
+
 def largest_hf_tensor_elements(shape: ModelShape) -> int:
     """The largest single HF tensor (embedding / output layer, or one MLP projection)."""
     return max(shape.embedding_params(), shape.hidden_size * shape.ffn_hidden_size)
@@ -342,7 +345,7 @@ def _vllm_gib(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> dict[str,
     """vLLM's share, its weights per GPU and the KV cache left for sequences (CPU: the configured KV space)."""
     vllm, vtp = cfg.generation.vllm, layout.vllm_tensor_parallel
     dtype_bytes = {"auto": shape.dtype_bytes, "float32": 4, "bfloat16": 2, "float16": 2}[vllm.dtype]
-    linear_bytes = 1 if vllm.quantization == "fp8" else dtype_bytes  # fp8 quantizes the linear layers only
+    linear_bytes = 1 if vllm.quantization else dtype_bytes  # FP8 quantizes the linear layers only
     embeddings = shape.embedding_params() * (1 if shape.tied_embeddings else 2)
     weights = (shape.num_layers * shape.layer_params() * linear_bytes + embeddings * dtype_bytes) / vtp / GIB
     kv_heads_per_gpu = math.ceil(shape.num_kv_heads / vtp)  # KV heads are replicated when vLLM's TP exceeds them
@@ -355,27 +358,37 @@ def _vllm_gib(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> dict[str,
             "kv_bytes_per_token": kv_bytes_per_token}
 
 
-def check_memory(cfg: MasterConfig, memory: MemoryEstimate) -> list[str]:
-    """The estimate must fit the GPU; vLLM's share must hold its weights with room for a KV cache."""
+def check_memory(cfg: MasterConfig, memory: MemoryEstimate, other: MemoryEstimate) -> list[str]:
+    """The estimate must fit the GPU (`other`: the other optimizer placement); vLLM's share must hold its weights
+    with room for a KV cache."""
     everything_in_the_driver = cfg.generation.backend != "vllm" and cfg.policy.backend != "megatron"
     if memory.budget is None or everything_in_the_driver:
         return []
     problems = []
     if cfg.generation.backend == "vllm" and memory.vllm_kv_cache <= 0:
+        utilization = cfg.generation.vllm.gpu_memory_utilization  # apart, vLLM's GPUs are its own: no colocated share
         problems.append(
-            f"generation.vllm.gpu_memory_utilization ({cfg.generation.vllm.gpu_memory_utilization}) x "
-            f"cluster.gpu_memory_gib ({memory.budget:g}) = {cfg.generation.vllm.gpu_memory_utilization * memory.budget:.1f} GiB does not hold vLLM's weights "
-            f"({memory.vllm_weights:.1f} GiB per GPU) plus its {VLLM_RESERVE_GIB:g} GiB working reserve: no room for a "
-            "KV cache; raise gpu_memory_utilization or generation.vllm.tensor_parallel")
+            f"generation.vllm.gpu_memory_utilization ({utilization}) x cluster.gpu_memory_gib ({memory.budget:g}) = "
+            f"{utilization * memory.budget:.1f} GiB does not hold vLLM's weights ({memory.vllm_weights:.1f} GiB per "
+            f"GPU) plus its {VLLM_RESERVE_GIB:g} GiB working reserve: no room for a KV cache; raise "
+            "gpu_memory_utilization or generation.vllm.tensor_parallel")
     if memory.peak > memory.budget:
         problems.append(
             f"estimated peak memory per GPU ({memory.peak_phase}) {memory.peak:.1f} GiB exceeds cluster.gpu_memory_gib "
             f"({memory.budget:g} GiB): training {memory.training:.1f}, generation {memory.generation:.1f}, refit "
             f"{memory.refit:.1f}; policy state {memory.policy_state:.1f} + activations "
             f"{memory.activations + memory.logits:.1f} + vLLM {max(memory.vllm_share, memory.vllm_asleep):.1f} + "
-            f"overhead {memory.overhead:.1f}; lower generation.vllm.gpu_memory_utilization, raise TP/PP, or turn on "
-            "policy.megatron.activation_recompute / distributed_optimizer (--ignore-memory-estimate launches anyway)")
+            f"overhead {memory.overhead:.1f}; {_offload_clause(memory, other)}; lower "
+            "generation.vllm.gpu_memory_utilization, raise TP/PP, or turn on policy.megatron.activation_recompute / "
+            "distributed_optimizer (--ignore-memory-estimate launches anyway)")
     return problems
+
+
+def _offload_clause(memory: MemoryEstimate, other: MemoryEstimate) -> str:
+    if memory.optimizer_offloaded:
+        return f"the optimizer's state is in host memory while vLLM holds the GPU ({other.peak:.1f} GiB if kept)"
+    return (f"with the optimizer's state in host memory while vLLM holds the GPU the peak would be {other.peak:.1f} "
+            "GiB (policy.offload_optimizer_for_generation)")
 
 
 # ----------------------------------------------------------------------------------------------- refit
@@ -399,7 +412,8 @@ class LaunchPlan:
     layout: Layout
     base_samples: int
     max_correction_samples: int
-    memory: MemoryEstimate
+    memory: MemoryEstimate  # the optimizer placement the run uses
+    memory_other: MemoryEstimate  # the other one
     refit: RefitEstimate
     notes: list[str] = field(default_factory=list)
     memory_problems: list[str] = field(default_factory=list)
@@ -409,8 +423,8 @@ class LaunchPlan:
         return self.base_samples + self.max_correction_samples
 
     def lines(self) -> list[str]:
-        return [self._devices_line(), self._model_line(), *self._placement_lines(), *self._async_lines(),
-                self._rollouts_line(), self._tokens_line(), *self._memory_lines(), *self._refit_lines(),
+        return [self._devices_line(), self._model_line(), *self._placement_lines(), self._rollouts_line(),
+                self._tokens_line(), *self._memory_lines(), *self._refit_lines(),
                 *(f"note: {note}" for note in self.notes)]
 
     def _refit_lines(self) -> list[str]:
@@ -438,7 +452,7 @@ class LaunchPlan:
         if layout.generation_devices_per_node:  # two sides, each with its own devices
             per_node = f"({layout.devices_per_node} policy + {layout.generation_devices_per_node} generation)"
             world += layout.num_nodes * layout.generation_devices_per_node
-        if budget is None:
+        if budget is None:  # sides apart on a CPU: each bound to its own cores (distributed/cpu_binding.py)
             bound = ", each side bound to its own cores" if layout.generation_devices_per_node else ""
             return (f"cluster: {layout.num_nodes} node(s) x {per_node} CPU worker process(es) = {world} (no GPU: the "
                     f"workers share the host's memory{bound}; figures below are per process)")
@@ -468,26 +482,13 @@ class LaunchPlan:
         if cfg.generation.backend != "vllm":
             return [policy, "generation: HF transformers generate in the driver process"]
         vllm = cfg.generation.vllm
-        weights = f"{vllm.dtype} weights" + (", fp8 quantized" if vllm.quantization == "fp8" else "")
+        weights = f"{vllm.dtype} weights" + (f", {engine_fp8_scaling(cfg)}" if vllm.quantization else "")
         sleeps = " (vLLM sleeps while the policy trains)" if cfg.cluster.gpu_memory_gib is not None else ""
         where = f"colocated on the policy's devices{sleeps}" if cfg.generation.colocated else \
-            (f"on {layout.engine_devices_per_node} device(s) per node of their own, beside the policy's on every "
-             "node, so each node's refit file reaches its engines")
-        engines = layout.vllm_engines
-        return [policy, f"generation: {engines} vLLM engine(s) x TP {layout.vllm_tensor_parallel} "
+            "on devices of their own, beside the policy's on every node (each node's refit file reaches its engines)"
+        return [policy, f"generation: {layout.vllm_engines} vLLM engine(s) x TP {layout.vllm_tensor_parallel} "
                         f"({layout.engine_devices_per_node // layout.vllm_tensor_parallel} per node), {weights}, "
                         f"{where}"]
-
-    def _async_lines(self) -> list[str]:
-        overlap = self.cfg.async_
-        if not overlap.enabled:
-            return []
-        schedule = ("batch s is sampled by the weights after step s-2 while the policy trains on batch s-1 "
-                    "(both streams of a batch from one weight version)" if overlap.max_trajectory_age else
-                    "batch s is sampled by the weights after step s-1, without overlap (as the synchronous loop)")
-        return [f"async: max_trajectory_age {overlap.max_trajectory_age}: {schedule}; the trainer waits at most "
-                f"{overlap.max_wait_s:g} s for a batch (then exit 75); a dead engine is replaced in place up to "
-                f"{self.cfg.cluster.max_engine_restarts} time(s)"]
 
     def _rollouts_line(self) -> str:
         cfg = self.cfg
@@ -529,11 +530,10 @@ class LaunchPlan:
             sequences = tokens / cfg.policy.max_total_sequence_length
             share = (f"vLLM share {m.vllm_share:.1f} GiB (gpu_memory_utilization "
                      f"{cfg.generation.vllm.gpu_memory_utilization} x {m.budget:g}): " if m.vllm_share else "vLLM: ")
-            apart = "" if cfg.generation.colocated or m.budget is None else \
-                f"vLLM on its own GPUs: {cfg.generation.vllm.gpu_memory_utilization} x {m.budget:g} GiB: "
-            lines.append(f"  {share if not apart else apart}weights {m.vllm_weights:.1f} GiB + KV cache "
-                         f"{m.vllm_kv_cache:.1f} GiB (~{_count(tokens)} tokens = {sequences:.0f} full-length sequences "
-                         "per engine)")
+            if not cfg.generation.colocated and m.budget is not None:
+                share = f"vLLM on its own GPUs: {cfg.generation.vllm.gpu_memory_utilization} x {m.budget:g} GiB: "
+            lines.append(f"  {share}weights {m.vllm_weights:.1f} GiB + KV cache {m.vllm_kv_cache:.1f} GiB "
+                         f"(~{_count(tokens)} tokens = {sequences:.0f} full-length sequences per engine)")
         if m.budget is None:
             engine = m.vllm_weights + m.vllm_kv_cache if cfg.generation.backend == "vllm" else 0.0
             lines.append(f"  host memory: policy worker {m.training:.1f} GiB + vLLM engine {engine:.1f} GiB per device "
@@ -542,6 +542,11 @@ class LaunchPlan:
         verdict = "fits" if not self.memory_problems else "DOES NOT FIT"
         lines.append(f"  peak {m.peak:.1f} GiB of {m.budget:g} GiB ({m.peak_phase}; training {m.training:.1f}, "
                      f"generation {m.generation:.1f}, refit {m.refit:.1f}, overhead {m.overhead:.1f}): {verdict}")
+        kept, offloaded = (self.memory_other, m) if m.optimizer_offloaded else (m, self.memory_other)
+        lines.append(f"  optimizer state ({m.optimizer:.1f} GiB) in host memory while vLLM holds the GPU "
+                     f"(policy.offload_optimizer_for_generation: {cfg.policy.offload_optimizer_for_generation}): "
+                     f"{'yes' if m.optimizer_offloaded else 'no'}; peak {kept.peak:.1f} GiB keeping it on the GPU, "
+                     f"{offloaded.peak:.1f} GiB moving it")
         return lines
 
 
@@ -568,9 +573,6 @@ def plan_notes(cfg: MasterConfig, layout: Layout, *, max_samples: int) -> list[s
                      f"cipo.attempt_max_tokens + template); with max_new_tokens {cfg.generation.max_new_tokens} that "
                      f"exceeds policy.max_total_sequence_length ({cfg.policy.max_total_sequence_length}), so the "
                      "longest corrections are cut short or their anchors dropped")
-    if cfg.async_.enabled and cfg.async_.max_trajectory_age and not cfg.loss.importance_sampling:
-        notes.append("async.max_trajectory_age 1 trains on batches one weight version old without an off-policy "
-                     "correction: consider loss.importance_sampling=true (tis, or is_type seq-mask-tis)")
     if cfg.cipo.enabled and cfg.cipo.risk_penalty > 0 and cfg.cipo.advantage_mode == "group":
         # a correct anchor's group: r~ = r (1 + lambda_risk) - lambda_risk, affine, and (r~ - mean) / std undoes it
         notes.append("cipo.risk_penalty does not change the advantages while cipo.advantage_mode is group: every "
@@ -590,9 +592,9 @@ def plan_launch(cfg: MasterConfig, *, base_samples: int, max_correction_samples:
     if problems:
         raise LayoutError("\n".join(problems))
     max_samples = base_samples + max_correction_samples
-    memory = estimate_memory(cfg, shape, layout, samples_per_step=max_samples)
+    memory, other = choose_optimizer_offload(cfg, estimate_memory(cfg, shape, layout, samples_per_step=max_samples))
     refit = estimate_refit(cfg, shape, layout)
     return LaunchPlan(cfg=cfg, shape=shape, shape_source=source, layout=layout, base_samples=base_samples,
-                      max_correction_samples=max_correction_samples, memory=memory, refit=refit,
+                      max_correction_samples=max_correction_samples, memory=memory, memory_other=other, refit=refit,
                       notes=plan_notes(cfg, layout, max_samples=max_samples),
-                      memory_problems=check_memory(cfg, memory) + check_refit_host(refit))
+                      memory_problems=check_memory(cfg, memory, other) + check_refit_host(refit))

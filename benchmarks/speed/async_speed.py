@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from benchmarks.speed.step_speed import CONTAMINATED_SHARE, heavy_lock, run_watched  # noqa: E402
+from benchmarks.speed.step_speed import CONTAMINATED_SHARE, heavy_lock, run_ours  # noqa: E402
 
 CONFIG = REPO / "conf" / "cipo_smollm2_cpu.yaml"
 APART = ["generation.colocated=false", "cluster.generation_devices_per_node=1", "async.enabled=true",
@@ -65,22 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(name: str, overrides: list[str], *, steps: int, args: argparse.Namespace) -> dict:
-    """One run of ours_run.py; its summary with the CPU report of the whole run."""
+    """One run of ours_run.py (step_speed.run_ours: its own process, other processes' CPU recorded)."""
     out_dir = args.output_dir.resolve()
-    summary_path, run_dir = out_dir / f"{name}.json", out_dir / name
-    summary_path.unlink(missing_ok=True)
-    command = [sys.executable, str(REPO / "benchmarks" / "speed" / "ours_run.py"), "--config", str(CONFIG),
-               "--threads", "2", "--out", str(summary_path), f"run.output_dir={run_dir}", f"run.seed={args.seed}",
-               f"grpo.num_steps={steps}", "logger.samples_every=0", "logger.plot=false", "logger.tensorboard=false",
-               "checkpointing.resume=never", "checkpointing.save_hf_at_end=false", *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="2", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO),
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # each layout binds the engine itself
-    log = out_dir / f"{name}.log"
-    print(f"--- {name} ({steps} steps): {log}", flush=True)
-    summary, _ = run_watched(name, command, env=env, log=log, summary_path=summary_path)
-    summary_path.write_text(json.dumps(summary | {"name": name}, indent=1))
-    return summary
+    common = [f"run.output_dir={out_dir / name}", f"run.seed={args.seed}", f"grpo.num_steps={steps}",
+              "logger.samples_every=0", "logger.plot=false", "logger.tensorboard=false", "checkpointing.resume=never",
+              "checkpointing.save_hf_at_end=false"]
+    # 2 threads per side; apart, each engine and policy worker binds itself to its own core (distributed/cpu_binding.py)
+    return run_ours(name, CONFIG, [*common, *overrides], out_dir=out_dir, threads=2) | {"name": name}
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -68,6 +68,12 @@ class MegatronPolicy:
     def remove_exported_weights(self, path: Path) -> None:
         self._group.run_all("remove_exported_weights", str(path))
 
+    def offload_optimizer(self) -> int:
+        return sum(self._group.run_all("offload_optimizer"))  # every rank moves its own shard
+
+    def restore_optimizer(self) -> int:
+        return sum(self._group.run_all("restore_optimizer"))
+
     def save_checkpoint(self, path: Path) -> None:
         self._group.run_all("save_checkpoint", str(path))
 
