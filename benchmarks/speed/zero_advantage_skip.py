@@ -10,6 +10,7 @@ how far training moved the weights at all.
 
     python benchmarks/speed/zero_advantage_skip.py --steps 20           # ~45 min on 2 cores
     python benchmarks/speed/zero_advantage_skip.py --steps 3 --arms grpo   # smoke
+    python benchmarks/speed/zero_advantage_skip.py --steps 20 --reuse   # after an interruption: only what is missing
 
 Needs the warmed model (benchmarks/studies/format_warmup.py --out ~/.cache/cipo_nemo/smollm2-135m-format-warmup).
 Holds /tmp/cipo_heavy.lock for the runs, like step_speed.py.
@@ -40,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=REPO / "results" / "zero_advantage_skip")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep runs of --output-dir that finished (summary and weights saved): an interrupted "
+                             "benchmark goes on where it stopped")
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be >= 2 (step 1 is warm-up)")
@@ -114,8 +118,13 @@ def main(argv: list[str] | None = None) -> int:
             summaries, weights = {}, {}
             for name, skip in (("on", True), ("off", False)):
                 run = f"{arm}_skip_{name}"
-                summaries[name] = run_ours(run, CONFIG, overrides(args, out_dir / run, arm, skip), out_dir=out_dir,
-                                           threads=args.threads, save_weights=out_dir / f"{run}_weights.pt")
+                summary_file, weights_file = out_dir / f"{run}.json", out_dir / f"{run}_weights.pt"
+                if args.reuse and summary_file.is_file() and weights_file.is_file():
+                    print(f"--- {run}: reusing {summary_file}", flush=True)
+                    summaries[name] = json.loads(summary_file.read_text())
+                else:
+                    summaries[name] = run_ours(run, CONFIG, overrides(args, out_dir / run, arm, skip),
+                                               out_dir=out_dir, threads=args.threads, save_weights=weights_file)
                 weights[name] = load_weights(out_dir / f"{run}_weights.pt")
             lines += arm_report(arm, summaries["on"], summaries["off"], weights, start)
     contaminated = [p.stem for p in out_dir.glob("*_skip_*.json")
