@@ -12,6 +12,7 @@ step and against wall-clock time.
     python benchmarks/speed/async_speed.py                          # 8 steps per speed run, 30-step curves
     python benchmarks/speed/async_speed.py --curve-steps 0          # speed only
     python benchmarks/speed/async_speed.py --sides sync_grpo async_grpo --steps 6
+    python benchmarks/speed/async_speed.py --quick                  # smoke test: 2 steps, 1 warm-up, no curves
 
 Each run is its own process (benchmarks/speed/ours_run.py). Steps 1-2 are warm-up (the async pipeline fills in
 step 2); medians are over steps 3..N. Where the time goes: for each side (the engine's sampling and scoring, the
@@ -52,13 +53,17 @@ WARM_UP_STEPS = 2
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="steps per speed run; steps 1-2 are warm-up (default 8)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 steps (step 1 the warm-up), no curves")
     parser.add_argument("--curve-steps", type=int, default=30, help="steps of each learning-curve run (0: none)")
     parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=REPO / "results" / "async_speed")
     parser.add_argument("--figure", type=Path, default=REPO / "docs" / "notes" / "async_curves.png")
     args = parser.parse_args(argv)
-    if args.steps < WARM_UP_STEPS + 2:
+    args.warm_up = WARM_UP_STEPS
+    if args.quick:  # the code path end to end, not a measurement: the pipeline is not full yet at step 2
+        args.steps, args.curve_steps, args.warm_up = 2, 0, 1
+    if args.steps < args.warm_up + 2 and not args.quick:
         parser.error(f"--steps must be >= {WARM_UP_STEPS + 2}")
     return args
 
@@ -76,13 +81,13 @@ def run(name: str, overrides: list[str], *, steps: int, args: argparse.Namespace
 # ---------------------------------------------------------------------------------------------- report
 
 
-def timed(summary: dict) -> list[dict]:
-    return summary["steps"][WARM_UP_STEPS:]
+def timed(summary: dict, warm_up: int) -> list[dict]:
+    return summary["steps"][warm_up:]
 
 
-def where_time_goes(summary: dict) -> dict[str, float]:
+def where_time_goes(summary: dict, warm_up: int) -> dict[str, float]:
     """Per timed step, medians: seconds, tokens per second, and each side's busy share of the wall time."""
-    steps = timed(summary)
+    steps = timed(summary, warm_up)
     seconds = [s["seconds"] for s in steps]
     generation = [s.get("async/generation_s") or sum(s.get(f"timing/{k}", 0.0) for k in GENERATION_STAGES)
                   for s in steps]
@@ -101,11 +106,11 @@ def where_time_goes(summary: dict) -> dict[str, float]:
 
 
 def report(results: dict[str, dict], args: argparse.Namespace) -> list[str]:
-    lines = [f"async vs sync, {CONFIG.name}, seed {args.seed}, steps {WARM_UP_STEPS + 1}..{args.steps} (medians)", "",
+    lines = [f"async vs sync, {CONFIG.name}, seed {args.seed}, steps {args.warm_up + 1}..{args.steps} (medians)", "",
              f"{'run':<11} {'s/step':>7} {'gen tok/s':>9} {'proc tok/s':>10} {'gen busy':>8} {'train busy':>10} "
              f"{'train waits':>11} {'own CPU/wall':>12} {'other CPU s':>11}"]
     for name, summary in results.items():
-        t, cpu = where_time_goes(summary), summary["cpu"]
+        t, cpu = where_time_goes(summary, args.warm_up), summary["cpu"]
         flag = " CONTAMINATED" if cpu["other_share"] > CONTAMINATED_SHARE else ""
         lines.append(f"{name:<11} {t['s_per_step']:>7.2f} {t['generated_tokens_per_s']:>9.1f} "
                      f"{t['processed_tokens_per_s']:>10.1f} {t['generation_busy']:>8.0%} {t['trainer_busy']:>10.0%} "
@@ -115,8 +120,8 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> list[str]:
     for algorithm in ("grpo", "cipo"):
         sync, overlapped = results.get(f"sync_{algorithm}"), results.get(f"async_{algorithm}")
         if sync and overlapped:
-            ratio = where_time_goes(overlapped)["s_per_step"] / where_time_goes(sync)["s_per_step"]
-            lines.append(f"{algorithm.upper()}: async step / sync step = {ratio:.2f}")
+            overlapped_s, sync_s = (where_time_goes(r, args.warm_up)["s_per_step"] for r in (overlapped, sync))
+            lines.append(f"{algorithm.upper()}: async step / sync step = {overlapped_s / sync_s:.2f}")
     lines.append("gen busy: the engine's sampling and scoring; train busy: logprobs, train, refit and the joins; "
                  "train waits: the trainer idle for the next batch (async); shares of the step's wall time")
     return lines
