@@ -81,7 +81,9 @@ def test_one_step_off_killed_during_overlap_and_resumed_equals_uninterrupted(ari
     assert [r["step"] for r in resumed][-2:] == [3, 4]
     for expected, got in zip(straight[2:], resumed[-2:]):
         assert got["async/sampled_by_version"] == expected["async/sampled_by_version"]
-        for key in (*TRAINING, "val/reward_mean"):
-            assert got.get(key) == pytest.approx(expected.get(key), rel=1e-6, abs=1e-9), (expected["step"], key)
+        for key in (*TRAINING, "val/reward_mean"):  # val/* every 2 steps; cipo/retention None without anchors
+            value = expected.get(key)
+            close = value if value is None else pytest.approx(value, rel=1e-6, abs=1e-9)
+            assert got.get(key) == close, (expected["step"], key)
     for name, tensor in _weights(tmp_path / "straight", 4).items():
         torch.testing.assert_close(_weights(killed_dir, 4)[name], tensor, rtol=1e-6, atol=1e-8, msg=name)
