@@ -369,7 +369,7 @@ def sampled_batch(prompts: list[list[int]], responses, *, seq: int) -> tuple[Bat
 def check_vllm_refit(worker, model_dir: Path, args: argparse.Namespace, *, vocab: int, quantization: str | None,
                      bound: float) -> Callable:
     def check() -> tuple[bool, str, dict]:
-        from cipo_nemo.models.factory import refit_weights
+        from cipo_nemo.models.refit import refit_weights
         from cipo_nemo.models.generation.vllm_generation import VllmGeneration
         from cipo_nemo.models.interfaces import SamplingSettings
 

@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass, field
 
 from cipo_nemo.config import ConfigError, MasterConfig
-from cipo_nemo.models.refit_cost import (
+from cipo_nemo.models.refit.cost import (
     REFIT_DEVICE_TO_HOST_GBPS,
     REFIT_LOAD_GBPS,
     REFIT_WRITE_GBPS,

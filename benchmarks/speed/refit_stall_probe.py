@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from benchmarks.speed.cpu_watch import CLOCK_TICKS, read_processes  # noqa: E402
 from benchmarks.step_speed import CONFIG, REPO, SIDE_OVERRIDES, common_overrides, side_environment  # noqa: E402
-from cipo_nemo.models.refit_profile import PROFILE_ENV  # noqa: E402
+from cipo_nemo.models.refit.profile import PROFILE_ENV  # noqa: E402
 
 
 def read_threads(pid: int) -> dict[tuple[int, int], tuple[str, float]]:

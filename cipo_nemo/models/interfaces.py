@@ -71,7 +71,7 @@ class PolicyBackend(Protocol):
         optimizer or DDP buffers)."""
 
     def export_hf_weights_to(self, path: Path) -> int:
-        """Write export_hf_weights() as a refit file (models/generation/refit.py) to `path` once per node (from
+        """Write export_hf_weights() as a refit file (models/refit/shm_file.py) to `path` once per node (from
         its first rank; the parent directory is created where missing); returns the tensor count. This is the refit hand-off: a file in
         /dev/shm moves weights between actors faster than Ray's object store (docs/platform.md), and every node's
         engines read their own node's copy."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cipo_nemo.config import load_config
-from cipo_nemo.models.refit_cost import GIB, check_refit_host
+from cipo_nemo.models.refit.cost import GIB, check_refit_host
 from cipo_nemo.plan import plan_launch
 
 CONF = Path(__file__).resolve().parents[2] / "conf"

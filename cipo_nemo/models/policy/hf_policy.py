@@ -17,7 +17,6 @@ from cipo_nemo.algorithms.loss import PolicyLoss, aggregate_metrics
 from cipo_nemo.config.schema import OptimizerConfig, PolicyConfig
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.packing import PackedRow, pack_row, restore_order
-from cipo_nemo.models.generation.refit import RefitStaging
 from cipo_nemo.models.policy.chunked_logprobs import full_vocab_logprobs, token_logprobs_at
 from cipo_nemo.models.policy.microbatches import (
     align_logprobs,
@@ -28,6 +27,7 @@ from cipo_nemo.models.policy.microbatches import (
 )
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import build_lr_scheduler, resolve_param_dtype, use_fused_adam_on_cpu
+from cipo_nemo.models.refit.shm_file import RefitStaging
 
 CHECKPOINT_FILE = "policy.pt"
 

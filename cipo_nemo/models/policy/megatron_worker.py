@@ -40,10 +40,8 @@ from cipo_nemo.data.packing import (
     sequence_lengths,
     sequence_pad_multiple,
 )
-from cipo_nemo.models.generation.refit import RefitStaging, detach_for_transfer
 from cipo_nemo.models.policy.chunked_logprobs import megatron_logprob_processor
 from cipo_nemo.models.policy.hf_directory import write_hf_directory
-from cipo_nemo.models.refit_profile import RefitProfile
 from cipo_nemo.models.policy.microbatches import (
     align_logprobs,
     next_token_targets,
@@ -59,6 +57,9 @@ from cipo_nemo.models.policy.megatron_setup import (
     init_parallel_state,
     use_fused_adam_on_cpu,
 )
+from cipo_nemo.models.refit.manifest import detach_for_transfer
+from cipo_nemo.models.refit.profile import RefitProfile
+from cipo_nemo.models.refit.shm_file import RefitStaging
 
 # dist_checkpointing metadata, as megatron's trainer writes with --dist-ckpt-optim-fully-reshardable: the
 # distributed optimizer's state is stored per parameter, so a checkpoint loads at any TP/PP/DP layout
@@ -387,7 +388,7 @@ class MegatronPolicyWorker:
 
     @_returns_cached_memory
     def export_hf_weights_to(self, path: str | Path) -> int:
-        """Write the HF-named weights to `path` (the raw refit format of models/generation/refit.py) on the first
+        """Write the HF-named weights to `path` (the raw refit format of models/refit/shm_file.py) on the first
         rank of every node (the refit hand-off: each node's engines read their own node's copy, e.g. in /dev/shm);
         returns the tensor count on those ranks, 0 elsewhere. Collective; every node's file is complete when any
         rank returns. megatron-bridge gives every rank the full tensors (stream_weights_megatron_to_hf), so no extra

@@ -1,9 +1,9 @@
 """What one refit costs (every step): the HF-weight file each node writes, its host-memory transient, an
 estimated time, and whether this machine's /dev/shm and host memory hold it. The dry run prints it (plan.py).
 
-Refit path (models/factory.py refit_weights): each node's first policy rank gathers the HF-named weights one tensor
+Refit path (models/refit/transfer.py refit_weights): each node's first policy rank gathers the HF-named weights one tensor
 at a time and streams each into one file in /dev/shm (the other ranks copy nothing to host memory), and the node's
-vLLM engines load it (models/generation/refit.py).
+vLLM engines load it (models/refit/shm_file.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ SHARED_MEMORY = Path("/dev/shm")
 @dataclass(frozen=True)
 class RefitEstimate:
     """One refit (every step): each node's first policy rank writes the HF-named weights to one file in /dev/shm
-    that the node's vLLM engines load (models/factory.py refit_weights)."""
+    that the node's vLLM engines load (models/refit/transfer.py refit_weights)."""
 
     file_bytes: int  # the whole model in the policy's dtype (a tied output layer is not written)
     writers: int  # one per node
