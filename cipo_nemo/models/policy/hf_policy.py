@@ -27,12 +27,13 @@ from cipo_nemo.models.policy.microbatches import (
 )
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import build_lr_scheduler, resolve_param_dtype, use_fused_adam_on_cpu
+from cipo_nemo.models.refit.sender import BucketSender
 from cipo_nemo.models.refit.shm_file import RefitStaging
 
 CHECKPOINT_FILE = "policy.pt"
 
 
-class HFPolicy:
+class HFPolicy(BucketSender):
     """PolicyBackend over `transformers.AutoModelForCausalLM` in this process (one device, no parallelism)."""
 
     def __init__(self, *, policy: PolicyConfig, num_steps: int, seed: int) -> None:
@@ -160,6 +161,9 @@ class HFPolicy:
     def export_hf_weights_to(self, path: str | Path) -> int:
         """Write the exported weights to `path` in the refit file format (e.g. /dev/shm); returns the count."""
         return self._refit_staging.write(path, self._untied_state())
+
+    def _refit_stream(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self._untied_state()
 
     def _untied_state(self) -> Iterator[tuple[str, torch.Tensor]]:
         tied_targets = set(getattr(self._model, "all_tied_weights_keys", None) or {})

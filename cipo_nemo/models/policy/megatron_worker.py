@@ -59,6 +59,7 @@ from cipo_nemo.models.policy.megatron_setup import (
 )
 from cipo_nemo.models.refit.manifest import detach_for_transfer
 from cipo_nemo.models.refit.profile import RefitProfile
+from cipo_nemo.models.refit.sender import BucketSender
 from cipo_nemo.models.refit.shm_file import RefitStaging
 
 # dist_checkpointing metadata, as megatron's trainer writes with --dist-ckpt-optim-fully-reshardable: the
@@ -106,7 +107,7 @@ def release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class MegatronPolicyWorker:
+class MegatronPolicyWorker(BucketSender):
     """One rank of the Megatron policy (see the module docstring for the data and output conventions)."""
 
     def __init__(self, *, policy: PolicyConfig, num_steps: int, seed: int) -> None:
@@ -412,6 +413,9 @@ class MegatronPolicyWorker:
         if writer:
             profile.write()
         return count
+
+    def _refit_stream(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self._bridge.export_hf_weights(self._chunks, cpu=False, show_progress=False)  # collective
 
     def remove_exported_weights(self, path: str | Path) -> None:
         """Delete this node's copy written by export_hf_weights_to (and its directory, when empty)."""

