@@ -9,8 +9,9 @@ The preflight builds it for every run and `python -m cipo_nemo --dry-run` prints
 2. Where does everything sit? Policy ranks, vLLM engines, colocated or not.
 3. How much work is one step? Rollouts (base + the most corrections) and token upper bounds.
 4. Does one GPU hold it? A per-GPU memory estimate against `cluster.gpu_memory_gib`.
-5. What does the refit cost? The HF-weight file each node writes per step, its host-memory transient, a time
-   estimate, and whether this machine's /dev/shm and host memory hold it.
+5. What does the refit cost? Per transport (file, ipc, broadcast; refit.transport picks one): what moves where,
+   the buffers it holds, a time at stated rates with their sources (models/refit/cost.py), and, for the file,
+   whether this machine's /dev/shm and host memory hold it.
 
 The memory figures are an ESTIMATE from the model's shape, not a measurement. Assumptions (each also a constant
 or a one-line formula below): Llama/Qwen-style decoder (RMSNorm, GQA, SwiGLU MLP, no dropout); bf16 weights with
@@ -22,25 +23,21 @@ as `policy.max_total_sequence_length`; 1F1B keeps min(PP, micro-batches) micro-b
 stage; colocated vLLM takes `gpu_memory_utilization x gpu_memory_gib` while awake and sleeps at level 2 (weights
 discarded, KV cache freed) while the policy computes logprobs and trains; the policy keeps its weights, gradients
 and optimizer state on the GPU during generation but returns its freed activation blocks (`empty_cache` after
-logprobs, train and export); the refit exports while vLLM sleeps (one full gathered tensor at a time on every
-rank), then vLLM wakes its weights only, reloads, and wakes its KV cache last. Fixed overheads (CUDA contexts,
-NCCL, fragmentation) are rough. The refit's time uses assumed transfer rates (REFIT_*_GBPS), not measurements.
+logprobs, train and export); with the file the refit exports while vLLM sleeps (one full gathered tensor at a time
+on every rank), then vLLM wakes its weights only, reloads, and wakes its KV cache last; with buckets (ipc,
+broadcast) vLLM's weights wake first and the gathered tensor and the buckets sit beside them. Fixed overheads (CUDA
+contexts, NCCL, fragmentation) are rough. The refit's times use stated rates, published or ours, not measurements
+of this job.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cipo_nemo.config import ConfigError, MasterConfig
-from cipo_nemo.models.refit.cost import (
-    REFIT_DEVICE_TO_HOST_GBPS,
-    REFIT_LOAD_GBPS,
-    REFIT_WRITE_GBPS,
-    RefitEstimate,
-    check_refit_host,
-    estimate_refit_cost,
-)
+from cipo_nemo.models.refit.cost import RefitEstimate, RefitLayout, check_refit_host, estimate_refit_cost, refit_lines
+from cipo_nemo.models.refit.layout import MIB, resolve_transport
 from cipo_nemo.models.shapes import ModelShape, find_model_shape, format_params
 
 GIB = 2**30
@@ -198,6 +195,8 @@ class MemoryEstimate:
     kv_bytes_per_token: int
     largest_tensor: float  # the largest full (gathered) HF tensor: the export's transient on every rank
     budget: float | None  # cluster.gpu_memory_gib; None on CPU
+    refit_buffers: float = 0.0  # the refit transport's buckets on a GPU (ipc, broadcast)
+    refit_streams: bool = False  # buckets: vLLM's weights are awake while the policy gathers and sends
 
     @property
     def policy_state(self) -> float:
@@ -214,12 +213,14 @@ class MemoryEstimate:
 
     @property
     def refit(self) -> float:
-        """The refit's device peak: the export (vLLM asleep, one gathered tensor) or the reload (vLLM's weights
-        awake, its KV cache not yet)."""
+        """The refit's device peak. File: the export (vLLM asleep, one gathered tensor) or the reload (vLLM's
+        weights awake, its KV cache not yet). Buckets: both at once, and the buckets."""
         if not self.vllm_share:
-            return self.policy_state + self.overhead + self.largest_tensor
+            return self.policy_state + self.overhead + self.largest_tensor + self.refit_buffers
         export = self.vllm_asleep + self.largest_tensor
         reload = self.vllm_asleep + self.vllm_weights
+        if self.refit_streams:
+            return self.policy_state + self.overhead + reload + self.largest_tensor + self.refit_buffers
         return self.policy_state + self.overhead + max(export, reload)
 
     def _phases(self) -> dict[str, float]:
@@ -387,10 +388,14 @@ def check_memory(cfg: MasterConfig, memory: MemoryEstimate) -> list[str]:
 
 
 def estimate_refit(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> RefitEstimate:
-    return estimate_refit_cost(shape, precision=cfg.policy.precision, num_nodes=layout.num_nodes,
-                               engine_tensor_parallel=layout.vllm_tensor_parallel
-                               if cfg.generation.backend == "vllm" else 1,
-                               on_gpu=cfg.cluster.gpu_memory_gib is not None)
+    on_gpu = cfg.cluster.gpu_memory_gib is not None
+    vllm = cfg.generation.backend == "vllm"
+    transport = resolve_transport(cfg.refit, on_gpu=on_gpu, colocated=cfg.generation.colocated, vllm=vllm)
+    refit_layout = RefitLayout(num_nodes=layout.num_nodes, devices_per_node=layout.devices_per_node,
+                               tensor_parallel=layout.tensor_parallel, pipeline_parallel=layout.pipeline_parallel,
+                               engine_tensor_parallel=layout.vllm_tensor_parallel if vllm else 1)
+    return estimate_refit_cost(shape, precision=cfg.policy.precision, layout=refit_layout, on_gpu=on_gpu,
+                               transport=transport, bucket_bytes=cfg.refit.bucket_mb * MIB)
 
 
 # ----------------------------------------------------------------------------------------------- the plan
@@ -419,23 +424,7 @@ class LaunchPlan:
                 *(f"note: {note}" for note in self.notes)]
 
     def _refit_lines(self) -> list[str]:
-        refit = self.refit
-        stages = refit.seconds
-        timing = " + ".join(f"{name} {seconds:.1f} s" for name, seconds in stages.items())
-        lines = [f"refit per step: {refit.file_bytes / GIB:.1f} GiB of HF weights gathered by {refit.writers} rank(s) "
-                 f"(the first of each node; the other ranks copy nothing to host memory) into one /dev/shm file per "
-                 f"node; host memory on a writing node {refit.host_transient_bytes / GIB:.1f} GiB (the file, kept between "
-                 f"refits: each gathered tensor is streamed into it); ~{sum(stages.values()):.1f} s = {timing} (assumed rates, GB/s: device->host "
-                 f"{REFIT_DEVICE_TO_HOST_GBPS:g}, write {REFIT_WRITE_GBPS:g}, load {REFIT_LOAD_GBPS:g})"]
-        if refit.checked_here:
-            shm = "no /dev/shm (temp dir)" if refit.shm_free_bytes is None else \
-                f"/dev/shm {refit.shm_free_bytes / GIB:.1f} GiB free"
-            host = "" if refit.host_total_bytes is None else f", host memory {refit.host_total_bytes / GIB:.1f} GiB"
-            verdict = "fits" if not check_refit_host(refit) else "DOES NOT FIT"
-            lines.append(f"  this machine: {shm}{host}: {verdict}")
-        else:
-            lines.append("  /dev/shm and host memory are checked on a GPU node (this machine has no GPU)")
-        return lines
+        return refit_lines(self.refit)
 
     def _devices_line(self) -> str:
         layout, budget = self.layout, self.cfg.cluster.gpu_memory_gib
@@ -571,8 +560,9 @@ def plan_launch(cfg: MasterConfig, *, base_samples: int, max_correction_samples:
     if problems:
         raise LayoutError("\n".join(problems))
     max_samples = base_samples + max_correction_samples
-    memory = estimate_memory(cfg, shape, layout, samples_per_step=max_samples)
     refit = estimate_refit(cfg, shape, layout)
+    memory = replace(estimate_memory(cfg, shape, layout, samples_per_step=max_samples),
+                     refit_buffers=refit.device_buffer_bytes / GIB, refit_streams=refit.chosen != "file")
     return LaunchPlan(cfg=cfg, shape=shape, shape_source=source, layout=layout, base_samples=base_samples,
                       max_correction_samples=max_correction_samples, memory=memory, refit=refit,
                       notes=plan_notes(cfg, layout, max_samples=max_samples),

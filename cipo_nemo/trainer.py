@@ -48,7 +48,7 @@ from cipo_nemo.eval.harness import EvalContext, evaluate_benchmarks
 from cipo_nemo.models.factory import build_cluster, build_generation, build_policy, build_tokenizer, needs_ray
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, SamplingSettings
 from cipo_nemo.models.policy.microbatches import combine_optimizer_steps, plan_mini_batches
-from cipo_nemo.models.refit import build_refit_transport, refit_weights
+from cipo_nemo.models.refit.transfer import build_refit_transport, refit_weights
 from cipo_nemo.models.rollout import responses_to_batch
 from cipo_nemo.samples import sample_records, write_samples
 from cipo_nemo.utils.checkpoint import POLICY_DIR, TRAINER_STATE, CheckpointManager, resume_checkpoint

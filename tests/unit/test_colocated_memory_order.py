@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cipo_nemo.models.refit import refit_weights
+from cipo_nemo.models.refit.transfer import refit_weights
 from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
 
 

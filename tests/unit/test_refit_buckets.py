@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import torch
 
 from cipo_nemo.models.refit import broadcast, buckets, ipc
-from cipo_nemo.models.refit.buckets import BUCKET_ALIGNMENT, plan_buckets, shared_memory_mapped_bytes
+from cipo_nemo.models.refit.buckets import shared_memory_mapped_bytes
+from cipo_nemo.models.refit.layout import BUCKET_ALIGNMENT, SLOTS, plan_buckets
 from cipo_nemo.models.refit.manifest import WeightSyncError
 
 KIB = 1024
@@ -167,10 +168,10 @@ def test_ipc_buckets_reach_a_reader_that_keeps_views_intact_with_bounded_shared_
     # what the processes mapped, read from /proc (sender and engine are one process here): the sender's slots plus
     # the embedding sent alone; a layer that spans more buckets than there are slots adds a slot, counted
     largest = tensors["model.embed_tokens.weight"].numel() * 4
-    assert sender["slots"] == ipc.SLOTS and sender["starved"] == engine["starved"] == 0
-    assert sender["peak_buffer_bytes"] <= ipc.SLOTS * bucket_bytes + largest
+    assert sender["slots"] == SLOTS and sender["starved"] == engine["starved"] == 0
+    assert sender["peak_buffer_bytes"] <= SLOTS * bucket_bytes + largest
     # measured from /proc (sender and engine are one process here, both map the same segments once each)
-    assert 2 * bucket_bytes <= sender["peak_measured_bytes"] <= ipc.SLOTS * bucket_bytes + largest
+    assert 2 * bucket_bytes <= sender["peak_measured_bytes"] <= SLOTS * bucket_bytes + largest
     assert shared_memory_mapped_bytes() == 0  # every segment is gone once both sides are done
 
 
@@ -181,7 +182,7 @@ def test_a_layer_the_engine_keeps_to_the_end_costs_slots_not_correctness():
     sent, (loaded, engine) = ipc_transfer(tensors, bucket_bytes=BUCKET)
     assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
     sender = sent["sender"]
-    assert sender["starved"] == engine["starved"] > 0 and sender["slots"] == ipc.SLOTS + sender["starved"]
+    assert sender["starved"] == engine["starved"] > 0 and sender["slots"] == SLOTS + sender["starved"]
     assert sender["peak_measured_bytes"] <= sender["slots"] * BUCKET + tensors["model.embed_tokens.weight"].numel() * 4
 
 

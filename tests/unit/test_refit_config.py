@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from cipo_nemo.config import ConfigError, load_config
-from cipo_nemo.models.refit import resolve_transport
+from cipo_nemo.models.refit.layout import resolve_transport
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

@@ -5,7 +5,8 @@
 | `transfer.py` | the controller's one call (`refit_weights`), the transport chosen from the placement, the memory order |
 | `manifest.py` | which engine parameter each HF tensor feeds; the name check before and after a load |
 | `shm_file.py` | transport `file` (CPU): a raw tensor file in /dev/shm (and the policy's in-place staging file) |
-| `buckets.py` | the bucket rule (what goes together, what is sent alone) and the guard that never reuses a read bucket |
+| `layout.py` | which transport a placement gets, and the bucket rule (what goes together, what is sent alone); no torch |
+| `buckets.py` | packing buckets by that rule, and the guard that never reuses a bucket the engine still reads |
 | `ipc.py` | transport `ipc` (colocated GPUs): buckets shared through torch's reductions (CUDA IPC; shared memory on CPU) |
 | `broadcast.py` | transport `broadcast` (engines on other devices): buckets over a process group (NCCL; gloo on CPU) |
 | `sender.py` | the policy side of ipc / broadcast, mixed into both policies |
@@ -14,7 +15,3 @@
 | `cost.py` | what a refit costs at scale, for the dry run |
 | `profile.py` | per-stage seconds for benchmarks (`CIPO_REFIT_PROFILE`) |
 """
-
-from cipo_nemo.models.refit.transfer import build_refit_transport, refit_weights, resolve_transport
-
-__all__ = ["build_refit_transport", "refit_weights", "resolve_transport"]

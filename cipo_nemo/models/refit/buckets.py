@@ -1,13 +1,9 @@
 """Fixed-size buckets of HF-named tensors: the unit the IPC and broadcast transports move (device-agnostic).
 
-Packing rule (`pack_buckets`), in the policy's export order:
-- a tensor goes into the current bucket at the next `BUCKET_ALIGNMENT`-aligned offset when it fits what is left;
-  otherwise the bucket is sent and the tensor starts the next one in a free slot (a reusable buffer of
-  `refit.bucket_mb`);
-- a tensor larger than a whole bucket is never split: it is sent alone, as its own storage (a gathered tensor that
-  owns exactly its bytes is shared as it is; a view is copied first). vLLM's loaders take whole HF tensors and cut
-  their tensor-parallel shard themselves, so a split tensor would need a reassembly buffer of its full size on the
-  receiving side anyway.
+Packing (`pack_buckets`) follows the rule of layout.py: tensors in export order at aligned offsets of a slot (a
+reusable buffer of `refit.bucket_mb`), a new bucket when the next tensor does not fit, and a tensor larger than a
+bucket sent alone as its own storage (a gathered tensor that owns exactly its bytes is shared as it is; a view is
+copied first).
 
 Receiving side: every tensor is a view into the bucket, never a copy. A bucket's buffer may be reused (overwritten
 by the sender, or by the next broadcast) only once nothing on the receiving side still references it: vLLM's
@@ -30,8 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-BUCKET_ALIGNMENT = 256  # bytes; every tensor starts at a multiple, so a view of any dtype is aligned (as CUDA's allocator)
-MIB = 2**20
+from cipo_nemo.models.refit.layout import aligned
 
 
 @dataclass(frozen=True)
@@ -63,34 +58,6 @@ def tensor_nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def aligned(offset: int) -> int:
-    return -(-offset // BUCKET_ALIGNMENT) * BUCKET_ALIGNMENT
-
-
-def plan_buckets(sizes: Iterable[tuple[str, int]], bucket_bytes: int) -> list[list[str]]:
-    """The packing rule on (name, nbytes) alone: the names of each message, in order (a list of one name for a
-    tensor sent alone). `pack_buckets` follows the same rule; the dry run counts buckets with it."""
-    messages: list[list[str]] = []
-    current: list[str] = []
-    used = 0
-    for name, nbytes in sizes:
-        if nbytes > bucket_bytes:
-            if current:
-                messages.append(current)
-            messages.append([name])
-            current, used = [], 0
-            continue
-        start = aligned(used)
-        if current and start + nbytes > bucket_bytes:
-            messages.append(current)
-            current, start = [], 0
-        current.append(name)
-        used = start + nbytes
-    if current:
-        messages.append(current)
-    return messages
-
-
 def pack_buckets(
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     *,
@@ -98,7 +65,7 @@ def pack_buckets(
     acquire_slot: Callable[[torch.device], tuple[int, torch.Tensor]],
     standalone: Callable[[torch.Tensor], torch.Tensor],
 ) -> Iterator[Bucket]:
-    """Pack tensors into slot buffers by the rule of the module docstring, yielding each bucket when it is full.
+    """Pack tensors into slot buffers by the rule of layout.py, yielding each bucket when it is full.
 
     `acquire_slot(device)` returns a free (slot index, uint8 buffer of `bucket_bytes`) and may block until the
     receiving side releases one; it is called only after the previous bucket was yielded (and sent).

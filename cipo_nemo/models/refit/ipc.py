@@ -47,9 +47,9 @@ from cipo_nemo.models.refit.buckets import (
     tensor_nbytes,
     unpacked,
 )
+from cipo_nemo.models.refit.layout import SLOTS
 from cipo_nemo.models.refit.manifest import WeightSyncError
 
-SLOTS = 2  # buffers per sender: the engine reads one while the policy fills the other
 CONNECT_POLL_S = 0.05
 ENGINE = "the engine worker"
 

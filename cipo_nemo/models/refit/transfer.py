@@ -34,21 +34,12 @@ import torch
 from cipo_nemo.config.schema import RefitConfig
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, StreamingGeneration
 from cipo_nemo.models.refit import broadcast, ipc
-from cipo_nemo.models.refit.buckets import MIB
+from cipo_nemo.models.refit.layout import MIB, resolve_transport
 from cipo_nemo.models.refit.profile import RefitProfile
 
 logger = logging.getLogger(__name__)
 
 _SHARED_MEMORY = Path("/dev/shm")
-
-
-def resolve_transport(refit: RefitConfig, *, on_gpu: bool, colocated: bool, vllm: bool = True) -> str:
-    """`refit.transport`, with auto resolved from the placement (the HF generation backend takes the file only)."""
-    if refit.transport != "auto":
-        return refit.transport
-    if not on_gpu or not vllm:
-        return "file"
-    return "ipc" if colocated else "broadcast"
 
 
 # ----------------------------------------------------------------------------------------------- transports
