@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from cipo_nemo.config import ConfigError, MasterConfig
-from cipo_nemo.models.refit.cost import RefitEstimate, RefitLayout, check_refit_host, estimate_refit_cost, refit_lines
+from cipo_nemo.models.refit.cost import RefitEstimate, check_refit_host, estimate_refit_cost, refit_lines
 from cipo_nemo.models.refit.layout import MIB, resolve_transport
 from cipo_nemo.models.shapes import ModelShape, find_model_shape, format_params
 
@@ -391,10 +391,8 @@ def estimate_refit(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> Refi
     on_gpu = cfg.cluster.gpu_memory_gib is not None
     vllm = cfg.generation.backend == "vllm"
     transport = resolve_transport(cfg.refit, on_gpu=on_gpu, colocated=cfg.generation.colocated, vllm=vllm)
-    refit_layout = RefitLayout(num_nodes=layout.num_nodes, devices_per_node=layout.devices_per_node,
-                               tensor_parallel=layout.tensor_parallel, pipeline_parallel=layout.pipeline_parallel,
-                               engine_tensor_parallel=layout.vllm_tensor_parallel if vllm else 1)
-    return estimate_refit_cost(shape, precision=cfg.policy.precision, layout=refit_layout, on_gpu=on_gpu,
+    return estimate_refit_cost(shape, precision=cfg.policy.precision, layout=layout,
+                               engine_tensor_parallel=layout.vllm_tensor_parallel if vllm else 1, on_gpu=on_gpu,
                                transport=transport, bucket_bytes=cfg.refit.bucket_mb * MIB)
 
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import datetime
 import pickle
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from cipo_nemo.models.refit.buckets import BufferGuard, PackedTensor, pack_buckets, unpacked
+from cipo_nemo.models.refit.buckets import BufferGuard, PackedTensor, hand_out, pack_buckets
 from cipo_nemo.models.refit.ipc import TransferStats, allocate_buffer, measured_buffer_bytes
 from cipo_nemo.models.refit.manifest import WeightSyncError
 
@@ -166,7 +166,7 @@ class BroadcastReceiver:
 
     group: BroadcastGroup
     rank: int
-    check_name: object = None  # callable(name) raising WeightSyncError for a name the engine has no parameter for
+    check_name: Callable[[str], None] | None = None  # raises WeightSyncError for a name the engine lacks
     stats: TransferStats = field(default_factory=TransferStats)
 
     def __post_init__(self) -> None:
@@ -178,8 +178,8 @@ class BroadcastReceiver:
         self._alone = 0
 
     def buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Each broadcast bucket's tensors as (name, view) pairs, one list per bucket, emptied when the next one is
-        asked for (see ipc.IpcReceiver.buckets)."""
+        """Each broadcast bucket's tensors as (name, view) pairs, one list per bucket (buckets.hand_out); a buffer is
+        received into again once nothing references it."""
         while True:
             self._release_unused()
             header = torch.empty(3, dtype=torch.int64, device=self._device)
@@ -195,12 +195,7 @@ class BroadcastReceiver:
             self._guard.hold(key, buffer)
             del buffer
             self._account(entries, kind)
-            for entry in entries:
-                if self.check_name is not None:
-                    self.check_name(entry.name)
-            items = [(entry.name, unpacked(self._guard.buffers[key], entry)) for entry in entries]
-            yield items
-            items.clear()
+            yield from hand_out(self._guard.buffers[key], entries, self.check_name)
 
     def _receiving_buffer(self, kind: int, nbytes: int) -> tuple[tuple, torch.Tensor]:
         """A buffer nothing reads any more: a free slot (a new one when all are read), or one sized for a tensor

@@ -106,6 +106,20 @@ def unpacked(buffer: torch.Tensor, entry: PackedTensor) -> torch.Tensor:
     return tensor_view(buffer, entry.offset, getattr(torch, entry.dtype), entry.shape)
 
 
+def hand_out(buffer: torch.Tensor, entries: Iterable[PackedTensor], check_name: Callable[[str], None] | None
+             ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """One bucket's tensors as one list of (name, view), after `check_name` passed them all. The list is emptied
+    when the caller asks for the next bucket, so that the caller's own reference to it holds no view: what still
+    references the buffer then is what the engine keeps (an incomplete layer)."""
+    entries = list(entries)
+    for entry in entries:
+        if check_name is not None:
+            check_name(entry.name)
+    items = [(entry.name, unpacked(buffer, entry)) for entry in entries]
+    yield items
+    items.clear()
+
+
 def _dtype_name(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 

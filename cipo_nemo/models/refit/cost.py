@@ -18,6 +18,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from cipo_nemo.models.refit.layout import SLOTS, plan_buckets
 from cipo_nemo.models.shapes import ModelShape
@@ -54,25 +55,20 @@ CROSS_CHECK = ("NeMo-RL, published (NVIDIA-NeMo/RL pull request 2413): Qwen3-4B 
                "4.56-4.85 s, DeepSeek-V3 7.65-9.94 s per refit by NCCL to engines on other GPUs")
 
 
-@dataclass(frozen=True)
-class RefitLayout:
-    """Where the policy's and the engines' ranks sit (the parts of the launch plan's layout a refit depends on)."""
+class ParallelLayout(Protocol):
+    """Where the policy's ranks sit (the launch plan's Layout)."""
 
     num_nodes: int
     devices_per_node: int
     tensor_parallel: int
     pipeline_parallel: int
-    engine_tensor_parallel: int
 
-    @property
-    def world(self) -> int:
-        return self.num_nodes * self.devices_per_node
 
-    @property
-    def stages_cross_nodes(self) -> bool:
-        """Megatron orders ranks TP first, PP last: a stage spans world / PP ranks, whole nodes when that is >= a
-        node's GPUs."""
-        return self.world // self.pipeline_parallel >= self.devices_per_node and self.num_nodes > 1
+def stages_cross_nodes(layout: ParallelLayout) -> bool:
+    """Megatron orders ranks TP first, PP last: a stage spans world / PP ranks, whole nodes when that is at least a
+    node's GPUs."""
+    world = layout.num_nodes * layout.devices_per_node
+    return layout.num_nodes > 1 and world // layout.pipeline_parallel >= layout.devices_per_node
 
 
 @dataclass(frozen=True)
@@ -126,15 +122,17 @@ class RefitEstimate:
         return self.transports[self.chosen].device_buffer_bytes
 
 
-def estimate_refit_cost(shape: ModelShape, *, precision: str, layout: RefitLayout, on_gpu: bool, transport: str,
-                        bucket_bytes: int) -> RefitEstimate:
-    """The refit of `shape` trained in `precision` (bf16 | fp32) at `layout`, by each transport."""
+def estimate_refit_cost(shape: ModelShape, *, precision: str, layout: ParallelLayout, engine_tensor_parallel: int,
+                        on_gpu: bool, transport: str, bucket_bytes: int) -> RefitEstimate:
+    """The refit of `shape` trained in `precision` (bf16 | fp32) at `layout`, into engines of
+    `engine_tensor_parallel` ranks, by each transport."""
     dtype_bytes = 2 if precision == "bf16" else 4
     model_bytes = shape.total_params() * dtype_bytes
     tensors = hf_tensor_sizes(shape, dtype_bytes)
-    estimates = {"ipc": _ipc(shape, layout, model_bytes, tensors, bucket_bytes),
-                 "broadcast": _broadcast(shape, layout, model_bytes, tensors, bucket_bytes),
-                 "file": _file(shape, layout, model_bytes, on_gpu=on_gpu)}
+    shard = model_bytes / engine_tensor_parallel  # each engine rank loads its TP shard
+    estimates = {"ipc": _ipc(shape, layout, model_bytes, shard, tensors, bucket_bytes),
+                 "broadcast": _broadcast(shape, layout, model_bytes, shard, tensors, bucket_bytes),
+                 "file": _file(layout, model_bytes, shard, on_gpu=on_gpu)}
     if not on_gpu:  # CPU runs: the file (the default), and the transport asked for (tests use them on CPU)
         estimates = {name: estimate for name, estimate in estimates.items() if name in ("file", transport)}
     return RefitEstimate(file_bytes=model_bytes, writers=layout.num_nodes, chosen=transport, transports=estimates,
@@ -157,7 +155,7 @@ def hf_tensor_sizes(shape: ModelShape, dtype_bytes: int) -> list[tuple[str, int]
     return [(name, elements * dtype_bytes) for name, elements in sizes]
 
 
-def _gather(layout: RefitLayout, model_bytes: int) -> dict[str, tuple[float, str]]:
+def _gather(layout: ParallelLayout, model_bytes: int) -> dict[str, tuple[float, str]]:
     """Every rank ends with the full tensors: its stage's TP shards all-gathered, the other stages' tensors
     broadcast to it."""
     stages = {}
@@ -166,14 +164,13 @@ def _gather(layout: RefitLayout, model_bytes: int) -> dict[str, tuple[float, str
         received = stage_bytes * (layout.tensor_parallel - 1) / layout.tensor_parallel
         stages["gather TP"] = (received / 1e9 / RATES["nvlink"].value, "nvlink")
     if layout.pipeline_parallel > 1:
-        link = "infiniband" if layout.stages_cross_nodes else "nvlink"
+        link = "infiniband" if stages_cross_nodes(layout) else "nvlink"
         received = model_bytes - stage_bytes
         stages[f"gather PP ({link})"] = (received / 1e9 / RATES[link].value, link)
     return stages
 
 
-def _engine_load(shape: ModelShape, layout: RefitLayout, model_bytes: int) -> dict[str, tuple[float, str]]:
-    shard = model_bytes / layout.engine_tensor_parallel  # each engine rank copies out its TP shard
+def _engine_load(shape: ModelShape, shard: float) -> dict[str, tuple[float, str]]:
     return {"engine load": (shard / 1e9 / RATES["device_copy"].value, "device_copy"),
             "engine layers": (shape.num_layers * RATES["per_layer"].value, "per_layer")}
 
@@ -185,12 +182,12 @@ def _bucket_counts(tensors: list[tuple[str, int]], bucket_bytes: int) -> tuple[i
     return len(messages), max(alone, default=0)
 
 
-def _ipc(shape, layout, model_bytes, tensors, bucket_bytes) -> TransportEstimate:
+def _ipc(shape, layout, model_bytes, shard, tensors, bucket_bytes) -> TransportEstimate:
     messages, alone = _bucket_counts(tensors, bucket_bytes)
     stages = _gather(layout, model_bytes)
     stages["pack"] = (model_bytes / 1e9 / RATES["device_copy"].value, "device_copy")
     stages["handshakes"] = (messages * RATES["per_bucket"].value, "per_bucket")
-    stages |= _engine_load(shape, layout, model_bytes)
+    stages |= _engine_load(shape, shard)
     return TransportEstimate(
         name="ipc", moves=(f"every GPU's policy rank packs the gathered model into {bucket_bytes / GIB:g} GiB buckets "
                            f"({messages} messages) and the vLLM worker on its GPU maps them by CUDA IPC; nothing "
@@ -199,13 +196,13 @@ def _ipc(shape, layout, model_bytes, tensors, bucket_bytes) -> TransportEstimate
         note=f"tensors over a bucket sent alone as they are ({alone / GIB:.2f} GiB, no copy)" if alone else "")
 
 
-def _broadcast(shape, layout, model_bytes, tensors, bucket_bytes) -> TransportEstimate:
+def _broadcast(shape, layout, model_bytes, shard, tensors, bucket_bytes) -> TransportEstimate:
     messages, alone = _bucket_counts(tensors, bucket_bytes)
     stages = _gather(layout, model_bytes)
     stages["pack"] = (model_bytes / 1e9 / RATES["device_copy"].value, "device_copy")
     link = "infiniband" if layout.num_nodes > 1 else "nvlink"
     stages[f"broadcast ({link})"] = (model_bytes / 1e9 / RATES[link].value, link)
-    stages |= _engine_load(shape, layout, model_bytes)
+    stages |= _engine_load(shape, shard)
     return TransportEstimate(
         name="broadcast", moves=(f"policy rank 0 broadcasts the model in {bucket_bytes / GIB:g} GiB buckets to every "
                                  "engine worker over NCCL"),
@@ -213,12 +210,11 @@ def _broadcast(shape, layout, model_bytes, tensors, bucket_bytes) -> TransportEs
         note="for engines on their own devices (the next layout); NCCL cannot join two processes of one GPU")
 
 
-def _file(shape, layout, model_bytes, *, on_gpu: bool) -> TransportEstimate:
+def _file(layout, model_bytes, shard, *, on_gpu: bool) -> TransportEstimate:
     stages = _gather(layout, model_bytes) if on_gpu else {}
     if on_gpu:
         stages["device->host"] = (model_bytes / 1e9 / RATES["device_to_host"].value, "device_to_host")
     stages["write"] = (model_bytes / 1e9 / RATES["shm_write"].value, "shm_write")
-    shard = model_bytes / layout.engine_tensor_parallel
     stages["engine reload"] = (shard / 1e9 / RATES["file_load"].value, "file_load")
     return TransportEstimate(
         name="file", moves=(f"the first rank of each of {layout.num_nodes} node(s) streams the gathered model into one "

@@ -32,7 +32,7 @@ import multiprocessing
 import secrets
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 
@@ -42,10 +42,10 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 from cipo_nemo.models.refit.buckets import (
     BufferGuard,
     PackedTensor,
+    hand_out,
     pack_buckets,
     shared_memory_mapped_bytes,
     tensor_nbytes,
-    unpacked,
 )
 from cipo_nemo.models.refit.layout import SLOTS
 from cipo_nemo.models.refit.manifest import WeightSyncError
@@ -303,18 +303,18 @@ def send_over_ipc(named_tensors: Iterable[tuple[str, torch.Tensor]], channel: Ip
             stats.tensors += len(bucket.tensors)
             stats.bytes += sum(entry.nbytes for entry in bucket.tensors)
         _send(connection, ("end", stats.tensors), peer=ENGINE)
-        engine = _wait_done(connection, channel, slots)
+        engine = _wait_done(connection, channel)  # `slots` keeps every buffer alive until the engine is done
     stats.seconds = time.perf_counter() - started
     return {"sender": stats.as_dict(), "engine": engine}
 
 
-def _wait_done(connection: Connection, channel: IpcChannel, slots: _SenderSlots) -> dict:
+def _wait_done(connection: Connection, channel: IpcChannel) -> dict:
     while True:
         message = _receive(connection, channel.timeout_s, peer=ENGINE)
         if message[0] == "done":
             return message[1]
         if message[0] in ("release", "release_alone", "starved"):
-            continue  # the engine finished reading; the buffers go when this function returns
+            continue  # releases after the last bucket: the buffers go when the transfer returns
         raise WeightSyncError(f"refit: unexpected message from the engine worker: {message[0]!r}")
 
 
@@ -328,7 +328,7 @@ class IpcReceiver:
 
     channel: IpcChannel
     sender_rank: int
-    check_name: object = None  # callable(name) raising WeightSyncError for a name the engine has no parameter for
+    check_name: Callable[[str], None] | None = None  # raises WeightSyncError for a name the engine lacks
     stats: TransferStats = field(default_factory=TransferStats)
 
     def __post_init__(self) -> None:
@@ -346,9 +346,8 @@ class IpcReceiver:
         self._device: torch.device | None = None
 
     def buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Each message's tensors as (name, view) pairs, one list per bucket. The list is emptied when the next one
-        is asked for, so that the caller's reference to it holds no view: what still references a buffer then is
-        what the engine keeps (an incomplete layer), and only a buffer nothing references is released."""
+        """Each message's tensors as (name, view) pairs, one list per bucket (buckets.hand_out); a buffer goes back
+        to the sender once nothing references it."""
         while True:
             self._release_unused()
             message = self._next_message()
@@ -356,12 +355,7 @@ class IpcReceiver:
                 self.stats.tensors = message[1]
                 return
             key, entries = self._take(message)
-            for entry in entries:
-                if self.check_name is not None:
-                    self.check_name(entry.name)
-            items = [(entry.name, unpacked(self._guard.buffers[key], entry)) for entry in entries]
-            yield items
-            items.clear()
+            yield from hand_out(self._guard.buffers[key], entries, self.check_name)
 
     def _take(self, message: tuple) -> tuple[tuple, tuple[PackedTensor, ...]]:
         match message:
