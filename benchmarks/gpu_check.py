@@ -14,7 +14,7 @@ PASS / FAIL / SKIPPED(why), all written to the JSON file as well:
                               batch, real tokens per second (the goal: not slower; timed on a GPU only).
   local_attention_tokens_per_s  (GPU) fwd + bwd tokens/s of Megatron's local spec (no TE) with megatron's unfused
                               core attention and with SDPACoreAttention, each as a ratio to HF + SDPA on the same
-                              model and batch (benchmarks/local_attention.py; the goal: SDPA not slower).
+                              model and batch (benchmarks/speed/local_attention.py; the goal: SDPA not slower).
   fp8_blockwise_odd_lengths   (TE, Hopper) FP8 blockwise training on packed rows of odd lengths: the rows are padded
                               to what TE's FP8 GEMMs need; logprobs near HF's, a finite train step.
   vllm_sleep_wake_refit       (vLLM) a colocated engine sleeps (level 2) while the policy trains a step, then the
@@ -24,7 +24,7 @@ PASS / FAIL / SKIPPED(why), all written to the JSON file as well:
                               load), and its token_mult_prob_error.
 
 The checks above need megatron-core (and the config: pydantic, omegaconf); each says SKIPPED and why where its
-library is missing. Then the checks of gpu_check_torch_only.py (next to this script), which need torch and
+library is missing. Then the checks of benchmarks/device/torch_only_checks.py, which need torch and
 transformers only: the refit's CUDA IPC bucket transfer between two processes (GB/s, no host copy), the HF policy in
 bf16 on the GPU against fp32 on the CPU, chunked logprobs' peak CUDA memory, and which network NCCL found.
 
@@ -49,12 +49,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from gpu_check_torch_only import LOSS, config_importable, run_torch_only_checks  # benchmarks/, next to this script
+import torch  # noqa: E402
 
-from cipo_nemo.data.batch import Batch
-from cipo_nemo.models.tiny import build_tiny_model_dir, build_tiny_tokenizer
+from benchmarks.common.batches import LOSS, variable_length_batch  # noqa: E402
+from benchmarks.device.torch_only_checks import config_importable, run_torch_only_checks  # noqa: E402
+from cipo_nemo.data.batch import Batch  # noqa: E402
+from cipo_nemo.models.tiny import build_tiny_model_dir, build_tiny_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "conf" / "cipo_base.yaml"
@@ -121,26 +123,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed train steps (best of)")
     parser.add_argument("--json", type=Path, default=REPO / "results" / "gpu_check.json")
     return parser.parse_args(argv)
-
-
-def variable_length_batch(*, vocab_size: int, lengths: list[int], seq: int, seed: int = 0) -> Batch:
-    """Right-padded samples of the given lengths: a quarter prompt, the rest response; random advantages."""
-    generator = torch.Generator().manual_seed(seed)
-    n = len(lengths)
-    input_ids = torch.full((n, seq), 3, dtype=torch.long)
-    prompt_mask = torch.zeros(n, seq, dtype=torch.bool)
-    response_mask = torch.zeros(n, seq, dtype=torch.bool)
-    for row, length in enumerate(lengths):
-        prompt = max(1, length // 4)
-        input_ids[row, :length] = torch.randint(4, vocab_size, (length,), generator=generator)
-        prompt_mask[row, :prompt] = True
-        response_mask[row, prompt:length] = True
-    return Batch({
-        "input_ids": input_ids, "prompt_mask": prompt_mask, "response_mask": response_mask,
-        "generation_logprobs": torch.zeros(n, seq), "old_logprobs": torch.zeros(n, seq),
-        "advantages": torch.randn(n, generator=generator), "group_id": torch.arange(n) // 2,
-        "sample_kind": ["base"] * n,
-    })
 
 
 def sample_lengths(batch: int, seq: int) -> list[int]:
@@ -298,7 +280,7 @@ def check_speed(worker, batch: Batch, hf_tokens_per_s: float, steps: int) -> Cal
 
 def check_local_attention(model_dir: Path, batch: Batch, args: argparse.Namespace) -> Callable:
     def check() -> tuple[bool, str, dict]:
-        from local_attention import measure_variants, ratio_line  # benchmarks/, next to this script
+        from benchmarks.speed.local_attention import measure_variants, ratio_line
 
         results = measure_variants(model_dir, batch["input_ids"], dtype=torch.bfloat16, steps=args.steps)
         values = {**{f"{name}_tokens_per_s": value for name, value in results.items()},
@@ -491,7 +473,8 @@ def run_megatron_checks(checks: Checks, args: argparse.Namespace, *, model_dir: 
     if on_gpu:
         checks.run("local_attention_tokens_per_s", check_local_attention(model_dir, main_batch, args))
     else:
-        checks.skip("local_attention_tokens_per_s", "no GPU: the CPU numbers come from benchmarks/local_attention.py")
+        checks.skip("local_attention_tokens_per_s",
+                    "no GPU: the CPU numbers come from benchmarks/speed/local_attention.py")
     from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
 
     # the unpacked worker first (one model on the device at a time), then the packed one that the checks keep

@@ -131,16 +131,6 @@ def check_model_split(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> l
     return problems
 
 
-def check_batch(cfg: MasterConfig, layout: Layout) -> list[str]:
-    """The loop shards the training batch by whole GRPO groups; a step may hold only its B base groups."""
-    if cfg.policy.backend != "megatron" or layout.data_parallel <= cfg.grpo.prompts_per_step:
-        return []
-    return [f"data parallel ({layout.data_parallel} = GPUs / (TP x PP)) is larger than grpo.prompts_per_step "
-            f"({cfg.grpo.prompts_per_step}): the batch is split over DP ranks by whole groups (Batch.shard_by_groups) "
-            "and a step may have only its base groups, so some rank would get no sample; raise prompts_per_step or "
-            "TP x PP"]
-
-
 def check_generation(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> list[str]:
     """vLLM engines live inside one node and split heads like megatron; colocation is the only placement."""
     if cfg.generation.backend != "vllm":
@@ -553,7 +543,7 @@ def plan_launch(cfg: MasterConfig, *, base_samples: int, max_correction_samples:
     layout = layout_of(cfg)
     problems = check_cluster(cfg, layout)
     if not problems:  # the rules below divide by DP
-        problems += check_model_split(cfg, shape, layout) + check_batch(cfg, layout)
+        problems += check_model_split(cfg, shape, layout)
     problems += check_generation(cfg, shape, layout) + check_precision(cfg)
     if problems:
         raise LayoutError("\n".join(problems))

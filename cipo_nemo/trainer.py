@@ -1,7 +1,10 @@
-"""The CIPO training loop: one controller, one named function per stage, in the order of DESIGN.md.
+"""The CIPO training loop: one controller, one named function per stage, in the order of docs/design.md.
 
-    rollout -> verify -> select anchors -> correction rollout -> verify corrections -> shape and join
-    -> advantages -> logprobs -> train -> refit -> update rho
+    rollout -> verify (-> more rounds: dynamic sampling) -> select anchors -> correction rollout
+    -> verify corrections -> join -> shaped rewards and advantages -> logprobs -> train -> refit -> update rho
+
+Only what carries gradient is computed: with loss.skip_zero_advantage (exact when no loss term survives A = 0),
+samples whose advantage is 0 leave the pi_old and train passes and keep their share of the loss's normalizer.
 
 GRPO is the same loop with `cipo.enabled: false` (the correction stages then do nothing). Differences from the
 paper, whose exact choices are not public (docs/paper_reconstruction.md): the rho rule, the anchor
@@ -24,12 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from cipo_nemo.algorithms.advantages import correction_advantages, group_advantages
 from cipo_nemo.algorithms.anchors import AnchorSelection, select_anchors
-from cipo_nemo.algorithms.correction import build_training_batch
+from cipo_nemo.algorithms.correction import join_streams
+from cipo_nemo.algorithms.dynamic_sampling import SampledRound, assemble_rounds, live_group_count
 from cipo_nemo.algorithms.loss import PolicyLoss
 from cipo_nemo.algorithms.rewards import is_success
 from cipo_nemo.algorithms.rho import RhoController
+from cipo_nemo.algorithms.training_signal import carries_gradient, training_signal
 from cipo_nemo.config import MasterConfig, to_yaml
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.correction_prompts import render_correction_prompt
@@ -47,7 +51,7 @@ from cipo_nemo.eval.benchmarks import Benchmark
 from cipo_nemo.eval.harness import EvalContext, evaluate_benchmarks
 from cipo_nemo.models.factory import build_cluster, build_generation, build_policy, build_tokenizer, needs_ray
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, SamplingSettings
-from cipo_nemo.models.policy.microbatches import combine_optimizer_steps, plan_mini_batches
+from cipo_nemo.models.policy.microbatches import OptimizerStep, plan_optimizer_steps, take_optimizer_steps
 from cipo_nemo.models.refit.transfer import build_refit_transport, refit_weights
 from cipo_nemo.models.rollout import responses_to_batch
 from cipo_nemo.samples import sample_records, write_samples
@@ -96,6 +100,12 @@ class StepRollouts:
     anchors: AnchorSelection | None
     corrections: Batch | None
     dropped_anchors: int  # anchors whose correction prompt did not fit max_total_sequence_length
+    sampling_metrics: dict[str, float]  # dynamic_sampling/* (empty without it)
+
+
+# Streams of the per-step seeds (step_seed): each draw of a step has its own.
+SEED_BASE, SEED_ANCHORS, SEED_CORRECTIONS, SEED_VALIDATION, SEED_MINI_BATCHES = 0, 1, 2, 3, 4
+SEED_BASE_ROUND = 100  # + r: round r >= 1 of dynamic sampling (round 0 is SEED_BASE, as without it)
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -168,11 +178,7 @@ def build_loss(cfg: MasterConfig) -> PolicyLoss:
 def cipo_step(c: Components, step: int) -> dict[str, float | None]:
     """One CIPO (or GRPO) step; returns its metrics."""
     timer = c.timer
-    items = c.sampler.next_batch()
-    with timer.time("rollout"):
-        base = rollout(c, items, step)
-    with timer.time("verify"):
-        verify(c, base, items)
+    items, base, sampling_metrics = sample_base_stream(c, step)
     with timer.time("select_anchors"):
         anchors = maybe_select_anchors(c, base, step)
     with timer.time("correction_rollout"):
@@ -181,18 +187,18 @@ def cipo_step(c: Components, step: int) -> dict[str, float | None]:
         if corrections is not None:
             verify(c, corrections, items)
     c.generation.sleep(level=2)  # the refit below overwrites every weight: nothing to offload to host memory
-    rollouts = StepRollouts(items, base, anchors, corrections, dropped)
-    with timer.time("shape_and_join"):
-        batch, cipo_metrics = build_training_batch(base, corrections, anchors=anchors, rho=c.rho.rho,
-                                                   risk_penalty=c.cfg.cipo.risk_penalty)
+    rollouts = StepRollouts(items, base, anchors, corrections, dropped, sampling_metrics)
+    with timer.time("join"):
+        joined, cipo_metrics = join_streams(base, corrections, anchors=anchors, rho=c.rho.rho)
     with timer.time("advantages"):
-        compute_advantages(c, batch)
+        batch = compute_advantages(c, joined)
     with timer.time("dump_samples"):
         maybe_dump_samples(c, rollouts, batch, step)
+    plan = plan_training(c, batch, step)
     with timer.time("logprobs"):
-        compute_logprobs(c, batch)
+        compute_logprobs(c, batch, plan)
     with timer.time("train"):
-        train_metrics = train_policy(c, batch, step)
+        train_metrics = train_policy(c, batch, plan)
     with timer.time("refit"):
         refit(c)
     update_rho(c, cipo_metrics.retention)
@@ -204,14 +210,45 @@ def step_seed(c: Components, step: int, stream: int) -> int:
     return (c.cfg.run.seed * 1_000_003 + step * 101 + stream) % (2**31)
 
 
-def rollout(c: Components, items: list[TaskItem], step: int) -> Batch:
+def sample_base_stream(c: Components, step: int) -> tuple[list[TaskItem], Batch, dict[str, float]]:
+    """B prompts x G samples, scored. With grpo.dynamic_sampling, further rounds of B prompts until B groups carry
+    gradient (up to max_rounds; algorithms/dynamic_sampling.py decides which groups form the batch)."""
+    dynamic = c.cfg.grpo.dynamic_sampling
+    rounds: list[SampledRound] = []
+    while not rounds or (dynamic.enabled and len(rounds) < dynamic.max_rounds
+                         and live_group_count(rounds) < c.cfg.grpo.prompts_per_step):
+        items = c.sampler.next_batch()
+        with c.timer.time("rollout"):
+            base = rollout(c, items, step, seed_stream=SEED_BASE if not rounds else SEED_BASE_ROUND + len(rounds))
+        with c.timer.time("verify"):
+            verify(c, base, items)
+        if not dynamic.enabled:
+            return items, base, {}
+        rounds.append(SampledRound(items, base, live_groups=groups_with_gradient(c, base)))
+    items, base, stats = assemble_rounds(rounds, prompts_per_step=c.cfg.grpo.prompts_per_step)
+    if stats.groups_short:
+        logger.warning("step %d: dynamic sampling found %d of %d prompt groups with a non-zero advantage in %d "
+                       "rounds; training on those", step, stats.groups_live, c.cfg.grpo.prompts_per_step,
+                       stats.rounds)
+    return items, base, stats.as_dict()
+
+
+def groups_with_gradient(c: Components, base: Batch) -> set[int]:
+    """The base groups that carry gradient, by the very math the step trains with (`training_signal`)."""
+    joined, _ = join_streams(base, None, anchors=None, rho=c.rho.rho)
+    signal = compute_advantages(c, joined)
+    return set(signal["group_id"][carries_gradient(signal)].tolist())
+
+
+def rollout(c: Components, items: list[TaskItem], step: int, *, seed_stream: int = SEED_BASE) -> Batch:
     """Base stream: G samples per prompt from the current policy."""
     cfg = c.cfg
     rendered = [render_prompt(item, tokenizer=c.tokenizer, instructions=cfg.data.instructions,
                               template_kwargs=cfg.data.chat_template_kwargs,
                               system_prompt=cfg.data.system_prompt) for item in items]
     prompt_ids = encode_prompts(rendered, tokenizer=c.tokenizer)
-    settings = SamplingSettings.from_config(cfg.generation, n=cfg.grpo.samples_per_prompt, seed=step_seed(c, step, 0))
+    settings = SamplingSettings.from_config(cfg.generation, n=cfg.grpo.samples_per_prompt,
+                                            seed=step_seed(c, step, seed_stream))
     responses = generate(c, prompt_ids, settings)
     return responses_to_batch(prompt_ids, responses, item_indices=list(range(len(items))), sample_kind="base",
                               tokenizer=c.tokenizer)
@@ -238,7 +275,7 @@ def maybe_select_anchors(c: Components, base: Batch, step: int) -> AnchorSelecti
     correction = c.cfg.cipo
     if not correction.enabled:
         return None
-    generator = torch.Generator().manual_seed(step_seed(c, step, 1))
+    generator = torch.Generator().manual_seed(step_seed(c, step, SEED_ANCHORS))
     return select_anchors(base["rewards"], base["group_id"], rho=c.rho.rho,
                           max_anchors_per_step=correction.max_anchors_per_step,
                           difficulty_low=correction.difficulty_low, difficulty_high=correction.difficulty_high,
@@ -262,7 +299,8 @@ def correction_rollout(
     if not kept_anchor_positions:
         return None, len(anchors)
     prompt_ids = [all_prompt_ids[position] for position in kept_anchor_positions]
-    settings = SamplingSettings.from_config(cfg.generation, n=cfg.cipo.samples_per_anchor, seed=step_seed(c, step, 2))
+    settings = SamplingSettings.from_config(cfg.generation, n=cfg.cipo.samples_per_anchor,
+                                            seed=step_seed(c, step, SEED_CORRECTIONS))
     responses = generate(c, prompt_ids, settings)
     item_indices = [base["item_index"][anchors.indices[p]] for p in kept_anchor_positions]
     corrections = responses_to_batch(prompt_ids, responses, item_indices=item_indices, sample_kind="correction",
@@ -273,22 +311,14 @@ def correction_rollout(
     return corrections, len(anchors) - len(kept_anchor_positions)
 
 
-def compute_advantages(c: Components, batch: Batch) -> None:
-    """Base stream: GRPO, A = (r - mean_group) / (std_group + eps) per prompt group. Correction stream:
-    `correction_advantages` in `cipo.advantage_mode` from the raw rewards, the risk penalty applied there."""
-    grpo = c.cfg.grpo
-    is_correction = torch.tensor([kind == "correction" for kind in batch["sample_kind"]], dtype=torch.bool)
-    advantages = torch.zeros_like(batch["raw_rewards"])
-    base = ~is_correction
-    advantages[base] = group_advantages(batch["raw_rewards"][base], batch["group_id"][base],
-                                        normalize_std=grpo.normalize_std, leave_one_out=grpo.leave_one_out,
-                                        eps=grpo.std_eps)
-    if bool(is_correction.any()):
-        advantages[is_correction] = correction_advantages(
-            batch["raw_rewards"][is_correction], batch["group_id"][is_correction],
-            batch["anchor_correct"][is_correction], mode=c.cfg.cipo.advantage_mode,
-            risk_penalty=c.cfg.cipo.risk_penalty, eps=grpo.std_eps)
-    batch["advantages"] = advantages
+def compute_advantages(c: Components, joined: Batch) -> Batch:
+    """Shaped rewards and advantages of both streams, each applied once (algorithms/training_signal.py): the risk
+    penalty on corrections, the overlong punishment, GRPO per prompt group for the base stream and
+    `cipo.advantage_mode` for corrections; responses cut at max_new_tokens leave the loss with grpo.mask_truncated."""
+    cfg = c.cfg
+    batch = training_signal(joined, grpo=cfg.grpo, cipo=cfg.cipo, max_new_tokens=cfg.generation.max_new_tokens)
+    batch["carries_gradient"] = carries_gradient(batch)
+    return batch
 
 
 def maybe_dump_samples(c: Components, rollouts: StepRollouts, batch: Batch, step: int) -> None:
@@ -300,11 +330,26 @@ def maybe_dump_samples(c: Components, rollouts: StepRollouts, batch: Batch, step
         c.metrics.log_samples(step, records)  # a table in W&B / MLflow when configured
 
 
-def compute_logprobs(c: Components, batch: Batch) -> None:
+def plan_training(c: Components, batch: Batch, step: int) -> list[OptimizerStep]:
+    """The step's optimizer steps: `policy.epochs_per_batch` passes over the samples in shuffled mini-batches of
+    `policy.train_global_batch_size`, drawn over every sample; with loss.skip_zero_advantage each keeps only the
+    samples that carry gradient and the normalizer it had with all of them (microbatches.plan_optimizer_steps)."""
+    policy = c.cfg.policy
+    generator = torch.Generator().manual_seed(step_seed(c, step, SEED_MINI_BATCHES))
+    live = batch["carries_gradient"] if c.cfg.loss.skips_zero_advantage() else None
+    return plan_optimizer_steps(batch, c.loss_fn, size=policy.train_global_batch_size,
+                                epochs=policy.epochs_per_batch, generator=generator, carries_gradient=live)
+
+
+def compute_logprobs(c: Components, batch: Batch, plan: list[OptimizerStep]) -> None:
     """pi_old (the trainer's recompute of the sampled tokens) when it can differ from the policy being trained,
-    and, for the KL term, the reference policy."""
+    for the samples the plan trains only, and, for the KL term, the reference policy."""
     if needs_old_logprobs(c, len(batch)):
-        batch["old_logprobs"] = c.policy.get_logprobs(batch)
+        trained = sorted({i for planned in plan for i in planned.indices})
+        old_logprobs = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
+        if trained:
+            old_logprobs[trained] = c.policy.get_logprobs(batch.select(trained)).float()
+        batch["old_logprobs"] = old_logprobs
     if c.cfg.loss.kl_beta > 0:
         batch["reference_logprobs"] = c.policy.get_reference_logprobs(batch)
 
@@ -318,21 +363,31 @@ def needs_old_logprobs(c: Components, num_samples: int) -> bool:
     return not one_step or loss.kl_beta > 0 or loss.importance_sampling
 
 
-def train_policy(c: Components, batch: Batch, step: int) -> dict[str, float]:
-    """`policy.epochs_per_batch` passes over the step's samples in shuffled mini-batches of
-    `policy.train_global_batch_size`, one optimizer step each; every mini-batch's loss has its own global
-    denominator, and pi_old stays the rollout policy's (computed once, before the first step), so from the second
-    step on the ratio pi / pi_old moves away from 1 and the clip ranges bind."""
-    policy = c.cfg.policy
-    generator = torch.Generator().manual_seed(step_seed(c, step, 4))
-    plan = plan_mini_batches(len(batch), size=policy.train_global_batch_size, epochs=policy.epochs_per_batch,
-                             generator=generator)
+def train_policy(c: Components, batch: Batch, plan: list[OptimizerStep]) -> dict[str, float]:
+    """One optimizer step per planned mini-batch (`plan_training`), each with its own global loss denominator;
+    pi_old stays the rollout policy's (computed once, before the first step), so from the second step on the
+    ratio pi / pi_old moves away from 1 and the clip ranges bind. A mini-batch none of whose samples carries
+    gradient takes no optimizer step (its learning-rate tick still passes), and the step line says so."""
     c.progress.expect(len(plan), "optimizer steps")
-    results = []
-    for indices in plan:
-        results.append(c.policy.train(batch.select(indices), c.loss_fn))
-        c.progress.advance()
-    return combine_optimizer_steps(results)
+    metrics = take_optimizer_steps(c.policy, batch, plan, c.loss_fn, after_each=c.progress.advance)
+    return metrics | trained_per_stream(batch, plan)
+
+
+def trained_per_stream(batch: Batch, plan: list[OptimizerStep]) -> dict[str, float]:
+    """train/samples_skipped/<stream>: samples no train pass saw; train/tokens_trained/<stream>: response tokens
+    the train passes computed (over every optimizer step)."""
+    trained_any = torch.zeros(len(batch), dtype=torch.bool)
+    passes = torch.zeros(len(batch))
+    for planned in plan:
+        trained_any[planned.indices] = True
+        passes[planned.indices] += 1
+    tokens = batch["response_mask"].sum(dim=1).float().cpu()
+    metrics = {}
+    for stream in ("base", "correction"):
+        in_stream = torch.tensor([kind == stream for kind in batch["sample_kind"]], dtype=torch.bool)
+        metrics[f"samples_skipped/{stream}"] = float((in_stream & ~trained_any).sum())
+        metrics[f"tokens_trained/{stream}"] = float((tokens * passes)[in_stream].sum())
+    return metrics
 
 
 def refit(c: Components) -> None:
@@ -341,7 +396,7 @@ def refit(c: Components) -> None:
 
 
 def update_rho(c: Components, retention: float | None) -> None:
-    """The rho update (DESIGN step 7); a CIPO run warns once when rho sits at a bound in most steps (it cannot steer)."""
+    """The rho update (docs/design.md step 7); a CIPO run warns once when rho sits at a bound in most steps."""
     c.rho.update(retention)
     if not c.cfg.cipo.enabled:
         return
@@ -368,8 +423,8 @@ def step_metrics(
         "reward/prompts_all_wrong": _share_of_groups(base, lambda r: bool((~is_success(r)).all())),
         "reward/correction_mean": None,
         "tokens/generated": float(_response_tokens(base) + _response_tokens(rollouts.corrections)),
-        "tokens/trained": float(batch.num_valid_tokens()),
-        # prompt + response tokens per stream: what logprobs and train process (benchmarks/step_speed.py per token)
+        "tokens/trained": float(batch.num_valid_tokens()),  # response tokens in the loss's normalizer
+        # prompt + response tokens per stream: what logprobs and train process (benchmarks/speed/step_speed.py per token)
         "tokens/base_sequence": float(_sequence_tokens(base)),
         "tokens/correction_sequence": float(_sequence_tokens(rollouts.corrections)),
         "response_length/base_mean": float(base["response_mask"].sum(dim=1).float().mean()),
@@ -379,6 +434,7 @@ def step_metrics(
         **rho_metrics(c),
         **cipo_metrics,  # cipo/anchors_*, cipo/correction_success, cipo/retention, cipo/rho (used this step)
         **{f"train/{k}": v for k, v in train_metrics.items()},
+        **rollouts.sampling_metrics,
     }
     if rollouts.corrections is not None:
         metrics["reward/correction_mean"] = float(rollouts.corrections["rewards"].mean())
@@ -388,7 +444,8 @@ def step_metrics(
     metrics.update(timings)
     generation_seconds = timings.get("timing/rollout", 0.0) + timings.get("timing/correction_rollout", 0.0)
     metrics["throughput/generated_tokens_per_s"] = metrics["tokens/generated"] / max(generation_seconds, 1e-9)
-    metrics["throughput/trained_tokens_per_s"] = metrics["tokens/trained"] / max(timings.get("timing/train", 0.0), 1e-9)
+    computed = sum(metrics[f"train/tokens_trained/{stream}"] for stream in ("base", "correction"))
+    metrics["throughput/trained_tokens_per_s"] = computed / max(timings.get("timing/train", 0.0), 1e-9)
     return metrics
 
 
@@ -435,7 +492,7 @@ def validate(c: Components, step: int) -> dict[str, float | None]:
                           max_model_len=c.cfg.policy.max_total_sequence_length)
     held_out = Benchmark(name="validation", kind="answer", items=c.validation_items, source="data.validation")
     results, _ = evaluate_benchmarks([held_out], context, n=val.samples_per_prompt, k_list=val.pass_k,
-                                     max_items=None, seed=step_seed(c, step, 3))
+                                     max_items=None, seed=step_seed(c, step, SEED_VALIDATION))
     metrics = results["benchmarks"]["validation"]["metrics"]
     return {"val/reward_mean": metrics["avg"], **{f"val/pass@{k}": v for k, v in metrics["pass@k"].items()}}
 

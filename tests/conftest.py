@@ -4,11 +4,48 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from worker_guard import WorkerGuard
 
 # Tests never reach a model or dataset hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# The `slow` marker (pyproject.toml) is kept honest: a test without it fails when it starts a real worker
+# (tests/worker_guard.py says what counts and how it is seen).
+WORKER_GUARD = WorkerGuard()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    WORKER_GUARD.install()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    watched = item.get_closest_marker("slow") is None
+    if watched:
+        WORKER_GUARD.watch(item.nodeid)
+    try:
+        yield
+    finally:
+        if watched:
+            WORKER_GUARD.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = (yield).get_result()
+    if item.get_closest_marker("slow") is not None:
+        return
+    started = WORKER_GUARD.take()
+    if not started:
+        return
+    message = (f"{item.nodeid} is not marked slow, but during its {report.when} it {'; '.join(started)}. Mark the "
+               "test, or its module (pytestmark), with @pytest.mark.slow: `pytest -m \"not slow\"` is the fast loop.")
+    if report.failed:
+        report.sections.append(("worker guard", message))
+    else:
+        report.outcome, report.longrepr = "failed", message
 
 
 @dataclass(frozen=True)

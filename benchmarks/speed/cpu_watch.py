@@ -1,7 +1,7 @@
 """Who else used the CPU while a benchmark run was timed.
 
 On this 2-core machine torch's OpenMP threads spin-wait at barriers, so any other busy process slows a run
-20-300x (shared/PLATFORM.md). `CpuWatch` samples every process in /proc once a second and splits the CPU
+20-300x (docs/platform.md). `CpuWatch` samples every process in /proc once a second and splits the CPU
 seconds used during the run into the benchmark's own process tree (this process and every descendant, even after
 it was re-parented) and everything else. /proc/stat's machine-wide busy time is recorded too: processes that
 start and end between two samples are seen only there (`machine_busy_s - own_s` bounds "other" from above).
@@ -10,45 +10,10 @@ start and end between two samples are seen only there (`machine_busy_s - own_s` 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-PROC = Path("/proc")
-
-
-@dataclass(frozen=True)
-class ProcSample:
-    ppid: int
-    cpu_s: float  # utime + stime
-    name: str
-
-
-def read_processes() -> dict[tuple[int, int], ProcSample]:
-    """(pid, start time in ticks) -> sample, for every process readable now (identity survives pid reuse)."""
-    samples = {}
-    for entry in PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = (entry / "stat").read_text()
-        except OSError:  # the process ended while we listed /proc
-            continue
-        # comm may contain spaces and parentheses: the fields after the last ')' are fixed
-        name = raw[raw.index("(") + 1 : raw.rindex(")")]
-        fields = raw[raw.rindex(")") + 2 :].split()
-        ppid, utime, stime, start = int(fields[1]), int(fields[11]), int(fields[12]), int(fields[19])
-        samples[(int(entry.name), start)] = ProcSample(ppid=ppid, cpu_s=(utime + stime) / CLOCK_TICKS, name=name)
-    return samples
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores spent not idle since boot (/proc/stat: every field but idle and iowait)."""
-    fields = [int(v) for v in (PROC / "stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return (sum(fields[:8]) - idle) / CLOCK_TICKS  # guest time is already inside user
+from benchmarks.common.proc_sampler import ProcessKey, ProcSample, ProcSampler, machine_busy_seconds
 
 
 @dataclass(frozen=True)
@@ -70,45 +35,35 @@ class CpuReport:
                 "top_others": self.top_others}
 
 
-class CpuWatch:
-    """Context manager: samples /proc every `interval_s` from a thread while the body runs."""
+class CpuWatch(ProcSampler):
+    """Context manager: samples /proc every `interval_s` from a thread while the body runs; `report` afterwards."""
 
     def __init__(self, interval_s: float = 1.0, root_pid: int | None = None) -> None:
-        self._interval_s = interval_s
+        super().__init__(interval_s)
         self._root = root_pid if root_pid is not None else os.getpid()
-        self._first: dict[tuple[int, int], float] = {}
-        self._last: dict[tuple[int, int], ProcSample] = {}
-        self._own: set[tuple[int, int]] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._first: dict[ProcessKey, float] = {}
+        self._last: dict[ProcessKey, ProcSample] = {}
+        self._own: set[ProcessKey] = set()
         self.report: CpuReport | None = None
 
     def __enter__(self) -> CpuWatch:
         self._started = time.monotonic()
         self._busy_start = machine_busy_seconds()
-        self._sample(first=True)
-        self._thread.start()
+        super().__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample(first=False)
+        super().__exit__(*exc)
         self.report = self._summarize()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            self._sample(first=False)
-
-    def _sample(self, *, first: bool) -> None:
-        now = read_processes()
-        by_pid = {key[0]: key for key in now}
-        for key, sample in now.items():
+    def record(self, now: float, processes: dict[ProcessKey, ProcSample], *, first: bool) -> None:
+        by_pid = {key[0]: key for key in processes}
+        for key, sample in processes.items():
             if key not in self._first:
                 # a process alive at the start counts from there; one started during the run from zero
                 self._first[key] = sample.cpu_s if first else 0.0
             self._last[key] = sample
-            if key not in self._own and self._descends_from_root(key, now, by_pid):
+            if key not in self._own and self._descends_from_root(key, processes, by_pid):
                 self._own.add(key)
 
     def _descends_from_root(self, key: tuple[int, int], now: dict, by_pid: dict) -> bool:

@@ -1,5 +1,5 @@
 """Our GRPO/CIPO step through the real loop (cipo_nemo.trainer setup -> cipo_step per step -> shutdown): the
-project side of benchmarks/step_speed.py, run as its own process so its CPU time is its own.
+project side of benchmarks/speed/step_speed.py, run as its own process so its CPU time is its own.
 
 Steps run exactly as `cipo_nemo.loop.train` runs them (cipo_step, then the metrics line in metrics.jsonl), without
 validation, checkpoints or the final HF export, which are not part of a step. Writes a JSON summary with each

@@ -1,4 +1,4 @@
-"""Difficulty-aware anchor selection (DESIGN step 2, paper section 3.3).
+"""Difficulty-aware anchor selection (docs/design.md step 2, paper section 3.3).
 
 The anchors of a step are the base rollouts that become correction prompts: a share rho of them successful,
 preferably from prompts whose accuracy p lies in [cipo.difficulty_low, cipo.difficulty_high].

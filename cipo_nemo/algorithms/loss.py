@@ -1,4 +1,4 @@
-"""Clipped policy-gradient loss shared by the base and correction streams (DESIGN step 6).
+"""Clipped policy-gradient loss shared by the base and correction streams (docs/design.md step 6).
 
     L = sum_t w_t * l_t / D  +  beta * sum_t KL_t / D
     l_t = -min(r_t A, clip(r_t, 1 - clip_low, 1 + clip_high) A),   r_t = pi_theta / pi_old

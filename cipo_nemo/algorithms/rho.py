@@ -1,4 +1,4 @@
-"""The adaptive share of successful anchors (DESIGN step 7, paper section 3.2): `RhoController(cfg.cipo.rho)`."""
+"""The adaptive share of successful anchors (docs/design.md step 7, paper 3.2): `RhoController(cfg.cipo.rho)`."""
 
 from __future__ import annotations
 

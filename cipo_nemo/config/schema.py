@@ -49,8 +49,19 @@ class RunConfig(StrictModel):
     seed: Annotated[int, Field(ge=0)] = Field(description="Seed for data order, anchor selection and sampling.")
 
 
+class DynamicSamplingConfig(StrictModel):
+    """DAPO's dynamic sampling (arXiv 2503.14476): draw prompt groups until the batch holds prompts_per_step groups
+    with a non-zero advantage."""
+
+    enabled: bool = Field(description="Sample more prompt groups until prompts_per_step of them carry gradient.")
+    max_rounds: PositiveInt = Field(
+        description="Rounds of prompts_per_step prompts drawn at most per step; a step still short trains on what "
+        "it has and says so."
+    )
+
+
 class GRPOConfig(StrictModel):
-    """The base stream: standard GRPO on the original prompts (DESIGN step 1)."""
+    """The base stream: standard GRPO on the original prompts (docs/design.md step 1)."""
 
     num_steps: PositiveInt = Field(description="RL steps (one rollout batch and one policy update each).")
     prompts_per_step: PositiveInt = Field(description="B: prompts drawn per step.")
@@ -58,6 +69,16 @@ class GRPOConfig(StrictModel):
     normalize_std: bool = Field(description="Divide advantages by the group std (false = Dr.GRPO).")
     leave_one_out: bool = Field(description="Use the leave-one-out mean of the group as the baseline (RLOO).")
     std_eps: PositiveFloat = Field(description="eps in A = (r - mean) / (std + eps).")
+    dynamic_sampling: DynamicSamplingConfig
+    mask_truncated: bool = Field(
+        description="Leave responses cut at generation.max_new_tokens out of the loss and its normalizer (DAPO's "
+        "overlong filtering); they still count in their group's advantage baseline."
+    )
+    overlong_buffer: NonNegativeInt = Field(
+        description="DAPO's soft overlong punishment over the last this many tokens before max_new_tokens: "
+        "r -= factor * (length - (max_new_tokens - buffer)) / buffer there (0 = off). Both streams."
+    )
+    overlong_penalty_factor: NonNegativeFloat = Field(description="The punishment at max_new_tokens itself.")
 
 
 class RhoConfig(StrictModel):
@@ -124,7 +145,7 @@ class CorrectionTemplates(StrictModel):
 
 
 class CorrectionConfig(StrictModel):
-    """The correction stream (DESIGN steps 2-7). `enabled: false` turns CIPO into plain GRPO."""
+    """The correction stream (docs/design.md steps 2-7). `enabled: false` turns CIPO into plain GRPO."""
 
     enabled: bool = Field(description="Run the correction stream (false = GRPO baseline).")
     samples_per_anchor: PositiveInt = Field(description="G_c: corrections sampled per correction prompt.")
@@ -150,7 +171,7 @@ class CorrectionConfig(StrictModel):
 
 
 class LossConfig(StrictModel):
-    """Token-level clipped surrogate shared by both streams (DESIGN step 6)."""
+    """Token-level clipped surrogate shared by both streams (docs/design.md step 6)."""
 
     clip_low: NonNegativeFloat = Field(description="Ratio clipped below at 1 - clip_low.")
     clip_high: NonNegativeFloat = Field(description="Ratio clipped above at 1 + clip_high (clip-higher when > clip_low).")
@@ -161,6 +182,27 @@ class LossConfig(StrictModel):
     kl_estimator: Literal["k1", "k3"] = Field(description="KL estimator per token (k3 is non-negative).")
     importance_sampling: bool = Field(description="Truncated importance-sampling correction generation -> trainer.")
     is_truncation: Annotated[float, Field(ge=1.0)] = Field(description="Cap C of the TIS weight min(ratio, C).")
+    skip_zero_advantage: bool | Literal["auto"] = Field(
+        description="Samples whose advantage is 0 leave the pi_old and train passes; the loss keeps their share of "
+        "its normalizer, so the update is unchanged. auto: on when exact (kl_beta = 0); true with kl_beta > 0 is "
+        "refused (the KL term is not zero at zero advantage)."
+    )
+
+    @field_validator("skip_zero_advantage", mode="plain")
+    @classmethod
+    def _skip_only_where_exact(cls, value: object, info: ValidationInfo) -> bool | str:
+        # One plain check instead of a union, so that a bad value gets one message rather than one per member.
+        if value != "auto" and not isinstance(value, bool):
+            raise ValueError("must be true, false or 'auto'")
+        kl_beta = info.data.get("kl_beta")
+        if value is True and kl_beta is not None and kl_beta > 0:
+            raise ValueError(f"true is not exact with kl_beta = {kl_beta} > 0 (the KL term is not zero at zero "
+                             "advantage): set it to auto (off here) or false")
+        return value
+
+    def skips_zero_advantage(self) -> bool:
+        """Whether zero-advantage samples leave the passes: exact only when no loss term survives A = 0."""
+        return self.skip_zero_advantage is True or (self.skip_zero_advantage == "auto" and self.kl_beta == 0)
 
 
 class FileFields(StrictModel):
@@ -510,6 +552,15 @@ class MasterConfig(StrictModel):
         loss = info.data.get("loss")
         if loss is not None and loss.kl_beta > 0 and value.reference_policy == "none":
             raise ValueError(f"reference_policy is 'none' but loss.kl_beta = {loss.kl_beta} needs the reference policy")
+        return value
+
+    @field_validator("generation")
+    @classmethod
+    def _overlong_buffer_within_responses(cls, value: GenerationConfig, info: ValidationInfo) -> GenerationConfig:
+        grpo = info.data.get("grpo")
+        if grpo is not None and grpo.overlong_buffer >= value.max_new_tokens:
+            raise ValueError(f"max_new_tokens ({value.max_new_tokens}) must exceed grpo.overlong_buffer "
+                             f"({grpo.overlong_buffer}): the punishment starts max_new_tokens - overlong_buffer tokens in")
         return value
 
     @field_validator("refit")

@@ -1,5 +1,5 @@
-"""The text of a correction prompt (DESIGN step 3): the problem, the policy's previous attempt, and an instruction
-to review it and fix it or keep it. The verifier's verdict is never shown to the policy.
+"""The text of a correction prompt (docs/design.md step 3): the problem, the policy's previous attempt, and an
+instruction to review it and fix it or keep it. The verifier's verdict is never shown to the policy.
 
 `build_correction_prompt` makes the user message from `cipo.templates`; `render_correction_prompt` puts it
 through the chat template exactly as the trainer and the evaluation harness both need it.

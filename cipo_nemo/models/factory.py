@@ -1,6 +1,6 @@
 """Build the tokenizer, the Ray cluster, the policy and the generation backend from the config.
 
-Placement (DESIGN.md "Architecture"): with `policy.backend: megatron` the policy is a worker group of
+Placement (docs/design.md "Architecture"): with `policy.backend: megatron` the policy is a worker group of
 `cluster.num_nodes x cluster.devices_per_node` ranks; a vLLM generation group sits on the same bundles when
 `generation.colocated` (each group takes half of every bundle, NeMo-RL's colocation by fractional resources).
 The HF backends run in the controller process: small models, tests, and the reference implementation.
@@ -9,7 +9,6 @@ The HF backends run in the controller process: small models, tests, and the refe
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend
 from cipo_nemo.utils.cpu_memory import cpu_memory_environment
 
 logger = logging.getLogger(__name__)
+
 
 def build_tokenizer(policy: PolicyConfig, *, chat_template: str | None) -> Any:
     """The policy's tokenizer (`policy.tokenizer` or the model's), with `data.chat_template` when set."""

@@ -61,10 +61,15 @@ class PolicyBackend(Protocol):
     def get_reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """(N, T) logprobs under the reference (initial) policy; only when policy.reference_policy != none."""
 
-    def train(self, batch: Batch, loss_fn: PolicyLoss) -> dict[str, float]:
+    def train(self, batch: Batch, loss_fn: PolicyLoss, *, global_denominator: float | None = None) -> dict[str, float]:
         """One optimizer step on the whole global `batch`: micro-batches (and data-parallel shards) share one
-        global loss denominator, so the step does not depend on micro-batch or DP size. Returns aggregated
-        loss metrics plus `grad_norm` and `lr`."""
+        global loss denominator, so the step does not depend on micro-batch or DP size. The denominator is
+        `global_denominator` when given (the trainer's, counted with the samples it skipped), else `batch`'s own.
+        Returns aggregated loss metrics plus `grad_norm` and `lr`."""
+
+    def skip_optimizer_step(self) -> float:
+        """A planned optimizer step none of whose samples carries gradient: not taken, but the learning-rate
+        schedule moves on as if it had been (the schedule counts planned steps); returns that step's lr."""
 
     def export_hf_weights(self) -> Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]:
         """The full (TP/PP-gathered) weights under Hugging Face parameter names, cloned (never views of

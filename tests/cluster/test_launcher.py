@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from slurm_harness import HERE, REPO, SlurmCluster, TinyRun
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]  # real Slurm and Ray
 
 JOB_SCRIPT = HERE / "tiny_job.sh"
 JOB_TIMEOUT_S = 300

@@ -18,6 +18,7 @@ from test_launcher import JOB_TIMEOUT_S, _describe, _overrides, _steps, _submit
 
 pytestmark = [
     pytest.mark.cluster_multinode,
+    pytest.mark.slow,  # real Slurm and Ray on two simulated nodes
     pytest.mark.skipif(os.environ.get("CIPO_TEST_MULTINODE") != "1", reason="set CIPO_TEST_MULTINODE=1 to run"),
 ]
 

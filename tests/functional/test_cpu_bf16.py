@@ -20,6 +20,8 @@ from cipo_nemo.models.policy.hf_policy import HFPolicy
 from cipo_nemo.models.policy.megatron_setup import cpu_has_native_bf16, resolve_param_dtype
 from cipo_nemo.models.tiny import build_tiny_model_dir
 
+pytestmark = pytest.mark.slow  # Megatron ranks (gloo)
+
 BF16_LOGPROB_TOLERANCE = 0.1  # bf16 keeps 8 bits of mantissa: logits of a tiny random model move by ~1e-2
 
 needs_native_bf16 = pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no avx512_bf16/amx_bf16")

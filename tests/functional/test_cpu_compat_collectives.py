@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from tests.functional.multirank import run_on_ranks
+
+pytestmark = pytest.mark.slow  # Megatron ranks (gloo)
 
 
 def _buffer_collectives(rank: int, world_size: int) -> dict[str, Any]:

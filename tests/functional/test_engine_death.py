@@ -16,6 +16,8 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from cipo_nemo.models.generation.vllm_generation import VllmGeneration
 from test_generation import MAX_MODEL_LEN, build_model_dir, generation_config, settings
 
+pytestmark = pytest.mark.slow  # a vLLM engine
+
 
 def _shm_files() -> set[Path]:
     return set(Path("/dev/shm").glob("psm_*")) | set(Path("/dev/shm").glob("sem.mp-*"))

@@ -28,6 +28,8 @@ from cipo_nemo.eval.benchmarks import load_benchmark, load_humaneval_benchmark
 from cipo_nemo.eval.harness import evaluate
 from cipo_nemo.models.hub import SMOLLM2_ID
 
+pytestmark = pytest.mark.slow  # the evaluation harness end to end, vLLM engines
+
 BASE = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 N, K = 4, [1, 2, 4]
 MAX_NEW_TOKENS, MAX_MODEL_LEN = 12, 512

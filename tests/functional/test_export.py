@@ -31,6 +31,8 @@ from cipo_nemo.models.policy.hf_policy import HFPolicy
 from cipo_nemo.models.tiny import build_tiny_model_dir
 from cipo_nemo.utils.checkpoint import CheckpointManager
 
+pytestmark = pytest.mark.slow  # Megatron ranks (gloo), CLI runs that load checkpoints
+
 BASE = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 REPO = BASE.parents[1]
 LOGPROB_TOLERANCE = 1e-4  # as tests/functional/test_megatron_policy.py: TP reductions reorder float sums

@@ -36,6 +36,8 @@ from cipo_nemo.models.refit.shm_file import (
 )
 from cipo_nemo.models.tiny import build_tiny_model_dir
 
+pytestmark = pytest.mark.slow  # vLLM engines
+
 MAX_MODEL_LEN = 256
 PROMPT_TEXTS = ("What is 12 + 7?", "def add(a, b):", "Let me think step by step.")
 WEIGHT_STD = 0.15

@@ -33,6 +33,8 @@ from test_generation import (
     token_ids,
 )
 
+pytestmark = pytest.mark.slow  # vLLM engines (TP=2)
+
 RAY_CPUS = 4
 TENSOR_PARALLEL = 2
 FRACTION = 0.5  # the colocated share: the policy would hold the other half of each bundle

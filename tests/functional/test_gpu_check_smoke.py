@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the GPU check as a subprocess: Megatron and a vLLM engine
+
 REPO = Path(__file__).resolve().parents[2]
 EXPECTED = {
     "logprobs_megatron_vs_hf": "PASS",

@@ -5,9 +5,13 @@ continues another run's checkpoint in a new run directory."""
 import json
 from pathlib import Path
 
+import pytest
+
 from cipo_nemo.config import load_config
 from cipo_nemo.loop import train
 from cipo_nemo.trainer import setup, shutdown
+
+pytestmark = pytest.mark.slow  # the training loop end to end
 
 BASE = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 

@@ -9,6 +9,8 @@ from cipo_nemo import loop, trainer
 from cipo_nemo.config import load_config
 from cipo_nemo.models import factory
 
+pytestmark = pytest.mark.slow  # the training loop end to end
+
 BASE = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 RECORDED = {"generate", "sleep", "wake", "update_weights_from_path", "get_logprobs", "train", "export_hf_weights_to",
             "remove_exported_weights", "load_checkpoint"}

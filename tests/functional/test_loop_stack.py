@@ -22,6 +22,8 @@ from test_loop_hf import BASE, STEP_METRICS, _overrides, _records
 from cipo_nemo.loop import REQUEUE_EXIT_CODE
 from cipo_nemo.utils.restarts import RESTARTS_FILE
 
+pytestmark = pytest.mark.slow  # the training loop on Megatron, vLLM and Ray
+
 REPO = Path(__file__).resolve().parents[2]
 STACK = ("policy.backend=megatron", "generation.backend=vllm", "generation.vllm.dtype=float32",
          "policy.megatron.layer_spec=local", "cluster.devices_per_node=1")

@@ -6,12 +6,16 @@ import json
 import os
 import signal
 
+import pytest
+
 from test_loop_hf import BASE, _overrides
 
 from cipo_nemo.loop import train
 from cipo_nemo.trainer import setup, shutdown
 from cipo_nemo.config import load_config
 from cipo_nemo.utils.preemption import stop_handlers
+
+pytestmark = pytest.mark.slow  # the training loop end to end
 
 
 def _train(model, run_dir, *extra, signal_first: bool = False):

@@ -6,11 +6,15 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from cipo_nemo.config import load_config
 from cipo_nemo.loop import train
 from cipo_nemo.samples import read_samples
 from cipo_nemo.trainer import setup, shutdown
 from cipo_nemo.utils.tracking import TRACKING_FILE
+
+pytestmark = pytest.mark.slow  # the training loop end to end
 
 BASE = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 

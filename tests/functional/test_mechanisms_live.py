@@ -11,6 +11,8 @@ from cipo_nemo.config import load_config
 from cipo_nemo.loop import train
 from cipo_nemo.trainer import setup, shutdown
 
+pytestmark = pytest.mark.slow  # the training loop end to end
+
 BASE = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 TRAIN_METRICS = ("train/loss", "train/grad_norm", "train/clip_fraction_low", "train/clip_fraction_high")
 

@@ -50,6 +50,7 @@ def test_every_recipe_preset_matches_its_config(recipes):
             assert (cfg.cluster.num_nodes, cfg.cluster.devices_per_node) == (preset.nodes, preset.gpus_per_node)
 
 
+@pytest.mark.slow  # the training loop, through NeMo-Run's local executor
 def test_local_recipe_trains_a_tiny_model_through_nemo_run(recipes, tmp_path, nemorun_home):
     model_dir = build_tiny_model_dir(tmp_path / "model")
     run_dir = tmp_path / "run"

@@ -28,6 +28,8 @@ from cipo_nemo.models.refit.transfer import BucketTransport, FileTransport, refi
 from cipo_nemo.models.rollout import responses_to_batch
 from cipo_nemo.models.tiny import build_tiny_model_dir
 
+pytestmark = pytest.mark.slow  # a vLLM engine
+
 BUCKET_BYTES = 144 * 1024
 MAX_MODEL_LEN = 128
 BOUND = 1.05  # token_mult_prob_error, as the vLLM refit tests (test_generation.py) and gpu_check use

@@ -1,5 +1,6 @@
-"""benchmarks/replicate_cipo_vs_grpo.py --quick end to end: both arms train the same steps from the same warm start on
-the same prompts in the same order, every model is evaluated, and the report, its table and its plots are written."""
+"""benchmarks/studies/replicate_cipo_vs_grpo.py --quick end to end: both arms train the same steps from the same warm
+start on the same prompts in the same order, every model is evaluated, and the report, its table and its plots are
+written."""
 
 import json
 import re
@@ -10,10 +11,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "replicate_cipo_vs_grpo.py"
+SCRIPT = REPO / "benchmarks" / "studies" / "replicate_cipo_vs_grpo.py"
 sys.path.insert(0, str(REPO))
 
-from benchmarks.replication.settings import QUICK  # noqa: E402
+from benchmarks.studies.replication.settings import QUICK  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the replication study end to end (the training loop)
 
 MODELS = ("warm", "grpo", "cipo")
 
@@ -99,7 +102,7 @@ def test_report_has_table_for_both_arms_and_all_seeds_and_plots(quick_run):
     verdicts = json.loads((report.parent / "cipo_vs_grpo_verdicts.json").read_text())
     assert len(verdicts) == 3
     assert all(v["verdict"].split(" ")[0] in ("held", "not", "mixed") for v in verdicts)
-    assert "python benchmarks/replicate_cipo_vs_grpo.py --quick" in text
+    assert "python benchmarks/studies/replicate_cipo_vs_grpo.py --quick" in text
     assert stdout.count("[seed ") >= 3 * len(summaries)  # warm start + both arms, per seed
 
 

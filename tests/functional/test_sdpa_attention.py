@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from multirank import run_on_ranks
+
+pytestmark = pytest.mark.slow  # Megatron ranks (gloo)
 
 CASES = {  # name: (heads, query groups, mask)
     "causal": (4, 4, "causal"),

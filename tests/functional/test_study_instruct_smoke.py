@@ -1,4 +1,4 @@
-"""benchmarks/study_instruct.py end to end on a random tiny model (HF backends, 2 steps per arm): every unit
+"""benchmarks/studies/study_instruct.py end to end on a random tiny model (HF backends, 2 steps per arm): every unit
 runs through the real loop and harness, its small results land in the results directory, the report is written
 from them, and a second invocation skips every finished unit."""
 
@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks import study_instruct
+import pytest
+
+from benchmarks.studies import study_instruct
 from cipo_nemo.models.tiny import build_tiny_model_dir
+
+pytestmark = pytest.mark.slow  # the study end to end (the training loop)
 
 BASE = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 

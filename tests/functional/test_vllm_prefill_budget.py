@@ -22,6 +22,8 @@ from test_eval import BASE, CORRECTION_ROWS, MAX_MODEL_LEN, OVERRIDES, read_samp
 from test_loop_hf import _records
 from test_loop_hf import _run as run_loop
 
+pytestmark = pytest.mark.slow  # vLLM engines, the training loop
+
 EVAL_N = 8
 TRAIN_MAX_MODEL_LEN = 384  # policy.max_total_sequence_length in test_loop_hf's overrides
 TRAIN_PROMPTS, TRAIN_SAMPLES = 4, 4  # grpo.prompts_per_step, grpo.samples_per_prompt there

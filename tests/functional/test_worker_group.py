@@ -26,6 +26,8 @@ from cipo_nemo.distributed import (
 )
 from cipo_nemo.distributed.worker_group import build_rank_envs
 
+pytestmark = pytest.mark.slow  # Ray
+
 # Ray's workers cannot import this test module by name: ship the worker classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -15,6 +15,8 @@ from cipo_nemo.distributed import VirtualCluster, WorkerGroup
 from cipo_nemo.distributed.cluster import _short_temp_dir
 from cipo_nemo.distributed.worker_group import _WorkerHost, build_rank_envs
 
+pytestmark = pytest.mark.slow  # Ray
+
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 

@@ -1,4 +1,5 @@
-"""The layering of docs/architecture.md: no package of cipo_nemo imports one above it.
+"""The layering of docs/architecture.md: no package of cipo_nemo imports one above it, cipo_nemo never imports
+benchmarks/, and no kind of benchmark (common, speed, studies, probes, the GPU check) imports one above or beside it.
 
 Imports are read with `ast` (every `import` and `from ... import`, also inside functions), so a lazy import that
 runs upward fails here as well.
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "cipo_nemo"
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE_ROOT = REPO / "cipo_nemo"
+BENCHMARKS_ROOT = REPO / "benchmarks"
 MAX_FILE_LINES = 600
 
 # Lower layers never import higher ones; a unit may import its own layer only from within itself.
@@ -36,27 +39,42 @@ LAYERS: dict[str, int] = {
 }
 
 
+# benchmarks/: every kind may import cipo_nemo; among themselves the same rule as above. The shared builders are
+# at the bottom; a probe digs into what a speed benchmark measures and may reuse its setup, and so may the GPU check.
+BENCHMARK_LAYERS: dict[str, int] = {
+    "common": 0,
+    "speed": 1,
+    "studies": 1,
+    "device": 1,
+    "probes": 2,
+    "gpu_check": 2,
+}
+
+
 def unit_of(module: str) -> str:
-    """'cipo_nemo.models.policy.hf_policy' -> 'models'; 'cipo_nemo.trainer' -> 'trainer'."""
+    """'cipo_nemo.models.policy.hf_policy' -> 'models'; 'cipo_nemo.trainer' -> 'trainer';
+    'benchmarks.speed.step_speed' -> 'speed'."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "__init__"
 
 
 def module_name(path: Path) -> str:
-    relative = path.relative_to(PACKAGE_ROOT.parent).with_suffix("")
+    relative = path.relative_to(REPO).with_suffix("")
     parts = list(relative.parts)
     if parts[-1] == "__init__" and len(parts) > 1:
         parts = parts[:-1]
     return ".".join(parts)
 
 
-def imported_modules(path: Path) -> list[tuple[int, str]]:
+def imported_modules(path: Path, roots: tuple[str, ...] = ("cipo_nemo",)) -> list[tuple[int, str]]:
     package = module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else module_name(path)
-    return imported_modules_of_source(path.read_text(), package=package)
+    return imported_modules_of_source(path.read_text(), package=package, roots=roots)
 
 
-def imported_modules_of_source(source: str, *, package: str) -> list[tuple[int, str]]:
-    """(line, module) of every cipo_nemo import in `source`, relative ones resolved against `package`."""
+def imported_modules_of_source(source: str, *, package: str,
+                               roots: tuple[str, ...] = ("cipo_nemo",)) -> list[tuple[int, str]]:
+    """(line, module) of every import of a package in `roots` in `source`, relative ones resolved against
+    `package`."""
     tree = ast.parse(source)
     found = []
     for node in ast.walk(tree):
@@ -68,11 +86,11 @@ def imported_modules_of_source(source: str, *, package: str) -> list[tuple[int, 
                 found.append((node.lineno, ".".join(base + ([node.module] if node.module else []))))
             elif node.module:
                 found.append((node.lineno, node.module))
-    return sorted((line, name) for line, name in found if name == "cipo_nemo" or name.startswith("cipo_nemo."))
+    return sorted((line, name) for line, name in found if name.split(".")[0] in roots)
 
 
-def python_files() -> list[Path]:
-    return sorted(PACKAGE_ROOT.rglob("*.py"))
+def python_files(root: Path = PACKAGE_ROOT) -> list[Path]:
+    return sorted(root.rglob("*.py"))
 
 
 def test_every_unit_has_a_layer() -> None:
@@ -89,7 +107,7 @@ def upward_imports() -> list[str]:
             if target_unit == source_unit:
                 continue
             if LAYERS[target_unit] >= LAYERS[source_unit]:
-                problems.append(f"{path.relative_to(PACKAGE_ROOT.parent)}:{line} ({source_unit}, layer "
+                problems.append(f"{path.relative_to(REPO)}:{line} ({source_unit}, layer "
                                 f"{LAYERS[source_unit]}) imports {target} ({target_unit}, layer {LAYERS[target_unit]})")
     return problems
 
@@ -105,6 +123,43 @@ def test_the_parser_sees_lazy_and_relative_imports() -> None:
     found = [name for _, name in imported_modules_of_source(source, package="cipo_nemo.algorithms")]
     assert found == ["cipo_nemo.trainer", "cipo_nemo.eval.harness", "cipo_nemo.trainer", "cipo_nemo.algorithms"]
     assert [unit_of(name) for name in found] == ["trainer", "eval", "trainer", "algorithms"]
+
+
+def test_cipo_nemo_never_imports_benchmarks_or_tests() -> None:
+    found = [f"{path.relative_to(REPO)}:{line} imports {target}" for path in python_files()
+             for line, target in imported_modules(path, roots=("benchmarks", "tests"))]
+    assert found == []
+
+
+def test_every_benchmark_file_has_a_kind() -> None:
+    kinds = {unit_of(module_name(path)) for path in python_files(BENCHMARKS_ROOT)}
+    assert kinds <= set(BENCHMARK_LAYERS), \
+        f"put {sorted(kinds - set(BENCHMARK_LAYERS))} in a kind's folder, or add the kind to BENCHMARK_LAYERS and " \
+        "docs/architecture.md"
+
+
+def benchmark_imports_upward_or_sideways() -> list[str]:
+    problems = []
+    for path in python_files(BENCHMARKS_ROOT):
+        source_kind = unit_of(module_name(path))
+        for line, target in imported_modules(path, roots=("benchmarks",)):
+            target_kind = unit_of(target)
+            if target_kind != source_kind and BENCHMARK_LAYERS[target_kind] >= BENCHMARK_LAYERS[source_kind]:
+                problems.append(f"{path.relative_to(REPO)}:{line} ({source_kind}, layer "
+                                f"{BENCHMARK_LAYERS[source_kind]}) imports {target} ({target_kind}, layer "
+                                f"{BENCHMARK_LAYERS[target_kind]})")
+    return problems
+
+
+def test_no_benchmark_imports_a_kind_above_or_beside_it() -> None:
+    assert benchmark_imports_upward_or_sideways() == []
+
+
+def test_the_parser_sees_imports_of_the_roots_asked_for() -> None:
+    source = "import benchmarks.speed.step_speed\nfrom benchmarks.common import batches\nimport cipo_nemo.data\n"
+    found = imported_modules_of_source(source, package="benchmarks.probes", roots=("benchmarks",))
+    assert [name for _, name in found] == ["benchmarks.speed.step_speed", "benchmarks.common"]
+    assert [unit_of(name) for _, name in found] == ["speed", "common"]
 
 
 @pytest.mark.parametrize("path", python_files(), ids=lambda p: str(p.relative_to(PACKAGE_ROOT)))

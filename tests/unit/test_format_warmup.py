@@ -1,11 +1,11 @@
-"""The format warm-up's pure parts (benchmarks/format_warmup.py): the model's own result, never the gold answer,
+"""The format warm-up's pure parts (benchmarks/studies/format_warmup.py): the model's own result, never the gold answer,
 becomes the target; the loss covers only the target tokens."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.format_warmup import batch_tensors, build_rows, model_result, summary, warmup_target
+from benchmarks.studies.format_warmup import batch_tensors, build_rows, model_result, summary, warmup_target
 from cipo_nemo.data.sources import TaskItem
 
 
@@ -41,8 +41,8 @@ def test_the_loss_covers_the_target_and_not_the_prompt_or_padding():
 
 
 def test_the_study_config_asks_what_the_warm_up_taught():
-    from benchmarks.format_warmup import TARGET_FORMAT
-    from benchmarks.screen_tasks import FORMATS
+    from benchmarks.studies.format_warmup import TARGET_FORMAT
+    from benchmarks.studies.screen_tasks import FORMATS
     from cipo_nemo.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "conf" / "study_smollm2_warm.yaml")

@@ -1,10 +1,11 @@
-"""The task screen's pure parts (benchmarks/screen_tasks.py): attempt choice, the numbers, the verdict, the table."""
+"""The task screen's pure parts (benchmarks/studies/screen_tasks.py): attempt choice, the numbers, the verdict, the
+table."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks.screen_tasks import (
+from benchmarks.studies.screen_tasks import (
     CONFIGS, FORMATS, HARD_K, choose_attempts, correction_benchmark, correction_numbers, markdown_table, verdict)
 from cipo_nemo.data.sources import TaskItem
 
@@ -95,7 +96,7 @@ def test_configurations_use_known_formats_and_temperature_relabels():
 def test_the_embedded_default_asks_in_the_screened_format():
     """conf/cipo_smollm2_cpu.yaml uses the sys_answer_is format the screen measured (docs/results/task_screen.md):
     the same system prompt, instruction, correction template and response budget."""
-    from benchmarks.screen_tasks import CONFIG
+    from benchmarks.studies.screen_tasks import CONFIG
     from cipo_nemo.config import load_config
 
     cfg, screened = load_config(CONFIG), FORMATS["sys_answer_is"]

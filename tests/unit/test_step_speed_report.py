@@ -1,11 +1,11 @@
-"""benchmarks/step_speed.py's bookkeeping (the benchmark itself runs minutes and is not a test): CPU seconds are
+"""benchmarks/speed/step_speed.py's bookkeeping (the benchmark itself runs minutes and is not a test): CPU seconds are
 attributed to the benchmark's own process tree, and the report's ratios and verdicts follow from the summaries."""
 
 import subprocess
 import sys
 
 from benchmarks.speed.cpu_watch import CpuWatch
-from benchmarks.step_speed import report, targets
+from benchmarks.speed.step_speed import report, targets
 
 BURN = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass"
 

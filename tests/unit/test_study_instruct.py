@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import study_instruct
-from benchmarks.replication.paired import paired_difference, per_problem
-from benchmarks.replication.study_report import write_report
+from benchmarks.studies import study_instruct
+from benchmarks.studies.replication.paired import paired_difference, per_problem
+from benchmarks.studies.replication.study_report import write_report
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.eval.passk import pass_at_k
 from cipo_nemo.trainer import correction_groups_live
@@ -187,7 +187,7 @@ def test_an_arm_stopped_early_is_not_evaluated(tmp_path: Path, monkeypatch: pyte
     done."""
     from types import SimpleNamespace
 
-    from benchmarks.replication import arms
+    from benchmarks.studies.replication import arms
     from cipo_nemo.data.sampler import PromptSampler
     from cipo_nemo.loop import RunSummary
 

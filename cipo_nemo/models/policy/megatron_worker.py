@@ -15,7 +15,6 @@ block-diagonal causal mask (local spec).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial, wraps
@@ -58,9 +57,7 @@ from cipo_nemo.models.policy.megatron_setup import (
     use_fused_adam_on_cpu,
 )
 from cipo_nemo.models.refit.manifest import detach_for_transfer
-from cipo_nemo.models.refit.profile import RefitProfile
-from cipo_nemo.models.refit.sender import BucketSender
-from cipo_nemo.models.refit.shm_file import RefitStaging
+from cipo_nemo.models.refit.sender import RefitSender
 
 # dist_checkpointing metadata, as megatron's trainer writes with --dist-ckpt-optim-fully-reshardable: the
 # distributed optimizer's state is stored per parameter, so a checkpoint loads at any TP/PP/DP layout
@@ -107,7 +104,7 @@ def release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class MegatronPolicyWorker(BucketSender):
+class MegatronPolicyWorker(RefitSender):
     """One rank of the Megatron policy (see the module docstring for the data and output conventions)."""
 
     def __init__(self, *, policy: PolicyConfig, num_steps: int, seed: int) -> None:
@@ -117,7 +114,6 @@ class MegatronPolicyWorker(BucketSender):
         self._bridge, self._chunks, self._layer_spec = model.bridge, model.chunks, model.layer_spec
         self._optimizer = build_optimizer(optimizer_cfg=policy.optimizer, model=model)
         _use_fused_cpu_adams(self._optimizer)
-        self._refit_staging = RefitStaging()
         self._lr_schedule = build_lr_scheduler(optimizer_cfg=policy.optimizer, num_steps=num_steps)
         self._reference_weights = maybe_snapshot_reference(policy.reference_policy, self._named_parameters)
 
@@ -218,6 +214,13 @@ class MegatronPolicyWorker(BucketSender):
         self._lr_schedule.step()
         metrics = self._global_metrics(per_micro_batch)
         return {**metrics, "grad_norm": float(grad_norm), "lr": lr}
+
+    def skip_optimizer_step(self) -> float:
+        """The LR schedule's tick of a planned step that carries no gradient; no optimizer step (interfaces.py).
+        Every rank ticks its own copy of the schedule, so they stay in step."""
+        lr = self._lr_schedule.lr_at(self._lr_schedule.step_count)
+        self._lr_schedule.step()
+        return lr
 
     def _global_metrics(self, per_micro_batch: list[dict[str, float]]) -> dict[str, float]:
         """Loss metrics over all micro-batches and DP ranks, on every rank (they exist on the last stage only)."""
@@ -387,43 +390,10 @@ class MegatronPolicyWorker(BucketSender):
                 weights[name] = detach_for_transfer(tensor)
         return weights
 
-    @_returns_cached_memory
-    def export_hf_weights_to(self, path: str | Path) -> int:
-        """Write the HF-named weights to `path` (the raw refit format of models/refit/shm_file.py) on the first
-        rank of every node (the refit hand-off: each node's engines read their own node's copy, e.g. in /dev/shm);
-        returns the tensor count on those ranks, 0 elsewhere. Collective; every node's file is complete when any
-        rank returns. megatron-bridge gives every rank the full tensors (stream_weights_megatron_to_hf), so no extra
-        transfer is needed. Each gathered tensor is written as it comes (its own bytes only, even when it is a view
-        into DDP's buffer), so the writer holds no second host copy of the model."""
-        writer = _first_rank_on_node()
-        profile = RefitProfile("policy_export")
-        gathered = profile.timed_iteration(
-            "gather", self._bridge.export_hf_weights(self._chunks, cpu=False, show_progress=False))
-        count = 0
-        with profile.stage("gather_and_write"):  # write = gather_and_write - gather
-            if writer:
-                path = Path(path)
-                path.parent.mkdir(parents=True, exist_ok=True)  # on other nodes the driver's directory does not exist
-                count = self._refit_staging.write(path, gathered)
-            else:
-                for _ in gathered:  # the gather is collective: take part, copy nothing to host memory
-                    pass
-        with profile.stage("barrier"):
-            dist.barrier()
-        if writer:
-            profile.write()
-        return count
-
     def _refit_stream(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return self._bridge.export_hf_weights(self._chunks, cpu=False, show_progress=False)  # collective
-
-    def remove_exported_weights(self, path: str | Path) -> None:
-        """Delete this node's copy written by export_hf_weights_to (and its directory, when empty)."""
-        if _first_rank_on_node():
-            path = Path(path)
-            path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                path.parent.rmdir()
+        """The HF-named weights for a refit (models/refit/sender.py): megatron-bridge's gather is collective and
+        gives every rank the full tensors (stream_weights_megatron_to_hf)."""
+        return self._bridge.export_hf_weights(self._chunks, cpu=False, show_progress=False)
 
     # ----- checkpoints --------------------------------------------------------------------------
 
@@ -492,7 +462,7 @@ class MegatronPolicyWorker(BucketSender):
         from megatron.core import parallel_state
 
         self._chunks, self._optimizer, self._reference_weights = [], None, None
-        self._refit_staging.close()
+        self.close_refit()
         parallel_state.destroy_model_parallel()
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -570,11 +540,6 @@ def _torch_adam_step_set_aside(optimizer: Any) -> Iterator[None]:
             for state in inner.state.values():
                 if "step" in state:
                     state["step"] = state["step"].clone()
-
-
-def _first_rank_on_node() -> bool:
-    """LOCAL_RANK 0 (set by worker groups, torchrun and Slurm wrappers); global rank 0 when it is not set."""
-    return int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
 
 
 def _device() -> torch.device | str:

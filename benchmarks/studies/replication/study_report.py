@@ -1,6 +1,6 @@
 """The instruct-model study's report, rebuilt from the committed results directory alone.
 
-Layout read (written by benchmarks/study_instruct.py): `<results>/preregistration.md`, and per seed
+Layout read (written by benchmarks/studies/study_instruct.py): `<results>/preregistration.md`, and per seed
 `seed<N>/{start,grpo,cipo}/results.json` (the harness's results with per-problem rewards) and
 `seed<N>/{grpo,cipo}/metrics.jsonl`. Units not finished yet are reported as missing, not guessed.
 """
@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.replication.arms import DATA_ORDER_FILE, VAL0_FILE
-from benchmarks.replication.paired import PairedDifference, paired_difference, per_problem
-from benchmarks.replication.report import ARMS, validation_curve
+from benchmarks.studies.replication.arms import DATA_ORDER_FILE, VAL0_FILE
+from benchmarks.studies.replication.paired import PairedDifference, paired_difference, per_problem
+from benchmarks.studies.replication.report import ARMS, validation_curve
 from cipo_nemo.utils.logger import METRICS_FILE, read_metrics
 
 PREREGISTRATION = """# Pre-registration (written {date}, before any unit of the study ran)

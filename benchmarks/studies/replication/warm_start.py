@@ -19,7 +19,7 @@ from cipo_nemo.data.prompts import render_prompt
 from cipo_nemo.data.sources import TaskItem
 from cipo_nemo.models.tiny import build_tiny_model_dir, build_tiny_tokenizer, warm_start_tiny_model
 
-from benchmarks.replication.task import SumProblem, flawed_solution, solution
+from benchmarks.studies.replication.task import SumProblem, flawed_solution, solution
 
 CORRECTION_SHARE = 0.25  # share of warm-start examples in the correction format
 

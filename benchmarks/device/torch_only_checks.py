@@ -39,23 +39,22 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
-from cipo_nemo.algorithms.loss import PolicyLoss
-from cipo_nemo.models.policy.chunked_logprobs import chunked_token_logprobs, full_vocab_logprobs
-from cipo_nemo.models.refit.buckets import shared_memory_mapped_bytes
-from cipo_nemo.models.refit.ipc import IpcChannel, IpcReceiver, send_over_ipc
-from cipo_nemo.models.refit.layout import SLOTS
+import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common.batches import LOSS  # noqa: E402
+from cipo_nemo.models.policy.chunked_logprobs import chunked_token_logprobs, full_vocab_logprobs  # noqa: E402
+from cipo_nemo.models.refit.ipc import IpcChannel, IpcReceiver, send_over_ipc  # noqa: E402
+from cipo_nemo.models.refit.layout import SLOTS  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
 GIB, MIB = 2**30, 2**20
 RSS_SLACK = 256 * MIB  # allocator and library noise in a resident set: far below one GiB of weights
 DEVICE_SLACK = 128 * MIB  # the CUDA caching allocator rounds blocks
 MULT_ERROR_BF16 = 1.05
 MULT_ERROR_FP32 = 1.001
-CHUNK_GOAL = 0.25  # chunked peak at most a quarter of the unchunked one (benchmarks/logprob_memory.py's goal)
-LOSS = PolicyLoss(clip_low=0.2, clip_high=0.2, normalization="token", kl_beta=0.0, kl_estimator="k3",
-                  importance_sampling=False, is_truncation=2.0, loss_weight=1.0)
+CHUNK_GOAL = 0.25  # chunked peak at most a quarter of the unchunked one (benchmarks/speed/logprob_memory.py's goal)
 
 
 def _on_gpu() -> bool:
@@ -257,7 +256,7 @@ def hf_policy_bf16_vs_cpu(model_dir: Path, batch) -> Callable:
     def check() -> tuple[bool, str, dict]:
         work = Path(tempfile.mkdtemp(prefix="gpu_check_hf_"))
         torch.save(batch, work / "batch.pt")
-        environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": f"{REPO}:{REPO / 'benchmarks'}"}
+        environment = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
         run = subprocess.run([sys.executable, __file__, "--hf-reference", str(model_dir), str(work)],
                              env=environment, capture_output=True, text=True, timeout=600)
         if run.returncode != 0:
@@ -373,7 +372,7 @@ def run_torch_only_checks(checks, *, model_dir: Path, hf_batch) -> None:
         checks.run("hf_policy_bf16_vs_cpu", hf_policy_bf16_vs_cpu(model_dir, hf_batch))
     if not _on_gpu():
         checks.skip("chunked_logprobs_peak_memory", "no GPU: the peak is read from CUDA's allocator "
-                                                    "(benchmarks/logprob_memory.py measures the CPU)")
+                                                    "(benchmarks/speed/logprob_memory.py measures the CPU)")
         checks.skip("nccl_transport", "no GPU: NCCL needs CUDA")
         return
     checks.run("chunked_logprobs_peak_memory", chunked_logprobs_peak_memory())

@@ -27,19 +27,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local directory: no hub lookups
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.megatron_train_profile import LOSS, make_batch  # noqa: E402
+from benchmarks.common.batches import LOSS, rollout_shaped_batch  # noqa: E402
 from benchmarks.speed.cpu_watch import CpuWatch  # noqa: E402
 from cipo_nemo.config import load_config  # noqa: E402
 from cipo_nemo.models.interfaces import SamplingSettings  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "conf" / "cipo_smollm2_cpu.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "conf" / "cipo_smollm2_cpu.yaml"
 OVERRIDES = ["policy.precision=fp32", "data.system_prompt=null", "generation.temperature=1.0",
              "generation.top_p=1.0", "generation.max_new_tokens=64"]
 PAUSE_S = 1.5
@@ -90,7 +90,7 @@ def main() -> int:
                             max_model_len=cfg.policy.max_total_sequence_length, seed=0)
     policy = MegatronPolicyWorker(policy=cfg.policy, num_steps=1000, seed=0)
     vocab = 49152
-    batch = make_batch(samples=8, vocab_size=vocab)
+    batch = rollout_shaped_batch(samples=8, vocab_size=vocab)
     denominator = float(LOSS.local_denominator([batch]))
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(4, vocab, (47,), generator=generator).tolist() for _ in range(2)]

@@ -16,8 +16,8 @@ warm-up shared by both arms of the study, the answer format only. This one teach
 The data (every sampled reply, the extracted result, whether it is right, the target) and the settings go to
 ``--record`` (committed), so the warm-up is documented with its data. Then screen the result:
 
-    python benchmarks/format_warmup.py --out ~/.cache/cipo_nemo/smollm2-135m-format-warmup
-    python benchmarks/screen_tasks.py --configs ba_1d2t_calc_answer_is --temperature 0.5 \\
+    python benchmarks/studies/format_warmup.py --out ~/.cache/cipo_nemo/smollm2-135m-format-warmup
+    python benchmarks/studies/screen_tasks.py --configs ba_1d2t_calc_answer_is --temperature 0.5 \\
         --model ~/.cache/cipo_nemo/smollm2-135m-format-warmup --model-tag warm
 """
 
@@ -35,16 +35,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
-from screen_tasks import CONFIG, FORMATS, Engine, _arith, heavy_lock  # noqa: E402
-
+from benchmarks.studies.screen_tasks import CONFIG, FORMATS, Engine, _arith, heavy_lock  # noqa: E402
 from cipo_nemo.algorithms.rewards import SUCCESS_THRESHOLD  # noqa: E402
 from cipo_nemo.config import load_config  # noqa: E402
 from cipo_nemo.eval.benchmarks import reasoning_gym_benchmark  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WARMUP_SEED = 517  # generator seed of the warm-up problems: not the screen's (515, 516) nor the eval default's
 SAMPLE_FORMAT = "calc"  # what the base model is asked when its results are collected
 TARGET_FORMAT = "calc_answer_is"  # the prompt the warm-up trains under (and the study uses)

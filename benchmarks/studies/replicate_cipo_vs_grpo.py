@@ -7,10 +7,10 @@ the warm start and both final policies with cipo_nemo.eval (held-out and harder 
 correction of the warm start's own attempts: wrong->right, right->right). Then aggregate over seeds and write the
 report (Markdown + PNGs) with verdicts on the paper's three claims (docs/results/cipo_vs_grpo.md).
 
-    python benchmarks/replicate_cipo_vs_grpo.py                    # full: 3 seeds, about 40 minutes on 2 cores
-    python benchmarks/replicate_cipo_vs_grpo.py --quick --output-dir /tmp/rep --report /tmp/rep/report.md
-    python benchmarks/replicate_cipo_vs_grpo.py --report-only      # rebuild the report from --output-dir
-    python benchmarks/replicate_cipo_vs_grpo.py --ablations        # + one-change-at-a-time CIPO variants (seed 0)
+    python benchmarks/studies/replicate_cipo_vs_grpo.py                    # full: 3 seeds, about 40 minutes on 2 cores
+    python benchmarks/studies/replicate_cipo_vs_grpo.py --quick --output-dir /tmp/rep --report /tmp/rep/report.md
+    python benchmarks/studies/replicate_cipo_vs_grpo.py --report-only      # rebuild the report from --output-dir
+    python benchmarks/studies/replicate_cipo_vs_grpo.py --ablations    # + one-change-at-a-time CIPO variants (seed 0)
 """
 
 from __future__ import annotations
@@ -25,20 +25,22 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from benchmarks.replication import report as rep  # noqa: E402
-from benchmarks.replication.arms import run_arm  # noqa: E402
-from benchmarks.replication.evaluation import (  # noqa: E402
+from benchmarks.studies.replication import report as rep  # noqa: E402
+from benchmarks.studies.replication.arms import run_arm  # noqa: E402
+from benchmarks.studies.replication.evaluation import (  # noqa: E402
     HARD, HELDOUT, answer_benchmark, correction_benchmark, evaluate_model, headline, saved_answer_rates)
-from benchmarks.replication.settings import FULL, PASS_K, QUICK, Sizes, arm_config, shared_overrides  # noqa: E402
-from benchmarks.replication.task import HARD_SPEC, TRAIN_SPEC, SumProblem, generate_problems, write_jsonl  # noqa: E402
-from benchmarks.replication.warm_start import build_warm_start  # noqa: E402
+from benchmarks.studies.replication.settings import (  # noqa: E402
+    FULL, PASS_K, QUICK, Sizes, arm_config, shared_overrides)
+from benchmarks.studies.replication.task import (  # noqa: E402
+    HARD_SPEC, TRAIN_SPEC, SumProblem, generate_problems, write_jsonl)
+from benchmarks.studies.replication.warm_start import build_warm_start  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA_SEED = 1234  # the problem sets are the same for every seed; seeds change model, warm start and RL sampling
 SUMMARY_FILE = "summary.json"
 RUN_INFO_FILE = "run_info.json"  # the training run's command and wall time, for --report-only
@@ -184,7 +186,7 @@ def write_report(seeds: list[dict], sizes: Sizes, report_path: Path, *, output_d
 
 
 def render_markdown(seeds, sizes, k_list, verdicts, plots, *, command: str, minutes: float | None) -> str:
-    from benchmarks.replication.markdown import render
+    from benchmarks.studies.replication.markdown import render
 
     return render(seeds=seeds, sizes=asdict(sizes), k_list=k_list, verdicts=verdicts,
                   plots={name: path.name for name, path in plots.items()}, command=command, minutes=minutes,
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sizes = QUICK if args.quick else FULL
     seeds = tuple(args.seeds) if args.seeds else sizes.seeds
-    command = " ".join(["python benchmarks/replicate_cipo_vs_grpo.py", *map(shlex.quote, argv or sys.argv[1:])])
+    command = " ".join(["python benchmarks/studies/replicate_cipo_vs_grpo.py", *map(shlex.quote, argv or sys.argv[1:])])
     started = time.monotonic()
     if args.ablations_only:
         run_ablations(seeds[0], sizes, problem_sets(sizes), args.output_dir)

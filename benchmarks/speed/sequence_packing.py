@@ -8,7 +8,7 @@ policy backend (HF in-process and the Megatron worker in a one-rank gloo world),
 the median seconds, the packed/unpacked ratio, the share of computed positions that are padding, and checks
 that both layouts give the same loss (else exit 1).
 
-Usage: python benchmarks/sequence_packing.py [--samples 32] [--max-response 448] [--repeats 3]
+Usage: python benchmarks/speed/sequence_packing.py [--samples 32] [--max-response 448] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -22,20 +22,18 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-from cipo_nemo.algorithms.loss import PolicyLoss  # noqa: E402
+from benchmarks.common.batches import LOSS, synthetic_batch  # noqa: E402
 from cipo_nemo.config import load_config  # noqa: E402
 from cipo_nemo.data.batch import Batch  # noqa: E402
 from cipo_nemo.data.packing import plan_packed_rows, sequence_lengths  # noqa: E402
 from cipo_nemo.models.tiny import build_tiny_model_dir  # noqa: E402
 
-BASE_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "cipo_base.yaml"
+BASE_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 MICRO_BATCH_SIZE = 4
-LOSS = PolicyLoss(clip_low=0.2, clip_high=0.28, normalization="token", kl_beta=0.0, kl_estimator="k3",
-                  importance_sampling=False, is_truncation=2.0, loss_weight=1.0)
 
 
 def make_batch(*, samples: int, max_response: int, vocab_size: int, seed: int = 0) -> Batch:
@@ -44,20 +42,8 @@ def make_batch(*, samples: int, max_response: int, vocab_size: int, seed: int = 
     # log-uniform response lengths: many short, a few long (the tail padding is paid for)
     log_lengths = torch.rand(samples, generator=generator) * (math.log(max_response) - math.log(8)) + math.log(8)
     response_lengths = log_lengths.exp().round().long()
-    width = int((prompt_lengths + response_lengths).max())
-    input_ids = torch.full((samples, width), 3, dtype=torch.long)
-    prompt_mask = torch.zeros(samples, width, dtype=torch.bool)
-    response_mask = torch.zeros(samples, width, dtype=torch.bool)
-    for row, (p, r) in enumerate(zip(prompt_lengths.tolist(), response_lengths.tolist())):
-        input_ids[row, : p + r] = torch.randint(4, vocab_size, (p + r,), generator=generator)
-        prompt_mask[row, :p] = True
-        response_mask[row, p : p + r] = True
-    old_logprobs = torch.where(response_mask, torch.full((samples, width), -math.log(vocab_size)), 0.0)
-    return Batch({
-        "group_id": torch.arange(samples) // 4, "sample_kind": ["base"] * samples, "input_ids": input_ids,
-        "prompt_mask": prompt_mask, "response_mask": response_mask, "old_logprobs": old_logprobs,
-        "generation_logprobs": old_logprobs.clone(), "advantages": torch.randn(samples, generator=generator),
-    })
+    return synthetic_batch(prompt_lengths.tolist(), response_lengths.tolist(), vocab_size=vocab_size,
+                           generator=generator, group_size=4)
 
 
 def policy_config(model_dir: Path, *, packing: bool, max_length: int):

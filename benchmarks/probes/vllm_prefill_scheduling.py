@@ -8,7 +8,7 @@ every sample generates exactly --max-new-tokens (EOS ignored) so that all runs d
 time, each warmed up on one request, then `--repeats` timed `generate` calls; prints the median seconds, tokens/s,
 and the ratio to the chunked engine.
 
-Usage: python benchmarks/vllm_prefill_scheduling.py [--model HuggingFaceTB/SmolLM2-135M-Instruct] [--problems 16]
+Usage: python benchmarks/probes/vllm_prefill_scheduling.py [--model HuggingFaceTB/SmolLM2-135M-Instruct] [--problems 16]
        [--n 8] [--max-new-tokens 64] [--repeats 2] [--whole-first]
 """
 
@@ -20,14 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 from cipo_nemo.config import load_config  # noqa: E402
 from cipo_nemo.data.prompts import render_prompt  # noqa: E402
 from cipo_nemo.eval.benchmarks import load_benchmark  # noqa: E402
 from cipo_nemo.models.hub import SMOLLM2_ID, resolve_model_dir  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "conf" / "cipo_smollm2_cpu.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "conf" / "cipo_smollm2_cpu.yaml"
 
 
 def build_prompts(model_dir: Path, *, problems: int) -> list[list[int]]:

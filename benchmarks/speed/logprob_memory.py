@@ -18,7 +18,7 @@ is what the pass added. glibc keeps freed small blocks in its heap, which would 
 with MALLOC_MMAP_THRESHOLD_=65536: every tensor over 64 KiB is its own mmap, returned to the kernel when freed,
 and the resident set follows the live tensors. Each pass also reports its wall time.
 
-Usage: python benchmarks/logprob_memory.py [--chunk-tokens 1024] [--micro-batch 4] [--length 1024]
+Usage: python benchmarks/speed/logprob_memory.py [--chunk-tokens 1024] [--micro-batch 4] [--length 1024]
        [--backends hf,megatron]
 Exit 1 when the chunked logprob pass is above 1/4 of the naive one's peak, or the logprobs differ.
 """
@@ -35,20 +35,17 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-from cipo_nemo.algorithms.loss import PolicyLoss  # noqa: E402
+from benchmarks.common.batches import LOSS, variable_length_batch  # noqa: E402
 from cipo_nemo.config import load_config  # noqa: E402
-from cipo_nemo.data.batch import Batch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE_CONFIG = ROOT / "conf" / "cipo_base.yaml"
 VOCAB, HIDDEN = 49152, 576  # SmolLM2-135M's
 GOAL = 0.25
-LOSS = PolicyLoss(clip_low=0.2, clip_high=0.28, normalization="token", kl_beta=0.0, kl_estimator="k3",
-                  importance_sampling=False, is_truncation=2.0, loss_weight=1.0)
 
 
 def build_model_dir(path: Path) -> Path:
@@ -63,20 +60,6 @@ def build_model_dir(path: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(path)
     build_tiny_tokenizer().save_pretrained(path)  # token ids below are drawn from the model's 49152
     return path
-
-
-def make_batch(samples: int, length: int, seed: int = 0) -> Batch:
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, VOCAB, (samples, length), generator=generator)
-    prompt_mask = torch.zeros(samples, length, dtype=torch.bool)
-    prompt_mask[:, : length // 4] = True
-    response_mask = ~prompt_mask
-    old_logprobs = torch.where(response_mask, torch.full((samples, length), -10.8), 0.0)
-    return Batch({
-        "group_id": torch.arange(samples) // 2, "sample_kind": ["base"] * samples, "input_ids": input_ids,
-        "prompt_mask": prompt_mask, "response_mask": response_mask, "old_logprobs": old_logprobs,
-        "generation_logprobs": old_logprobs.clone(), "advantages": torch.randn(samples, generator=generator),
-    })
 
 
 # ----- the measured child -------------------------------------------------------------------------------------
@@ -109,10 +92,10 @@ def child(backend: str, model_dir: str, chunk_tokens: int, micro_batch: int, len
         from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
 
         policy = MegatronPolicyWorker(policy=policy_cfg, num_steps=10, seed=0)
-    warmup = make_batch(2, 16)  # thread pools, lazy buffers and the optimizer's state: not part of the passes
+    warmup = variable_length_batch(vocab_size=VOCAB, lengths=[16] * 2)  # thread pools, lazy buffers and the optimizer's state: not part of the passes
     policy.get_logprobs(warmup)
     policy.train(warmup, LOSS, global_denominator=float(LOSS.local_denominator([warmup])))
-    batch = make_batch(micro_batch, length)
+    batch = variable_length_batch(vocab_size=VOCAB, lengths=[length] * micro_batch)
     logprob_mib, logprob_s, logprobs = peak_added_mib(lambda: policy.get_logprobs(batch))
     denominator = float(LOSS.local_denominator([batch]))
     train_mib, train_s, metrics = peak_added_mib(lambda: policy.train(batch, LOSS, global_denominator=denominator))

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from cipo_nemo.config import MasterConfig, load_config
 
-from benchmarks.replication.warm_start import ModelShape, WarmStartPlan
+from benchmarks.studies.replication.warm_start import ModelShape, WarmStartPlan
 
-BASE_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
+BASE_CONFIG = Path(__file__).resolve().parents[3] / "conf" / "cipo_base.yaml"
 PASS_K = (1, 2, 4, 8, 16, 32)
 
 

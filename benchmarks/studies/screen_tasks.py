@@ -21,9 +21,9 @@ Each configuration holds /tmp/cipo_heavy.lock while it generates (the engine sta
 its numbers go to ``--work-dir``/<label>.json (skipped when present: a screen can be resumed or extended), the
 table is rebuilt from every saved configuration into ``--report`` (Markdown) and a JSON beside it.
 
-    python benchmarks/screen_tasks.py --configs ba_1d2t_boxed,ba_1d2t_short        # a few configurations
-    python benchmarks/screen_tasks.py --configs all --problems 64 --n 8
-    python benchmarks/screen_tasks.py --report-only
+    python benchmarks/studies/screen_tasks.py --configs ba_1d2t_boxed,ba_1d2t_short        # a few configurations
+    python benchmarks/studies/screen_tasks.py --configs all --problems 64 --n 8
+    python benchmarks/studies/screen_tasks.py --report-only
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 from cipo_nemo.algorithms.rewards import SUCCESS_THRESHOLD  # noqa: E402
 from cipo_nemo.config import MasterConfig, load_config  # noqa: E402
 from cipo_nemo.eval.benchmarks import Benchmark, reasoning_gym_benchmark  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "conf" / "cipo_smollm2_cpu.yaml"
 LOCK_FILE = "/tmp/cipo_heavy.lock"
 SCREEN_SEED = 515  # generator seed of the screened problems (not a training seed)
@@ -104,7 +104,7 @@ FORMATS["calc"] = PromptFormat(
     correction_template=_ATTEMPT_BLOCK + "If the previous attempt is wrong, correct it; if it is right, keep it. "
     "Write the calculation and its result.",
     max_new_tokens=48)
-# the calculation first, then the answer marker: the form the format warm-up (benchmarks/format_warmup.py) teaches;
+# the calculation first, then the answer marker: the form the format warm-up (studies/format_warmup.py) teaches;
 # on the base model, asked for the calculation alone ("calc"), 59% of replies hold an "= N" and 32% a right one
 FORMATS["calc_answer_is"] = PromptFormat(
     instruction="Write the calculation, then finish with: The answer is <number>.",

@@ -1,7 +1,7 @@
 """Where the engine side of a refit spends its time: one vLLM engine on the benchmark's model, N refits from a refit
 file of the model's own weights, with cProfile inside the vLLM worker around each reload (docs/notes/refit.md).
 
-    flock /tmp/cipo_heavy.lock python benchmarks/speed/refit_probe.py [--model-dir DIR] [--refits 3]
+    flock /tmp/cipo_heavy.lock python benchmarks/probes/refit_probe.py [--model-dir DIR] [--refits 3]
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def main() -> None:
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "conf" / "cipo_smollm2_cpu.yaml")
     model_dir = args.model_dir or str(resolve_model_dir(cfg.policy.model_name))
-    vllm_generation.REFIT_EXTENSION = f"{__name__ if __name__ != '__main__' else 'benchmarks.speed.refit_probe'}.ProfilingRefitExtension"
+    module = __name__ if __name__ != "__main__" else "benchmarks.probes.refit_probe"
+    vllm_generation.REFIT_EXTENSION = f"{module}.ProfilingRefitExtension"
     engine = vllm_generation.VllmGeneration(model_dir=model_dir, generation=cfg.generation, max_model_len=512, seed=0)
     weights = {name: t for name, t in load_file(str(Path(model_dir) / "model.safetensors")).items()
                if name != "lm_head.weight"}

@@ -13,7 +13,7 @@ Disagreements are expected only where the two extract different answers: (a) let
 or expression in the whole response, while (b) requires a marked final answer (boxed, ``####``, "the answer is")
 and reports ``no_answer`` otherwise, e.g. for a truncated response that happens to mention the gold number.
 
-Usage: python benchmarks/verifier_throughput.py [--pairs 2000] [--workers 2] [--seed 0]
+Usage: python benchmarks/speed/verifier_throughput.py [--pairs 2000] [--workers 2] [--seed 0]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 from math_verify import parse, verify  # noqa: E402
 

@@ -11,7 +11,7 @@ backward; the best step counts. No optimizer step: this is the layers' speed, no
 Model: a random Qwen2-shaped model (GQA: heads = hidden / 64, KV heads = heads / 2), fp32 on CPU and bf16 on GPU.
 `benchmarks/gpu_check.py` calls `measure_variants` for its `local_attention_tokens_per_s` check on a GPU.
 
-Usage: python benchmarks/local_attention.py [--hidden 256 --layers 4 --batch 4 --seq 512 --steps 3]
+Usage: python benchmarks/speed/local_attention.py [--hidden 256 --layers 4 --batch 4 --seq 512 --steps 3]
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE_CONFIG = ROOT / "conf" / "cipo_base.yaml"
 VARIANTS = ("hf_sdpa", "megatron_local", "megatron_local_sdpa")
 

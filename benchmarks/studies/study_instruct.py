@@ -16,8 +16,8 @@ report (--report) is rebuilt from those files alone. The pre-registration (metri
 records the sha256 of the start model's weights; an invocation whose start model differs (the warm-up redone on
 another machine) stops before any work instead of comparing arms that started from different weights.
 
-    python benchmarks/study_instruct.py --steps 100 --prompts-per-step 8 --samples-per-prompt 4
-    python benchmarks/study_instruct.py --report-only
+    python benchmarks/studies/study_instruct.py --steps 100 --prompts-per-step 8 --samples-per-prompt 4
+    python benchmarks/studies/study_instruct.py --report-only
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
-from benchmarks.replication.arms import run_arm  # noqa: E402
-from benchmarks.replication.study_report import PREREGISTRATION, write_report  # noqa: E402
+from benchmarks.studies.replication.arms import run_arm  # noqa: E402
+from benchmarks.studies.replication.study_report import PREREGISTRATION, write_report  # noqa: E402
 from cipo_nemo.algorithms.rewards import SUCCESS_THRESHOLD  # noqa: E402
 from cipo_nemo.config import MasterConfig, load_config  # noqa: E402
 from cipo_nemo.data.sources import TaskItem, load_items  # noqa: E402
@@ -42,7 +42,7 @@ from cipo_nemo.eval.benchmarks import Benchmark  # noqa: E402
 from cipo_nemo.eval.harness import evaluate  # noqa: E402
 from cipo_nemo.eval.report import SAMPLES_FILE  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ARMS = ("grpo", "cipo")
 HELDOUT, HARD, CORRECTION = "heldout", "hard", "correction"
 DONE_FILE = "done.json"

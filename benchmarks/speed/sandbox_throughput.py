@@ -13,7 +13,7 @@ current and the baseline one alternating for ``--rounds`` rounds so that both se
 table shows the mean over rounds and the ratio current / baseline. ``python`` is the interpreter the sandbox
 runs programs with (the real path of ``sys.executable``). Every sandboxed result must be ``ok``, else exit 1.
 
-Usage: python benchmarks/sandbox_throughput.py [--programs 200] [--workers 2] [--baseline REV] [--rounds 3]
+Usage: python benchmarks/speed/sandbox_throughput.py [--programs 200] [--workers 2] [--baseline REV] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 PROGRAMS = {
     "pass": "pass\n",
     "small loop": "total = 0\nfor i in range(200_000):\n    total += i * i % 7\nprint(total)\n",
