@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from cipo_nemo.algorithms.dynamic_sampling import SampledRound, assemble_rounds,
 from cipo_nemo.algorithms.loss import PolicyLoss
 from cipo_nemo.algorithms.rewards import is_success
 from cipo_nemo.algorithms.rho import RhoController
-from cipo_nemo.algorithms.training_signal import carries_gradient, training_signal
+from cipo_nemo.algorithms.training_signal import carries_gradient, correction_groups_live, training_signal
 from cipo_nemo.config import MasterConfig, to_yaml
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.correction_prompts import render_correction_prompt
@@ -49,9 +51,16 @@ from cipo_nemo.data.sources import TaskItem, describe, load_items
 from cipo_nemo.environments.scoring import TaskScorer
 from cipo_nemo.eval.benchmarks import Benchmark
 from cipo_nemo.eval.harness import EvalContext, evaluate_benchmarks
+from cipo_nemo.eval.registry import load_registered_benchmark
+from cipo_nemo.eval.report import average_summary
 from cipo_nemo.models.factory import build_cluster, build_generation, build_policy, build_tokenizer, needs_ray
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, SamplingSettings
-from cipo_nemo.models.policy.microbatches import OptimizerStep, plan_optimizer_steps, take_optimizer_steps
+from cipo_nemo.models.policy.microbatches import (
+    OptimizerStep,
+    plan_optimizer_steps,
+    take_optimizer_steps,
+    trained_per_stream,
+)
 from cipo_nemo.models.refit.transfer import build_refit_transport, refit_weights
 from cipo_nemo.models.rollout import responses_to_batch
 from cipo_nemo.samples import sample_records, write_samples
@@ -72,7 +81,7 @@ class Components:
     run_dir: Path
     tokenizer: Any
     train_items: list[TaskItem]
-    validation_items: list[TaskItem]
+    validation_sets: dict[str, list[TaskItem]]  # "validation" (data.validation) and each validation.benchmarks name
     sampler: PromptSampler
     scorer: TaskScorer
     policy: PolicyBackend
@@ -114,7 +123,9 @@ SEED_BASE_ROUND = 100  # + r: round r >= 1 of dynamic sampling (round 0 is SEED_
 def setup(cfg: MasterConfig, loaded_items: dict[str, list[TaskItem]] | None = None) -> Components:
     """Build every component (data, scorer, workers, loss, logger) and resume from a checkpoint if asked.
 
-    `loaded_items` (split -> items) are the preflight's: the data sources are then not read a second time."""
+    `loaded_items` (split -> items) are the preflight's: the data sources are then not read a second time.
+    `policy.offload_optimizer_for_generation` comes resolved by the launch plan (`python -m cipo_nemo`); an `auto`
+    left unresolved means no (the plan says yes only where a GPU budget does not fit otherwise)."""
     run_dir = Path(cfg.run.output_dir)
     resume_checkpoint(cfg)  # a checkpoint of another setup stops the run here, before any worker starts
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,19 +134,21 @@ def setup(cfg: MasterConfig, loaded_items: dict[str, list[TaskItem]] | None = No
     loaded_items = loaded_items or {}
     # prompts first: a data set with nothing that fits data.max_prompt_tokens stops here, before Ray and workers
     train_items = load_prompts(cfg, tokenizer, split="train", items=loaded_items.get("train"))
-    validation_items = (load_prompts(cfg, tokenizer, split="validation", items=loaded_items.get("validation"))
-                        if cfg.data.validation else [])
+    validation_sets = load_validation_sets(cfg, tokenizer, loaded_items)
     cluster = build_cluster(cfg) if needs_ray(cfg) else None
+    policy = build_policy(cfg, cluster)
+    if offloads_optimizer(cfg):
+        policy.offload_optimizer()  # before the engine starts and takes its share of the GPU
     components = Components(
         cfg=cfg,
         run_dir=run_dir,
         tokenizer=tokenizer,
         train_items=train_items,
-        validation_items=validation_items[: cfg.validation.max_items],
+        validation_sets={name: items[: cfg.validation.max_items] for name, items in validation_sets.items()},
         sampler=PromptSampler(train_items, batch_size=cfg.grpo.prompts_per_step, seed=cfg.run.seed,
                               shuffle=cfg.data.shuffle),
         scorer=TaskScorer(verifier=cfg.verifier),
-        policy=build_policy(cfg, cluster),
+        policy=policy,
         generation=build_generation(cfg, cluster),
         loss_fn=build_loss(cfg),
         rho=RhoController(cfg.cipo.rho),
@@ -162,6 +175,21 @@ def load_prompts(cfg: MasterConfig, tokenizer: Any, *, split: str, items: list[T
                                 template_kwargs=cfg.data.chat_template_kwargs,
                                 system_prompt=cfg.data.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens)
     return kept
+
+
+def load_validation_sets(cfg: MasterConfig, tokenizer: Any,
+                         loaded_items: dict[str, list[TaskItem]]) -> dict[str, list[TaskItem]]:
+    """data.validation (as "validation") and each named benchmark of validation.benchmarks, without prompts over
+    data.max_prompt_tokens; the preflight's items when it loaded them."""
+    sets = {}
+    if cfg.data.validation is not None:
+        sets["validation"] = load_prompts(cfg, tokenizer, split="validation", items=loaded_items.get("validation"))
+    for name in cfg.validation.benchmarks:
+        items = loaded_items.get(f"benchmark:{name}")
+        if items is None:
+            items = load_registered_benchmark(name, fetch=False).items
+        sets[name] = load_prompts(cfg, tokenizer, split=name, items=items)
+    return sets
 
 
 def build_loss(cfg: MasterConfig) -> PolicyLoss:
@@ -369,25 +397,27 @@ def train_policy(c: Components, batch: Batch, plan: list[OptimizerStep]) -> dict
     ratio pi / pi_old moves away from 1 and the clip ranges bind. A mini-batch none of whose samples carries
     gradient takes no optimizer step (its learning-rate tick still passes), and the step line says so."""
     c.progress.expect(len(plan), "optimizer steps")
-    metrics = take_optimizer_steps(c.policy, batch, plan, c.loss_fn, after_each=c.progress.advance)
+    with optimizer_state_for_training(c):
+        metrics = take_optimizer_steps(c.policy, batch, plan, c.loss_fn, after_each=c.progress.advance)
     return metrics | trained_per_stream(batch, plan)
 
 
-def trained_per_stream(batch: Batch, plan: list[OptimizerStep]) -> dict[str, float]:
-    """train/samples_skipped/<stream>: samples no train pass saw; train/tokens_trained/<stream>: response tokens
-    the train passes computed (over every optimizer step)."""
-    trained_any = torch.zeros(len(batch), dtype=torch.bool)
-    passes = torch.zeros(len(batch))
-    for planned in plan:
-        trained_any[planned.indices] = True
-        passes[planned.indices] += 1
-    tokens = batch["response_mask"].sum(dim=1).float().cpu()
-    metrics = {}
-    for stream in ("base", "correction"):
-        in_stream = torch.tensor([kind == stream for kind in batch["sample_kind"]], dtype=torch.bool)
-        metrics[f"samples_skipped/{stream}"] = float((in_stream & ~trained_any).sum())
-        metrics[f"tokens_trained/{stream}"] = float((tokens * passes)[in_stream].sum())
-    return metrics
+def offloads_optimizer(cfg: MasterConfig) -> bool:
+    return cfg.policy.offload_optimizer_for_generation is True  # `auto` as the launch plan resolved it, or no
+
+
+@contextmanager
+def optimizer_state_for_training(c: Components) -> Iterator[None]:
+    """With `policy.offload_optimizer_for_generation` the optimizer's state lives in host memory except in here:
+    back on the device for the optimizer steps (vLLM sleeps), out again before the refit wakes the engine (NeMo-RL's
+    colocated order)."""
+    if offloads_optimizer(c.cfg):
+        c.policy.restore_optimizer()
+    try:
+        yield
+    finally:
+        if offloads_optimizer(c.cfg):
+            c.policy.offload_optimizer()
 
 
 def refit(c: Components) -> None:
@@ -422,7 +452,9 @@ def step_metrics(
         "reward/prompts_all_correct": _share_of_groups(base, lambda r: bool(is_success(r).all())),
         "reward/prompts_all_wrong": _share_of_groups(base, lambda r: bool((~is_success(r)).all())),
         "reward/correction_mean": None,
-        "tokens/generated": float(_response_tokens(base) + _response_tokens(rollouts.corrections)),
+        # every sampled response token, dynamic sampling's discarded groups included: what generation cost
+        "tokens/generated": float(_response_tokens(base) + _response_tokens(rollouts.corrections)
+                                  + rollouts.sampling_metrics.get("dynamic_sampling/tokens_discarded", 0.0)),
         "tokens/trained": float(batch.num_valid_tokens()),  # response tokens in the loss's normalizer
         # prompt + response tokens per stream: what logprobs and train process (benchmarks/speed/step_speed.py per token)
         "tokens/base_sequence": float(_sequence_tokens(base)),
@@ -447,15 +479,6 @@ def step_metrics(
     computed = sum(metrics[f"train/tokens_trained/{stream}"] for stream in ("base", "correction"))
     metrics["throughput/trained_tokens_per_s"] = computed / max(timings.get("timing/train", 0.0), 1e-9)
     return metrics
-
-
-def correction_groups_live(batch: Batch) -> float | None:
-    """Share of this step's correction groups with a non-zero advantage somewhere, i.e. that send a gradient
-    (a group whose shaped rewards are all equal trains nothing); None without a correction stream."""
-    groups = [indices for indices in batch.group_indices().values() if batch["sample_kind"][indices[0]] == "correction"]
-    if not groups:
-        return None
-    return sum(bool(batch["advantages"][indices].abs().gt(0).any()) for indices in groups) / len(groups)
 
 
 def rho_metrics(c: Components) -> dict[str, float | None]:
@@ -484,17 +507,28 @@ def _share_of_groups(batch: Batch, predicate: Any) -> float:
 
 
 def validate(c: Components, step: int) -> dict[str, float | None]:
-    """The evaluation harness on the held-out set (single-turn prompts, as the paper evaluates): avg@n and pass@k."""
+    """The evaluation harness on the held-out sets (single-turn prompts, as the paper evaluates): avg@n and pass@k.
+    val/* is the average over the sets (data.validation alone: its own numbers); with named benchmarks each set
+    also logs val/<name>/*, as the paper's table has a column per benchmark and their average."""
     val = c.cfg.validation
     context = EvalContext(generation_backend=c.generation, tokenizer=c.tokenizer, scorer=c.scorer, data=c.cfg.data,
                           correction=c.cfg.cipo,
                           generation=c.cfg.generation.model_copy(update={"temperature": val.temperature}),
                           max_model_len=c.cfg.policy.max_total_sequence_length)
-    held_out = Benchmark(name="validation", kind="answer", items=c.validation_items, source="data.validation")
-    results, _ = evaluate_benchmarks([held_out], context, n=val.samples_per_prompt, k_list=val.pass_k,
+    held_out = [Benchmark(name=name, kind="answer", items=items, source=name)
+                for name, items in c.validation_sets.items()]
+    results, _ = evaluate_benchmarks(held_out, context, n=val.samples_per_prompt, k_list=val.pass_k,
                                      max_items=None, seed=step_seed(c, step, SEED_VALIDATION))
-    metrics = results["benchmarks"]["validation"]["metrics"]
-    return {"val/reward_mean": metrics["avg"], **{f"val/pass@{k}": v for k, v in metrics["pass@k"].items()}}
+    per_set = {name: record["metrics"] for name, record in results["benchmarks"].items()}
+    metrics = _validation_metrics("val", average_summary(list(per_set.values()), k_list=val.pass_k))
+    if val.benchmarks:
+        for name, summary in per_set.items():
+            metrics.update(_validation_metrics(f"val/{name}", summary))
+    return metrics
+
+
+def _validation_metrics(prefix: str, summary: dict[str, Any]) -> dict[str, float | None]:
+    return {f"{prefix}/reward_mean": summary["avg"], **{f"{prefix}/pass@{k}": v for k, v in summary["pass@k"].items()}}
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -532,7 +566,8 @@ def maybe_resume(c: Components) -> None:
         return
     state = torch.load(latest / TRAINER_STATE, weights_only=False)
     c.generation.sleep(level=2)  # a colocated engine frees the GPU for the load; the refit below refills it
-    c.policy.load_checkpoint(latest / POLICY_DIR)
+    with optimizer_state_for_training(c):  # the state loads into the tensors the next optimizer step uses
+        c.policy.load_checkpoint(latest / POLICY_DIR)
     c.sampler.load_state_dict(state["sampler"])
     c.rho.load_state_dict(state["rho"])
     torch.set_rng_state(state["rng"]["torch"])

@@ -37,6 +37,7 @@ class DynamicSamplingStats:
     groups_live: int  # groups with a non-zero advantage found over all rounds
     groups_discarded: int  # sampled but not in the batch (no gradient, or beyond prompts_per_step)
     groups_short: int  # prompts_per_step minus the live groups in the batch: the batch could not be filled
+    tokens_discarded: int  # response tokens sampled in groups left out of the batch (generated, never trained)
 
     def as_dict(self, prefix: str = "dynamic_sampling/") -> dict[str, float]:
         return {f"{prefix}{name}": float(getattr(self, name)) for name in self.__dataclass_fields__}
@@ -63,7 +64,10 @@ def assemble_rounds(rounds: list[SampledRound], *, prompts_per_step: int) -> tup
         items.append(rounds[r].items[g])
         parts.append(part)
     live_in_batch = min(len(live), prompts_per_step)
+    batch = Batch.concat(parts)
+    sampled_tokens = sum(sampled.batch.num_valid_tokens() for sampled in rounds)
     stats = DynamicSamplingStats(rounds=len(rounds), groups_sampled=len(ordered), groups_live=len(live),
                                  groups_discarded=len(ordered) - len(chosen),
-                                 groups_short=prompts_per_step - live_in_batch)
-    return items, Batch.concat(parts), stats
+                                 groups_short=prompts_per_step - live_in_batch,
+                                 tokens_discarded=sampled_tokens - batch.num_valid_tokens())
+    return items, batch, stats

@@ -81,5 +81,14 @@ def carries_gradient(batch: Batch) -> torch.Tensor:
     return nonzero.cpu() & batch["response_mask"].any(dim=1).cpu()
 
 
+def correction_groups_live(batch: Batch) -> float | None:
+    """Share of this step's correction groups with a non-zero advantage somewhere, i.e. that send a gradient
+    (a group whose shaped rewards are all equal trains nothing); None without a correction stream."""
+    groups = [indices for indices in batch.group_indices().values() if batch["sample_kind"][indices[0]] == "correction"]
+    if not groups:
+        return None
+    return sum(bool(batch["advantages"][indices].abs().gt(0).any()) for indices in groups) / len(groups)
+
+
 def _correction_samples(batch: Batch) -> torch.Tensor:
     return torch.tensor([kind == "correction" for kind in batch["sample_kind"]], dtype=torch.bool)

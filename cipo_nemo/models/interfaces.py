@@ -40,6 +40,9 @@ class SamplingSettings:
     top_p: float
     stop_strings: tuple[str, ...]
     seed: int  # per call; the same seed and weights give the same samples
+    # the call-wide index of the first prompt handed to a backend: prompt i draws from the random stream of
+    # (seed, first_prompt_index + i), so an engine that gets a shard seeds each prompt as the whole call would
+    first_prompt_index: int = 0
 
     @classmethod
     def from_config(
@@ -83,6 +86,13 @@ class PolicyBackend(Protocol):
 
     def remove_exported_weights(self, path: Path) -> None:
         """Delete what export_hf_weights_to wrote, on every node."""
+
+    def offload_optimizer(self) -> int:
+        """Move the optimizer's own state (moments, fp32 main weights) into host memory, for a colocated engine to
+        use the device's memory; returns the bytes moved over all ranks (0 where it already is there: CPU)."""
+
+    def restore_optimizer(self) -> int:
+        """Undo offload_optimizer before the next optimizer step; returns the bytes moved."""
 
     def send_weights(self, message: dict) -> dict | None:
         """The bucket refit's sending side (models/refit/transfer.py: ipc or broadcast, by `message`); returns

@@ -34,7 +34,7 @@ def _overrides(model, run_dir: Path, *extra: str) -> list[str]:
         f"run.output_dir={run_dir}", "grpo.num_steps=2", "grpo.prompts_per_step=4", "grpo.samples_per_prompt=4",
         "cipo.samples_per_anchor=4", "cipo.max_anchors_per_step=4", "cipo.attempt_max_tokens=32",
         "data.train.kind=file", f"data.train.file.path={model.train_file}",
-        f"++data.validation={{kind: file, family: math, reasoning_gym: {{name: basic_arithmetic, size: 1, seed: 0, options: {{}}}}, file: {{path: {model.validation_file}, format: auto, split: null, fields: {{id: null, prompt: prompt, messages: null, answer: answer, family: null}}}}}}",
+        f"++data.validation={{kind: file, family: math, reasoning_gym: {{name: basic_arithmetic, size: 1, seed: 0, options: {{}}}}, file: {{path: {model.validation_file}, format: auto, split: null, fields: {{id: null, prompt: prompt, messages: null, answer: answer, family: null}}}}, hf: {{path: null, name: null, split: test, revision: null, fields: {{id: null, prompt: prompt, messages: null, answer: answer, family: null}}}}}}",
         "validation.every=2", "validation.samples_per_prompt=4", "validation.pass_k=[1,4]",
         "verifier.num_workers=1", f"policy.model_name={model.model_dir}", "policy.backend=hf", "policy.precision=fp32",
         "policy.micro_batch_size=8", "policy.max_total_sequence_length=384", "policy.optimizer.lr=1e-4",

@@ -169,6 +169,7 @@ def single_rank_checks(rank: int, world_size: int, policies: dict[str, PolicyCon
         "train_projected_tokens": sum(projected),
         "stepped_export": worker.export_hf_weights(),
         "exported_count": worker.export_hf_weights_to(export_path),
+        "offload": _offload_checks(worker),
     }
     # two epochs of two shuffled mini-batches: four optimizer steps from one batch, pi_old fixed (issue: clipping
     # that binds); the HF policy takes the same steps in test_mini_batch_steps_match_hf
@@ -177,6 +178,7 @@ def single_rank_checks(rank: int, world_size: int, policies: dict[str, PolicyCon
         worker.train(mini_batch, LOSS, global_denominator=_denominator([mini_batch]))
         for mini_batch in (batches["llama"].select(indices) for indices in _mini_batch_plan(len(batches["llama"])))
     ]
+    results["llama_distributed_offload"] = _offload_checks(worker)
     results["import_shims"] = {
         "transformer_engine_left_in_sys_modules": "transformer_engine" in sys.modules,
         "typing_override": hasattr(typing, "override"),
@@ -220,6 +222,17 @@ def _recording_input_widths(worker: Any) -> Iterator[list[int]]:
         yield widths
     finally:
         handle.remove()
+
+
+def _offload_checks(worker: Any) -> dict[str, int]:
+    """What the optimizer offload would move in megatron's real optimizer (fp32 here), and what it moves on CPU."""
+    from cipo_nemo.models.policy.optimizer_offload import optimizer_owned_tensors, torch_optimizers
+
+    owned = list(optimizer_owned_tensors(torch_optimizers(worker._optimizer),
+                                         [parameter for _, parameter in worker._named_parameters()]))
+    return {"main_copies": sum(slot.key is None for slot in owned),
+            "state": sum(slot.key is not None for slot in owned),
+            "offloaded": worker.offload_optimizer(), "restored": worker.restore_optimizer()}
 
 
 def _adam_fused(worker: Any) -> list[bool]:
@@ -467,6 +480,14 @@ def test_mini_batch_steps_match_hf(single: dict[str, Any], references: dict[str,
     # the later steps see a policy that moved away from pi_old: the clip binds on the Megatron backend too
     assert sum(step["clip_fraction_low"] + step["clip_fraction_high"] for step in steps[2:]) > 0
     assert steps[3]["ratio_max"] > steps[0]["ratio_max"]
+
+
+def test_the_optimizer_offload_takes_the_state_and_never_the_models_weights(single: dict[str, Any]) -> None:
+    """fp32: megatron's FP32Optimizer steps the model's parameters themselves and the distributed optimizer views
+    of the DDP buffer: neither may leave the device with the optimizer's state. On CPU nothing moves."""
+    for run in (single["llama_one_micro_batch"]["offload"], single["llama_distributed_offload"]):
+        assert run["main_copies"] == 0 and run["state"] > 0
+        assert (run["offloaded"], run["restored"]) == (0, 0)
 
 
 def test_one_and_four_micro_batches_take_the_same_step(single: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ def _round(tag: str, live: set[int], prompts: int = 3, samples: int = 2) -> Samp
     items = [f"{tag}{g}" for g in range(prompts)]
     groups = [g for g in range(prompts) for _ in range(samples)]
     batch = Batch({"group_id": torch.tensor(groups), "sample_kind": ["base"] * len(groups),
+                   "response_mask": torch.ones(len(groups), 3, dtype=torch.bool),
                    "item_index": list(groups), "response_text": [f"{tag}{g}/{s}" for g in range(prompts)
                                                                  for s in range(samples)]})
     return SampledRound(items=items, batch=batch, live_groups=live)
@@ -27,7 +28,8 @@ def test_the_first_live_groups_fill_the_batch_in_round_order() -> None:
     assert batch["group_id"].tolist() == [0, 0, 1, 1, 2, 2] and batch["item_index"] == [0, 0, 1, 1, 2, 2]
     assert stats.as_dict() == {"dynamic_sampling/rounds": 3.0, "dynamic_sampling/groups_sampled": 9.0,
                                "dynamic_sampling/groups_live": 6.0, "dynamic_sampling/groups_discarded": 6.0,
-                               "dynamic_sampling/groups_short": 0.0}
+                               "dynamic_sampling/groups_short": 0.0,
+                               "dynamic_sampling/tokens_discarded": 36.0}  # 6 groups x 2 samples x 3 tokens
 
 
 def test_a_short_step_trains_its_live_groups_topped_up_with_the_earliest_others() -> None:

@@ -25,6 +25,7 @@ from cipo_nemo.models.policy.microbatches import (
     sorted_by_length,
     trained_positions,
 )
+from cipo_nemo.models.policy.optimizer_offload import OffloadsOptimizerState
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import build_lr_scheduler, resolve_param_dtype, use_fused_adam_on_cpu
 from cipo_nemo.models.refit.sender import RefitSender
@@ -32,7 +33,7 @@ from cipo_nemo.models.refit.sender import RefitSender
 CHECKPOINT_FILE = "policy.pt"
 
 
-class HFPolicy(RefitSender):
+class HFPolicy(OffloadsOptimizerState, RefitSender):
     """PolicyBackend over `transformers.AutoModelForCausalLM` in this process (one device, no parallelism)."""
 
     def __init__(self, *, policy: PolicyConfig, num_steps: int, seed: int) -> None:
@@ -55,6 +56,9 @@ class HFPolicy(RefitSender):
     @property
     def model(self) -> torch.nn.Module:
         return self._model
+
+    def _named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        return self._model.named_parameters()
 
     # ----- logprobs -----------------------------------------------------------------------------
 

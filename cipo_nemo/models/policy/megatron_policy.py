@@ -67,6 +67,12 @@ class MegatronPolicy:
     def remove_exported_weights(self, path: Path) -> None:
         self._group.run_all("remove_exported_weights", str(path))
 
+    def offload_optimizer(self) -> int:
+        return sum(self._group.run_all("offload_optimizer"))  # every rank moves its own shard
+
+    def restore_optimizer(self) -> int:
+        return sum(self._group.run_all("restore_optimizer"))
+
     def send_weights(self, message: dict) -> dict | None:
         return self._group.run_all("send_weights", message)[0]  # every rank streams to its device's engine worker
 

@@ -48,6 +48,7 @@ from cipo_nemo.models.policy.microbatches import (
     sorted_by_length,
     trained_positions,
 )
+from cipo_nemo.models.policy.optimizer_offload import OffloadsOptimizerState
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import (
     build_lr_scheduler,
@@ -104,7 +105,7 @@ def release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class MegatronPolicyWorker(RefitSender):
+class MegatronPolicyWorker(OffloadsOptimizerState, RefitSender):
     """One rank of the Megatron policy (see the module docstring for the data and output conventions)."""
 
     def __init__(self, *, policy: PolicyConfig, num_steps: int, seed: int) -> None:
@@ -487,10 +488,9 @@ def _use_fused_cpu_adams(optimizer: Any) -> None:
 def _fill_empty_torch_adam_state(optimizer: Any) -> None:
     """Give a never-stepped torch Adam the state its first step would create (step 0, zero moments).
 
-    The distributed optimizer's state_dict reads `step` from every parameter's state
-    (optimizer/distrib_optimizer.py:839 asserts one common step), so a fresh optimizer can neither be saved nor
-    be the template a checkpoint loads into. Training from this state is identical to torch's lazy init.
-    """
+    The distributed optimizer's state_dict reads `step` from every parameter's state (optimizer/distrib_optimizer.py:839
+    asserts one common step), so a fresh optimizer can neither be saved nor be the template a checkpoint loads
+    into. Training from this state is identical to torch's lazy init."""
     for _, inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             for parameter in group["params"]:

@@ -163,3 +163,20 @@ def combine_optimizer_steps(per_step: list[dict[str, float]], *, skipped: int = 
         else:
             combined[name] = sum(values) / len(values)
     return {**combined, **counts}
+
+
+def trained_per_stream(batch: Batch, plan: list[OptimizerStep]) -> dict[str, float]:
+    """train/samples_skipped/<stream>: samples no train pass saw; train/tokens_trained/<stream>: response tokens
+    the train passes computed (over every optimizer step)."""
+    trained_any = torch.zeros(len(batch), dtype=torch.bool)
+    passes = torch.zeros(len(batch))
+    for planned in plan:
+        trained_any[planned.indices] = True
+        passes[planned.indices] += 1
+    tokens = batch["response_mask"].sum(dim=1).float().cpu()
+    metrics = {}
+    for stream in ("base", "correction"):
+        in_stream = torch.tensor([kind == stream for kind in batch["sample_kind"]], dtype=torch.bool)
+        metrics[f"samples_skipped/{stream}"] = float((in_stream & ~trained_any).sum())
+        metrics[f"tokens_trained/{stream}"] = float((tokens * passes)[in_stream].sum())
+    return metrics
