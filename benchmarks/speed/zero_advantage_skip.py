@@ -10,6 +10,7 @@ how far training moved the weights at all.
 
     python benchmarks/speed/zero_advantage_skip.py --steps 20           # ~45 min on 2 cores
     python benchmarks/speed/zero_advantage_skip.py --steps 3 --arms grpo   # smoke
+    python benchmarks/speed/zero_advantage_skip.py --steps 20 --reuse   # after an interruption: only what is missing
 
 Needs the warmed model (benchmarks/studies/format_warmup.py --out ~/.cache/cipo_nemo/smollm2-135m-format-warmup).
 Holds /tmp/cipo_heavy.lock for the runs, like step_speed.py.
@@ -40,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=REPO / "results" / "zero_advantage_skip")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep runs of --output-dir that finished (summary and weights saved): an interrupted "
+                             "benchmark goes on where it stopped")
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be >= 2 (step 1 is warm-up)")
@@ -96,6 +100,34 @@ def arm_report(arm: str, on: dict, off: dict, weights: dict[str, dict], start: d
     return lines
 
 
+CURVES = (("reward/base_mean", "base reward"), ("reward/correction_mean", "correction reward"), ("seconds", "s/step"))
+
+
+def plot_curves(runs: dict[str, dict[str, dict]], path: Path) -> None:
+    """Per arm (rows), the training curves with the skip on and off (columns: base, correction reward, seconds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), len(CURVES), figsize=(4 * len(CURVES), 3 * len(runs)), squeeze=False)
+    for row, (arm, summaries) in zip(axes, runs.items()):
+        for ax, (key, label) in zip(row, CURVES):
+            for name, style in (("on", "-"), ("off", "--")):
+                points = [(i + 1, step[key]) for i, step in enumerate(summaries[name]["steps"]) if key in step]
+                if points:
+                    ax.plot(*zip(*points), style, marker=".", label=f"skip {name}")
+            ax.set_title(f"{arm.upper()}: {label}")
+            ax.set_xlabel("step")
+            if ax.lines:
+                ax.legend()
+            else:
+                ax.text(0.5, 0.5, "no such stream", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from cipo_nemo.config import load_config
@@ -108,20 +140,28 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     start = load_weights(Path(model_dir))
     lines = [f"zero-advantage skip on {CONFIG.name}: {args.steps} steps, seed {args.seed}, {args.threads} threads", ""]
+    runs: dict[str, dict[str, dict]] = {}
     with heavy_lock():
         started = time.monotonic()
         for arm in args.arms:
             summaries, weights = {}, {}
             for name, skip in (("on", True), ("off", False)):
                 run = f"{arm}_skip_{name}"
-                summaries[name] = run_ours(run, CONFIG, overrides(args, out_dir / run, arm, skip), out_dir=out_dir,
-                                           threads=args.threads, save_weights=out_dir / f"{run}_weights.pt")
+                summary_file, weights_file = out_dir / f"{run}.json", out_dir / f"{run}_weights.pt"
+                if args.reuse and summary_file.is_file() and weights_file.is_file():
+                    print(f"--- {run}: reusing {summary_file}", flush=True)
+                    summaries[name] = json.loads(summary_file.read_text())
+                else:
+                    summaries[name] = run_ours(run, CONFIG, overrides(args, out_dir / run, arm, skip),
+                                               out_dir=out_dir, threads=args.threads, save_weights=weights_file)
                 weights[name] = load_weights(out_dir / f"{run}_weights.pt")
             lines += arm_report(arm, summaries["on"], summaries["off"], weights, start)
+            runs[arm] = summaries
+    plot_curves(runs, out_dir / "curves.png")
     contaminated = [p.stem for p in out_dir.glob("*_skip_*.json")
                     if json.loads(p.read_text())["cpu"]["other_share"] > 0.05]
     lines += ["", f"runs with other processes above 5% of a core: {', '.join(sorted(contaminated)) or 'none'}",
-              f"whole benchmark: {time.monotonic() - started:.0f} s; summaries in {out_dir}"]
+              f"whole benchmark: {time.monotonic() - started:.0f} s; summaries and curves.png in {out_dir}"]
     print("\n".join(lines))
     (out_dir / "report.txt").write_text("\n".join(lines) + "\n")
     return 0

@@ -54,7 +54,10 @@ class _Buffer(logging.Handler):
 def route_logging(*, level: int = logging.INFO) -> None:
     """The console/run-log split of the module docstring; call once, before heavy libraries are imported."""
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-    logging.captureWarnings(True)  # Python warnings become records of the "py.warnings" logger
+    # Python warnings become records of the "py.warnings" logger. Off first: captureWarnings(True) is a no-op once
+    # on, even if something (a second main() in one process, pytest's recorder) has since replaced showwarning.
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     root = logging.getLogger()
     root.setLevel(level)
     for handler in list(root.handlers):
