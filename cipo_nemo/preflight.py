@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from cipo_nemo.algorithms.rewards import is_success
 from cipo_nemo.config import ConfigError, MasterConfig
+from cipo_nemo.data.frozen_attempts import coverage, load_frozen_attempts
 from cipo_nemo.data.sources import DataError, LoadReport, TaskItem, describe, load_items
 from cipo_nemo.environments.custom_reward import CustomRewardError, load_reward_function
 from cipo_nemo.environments.math import reason_counts
@@ -50,6 +52,7 @@ class PreflightReport:
     items: dict[str, list[TaskItem]] = field(default_factory=dict)  # split -> loaded items, handed to the trainer
     gold_check: dict[str, int] = field(default_factory=dict)  # verifier reason -> count, on math golds
     models: list[ModelPresence] = field(default_factory=list)  # policy.model_name (and policy.tokenizer)
+    frozen_attempts: dict[str, int] = field(default_factory=dict)  # cipo.anchor_source frozen_start: coverage
 
     def lines(self) -> list[str]:
         plan = self.plan
@@ -58,6 +61,10 @@ class PreflightReport:
         if self.gold_check:
             counts = ", ".join(f"{reason}={count}" for reason, count in sorted(self.gold_check.items()))
             lines.append(f"verifier on the gold answers: {counts}")
+        if self.frozen_attempts:
+            found = self.frozen_attempts
+            lines.append(f"cipo.frozen_attempts: {found['in_file']} of {found['items']} training items, "
+                         f"{found['with_wrong']} with a wrong and {found['with_right']} with a right attempt")
         lines.append(
             f"per step: {plan.base_samples} base rollouts, up to {plan.max_anchors} anchors and "
             f"{plan.max_correction_samples} correction rollouts ({plan.max_samples} samples at most), "
@@ -178,8 +185,23 @@ def run_preflight(cfg: MasterConfig, *, check_memory: bool = True, fetch_models:
             )
             unreadable_golds = sum(count for reason, count in report.gold_check.items() if reason != "correct")
         check_bad_rows(f"data.{name}", load_report, unreadable_golds, max_share=cfg.data.max_bad_rows)
+    report.frozen_attempts = check_frozen_attempts(cfg, report.items.get("train", []))
     report.models = check_models(cfg, launch, fetch=fetch_models, download=download)
     return report
+
+
+def check_frozen_attempts(cfg: MasterConfig, train_items: list[TaskItem]) -> dict[str, int]:
+    """With cipo.anchor_source frozen_start: the file loads, and it holds attempts at the training items (one
+    that holds none is the attempts of another data set). Returns its coverage (empty otherwise)."""
+    correction = cfg.cipo
+    if not correction.enabled or correction.anchor_source != "frozen_start":
+        return {}
+    found = coverage(load_frozen_attempts(correction.frozen_attempts, is_success=is_success),
+                     [item.id for item in train_items])
+    if not found["in_file"]:
+        raise DataError(f"cipo.frozen_attempts: {correction.frozen_attempts} holds no attempt at any of the "
+                        f"{found['items']} training items (ids differ: attempts at another data set?)")
+    return found
 
 
 def check_bad_rows(section: str, load_report: LoadReport, unreadable_golds: int, *, max_share: float) -> None:

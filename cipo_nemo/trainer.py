@@ -33,6 +33,7 @@ from cipo_nemo.algorithms.rho import RhoController
 from cipo_nemo.config import MasterConfig, to_yaml
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.correction_prompts import render_correction_prompt
+from cipo_nemo.data.frozen_attempts import load_frozen_attempts
 from cipo_nemo.data.prompts import (
     drop_long_prompts,
     encode_prompts,
@@ -241,6 +242,24 @@ def maybe_select_anchors(c: Components, base: Batch, step: int) -> AnchorSelecti
                           truncated=[reason == "length" for reason in base["finish_reason"]])
 
 
+def anchor_attempts(
+    c: Components, base: Batch, anchors: AnchorSelection, items: list[TaskItem], step: int
+) -> list[str | None]:
+    """The attempt each anchor's correction prompt quotes (`cipo.anchor_source`): the anchor itself, the policy's
+    own base sample; or with frozen_start a start-model attempt at the same problem with the anchor's verdict
+    (cipo_nemo/data/frozen_attempts.py), None where there is none (the anchor is then dropped)."""
+    correction = c.cfg.cipo
+    if correction.anchor_source == "policy":
+        return [base["response_text"][i] for i in anchors.indices]
+    frozen = load_frozen_attempts(correction.frozen_attempts, is_success=is_success)
+    quoted = frozen.quote([items[base["item_index"][i]].id for i in anchors.indices], anchors.anchor_correct,
+                          seed=step_seed(c, step, 5))  # stream 5: which frozen attempt each anchor quotes
+    if None in quoted:
+        logger.info("step %d: %d of %d anchors have no start-model attempt of their verdict; dropped", step,
+                    quoted.count(None), len(quoted))
+    return quoted
+
+
 def correction_rollout(
     c: Components, base: Batch, anchors: AnchorSelection | None, items: list[TaskItem], step: int
 ) -> tuple[Batch | None, int]:
@@ -248,12 +267,14 @@ def correction_rollout(
     if anchors is None or len(anchors) == 0:
         return None, 0
     cfg = c.cfg
-    rendered = [render_correction_prompt(items[base["item_index"][i]], base["response_text"][i], tokenizer=c.tokenizer,
-                                         data=cfg.data, correction=cfg.cipo) for i in anchors.indices]
+    attempts = anchor_attempts(c, base, anchors, items, step)
+    rendered = [render_correction_prompt(items[base["item_index"][i]], attempt or "", tokenizer=c.tokenizer,
+                                         data=cfg.data, correction=cfg.cipo)
+                for i, attempt in zip(anchors.indices, attempts)]
     all_prompt_ids = encode_prompts(rendered, tokenizer=c.tokenizer)
     budget = prompt_token_budget(max_total_sequence_length=cfg.policy.max_total_sequence_length,
                                  max_new_tokens=cfg.generation.max_new_tokens)
-    kept_anchor_positions = indices_within_budget(all_prompt_ids, budget)
+    kept_anchor_positions = [p for p in indices_within_budget(all_prompt_ids, budget) if attempts[p] is not None]
     if not kept_anchor_positions:
         return None, len(anchors)
     prompt_ids = [all_prompt_ids[position] for position in kept_anchor_positions]
