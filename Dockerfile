@@ -24,9 +24,14 @@ ENV MAX_JOBS=${MAX_JOBS} \
 
 # python3.12-dev and build-essential: the source-only packages (TE's extension, pycosat) compile against them;
 # cmake/ninja/git: TE's build; util-linux (setpriv): the code sandbox runs programs as another user.
+# RDMA userspace: NCCL's InfiniBand / RoCE transport loads libibverbs and the NIC's verbs provider (mlx5 and others
+# in ibverbs-providers) at run time; without them NCCL falls back to TCP sockets between nodes. ibverbs-utils
+# (ibv_devinfo) shows what the container sees. The node's RDMA kernel drivers (and nvidia-peermem for GPUDirect
+# RDMA) come from the host.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.12 python3.12-venv python3.12-dev build-essential \
         cmake ninja-build git util-linux ca-certificates \
+        rdma-core libibverbs1 ibverbs-providers ibverbs-utils \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/cipo_nemo

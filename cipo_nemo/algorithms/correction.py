@@ -1,10 +1,11 @@
-"""The correction stream's rewards and the joint batch (docs/design.md steps 4-5).
+"""The correction stream's risk shaping and the joint batch (docs/design.md steps 4-5).
 
-- `shape_correction_rewards`: risk-averse shaping, r~ = r - lambda_risk * 1[anchor correct and correction wrong].
-- `build_training_batch`: one training batch from a step's base and correction rollouts, plus metrics.
+- `shape_correction_rewards`: risk-averse shaping, r~ = r - lambda_risk * 1[anchor correct and correction wrong]
+  (applied once per step, by `training_signal.shape_rewards`).
+- `join_streams`: one batch from a step's base and correction rollouts, plus the correction stream's metrics.
 
 Anchor selection lives in `anchors.py`, the rho controller in `rho.py`, the prompt text in
-`cipo_nemo/data/correction_prompts.py`, the advantages of both streams in `advantages.py`.
+`cipo_nemo/data/correction_prompts.py`, the step's shaped rewards and advantages in `training_signal.py`.
 """
 
 from __future__ import annotations
@@ -59,30 +60,29 @@ class CorrectionMetrics:
         return {f"{prefix}{name}": None if value is None else float(value) for name, value in values.items()}
 
 
-def build_training_batch(
+def join_streams(
     base: Batch,
     corrections: Batch | None,
     *,
     anchors: AnchorSelection | None,
     rho: float,
-    risk_penalty: float,
 ) -> tuple[Batch, CorrectionMetrics]:
-    """Join a step's base rollouts and correction rollouts into one training batch.
+    """Join a step's base rollouts and correction rollouts into one batch (rewards are not changed here:
+    `training_signal` shapes them).
 
     `base`: ``sample_kind`` all "base", verifier ``rewards``. `corrections` (None for GRPO or a step without
     anchors): ``sample_kind`` all "correction", verifier ``rewards``, local ``group_id`` (one group per
     correction prompt) and ``anchor_index`` (position in ``anchors.indices`` of the anchor it corrects).
 
-    The result holds every sample with ``raw_rewards`` (verifier rewards), ``rewards`` (base: unchanged;
-    corrections: shaped by `shape_correction_rewards` with `risk_penalty`), ``anchor_index`` (long; -1 for
-    base samples, also without corrections, so GRPO and CIPO batches have the same keys) and ``anchor_correct``
-    (bool; the verdict on each correction's anchor, False for base samples). Correction group ids
-    are shifted to max(base id) + 1 + local id, disjoint from the base ids. Token tensors of different length
-    T are right-padded by `Batch.concat` (masks with False, so the padding is never trained). `rho` is the
-    share used to select this step's anchors; it is only reported.
+    The result holds every sample with its verifier ``rewards``, ``anchor_index`` (long; -1 for base samples,
+    also without corrections, so GRPO and CIPO batches have the same keys) and ``anchor_correct`` (bool; the
+    verdict on each correction's anchor, False for base samples). Correction group ids are shifted to
+    max(base id) + 1 + local id, disjoint from the base ids. Token tensors of different length T are right-padded
+    by `Batch.concat` (masks with False, so the padding is never trained). `rho` is the share used to select this
+    step's anchors; it is only reported.
     """
     _validate_base(base)
-    base = _with_raw_rewards(base)
+    base = Batch(dict(base.items()))  # a shallow copy: the caller's batch keeps its keys
     base["anchor_index"] = torch.full((len(base),), -1, dtype=torch.long, device=base["group_id"].device)
     base["anchor_correct"] = torch.zeros(len(base), dtype=torch.bool, device=base["group_id"].device)
     if corrections is None:
@@ -92,27 +92,13 @@ def build_training_batch(
     _validate_corrections(corrections, num_anchors=len(anchors))
     anchor_index = corrections["anchor_index"].long()
     anchor_correct = torch.tensor(anchors.anchor_correct, dtype=torch.bool, device=anchor_index.device)[anchor_index]
-    shaped = _shift_and_shape(corrections, base, anchor_correct, risk_penalty)
-    merged = Batch.concat([base, shaped])
-    return merged, _metrics(anchors, corrections["rewards"], anchor_correct, rho)
-
-
-def _with_raw_rewards(batch: Batch) -> Batch:
-    copied = Batch(dict(batch.items()))  # a shallow copy: the caller's batch keeps its keys
-    copied["raw_rewards"] = batch["rewards"].clone()
-    return copied
-
-
-def _shift_and_shape(
-    corrections: Batch, base: Batch, anchor_correct: torch.Tensor, risk_penalty: float
-) -> Batch:
-    shaped = _with_raw_rewards(corrections)
+    shifted = Batch(dict(corrections.items()))
     offset = int(base["group_id"].max().item()) + 1 if len(base) else 0  # new id = max base id + 1 + local id
-    shaped["group_id"] = (corrections["group_id"] + offset).to(base["group_id"].dtype)
-    shaped["anchor_index"] = corrections["anchor_index"].long()
-    shaped["rewards"] = shape_correction_rewards(corrections["rewards"], anchor_correct, risk_penalty)
-    shaped["anchor_correct"] = anchor_correct
-    return shaped
+    shifted["group_id"] = (corrections["group_id"] + offset).to(base["group_id"].dtype)
+    shifted["anchor_index"] = anchor_index
+    shifted["anchor_correct"] = anchor_correct
+    merged = Batch.concat([base, shifted])
+    return merged, _metrics(anchors, corrections["rewards"], anchor_correct, rho)
 
 
 def _metrics(

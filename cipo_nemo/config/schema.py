@@ -13,40 +13,46 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from cipo_nemo.config.durations import parse_duration
-
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0.0)]
-PositiveFloat = Annotated[float, Field(gt=0.0)]
-TaskFamily = Literal["math", "code"]
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-def _require_placeholders(text: str, placeholders: tuple[str, ...]) -> str:
-    missing = [p for p in placeholders if p not in text]
-    if missing:
-        raise ValueError(f"template lacks the placeholder(s) {', '.join(missing)}")
-    return text
-
-
-def _not_below(value: float, info: ValidationInfo, lower_key: str) -> float:
-    lower = info.data.get(lower_key)  # absent when the lower key itself failed validation
-    if lower is not None and value < lower:
-        raise ValueError(f"must be >= {lower_key} ({lower}), got {value}")
-    return value
+from cipo_nemo.config.data_schema import (  # noqa: F401  (re-exported: the one schema is read from here)
+    DataConfig,
+    DataSourceConfig,
+    FileFields,
+    FileSourceConfig,
+    HubSourceConfig,
+    InstructionConfig,
+    ReasoningGymSourceConfig,
+)
+from cipo_nemo.config.fields import (  # noqa: F401  (re-exported)
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    StrictModel,
+    TaskFamily,
+    not_below,
+    require_placeholders,
+)
 
 
 class RunConfig(StrictModel):
     name: str = Field(min_length=1, description="Run name; used in the output directory and logger run names.")
     output_dir: str = Field(min_length=1, description="Directory for metrics, checkpoints and the resolved config.")
     seed: Annotated[int, Field(ge=0)] = Field(description="Seed for data order, anchor selection and sampling.")
+
+
+class DynamicSamplingConfig(StrictModel):
+    """DAPO's dynamic sampling (arXiv 2503.14476): draw prompt groups until the batch holds prompts_per_step groups
+    with a non-zero advantage."""
+
+    enabled: bool = Field(description="Sample more prompt groups until prompts_per_step of them carry gradient.")
+    max_rounds: PositiveInt = Field(
+        description="Rounds of prompts_per_step prompts drawn at most per step; a step still short trains on what "
+        "it has and says so."
+    )
 
 
 class GRPOConfig(StrictModel):
@@ -58,6 +64,16 @@ class GRPOConfig(StrictModel):
     normalize_std: bool = Field(description="Divide advantages by the group std (false = Dr.GRPO).")
     leave_one_out: bool = Field(description="Use the leave-one-out mean of the group as the baseline (RLOO).")
     std_eps: PositiveFloat = Field(description="eps in A = (r - mean) / (std + eps).")
+    dynamic_sampling: DynamicSamplingConfig
+    mask_truncated: bool = Field(
+        description="Leave responses cut at generation.max_new_tokens out of the loss and its normalizer (DAPO's "
+        "overlong filtering); they still count in their group's advantage baseline."
+    )
+    overlong_buffer: NonNegativeInt = Field(
+        description="DAPO's soft overlong punishment over the last this many tokens before max_new_tokens: "
+        "r -= factor * (length - (max_new_tokens - buffer)) / buffer there (0 = off). Both streams."
+    )
+    overlong_penalty_factor: NonNegativeFloat = Field(description="The punishment at max_new_tokens itself.")
 
 
 class RhoConfig(StrictModel):
@@ -94,7 +110,7 @@ class RhoConfig(StrictModel):
     @field_validator("max")
     @classmethod
     def _max_not_below_min(cls, value: float, info: ValidationInfo) -> float:
-        return _not_below(value, info, "min")
+        return not_below(value, info, "min")
 
     @field_validator("init")
     @classmethod
@@ -115,12 +131,12 @@ class CorrectionTemplates(StrictModel):
     @field_validator("math")
     @classmethod
     def _math_placeholders(cls, value: str) -> str:
-        return _require_placeholders(value, ("{problem}", "{attempt}"))
+        return require_placeholders(value, ("{problem}", "{attempt}"))
 
     @field_validator("code")
     @classmethod
     def _code_placeholders(cls, value: str) -> str:
-        return _require_placeholders(value, ("{problem}", "{attempt}", "{language}"))
+        return require_placeholders(value, ("{problem}", "{attempt}", "{language}"))
 
 
 class CorrectionConfig(StrictModel):
@@ -155,7 +171,7 @@ class CorrectionConfig(StrictModel):
     @field_validator("difficulty_high")
     @classmethod
     def _window_ordered(cls, value: float, info: ValidationInfo) -> float:
-        return _not_below(value, info, "difficulty_low")
+        return not_below(value, info, "difficulty_low")
 
     @field_validator("frozen_attempts")
     @classmethod
@@ -180,74 +196,27 @@ class LossConfig(StrictModel):
     kl_estimator: Literal["k1", "k3"] = Field(description="KL estimator per token (k3 is non-negative).")
     importance_sampling: bool = Field(description="Truncated importance-sampling correction generation -> trainer.")
     is_truncation: Annotated[float, Field(ge=1.0)] = Field(description="Cap C of the TIS weight min(ratio, C).")
+    skip_zero_advantage: bool | Literal["auto"] = Field(
+        description="Samples whose advantage is 0 leave the pi_old and train passes; the loss keeps their share of "
+        "its normalizer, so the update is unchanged. auto: on when exact (kl_beta = 0); true with kl_beta > 0 is "
+        "refused (the KL term is not zero at zero advantage)."
+    )
 
-
-class FileFields(StrictModel):
-    """Which column of a file holds what. Exactly one of `prompt` and `messages` names a column."""
-
-    id: str | None = Field(description="Column with a stable item id (null: '<file>:<row>').")
-    prompt: str | None = Field(description="Column with the problem text, or with a list of chat messages.")
-    messages: str | None = Field(description="Column with chat messages [{role, content}] instead of a prompt.")
-    answer: str = Field(min_length=1, description="Column with the ground truth (dotted paths reach into nested "
-                        "columns, e.g. reward_model.ground_truth).")
-    family: str | None = Field(description="Column with a per-row task family (null: the source's family).")
-
-    @field_validator("messages")
+    @field_validator("skip_zero_advantage", mode="plain")
     @classmethod
-    def _one_prompt_column(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if "prompt" in info.data and (info.data["prompt"] is None) == (value is None):
-            raise ValueError("set exactly one of fields.prompt and fields.messages")
+    def _skip_only_where_exact(cls, value: object, info: ValidationInfo) -> bool | str:
+        # One plain check instead of a union, so that a bad value gets one message rather than one per member.
+        if value != "auto" and not isinstance(value, bool):
+            raise ValueError("must be true, false or 'auto'")
+        kl_beta = info.data.get("kl_beta")
+        if value is True and kl_beta is not None and kl_beta > 0:
+            raise ValueError(f"true is not exact with kl_beta = {kl_beta} > 0 (the KL term is not zero at zero "
+                             "advantage): set it to auto (off here) or false")
         return value
 
-
-class FileSourceConfig(StrictModel):
-    path: str | None = Field(description="JSONL file, parquet file, or a datasets.save_to_disk directory.")
-    format: Literal["auto", "jsonl", "parquet", "hf_disk"] = Field(description="auto: by suffix / directory.")
-    split: str | None = Field(description="Split of a saved DatasetDict (null for a plain Dataset).")
-    fields: FileFields
-
-
-class ReasoningGymSourceConfig(StrictModel):
-    name: str = Field(min_length=1, description="reasoning-gym generator name, e.g. basic_arithmetic.")
-    size: PositiveInt = Field(description="Number of items generated.")
-    seed: Annotated[int, Field(ge=0)] = Field(description="Generator seed (same seed, same items).")
-    options: dict[str, Any] = Field(description="Extra generator options (e.g. max_terms, max_digits).")
-
-
-class DataSourceConfig(StrictModel):
-    kind: Literal["reasoning_gym", "file"] = Field(description="Which of the blocks below is used.")
-    family: TaskFamily = Field(description="Task family of the items (file rows may override per row).")
-    reasoning_gym: ReasoningGymSourceConfig
-    file: FileSourceConfig
-
-    @field_validator("file")
-    @classmethod
-    def _file_has_path(cls, value: FileSourceConfig, info: ValidationInfo) -> FileSourceConfig:
-        if info.data.get("kind") == "file" and not value.path:
-            raise ValueError("kind is 'file' but file.path is not set")
-        return value
-
-
-class InstructionConfig(StrictModel):
-    math: str = Field(description="Appended to every math problem.")
-    code: str = Field(description="Appended to every code problem.")
-
-
-class DataConfig(StrictModel):
-    train: DataSourceConfig
-    validation: DataSourceConfig | None = Field(description="Held-out set (null: none).")
-    instructions: InstructionConfig
-    system_prompt: str | None = Field(description="System message for the chat template (null: none).")
-    shuffle: bool = Field(description="Shuffle the training items each epoch (seeded by run.seed).")
-    max_prompt_tokens: PositiveInt = Field(description="Items whose rendered prompt is longer are skipped and counted.")
-    max_bad_rows: Probability = Field(
-        description="Largest share of a source's rows that may be skipped as malformed, or whose gold answer the "
-        "verifier cannot read, before the preflight stops (exit 2)."
-    )
-    chat_template: str | None = Field(description="Jinja chat template file for a tokenizer without one (null: its own).")
-    chat_template_kwargs: dict[str, Any] = Field(
-        description="Extra variables for the chat template, e.g. {enable_thinking: false} for Qwen3."
-    )
+    def skips_zero_advantage(self) -> bool:
+        """Whether zero-advantage samples leave the passes: exact only when no loss term survives A = 0."""
+        return self.skip_zero_advantage is True or (self.skip_zero_advantage == "auto" and self.kl_beta == 0)
 
 
 class VerifierConfig(StrictModel):
@@ -337,8 +306,20 @@ class PolicyConfig(StrictModel):
     reference_policy: Literal["cpu_copy", "none"] = Field(
         description="cpu_copy: the initial weights kept on CPU and swapped in for reference logprobs (needed by kl_beta)."
     )
+    offload_optimizer_for_generation: bool | Literal["auto"] = Field(
+        description="Keep the optimizer's state (moments, fp32 main weights) in host memory except while the policy "
+        "trains, so a colocated vLLM engine has that memory; auto: only when the dry run's peak per GPU does not "
+        "fit otherwise."
+    )
     optimizer: OptimizerConfig
     megatron: MegatronConfig
+
+    @field_validator("offload_optimizer_for_generation", mode="plain")
+    @classmethod
+    def _true_false_or_auto(cls, value: object) -> bool | str:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError("must be true, false or 'auto'")
 
 
 class VllmConfig(StrictModel):
@@ -346,12 +327,22 @@ class VllmConfig(StrictModel):
     gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = Field(description="Share of GPU memory vLLM may use.")
     cpu_kv_cache_gib: PositiveInt = Field(description="KV cache size on CPU in whole GiB (VLLM_CPU_KVCACHE_SPACE).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(description="Engine dtype.")
-    quantization: Literal["fp8"] | None = Field(description="fp8 = FP8 weights/activations in vLLM (GPU).")
+    quantization: Literal["fp8_per_block", "fp8_per_tensor"] | None = Field(
+        description="Online FP8 in vLLM (GPU), by vLLM's own names: fp8_per_block = 128x128 weight blocks and 1x128 "
+        "activation groups, the scaling of the blockwise FP8 trainer; fp8_per_tensor = one scale per tensor. `fp8` "
+        "is read as fp8_per_block (vLLM itself reads it as per-tensor).")
     enforce_eager: bool = Field(description="No CUDA graphs (always on CPU).")
     max_num_batched_tokens: PositiveInt | None = Field(
         description="Tokens one engine step may process (prefill + decode); null: vLLM's default (CPU: 4096 x TP, "
         "at least max_model_len). On CPU a prompt's prefill is never split, so it must be >= max_model_len."
     )
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _fp8_means_the_trainers_blocks(cls, value: Any) -> Any:
+        # vLLM 0.32 maps a bare "fp8" to per-tensor online FP8 (model_loader/weight_utils.py:351-357), which would
+        # sample with other scales than the blockwise FP8 policy trains with
+        return "fp8_per_block" if value == "fp8" else value
 
 
 class GenerationConfig(StrictModel):
@@ -461,8 +452,21 @@ class ValidationConfig(StrictModel):
     every: Annotated[int, Field(ge=0)] = Field(description="Validate every N steps (0 = never).")
     samples_per_prompt: PositiveInt = Field(description="n samples per held-out problem (pass@k needs n >= k).")
     pass_k: list[PositiveInt] = Field(min_length=1, description="k values reported as pass@k.")
-    max_items: PositiveInt = Field(description="Held-out problems used per validation.")
+    max_items: PositiveInt = Field(description="Held-out problems used per validation (per set: data.validation "
+                                   "and each named benchmark).")
     temperature: NonNegativeFloat = Field(description="Sampling temperature at validation.")
+    benchmarks: list[Annotated[str, Field(min_length=1)]] = Field(
+        description="Named benchmarks (cipo_nemo/eval/registry.py, e.g. [math500, aime24]) validated on besides "
+        "data.validation; val/* is the average over the validation sets, val/<name>/* each set's own."
+    )
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _benchmarks_unique(cls, value: list[str]) -> list[str]:
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"benchmark(s) {', '.join(repeated)} listed twice")
+        return value
 
 
 def validation_metric_names(validation: ValidationConfig) -> list[str]:
@@ -520,12 +524,21 @@ class MasterConfig(StrictModel):
             raise ValueError(f"reference_policy is 'none' but loss.kl_beta = {loss.kl_beta} needs the reference policy")
         return value
 
+    @field_validator("generation")
+    @classmethod
+    def _overlong_buffer_within_responses(cls, value: GenerationConfig, info: ValidationInfo) -> GenerationConfig:
+        grpo = info.data.get("grpo")
+        if grpo is not None and grpo.overlong_buffer >= value.max_new_tokens:
+            raise ValueError(f"max_new_tokens ({value.max_new_tokens}) must exceed grpo.overlong_buffer "
+                             f"({grpo.overlong_buffer}): the punishment starts max_new_tokens - overlong_buffer tokens in")
+        return value
+
     @field_validator("validation")
     @classmethod
     def _validation_is_possible(cls, value: ValidationConfig, info: ValidationInfo) -> ValidationConfig:
         data = info.data.get("data")
-        if value.every > 0 and data is not None and data.validation is None:
-            raise ValueError("every > 0 but data.validation is null (no held-out set)")
+        if value.every > 0 and data is not None and data.validation is None and not value.benchmarks:
+            raise ValueError("every > 0 but data.validation is null and benchmarks is empty (no held-out set)")
         if max(value.pass_k, default=1) > value.samples_per_prompt:
             raise ValueError(f"pass_k {value.pass_k} needs samples_per_prompt >= {max(value.pass_k)}")
         checkpointing = info.data.get("checkpointing")

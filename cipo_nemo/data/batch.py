@@ -128,51 +128,25 @@ class Batch:
             groups.setdefault(group, []).append(index)
         return groups
 
-    def shard_by_groups(
-        self, num_shards: int, *, balance_by: Literal["samples", "response_tokens"] = "samples"
-    ) -> list[Batch]:
-        """Split into `num_shards` data-parallel shards without ever splitting a group.
+    def shard_by_tokens(self, num_shards: int) -> list[Batch]:
+        """Split into `num_shards` training shards of about equal prompt + response tokens, sample by sample.
 
-        Greedy and deterministic: groups are taken largest first (ties: first appearance) and each
-        goes to the currently lightest shard (ties: lowest shard index). Within a shard the samples
-        keep their original relative order.
-
-        ``balance_by="samples"`` (default) balances the sample count, which is what a fixed
-        micro-batch size per rank needs (equal numbers of micro-batches per rank); balancing compute
-        by length is left to sequence packing inside a rank. ``"response_tokens"`` balances the
-        number of trained tokens (needs ``response_mask``). The loss stays correct either way,
-        because it is normalized by the global count over all ranks.
-        """
-        groups = self.group_indices()
+        For a train step, where groups no longer matter (advantages are computed) and the cost of a shard is its
+        tokens: greedy and deterministic, samples taken longest first (ties: first appearance), each to the
+        currently lightest shard (ties: lowest index); within a shard the samples keep their relative order.
+        Every shard gets a sample, so there must be at least `num_shards` samples."""
         if not isinstance(num_shards, int) or num_shards < 1:
             raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
-        if num_shards > len(groups):
-            raise ValueError(
-                f"num_shards={num_shards} is larger than the number of groups ({len(groups)}); "
-                "a group is never split, so some shard would be empty"
-            )
-        weights = self._group_weights(groups, balance_by)
-        by_weight = sorted(range(len(groups)), key=lambda position: -weights[position])
-        group_members = list(groups.values())
+        if num_shards > len(self):
+            raise ValueError(f"num_shards={num_shards} is larger than the number of samples ({len(self)})")
+        tokens = (self._data["prompt_mask"] | self._response_mask()).sum(dim=1).tolist()
         shard_heap = [(0, shard) for shard in range(num_shards)]
         shard_samples: list[list[int]] = [[] for _ in range(num_shards)]
-        for position in by_weight:
+        for index in sorted(range(len(self)), key=lambda i: -tokens[i]):
             load, shard = heapq.heappop(shard_heap)
-            shard_samples[shard].extend(group_members[position])
-            heapq.heappush(shard_heap, (load + weights[position], shard))
+            shard_samples[shard].append(index)
+            heapq.heappush(shard_heap, (load + tokens[index], shard))
         return [self.select(sorted(samples)) for samples in shard_samples]
-
-    def _group_weights(
-        self, groups: dict[int, list[int]], balance_by: Literal["samples", "response_tokens"]
-    ) -> list[int]:
-        match balance_by:
-            case "samples":
-                return [len(members) for members in groups.values()]
-            case "response_tokens":
-                tokens_per_sample = self._response_mask().sum(dim=1).tolist()
-                return [sum(tokens_per_sample[i] for i in members) for members in groups.values()]
-            case _:
-                raise ValueError(f"balance_by must be 'samples' or 'response_tokens', got {balance_by!r}")
 
     def micro_batches(self, micro_batch_size: int) -> list[Batch]:
         """Consecutive slices of `micro_batch_size` samples; the last one may be smaller."""

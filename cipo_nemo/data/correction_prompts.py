@@ -116,13 +116,17 @@ def build_correction_prompt(
 
 
 def render_correction_prompt(
-    item: TaskItem, attempt: str, *, tokenizer: Any, data: DataConfig, correction: CorrectionConfig
+    item: TaskItem, attempt: str, *, tokenizer: Any, data: DataConfig, correction: CorrectionConfig,
+    template: str | None = None,
 ) -> str:
     """The chat-templated correction prompt for `attempt` at `item` (``data``: instructions and system prompt;
-    ``correction``: ``cipo`` templates, attempt budget, thinking removal)."""
+    ``correction``: ``cipo`` templates, attempt budget, thinking removal); `template` replaces the item family's
+    ``cipo.templates`` entry (a correction benchmark row's own template)."""
+    templates = correction.templates if template is None else \
+        correction.templates.model_copy(update={item.family: template})
     text = build_correction_prompt(
         problem=problem_text(item, data.instructions), attempt=attempt, family=item.family,
-        templates=correction.templates, tokenizer=tokenizer, attempt_max_tokens=correction.attempt_max_tokens,
+        templates=templates, tokenizer=tokenizer, attempt_max_tokens=correction.attempt_max_tokens,
         strip_thinking=correction.strip_thinking)
     return render_chat(text, tokenizer=tokenizer, system_prompt=data.system_prompt,
                        template_kwargs=data.chat_template_kwargs)

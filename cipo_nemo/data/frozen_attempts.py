@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,10 @@ from pathlib import Path
 
 import torch
 
+from cipo_nemo.config.schema import CorrectionConfig
 from cipo_nemo.data.sources import DataError
+
+logger = logging.getLogger(__name__)
 
 KEY = "cipo.frozen_attempts"
 
@@ -100,6 +104,22 @@ def _parse_row(line: str, *, location: str) -> tuple[str, list[str], list[float]
             or not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards)):
         raise DataError(f"{location}: 'rewards' must be a list of numbers, one per response")
     return item_id, responses, [float(r) for r in rewards]
+
+
+def anchor_attempts(correction: CorrectionConfig, *, own: Sequence[str], item_ids: Sequence[str],
+                    anchor_correct: Sequence[bool], is_success: Callable[[torch.Tensor], torch.Tensor],
+                    seed: int) -> list[str | None]:
+    """The attempt each anchor's correction prompt quotes (`cipo.anchor_source`): with policy the anchor itself
+    (`own`, the policy's base sample); with frozen_start a start-model attempt at the same problem with the
+    anchor's verdict, None where there is none (the trainer then drops the anchor)."""
+    if correction.anchor_source == "policy":
+        return list(own)
+    quoted = load_frozen_attempts(correction.frozen_attempts, is_success=is_success).quote(
+        item_ids, anchor_correct, seed=seed)
+    if None in quoted:
+        logger.info("%d of %d anchors have no start-model attempt of their verdict; dropped", quoted.count(None),
+                    len(quoted))
+    return quoted
 
 
 def coverage(attempts: FrozenAttempts, item_ids: Sequence[str]) -> dict[str, int]:

@@ -109,16 +109,16 @@ def drop_long_prompts(
     ]
     lengths = count_prompt_tokens(rendered, tokenizer=tokenizer)
     kept = [item for item, length in zip(items, lengths, strict=True) if length <= max_prompt_tokens]
+    if items and not kept:  # the error says it all: no warning line before it
+        raise DataError(
+            f"every one of the {len(items)} prompts is longer than data.max_prompt_tokens={max_prompt_tokens} "
+            f"tokens (shortest: {min(lengths)} tokens)"
+        )
     dropped = len(items) - len(kept)
     if dropped:
         logger.warning(
             "dropped %d of %d prompts longer than data.max_prompt_tokens=%d tokens (longest: %d tokens)",
             dropped, len(items), max_prompt_tokens, max(lengths),
-        )
-    if items and not kept:
-        raise DataError(
-            f"every one of the {len(items)} prompts is longer than data.max_prompt_tokens={max_prompt_tokens} "
-            f"tokens (shortest: {min(lengths)} tokens)"
         )
     return kept, dropped
 
@@ -143,8 +143,13 @@ def use_chat_template_file(tokenizer: Any, path: str | None) -> Any:
     tokenizer. None leaves the tokenizer's own template."""
     if path is None:
         return tokenizer
+    tokenizer.chat_template = chat_template_file(path).read_text()
+    return tokenizer
+
+
+def chat_template_file(path: str) -> Path:
+    """The `data.chat_template` file, which must exist (the preflight checks it before any tokenizer is here)."""
     template = Path(path)
     if not template.is_file():
         raise DataError(f"data.chat_template: no such file {path} (resolved to {template.resolve()})")
-    tokenizer.chat_template = template.read_text()
-    return tokenizer
+    return template

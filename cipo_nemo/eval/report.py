@@ -18,6 +18,7 @@ from cipo_nemo.algorithms.rewards import SUCCESS_THRESHOLD
 from cipo_nemo.eval.passk import mean_pass_at_k
 
 RESULTS_FILE = "results.json"
+AVERAGE_ROW = "average"
 SAMPLES_FILE = "samples.jsonl"
 PLOT_FILE = "pass_at_k.png"
 # Correction benchmarks: (key in the metrics, label in the table and plot).
@@ -25,6 +26,7 @@ CORRECTION_SUBSETS = (
     ("all", "all"),
     ("correction_success", "wrong->right"),
     ("retention", "right->right"),
+    ("balanced", "balanced"),
 )
 
 
@@ -63,42 +65,85 @@ def summarize_correction(
         raise ValueError(f"{len(rewards)} problems but {len(attempt_correct)} attempt labels")
     flawed = [problem for problem, correct in zip(rewards, attempt_correct) if not correct]
     kept = [problem for problem, correct in zip(rewards, attempt_correct) if correct]
+    correction_success = summarize(flawed, n=n, k_list=k_list)
+    retention = summarize(kept, n=n, k_list=k_list)
     return {
         "all": summarize(rewards, n=n, k_list=k_list),
-        "correction_success": summarize(flawed, n=n, k_list=k_list),
-        "retention": summarize(kept, n=n, k_list=k_list),
+        "correction_success": correction_success,
+        "retention": retention,
+        "balanced": balanced_summary(correction_success, retention, k_list=k_list),
     }
+
+
+def balanced_summary(correction_success: Mapping[str, Any], retention: Mapping[str, Any], *,
+                     k_list: Sequence[int]) -> dict[str, Any]:
+    """(wrong->right + right->right) / 2, for avg@n and each pass@k: a set with few flawed attempts cannot score
+    high by keeping right answers alone. None (not measured) unless both kinds of given solution are present."""
+    if correction_success["problems"] and retention["problems"]:
+        return average_summary([correction_success, retention], k_list=k_list)
+    return {"benchmarks": 0, "problems": correction_success["problems"] + retention["problems"],
+            "n": correction_success["n"], "samples": correction_success["samples"] + retention["samples"],
+            "avg": None, "pass@k": {str(k): None for k in k_list}}
+
+
+def average_summary(summaries: Sequence[Mapping[str, Any]], *, k_list: Sequence[int]) -> dict[str, Any]:
+    """The paper's average column: the mean over benchmarks of avg@n and of each pass@k, each benchmark counting
+    once whatever its size; a benchmark with no problem evaluated is left out (``benchmarks`` says how many
+    count). One summary averages to its own numbers."""
+    measured = [summary for summary in summaries if summary["problems"]]
+    average: dict[str, Any] = {"benchmarks": len(measured), "problems": sum(s["problems"] for s in measured),
+                               "n": summaries[0]["n"] if summaries else None,
+                               "samples": sum(s["samples"] for s in measured)}
+    if not measured:
+        return average | {"avg": None, "pass@k": {str(k): None for k in k_list}}
+    # avg = (1 / B) * sum_b avg_b, pass@k = (1 / B) * sum_b pass@k_b
+    average["avg"] = sum(s["avg"] for s in measured) / len(measured)
+    average["pass@k"] = {str(k): sum(s["pass@k"][str(k)] for s in measured) / len(measured) for k in k_list}
+    return average
 
 
 # ---------------------------------------------------------------------------------------------- table
 
 
 def summary_rows(results: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, summary) per line of the table and per curve of the plot."""
+    """(label, summary) per line of the table and per curve of the plot; the average over the answer benchmarks
+    last, when there are two or more."""
     rows = []
     for name, benchmark in results["benchmarks"].items():
         if benchmark["kind"] == "answer":
             rows.append((name, benchmark["metrics"]))
         else:
             rows += [(f"{name} [{label}]", benchmark["metrics"][key]) for key, label in CORRECTION_SUBSETS]
+    if results.get("average") is not None:
+        rows.append((AVERAGE_ROW, results["average"]))
     return rows
 
 
+def answer_average(results: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The average row over the answer benchmarks of `results` (None with fewer than two)."""
+    answers = [record["metrics"] for record in results["benchmarks"].values() if record["kind"] == "answer"]
+    return average_summary(answers, k_list=results["k"]) if len(answers) >= 2 else None
+
+
 def format_table(results: Mapping[str, Any]) -> str:
-    """The console table: one line per answer benchmark, three per correction benchmark."""
+    """The console table: one line per answer benchmark, three per correction benchmark, and below a rule the
+    average over the answer benchmarks (when there are two or more), as the paper's tables have it."""
     k_list = results["k"]
     header = ["benchmark", "problems", "n", f"avg@{results['n']}", *(f"pass@{k}" for k in k_list)]
     lines = [header]
     for label, summary in summary_rows(results):
         values = [summary["avg"], *(summary["pass@k"][str(k)] for k in k_list)]
         lines.append([label, str(summary["problems"]), str(summary["n"]), *(_format_rate(v) for v in values)])
-    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+        if label == AVERAGE_ROW:
+            lines.insert(len(lines) - 1, [])  # a rule above the average
+    widths = [max(len(line[column]) for line in lines if line) for column in range(len(header))]
+    rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
     formatted = [
         "  ".join(cell.ljust(widths[0]) if column == 0 else cell.rjust(widths[column])
-                  for column, cell in enumerate(line))
+                  for column, cell in enumerate(line)) if line else rule
         for line in lines
     ]
-    formatted.insert(1, "-" * len(formatted[0]))
+    formatted.insert(1, rule)
     return "\n".join(formatted)
 
 
@@ -134,7 +179,7 @@ def build_pass_at_k_figure(results: Mapping[str, Any]) -> Any:
     k_list = results["k"]
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
     for label, summary in summary_rows(results):
-        if summary["problems"] == 0:
+        if summary["avg"] is None:
             continue  # nothing measured: no line rather than a line at 0
         values = [summary["pass@k"][str(k)] for k in k_list]
         axis.plot(k_list, values, marker="o", markersize=4, label=f"{label} ({summary['problems']} problems)")

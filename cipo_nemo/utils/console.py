@@ -6,22 +6,26 @@ vLLM's engine lines) and Python ``warnings`` go only to ``<run.output_dir>/run.l
 lines, so nothing is lost. Until the run directory is known the records wait in memory (a dry run, which writes
 no run directory, drops them).
 
-Libraries that install their own stderr handler (transformers at first use, Ray at import) are made to hand their
-records to the root logger instead (:func:`adopt_library_loggers`); vLLM is told not to configure its logging
-(``VLLM_CONFIGURE_LOGGING=0``) before it is imported. Ray actors (the policy and the vLLM engine) keep their own
-output in Ray's session log directory (``init_ray(log_to_driver=False)``).
+Libraries that install their own stderr handler (transformers at first use, Ray and huggingface_hub at import) are
+made to hand their records to the root logger instead (:func:`adopt_library_loggers`); vLLM is told not to
+configure its logging (``VLLM_CONFIGURE_LOGGING=0``) before it is imported. Ray actors (the policy and the vLLM
+engine) keep their own output in Ray's session log directory (``init_ray(log_to_driver=False)``). What is written
+straight to file descriptor 2 (C++ warnings, tqdm bars, a vLLM engine process that the evaluation harness starts
+outside Ray and that inherits the descriptor) goes to the run log inside :func:`stderr_to_run_log`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 OWN_LOGGERS = ("cipo_nemo", "__main__")
 # Loggers of libraries that attach a handler of their own (so their records skip the root logger's filter).
-LIBRARY_LOGGERS = ("transformers", "ray", "vllm", "megatron", "torch", "datasets", "accelerate")
+LIBRARY_LOGGERS = ("transformers", "ray", "vllm", "megatron", "torch", "datasets", "accelerate", "huggingface_hub")
 CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 RUN_LOG_FILE = "run.log"
 _MAX_BUFFERED = 10_000  # records kept before the run directory exists (the oldest are dropped beyond)
@@ -50,7 +54,10 @@ class _Buffer(logging.Handler):
 def route_logging(*, level: int = logging.INFO) -> None:
     """The console/run-log split of the module docstring; call once, before heavy libraries are imported."""
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-    logging.captureWarnings(True)  # Python warnings become records of the "py.warnings" logger
+    # Python warnings become records of the "py.warnings" logger. Off first: captureWarnings(True) is a no-op once
+    # on, even if something (a second main() in one process, pytest's recorder) has since replaced showwarning.
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     root = logging.getLogger()
     root.setLevel(level)
     for handler in list(root.handlers):
@@ -68,6 +75,8 @@ def route_logging(*, level: int = logging.INFO) -> None:
 def adopt_library_loggers() -> None:
     """Library loggers lose their own console handlers and pass their records to the root logger (console filter
     and run log). Harmless to repeat; call it again after importing a library that configures itself on import."""
+    with contextlib.suppress(ImportError):  # its handler comes with the import: import it first, then take it off
+        import huggingface_hub.utils.logging  # noqa: F401
     for name in LIBRARY_LOGGERS:
         library_logger = logging.getLogger(name)
         for handler in list(library_logger.handlers):
@@ -96,3 +105,29 @@ def attach_run_log(output_dir: str | Path) -> Path:
             root.removeHandler(handler)
     root.addHandler(file_handler)
     return path
+
+
+@contextlib.contextmanager
+def stderr_to_run_log(output_dir: str | Path) -> Iterator[Path]:
+    """Start the run log (:func:`attach_run_log`) and, while inside, point file descriptor 2 at it: output that
+    bypasses logging (C++ warnings, progress bars, child processes started inside, which keep the descriptor after)
+    lands there. The console handler keeps writing to the terminal, and the terminal is back on exit, before any
+    traceback is printed. Yields the run log's path."""
+    path = attach_run_log(output_dir)
+    console = next(h for h in logging.getLogger().handlers if getattr(h, "_cipo_console", False))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    terminal_stream = os.fdopen(os.dup(terminal), "w", buffering=1)
+    previous = console.setStream(terminal_stream)
+    log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    try:
+        yield path
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        os.close(terminal)
+        console.setStream(previous)
+        terminal_stream.close()

@@ -157,8 +157,8 @@ def _wait_for(condition, slurm: SlurmCluster, job_id: str, log_dir: Path, what: 
 
 def test_container_mode_driver_joins_the_head_across_containers(slurm_cluster, tiny_run, tmp_path, tmp_path_factory):
     """CONTAINER_IMAGE set, with tests/cluster/fake_pyxis/srun standing in for pyxis: each container step has its own
-    /tmp, as each enroot container does. The dry run, the head, the wait and the driver are separate steps; the
-    driver must still reach the head's raylet, whose sockets live in RAY_TMPDIR."""
+    /tmp, as each enroot container does. The dry run, the free ports, the head, the wait and the driver are separate
+    steps; the driver must still reach the head's raylet, whose sockets live in RAY_TMPDIR."""
     run_dir, pyxis_log = tmp_path / "run", tmp_path / "pyxis.log"
     shared_tmp = tmp_path_factory.getbasetemp()  # the tiny model, the data, this test's run and log folders
     env = {"CONTAINER_IMAGE": "/images/cipo_nemo.sqsh", "CONTAINER_MOUNTS": f"{shared_tmp}:{shared_tmp}",
@@ -173,10 +173,12 @@ def test_container_mode_driver_joins_the_head_across_containers(slurm_cluster, t
         for leftover in Path("/var/tmp/fake-pyxis").glob(f"{job_id}-*"):
             shutil.rmtree(leftover, ignore_errors=True)
     assert _steps(run_dir) == [1]
-    # four container steps: dry run, Ray head, wait for the nodes, driver; none saw the batch shell's /tmp
-    assert len(steps) == 4 and all("private /tmp" in step for step in steps)
-    assert [("--dry-run" in s, "start --head" in s, "wait_for_nodes" in s) for s in steps] == [
-        (True, False, False), (False, True, False), (False, False, True), (False, False, False)]
+    # five container steps: dry run, free ports and token (no Python on the bare host), Ray head, wait for the
+    # nodes, driver; none saw the batch shell's /tmp
+    assert len(steps) == 5 and all("private /tmp" in step for step in steps)
+    assert [("--dry-run" in s, "secrets" in s, "start --head" in s, "wait_for_nodes" in s) for s in steps] == [
+        (True, False, False, False), (False, True, False, False), (False, False, True, False),
+        (False, False, False, True), (False, False, False, False)]
     launcher = (log_dir / "launcher.log").read_text()
     # the driver joined the launcher's head: its core-driver log is in that head's session (in RAY_TMPDIR)
     assert list((slurm_cluster.base / f"ray-{job_id}-h").glob("session_*/logs/python-core-driver-*.log")), launcher

@@ -12,6 +12,7 @@ from cipo_nemo.algorithms.loss import PolicyLoss
 from cipo_nemo.config import load_config
 from cipo_nemo.config.schema import PolicyConfig
 from cipo_nemo.data.batch import Batch
+from cipo_nemo.models.policy.microbatches import OptimizerStep, plan_optimizer_steps
 
 BASE_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 LR = 1.0e-3
@@ -86,6 +87,24 @@ def make_batch(*, vocab_size: int, num_samples: int = 8, length: int = 24, seed:
             "advantages": torch.randn(num_samples, generator=generator),
         }
     )
+
+
+ZERO_ADVANTAGE = [1, 4, 5, 6]  # make_batch's samples set to A = 0 by the skip tests (base and correction ones)
+
+
+def with_zero_advantages(batch: Batch) -> Batch:
+    batch["advantages"][ZERO_ADVANTAGE] = 0.0
+    return batch
+
+
+def skip_plans(batch: Batch, loss: PolicyLoss) -> tuple[list[OptimizerStep], list[OptimizerStep]]:
+    """Two epochs of mini-batches of 4 over make_batch's 8 samples, without and with the zero-advantage skip
+    (the trainer's plan_optimizer_steps; with this seed every mini-batch keeps a sample)."""
+    plans = []
+    for carries_gradient in (None, batch["advantages"] != 0):
+        plans.append(plan_optimizer_steps(batch, loss, size=4, epochs=2, generator=torch.Generator().manual_seed(3),
+                                          carries_gradient=carries_gradient))
+    return plans[0], plans[1]
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:

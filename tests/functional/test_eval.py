@@ -202,14 +202,21 @@ def test_cli_prints_the_table_and_writes_the_files(hf_run):
     expected = " ".join(f"{value:.3f}" for value in [arith["avg"], *arith["pass@k"].values()])
     table = hf_run["stdout"].splitlines()
     assert table[0].split() == ["benchmark", "problems", "n", f"avg@{N}", "pass@1", "pass@2", "pass@4"]
-    assert [line.split()[0] for line in table[2:8]] == ["arith", "fix", "fix", "fix", "humaneval", "results:"]
+    assert [line.split()[0] for line in table[2:8]] == ["arith", "fix", "fix", "fix", "fix", "humaneval"]
+    assert table[3:7] == [line for line in table[3:7] if line.startswith("fix [")]  # all, w->r, r->r, balanced
     assert " ".join(table[2].split()[3:]) == expected
+    # below a rule, the average of the two answer benchmarks (the correction benchmark is not averaged)
+    humaneval = results["benchmarks"]["humaneval"]["metrics"]
+    assert set(table[8]) == {"-"} and table[9].split()[0] == "average"
+    assert results["average"]["avg"] == pytest.approx((arith["avg"] + humaneval["avg"]) / 2)
+    assert table[9].split()[3] == f"{results['average']['avg']:.3f}"
     assert (results["n"], results["k"], results["generation"]["backend"]) == (N, K, "hf")
     assert results["max_model_len"] == MAX_MODEL_LEN
     png = (hf_run["output_dir"] / "pass_at_k.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert table[7:] == [f"{kind}: {hf_run['output_dir'] / name}" for kind, name in
-                         (("results", "results.json"), ("samples", "samples.jsonl"), ("plot", "pass_at_k.png"))]
+    assert table[10:] == [f"{kind}: {hf_run['output_dir'] / name}" for kind, name in
+                          (("results", "results.json"), ("samples", "samples.jsonl"), ("plot", "pass_at_k.png"),
+                           ("log (with the libraries' messages)", "run.log"))]
 
 
 # ---------------------------------------------------------------------------------------------- vLLM backend

@@ -132,6 +132,41 @@ def test_megatron_checkpoint_exports_what_the_policy_had(layout: str, megatron_r
     assert len(AutoTokenizer.from_pretrained(out)) == len(AutoTokenizer.from_pretrained(run["model_dir"]))
 
 
+def _checkpoint_tensor_keys(policy_dir: Path) -> set[str]:
+    from megatron.core import dist_checkpointing
+
+    return set(dist_checkpointing.load_tensors_metadata(str(policy_dir)))
+
+
+def test_transformer_engine_checkpoint_exports_on_the_host_with_the_local_spec(megatron_runs: dict,
+                                                                              tmp_path: Path) -> None:
+    """A checkpoint whose config says the TE layer spec (with FP8 and sequence parallelism) exports where Transformer
+    Engine cannot import, through megatron's local spec in host memory: same weights as the run's own export."""
+    from cipo_nemo.models.policy.cpu_compat import prepare_megatron_imports
+
+    prepare_megatron_imports()
+    from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRegistry
+
+    run = megatron_runs["tp2"]
+    checkpoint = tmp_path / "run" / "checkpoints" / run["checkpoint"].name
+    shutil.copytree(run["checkpoint"], checkpoint)
+    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    config["policy"]["megatron"] |= {"layer_spec": "transformer_engine", "fp8": "e4m3", "fp8_recipe": "blockwise",
+                                     "sequence_parallel": True}
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump(config))
+    # the norms are stored under Transformer Engine's fused names (the bridge's TE <-> separate-norm aliases), so a
+    # TE-trained checkpoint has the keys the local spec asks for
+    keys = _checkpoint_tensor_keys(checkpoint / "policy")
+    fused, separate = zip(*MegatronMappingRegistry._SEPARATE_LAYERNORM_REWRITES, strict=True)
+    assert {f"decoder.layers.{name}" for name in fused
+            if name in ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight")} <= keys
+    assert not {f"decoder.layers.{name}" for name in separate} & keys
+    out = tmp_path / "hf"
+    done, _ = _export_in_subprocess(checkpoint, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert max_weight_diff(_weights(out), _weights(run["hf_by_run"])) == 0.0
+
+
 def test_export_into_a_non_empty_directory_is_refused_and_leaves_it(megatron_runs: dict, tmp_path: Path) -> None:
     out = tmp_path / "taken"
     out.mkdir()

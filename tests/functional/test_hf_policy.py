@@ -9,13 +9,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from policy_cases import LOSS, STEP_WEIGHT_TOLERANCE, make_batch, make_policy, max_abs_diff, max_weight_diff
+from policy_cases import (
+    LOSS,
+    STEP_WEIGHT_TOLERANCE,
+    make_batch,
+    make_policy,
+    max_abs_diff,
+    max_weight_diff,
+    skip_plans,
+    with_zero_advantages,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.models.policy.hf_policy import HFPolicy
 from cipo_nemo.models.policy.megatron_setup import build_lr_scheduler
-from cipo_nemo.models.policy.microbatches import combine_optimizer_steps, plan_mini_batches
+from cipo_nemo.models.policy.microbatches import (
+    combine_optimizer_steps,
+    plan_mini_batches,
+    plan_optimizer_steps,
+    take_optimizer_steps,
+)
 from cipo_nemo.models.tiny import build_tiny_model_dir
 
 
@@ -265,3 +279,42 @@ def test_a_step_without_the_pi_old_pass_takes_the_same_step(llama_dir: Path) -> 
     # not bit for bit: the training pass projects only the response positions, so its lm_head product has another
     # shape than the logprob pass's and rounds differently (logprobs 5e-7 apart, weights 3e-7)
     assert max_weight_diff(_weights(recomputed), _weights(skipped)) < STEP_WEIGHT_TOLERANCE / 10
+
+
+def test_the_zero_advantage_skip_takes_the_same_steps(llama_dir: Path) -> None:
+    """Mini-batches from the same start: the samples at A = 0 left out of every pass (with each mini-batch's
+    normalizer kept) give the same gradients and weights as training on them."""
+    batch = with_zero_advantages(make_batch(vocab_size=_vocab_size(llama_dir)))
+    full_plan, skip_plan = skip_plans(batch, LOSS)
+    assert all(step.indices for step in skip_plan)  # every mini-batch keeps a sample: every step is taken
+    assert sum(len(step.indices) for step in skip_plan) == sum(len(step.indices) for step in full_plan) // 2
+    policies = [HFPolicy(policy=make_policy(llama_dir, micro_batch_size=2), num_steps=4, seed=0) for _ in range(2)]
+    per_step = []
+    for policy, plan in zip(policies, (full_plan, skip_plan)):
+        per_step.append([policy.train(batch.select(step.indices), LOSS, global_denominator=step.denominator)
+                         for step in plan])
+    for full, skipped in zip(*per_step, strict=True):
+        assert skipped["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-5)
+        assert skipped["loss"] == pytest.approx(full["loss"], rel=1e-5, abs=1e-8)
+        assert skipped["lr"] == full["lr"]
+    assert max_weight_diff(_weights(policies[0]), _weights(policies[1])) < STEP_WEIGHT_TOLERANCE / 10
+    # a mutant: the same samples with only their own tokens as the normalizer take another step
+    wrong = HFPolicy(policy=make_policy(llama_dir, micro_batch_size=2), num_steps=4, seed=0)
+    for step in skip_plan:
+        wrong.train(batch.select(step.indices), LOSS)
+    assert max_weight_diff(_weights(policies[0]), _weights(wrong)) > STEP_WEIGHT_TOLERANCE
+
+
+def test_a_step_without_gradient_is_not_taken_and_the_schedule_moves_on(llama_dir: Path) -> None:
+    batch = make_batch(vocab_size=_vocab_size(llama_dir))
+    batch["advantages"][:] = 0.0
+    policy = HFPolicy(policy=make_policy(llama_dir, micro_batch_size=2), num_steps=4, seed=0)
+    before = _weights(policy)
+    plan = plan_optimizer_steps(batch, LOSS, size=None, epochs=1, generator=torch.Generator().manual_seed(0),
+                                carries_gradient=batch["advantages"] != 0)
+    metrics = take_optimizer_steps(policy, batch, plan, LOSS)
+    assert (metrics["optimizer_steps"], metrics["optimizer_steps_skipped"], metrics["loss"]) == (0.0, 1.0, 0.0)
+    assert metrics["lr"] == pytest.approx(1e-3)  # the first step's lr of the linear decay to 0 over 4 steps
+    assert max_weight_diff(before, _weights(policy)) == 0.0
+    batch["advantages"][0] = 1.0
+    assert policy.train(batch, LOSS)["lr"] == pytest.approx(0.75e-3)  # the next step takes the next lr

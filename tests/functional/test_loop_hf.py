@@ -24,6 +24,8 @@ STEP_METRICS = [
     "train/approx_entropy", "train/token_mult_prob_error", "train/grad_norm", "train/lr", "tokens/generated",
     "tokens/trained", "throughput/generated_tokens_per_s", "timing/rollout", "timing/correction_rollout",
     "timing/train", "timing/refit", "timing/dump_samples", "timing/step", "val/pass@1", "val/pass@4",
+    "train/samples_skipped/base", "train/samples_skipped/correction", "train/tokens_trained/base",
+    "train/tokens_trained/correction", "train/optimizer_steps_skipped",
 ]
 
 
@@ -32,7 +34,7 @@ def _overrides(model, run_dir: Path, *extra: str) -> list[str]:
         f"run.output_dir={run_dir}", "grpo.num_steps=2", "grpo.prompts_per_step=4", "grpo.samples_per_prompt=4",
         "cipo.samples_per_anchor=4", "cipo.max_anchors_per_step=4", "cipo.attempt_max_tokens=32",
         "data.train.kind=file", f"data.train.file.path={model.train_file}",
-        f"++data.validation={{kind: file, family: math, reasoning_gym: {{name: basic_arithmetic, size: 1, seed: 0, options: {{}}}}, file: {{path: {model.validation_file}, format: auto, split: null, fields: {{id: null, prompt: prompt, messages: null, answer: answer, family: null}}}}}}",
+        f"++data.validation={{kind: file, family: math, reasoning_gym: {{name: basic_arithmetic, size: 1, seed: 0, options: {{}}}}, file: {{path: {model.validation_file}, format: auto, split: null, fields: {{id: null, prompt: prompt, messages: null, answer: answer, family: null}}}}, hf: {{path: null, name: null, split: test, revision: null, fields: {{id: null, prompt: prompt, messages: null, answer: answer, family: null}}}}}}",
         "validation.every=2", "validation.samples_per_prompt=4", "validation.pass_k=[1,4]",
         "verifier.num_workers=1", f"policy.model_name={model.model_dir}", "policy.backend=hf", "policy.precision=fp32",
         "policy.micro_batch_size=8", "policy.max_total_sequence_length=384", "policy.optimizer.lr=1e-4",
@@ -78,6 +80,10 @@ def test_cipo_run_writes_every_metric(arithmetic_model, tmp_path):
             assert (s["anchor"]["response"], s["anchor"]["reward"]) == (anchor["response"], anchor["reward"])
             assert s["outcome"] in OUTCOMES and s["anchor"]["correct"] == (anchor["reward"] > 0.5)
         assert sum(s["reward"] for s in base) / 16 == pytest.approx(record["reward/base_mean"])
+        # the skip (on by default: no KL) leaves out exactly the samples the dump marks as carrying no gradient
+        for kind, members in (("base", base), ("correction", corrections)):
+            assert record[f"train/samples_skipped/{kind}"] == sum(not s["carries_gradient"] for s in members)
+            assert all((s["advantage"] != 0) == s["carries_gradient"] for s in members)
 
 
 def test_grpo_run_has_no_correction_stream(arithmetic_model, tmp_path):
@@ -98,8 +104,9 @@ def test_grpo_run_has_no_correction_stream(arithmetic_model, tmp_path):
     for r in records:
         assert r["tokens/trained"] > 0
         mixed_groups = r["reward/prompts_all_correct"] + r["reward/prompts_all_wrong"] < 1
-        # zero-variance groups get exactly zero advantage, so a step without a mixed group has no gradient
-        assert (r["train/grad_norm"] > 0) == mixed_groups, r
+        # zero-variance groups get exactly zero advantage, so a step without a mixed group has no gradient: it
+        # takes no optimizer step at all (the skip)
+        assert (r["train/grad_norm"] > 0) == mixed_groups == (r["train/optimizer_steps"] == 1), r
     assert any(r["train/grad_norm"] > 0 for r in records)
 
 
@@ -114,8 +121,8 @@ def test_resume_continues_exactly(arithmetic_model, tmp_path):
     _run(arithmetic_model, tmp_path / "resumed", *mini_batches)
     straight, resumed = _records(tmp_path / "straight"), _records(tmp_path / "resumed")
     assert resumed[-1]["step"] == 2
-    for record in straight:  # >= 16 base samples: at least 2 x 2 optimizer steps, and the clip ranges bind
-        assert record["train/optimizer_steps"] >= 4
+    for record in straight:  # >= 16 base samples: at least 2 x 2 planned optimizer steps, and the clip ranges bind
+        assert record["train/optimizer_steps"] + record["train/optimizer_steps_skipped"] >= 4
     assert sum(r["train/clip_fraction_low"] + r["train/clip_fraction_high"] for r in straight) > 0
     assert straight[0]["cipo/retention"] is not None and straight[0]["cipo/rho_tau"] is not None
     assert resumed[-1]["cipo/rho_tau"] == straight[0]["cipo/rho_tau"]
@@ -144,3 +151,40 @@ def test_keep_best_keeps_the_best_validated_checkpoint_across_a_resume(arithmeti
     assert (best["step"], best["value"], best["metric"]) == (best_step, max(values), "val/reward_mean")
     stored = json.loads((checkpoints / f"step_{best_step:06d}" / "metrics.json").read_text())["metrics"]
     assert stored == {key: value for key, value in records[best_step - 1].items() if key.startswith("val/")}
+
+
+def test_kl_keeps_every_sample_in_the_passes(arithmetic_model, tmp_path):
+    _run(arithmetic_model, tmp_path / "kl", "cipo.enabled=false", "validation.every=0", "grpo.num_steps=1",
+         "loss.kl_beta=0.05", "policy.reference_policy=cpu_copy", "logger.samples_every=1")
+    (record,) = _records(tmp_path / "kl")
+    _, samples = read_samples(tmp_path / "kl", 1)
+    assert record["train/samples_skipped/base"] == 0 and record["train/optimizer_steps"] == 1
+    assert record["train/tokens_trained/base"] == record["tokens/trained"]  # every response token went through
+    assert any(not s["carries_gradient"] for s in samples) or record["reward/prompts_all_correct"] == 0
+
+
+def test_dynamic_sampling_and_overlong_handling_resume_exactly(arithmetic_model, tmp_path):
+    """DAPO dynamic sampling (rounds until the batch's groups carry gradient), the soft overlong punishment and
+    truncated responses masked: a run killed after step 1 and resumed samples and trains what the straight run
+    did."""
+    dapo = ("validation.every=0", "grpo.dynamic_sampling.enabled=true", "grpo.dynamic_sampling.max_rounds=3",
+            "grpo.overlong_buffer=4", "grpo.mask_truncated=true", "logger.samples_every=1")
+    _run(arithmetic_model, tmp_path / "straight", *dapo)
+    _run(arithmetic_model, tmp_path / "resumed", *dapo, "grpo.num_steps=1")
+    _run(arithmetic_model, tmp_path / "resumed", *dapo)
+    straight, resumed = _records(tmp_path / "straight"), _records(tmp_path / "resumed")
+    for record in straight:
+        rounds, live = record["dynamic_sampling/rounds"], record["dynamic_sampling/groups_live"]
+        assert 1 <= rounds <= 3 and record["dynamic_sampling/groups_sampled"] == 4 * rounds
+        assert live >= 4 or rounds == 3  # it stops as soon as the batch can be filled
+        assert record["dynamic_sampling/groups_short"] == max(0, 4 - live)
+    assert any(r["dynamic_sampling/rounds"] > 1 for r in straight)  # the warm model leaves some groups constant
+    for key in ("dynamic_sampling/rounds", "dynamic_sampling/groups_live", "reward/base_mean", "train/loss",
+                "train/grad_norm", "train/samples_skipped/base", "cipo/anchors_total", "tokens/trained"):
+        assert resumed[-1][key] == pytest.approx(straight[-1][key], rel=1e-5, abs=1e-7), key
+    assert read_samples(tmp_path / "resumed", 2)[1] == read_samples(tmp_path / "straight", 2)[1]
+    for step in (1, 2):
+        for sample in read_samples(tmp_path / "straight", step)[1]:
+            truncated = sample["finish_reason"] == "length"  # 12 tokens: punished by 1, and out of the loss
+            assert sample["shaped_reward"] <= sample["reward"] - (1.0 if truncated else 0.0) + 1e-6
+            assert not (truncated and sample["carries_gradient"])

@@ -1,5 +1,6 @@
-"""The loop's colocated memory order (issue 16, item 7) on the real HF backends, wrapped in recorders: what a
-colocated vLLM engine and the policy are asked to do, in order, in a step and on resume."""
+"""The loop's colocated memory order (issue 16, item 7; the optimizer offload: issue 25) on the real HF backends,
+wrapped in recorders: what a colocated vLLM engine and the policy are asked to do, in order, in a step and on
+resume."""
 
 from pathlib import Path
 
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.slow  # the training loop end to end
 
 BASE = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 RECORDED = {"generate", "sleep", "wake", "update_weights_from_path", "get_logprobs", "train", "export_hf_weights_to",
-            "remove_exported_weights", "load_checkpoint"}
+            "remove_exported_weights", "load_checkpoint", "offload_optimizer", "restore_optimizer"}
 
 
 class Recording:
@@ -75,3 +76,21 @@ def test_step_and_resume_follow_the_colocated_memory_order(arithmetic_model, tmp
     # resume: the engine sleeps while the checkpoint loads, then a refit refills it before step 2 generates
     assert calls[:2 + len(REFIT)] == [("generation", "sleep", 2), ("policy", "load_checkpoint", None), *REFIT]
     assert calls[2 + len(REFIT)][1] == "generate"
+
+
+def test_an_offloaded_optimizer_is_on_the_device_only_to_train_and_to_load(arithmetic_model, tmp_path, monkeypatch):
+    """policy.offload_optimizer_for_generation=true (on CPU the moves themselves are no-ops; the order is the GPU's)."""
+    calls: list = []
+    offload = "policy.offload_optimizer_for_generation=true"
+    _run(arithmetic_model, tmp_path / "run", monkeypatch, calls, "grpo.num_steps=1", offload)
+    assert calls[0] == ("policy", "offload_optimizer", None)  # at setup, before the engine starts
+    first_sleep = calls.index(("generation", "sleep", 2))
+    assert all(method == "generate" for _, method, _ in calls[1:first_sleep])
+    assert calls[first_sleep + 1:] == [("policy", "get_logprobs", None), ("policy", "restore_optimizer", None),
+                                       ("policy", "train", None), ("policy", "offload_optimizer", None), *REFIT]
+
+    calls.clear()
+    _run(arithmetic_model, tmp_path / "run", monkeypatch, calls, "grpo.num_steps=2", offload)
+    assert calls[:5 + len(REFIT)] == [("policy", "offload_optimizer", None), ("generation", "sleep", 2),
+                                      ("policy", "restore_optimizer", None), ("policy", "load_checkpoint", None),
+                                      ("policy", "offload_optimizer", None), *REFIT]

@@ -5,7 +5,7 @@ Four multi-rank runs, each a module fixture that checks several things at once (
                      round trip, reference policy, sequence packing, import shims, configuration errors
   tp2:    2 ranks  - TP=2 logprobs and train step (also packed); checkpoint after step 1, step 2; save_hf
   pp2:    2 ranks  - PP=2 logprobs and train step (also packed); loads tp2's checkpoint, step 2 again
-  dp2:    2 ranks  - DP=2 (+ activation recompute) train step on the same global batch, sharded by groups
+  dp2:    2 ranks  - DP=2 (+ activation recompute) train step on the same global batch, sharded by tokens
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from policy_cases import (
     make_policy,
     max_abs_diff,
     max_weight_diff,
+    skip_plans,
+    with_zero_advantages,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -38,7 +40,8 @@ from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.packing import plan_packed_rows, sequence_lengths
 from cipo_nemo.models.generation.refit import load_refit_file
 from cipo_nemo.models.policy.hf_policy import HFPolicy
-from cipo_nemo.models.policy.microbatches import plan_mini_batches
+from cipo_nemo.models.policy.megatron_policy import with_inert_padding
+from cipo_nemo.models.policy.microbatches import plan_mini_batches, take_optimizer_steps
 from cipo_nemo.models.tiny import build_tiny_model_dir
 
 pytestmark = pytest.mark.slow  # Megatron ranks (gloo, Ray)
@@ -108,6 +111,27 @@ def _denominator(shard_micro_batches: list[Batch]) -> float:
     return count.item()
 
 
+def _skip_checks(policy: PolicyConfig, batch: Batch) -> dict[str, Any]:
+    """Two epochs of mini-batches from the same start, without and with the zero-advantage skip (fresh workers)."""
+    from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
+
+    batch = with_zero_advantages(batch.select(list(range(len(batch)))))
+    results = {}
+    for name, plan in zip(("full", "skip"), skip_plans(batch, LOSS)):
+        worker = MegatronPolicyWorker(policy=policy, num_steps=4, seed=0)
+        metrics = take_optimizer_steps(worker, batch, plan, LOSS)
+        results[name] = {"metrics": metrics, "export": worker.export_hf_weights()}
+    return results
+
+
+ONE_LIVE_SAMPLE = 2  # the one sample of make_batch's batch that keeps its advantage in the one-live-sample step
+
+
+def _one_live_sample_batch(batch: Batch) -> tuple[Batch, float]:
+    """A step where only one sample carries gradient, with the whole batch's normalizer."""
+    return batch.select([ONE_LIVE_SAMPLE]), float(LOSS.local_denominator([batch]))
+
+
 # ----- rank functions (run in spawned processes) ------------------------------------------------------------
 
 
@@ -145,6 +169,7 @@ def single_rank_checks(rank: int, world_size: int, policies: dict[str, PolicyCon
         "train_projected_tokens": sum(projected),
         "stepped_export": worker.export_hf_weights(),
         "exported_count": worker.export_hf_weights_to(export_path),
+        "offload": _offload_checks(worker),
     }
     # two epochs of two shuffled mini-batches: four optimizer steps from one batch, pi_old fixed (issue: clipping
     # that binds); the HF policy takes the same steps in test_mini_batch_steps_match_hf
@@ -153,11 +178,16 @@ def single_rank_checks(rank: int, world_size: int, policies: dict[str, PolicyCon
         worker.train(mini_batch, LOSS, global_denominator=_denominator([mini_batch]))
         for mini_batch in (batches["llama"].select(indices) for indices in _mini_batch_plan(len(batches["llama"])))
     ]
+    results["llama_distributed_offload"] = _offload_checks(worker)
     results["import_shims"] = {
         "transformer_engine_left_in_sys_modules": "transformer_engine" in sys.modules,
         "typing_override": hasattr(typing, "override"),
     }
     results["llama_packed"] = _packed_checks(llama, batches["llama"], _denominator([batches["llama"]]))
+    worker = MegatronPolicyWorker(policy=llama, num_steps=4, seed=0)
+    one_live, denominator = _one_live_sample_batch(batches["llama"])
+    worker.train(one_live, LOSS, global_denominator=denominator)
+    results["llama_one_live"] = {"export": worker.export_hf_weights()}
     results["errors"] = {
         "tp2_in_world_of_1": _error_of(MegatronPolicyWorker, llama.model_copy(
             update={"megatron": llama.megatron.model_copy(update={"tensor_parallel": 2})})),
@@ -192,6 +222,17 @@ def _recording_input_widths(worker: Any) -> Iterator[list[int]]:
         yield widths
     finally:
         handle.remove()
+
+
+def _offload_checks(worker: Any) -> dict[str, int]:
+    """What the optimizer offload would move in megatron's real optimizer (fp32 here), and what it moves on CPU."""
+    from cipo_nemo.models.policy.optimizer_offload import optimizer_owned_tensors, torch_optimizers
+
+    owned = list(optimizer_owned_tensors(torch_optimizers(worker._optimizer),
+                                         [parameter for _, parameter in worker._named_parameters()]))
+    return {"main_copies": sum(slot.key is None for slot in owned),
+            "state": sum(slot.key is not None for slot in owned),
+            "offloaded": worker.offload_optimizer(), "restored": worker.restore_optimizer()}
 
 
 def _adam_fused(worker: Any) -> list[bool]:
@@ -238,6 +279,7 @@ def tp2_checks(rank: int, world_size: int, policies: dict[str, PolicyConfig], ba
         results[name] = result
     denominator = float(LOSS.local_denominator([batches["llama"]]))
     results["llama_packed"] = _packed_checks(policies["llama"], batches["llama"], denominator)
+    results["llama_skip"] = _skip_checks(policies["llama"], batches["llama"])
     return results
 
 
@@ -283,6 +325,7 @@ def pp2_checks(rank: int, world_size: int, policies: dict[str, PolicyConfig], ba
         results[name] = result
     denominator = float(LOSS.local_denominator([batches["qwen2_tied"]]))
     results["qwen2_tied_packed"] = _packed_checks(policies["qwen2_tied"], batches["qwen2_tied"], denominator)
+    results["qwen2_tied_skip"] = _skip_checks(policies["qwen2_tied"], batches["qwen2_tied"])
     return results
 
 
@@ -290,15 +333,22 @@ def dp2_checks(rank: int, world_size: int, policy: PolicyConfig, batch: Batch) -
     from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
 
     worker = MegatronPolicyWorker(policy=policy, num_steps=4, seed=0)
-    shard = batch.shard_by_groups(worker.dp_size)[worker.dp_rank]
+    shard = batch.shard_by_tokens(worker.dp_size)[worker.dp_rank]
     step = worker.train(shard, LOSS, global_denominator=_denominator(shard.micro_batches(policy.micro_batch_size)))
-    return {
+    result = {
         "dp": (worker.dp_rank, worker.dp_size),
         "shard_size": len(shard),
         "step": step,
         "stepped_export": worker.export_hf_weights(),
         "reference_logprobs": worker.get_reference_logprobs(shard),
     }
+    # one sample carries gradient, two ranks: the facade's padding gives the other rank an inert copy
+    worker = MegatronPolicyWorker(policy=policy, num_steps=4, seed=0)
+    one_live, denominator = _one_live_sample_batch(batch)
+    padded_shard = with_inert_padding(one_live, worker.dp_size).shard_by_tokens(worker.dp_size)[worker.dp_rank]
+    worker.train(padded_shard, LOSS, global_denominator=denominator)
+    result["one_live_export"] = worker.export_hf_weights()
+    return result
 
 
 # ----- the runs ---------------------------------------------------------------------------------------------
@@ -432,6 +482,14 @@ def test_mini_batch_steps_match_hf(single: dict[str, Any], references: dict[str,
     assert steps[3]["ratio_max"] > steps[0]["ratio_max"]
 
 
+def test_the_optimizer_offload_takes_the_state_and_never_the_models_weights(single: dict[str, Any]) -> None:
+    """fp32: megatron's FP32Optimizer steps the model's parameters themselves and the distributed optimizer views
+    of the DDP buffer: neither may leave the device with the optimizer's state. On CPU nothing moves."""
+    for run in (single["llama_one_micro_batch"]["offload"], single["llama_distributed_offload"]):
+        assert run["main_copies"] == 0 and run["state"] > 0
+        assert (run["offloaded"], run["restored"]) == (0, 0)
+
+
 def test_one_and_four_micro_batches_take_the_same_step(single: dict[str, Any]) -> None:
     # four micro-batches + distributed optimizer vs one micro-batch + megatron's plain optimizer
     four, one = single["llama"], single["llama_one_micro_batch"]
@@ -487,7 +545,7 @@ def test_reference_logprobs_stay_at_the_initial_weights(single: dict[str, Any], 
     assert max_abs_diff(result["reference_logprobs"], result["initial_logprobs"]) == 0.0
     assert max_abs_diff(result["logprobs_after_reference"], result["stepped_logprobs"]) == 0.0
     batch = references["llama"].batch
-    shards = batch.shard_by_groups(2)
+    shards = batch.shard_by_tokens(2)
     for shard, dp_result in zip(shards, dp2):
         expected = references["llama"].initial_logprobs[_rows_of(shard, batch)]
         assert max_abs_diff(dp_result["reference_logprobs"], expected) < LOGPROB_TOLERANCE
@@ -571,3 +629,25 @@ def test_cpu_compat_is_a_no_op_with_cuda(monkeypatch: pytest.MonkeyPatch) -> Non
     cpu_compat.apply_cpu_compat()
     assert cpu_compat._cpu_compat_mode is None
     assert torch.cuda.current_device is current_device and torch.cuda.Stream is stream
+
+
+@pytest.mark.parametrize(("layout", "model"), [("tp2", "llama"), ("pp2", "qwen2_tied")])
+def test_the_zero_advantage_skip_takes_the_same_steps(layout: str, model: str,
+                                                      request: pytest.FixtureRequest) -> None:
+    """TP=2 and PP=2, two epochs of mini-batches: leaving the A = 0 samples out (each mini-batch keeping its
+    normalizer) gives the weights and per-step gradient norms of training on them."""
+    run = request.getfixturevalue(layout)
+    checks = run["per_rank"][0][f"{model}_skip"]
+    full, skipped = checks["full"], checks["skip"]
+    assert skipped["metrics"]["optimizer_steps"] == full["metrics"]["optimizer_steps"] == 4
+    assert skipped["metrics"]["grad_norm"] == pytest.approx(full["metrics"]["grad_norm"], rel=1e-5)
+    assert skipped["metrics"]["num_valid_tokens"] < full["metrics"]["num_valid_tokens"]  # fewer tokens computed
+    assert max_weight_diff(full["export"], skipped["export"]) < STEP_WEIGHT_TOLERANCE / 10
+
+
+def test_a_rank_without_a_sample_that_carries_gradient_gets_an_inert_one(dp2: list[dict[str, Any]],
+                                                                         single: dict[str, Any]) -> None:
+    """One live sample, two data-parallel ranks: the step equals the single rank's step on that sample."""
+    expected = single["llama_one_live"]["export"]
+    assert max_weight_diff(dp2[0]["one_live_export"], expected) < STEP_WEIGHT_TOLERANCE / 10
+    assert max_weight_diff(expected, single["llama"]["initial_export"]) > STEP_WEIGHT_TOLERANCE  # it moved

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cipo_nemo.algorithms.advantages import correction_advantages, group_advantages
+from cipo_nemo.algorithms.correction import shape_correction_rewards
 
 # Non-contiguous group ids, interleaved:
 #   group 7 at samples 0, 2, 4, 5 with rewards [1, 0, 0, 0]
@@ -100,7 +101,8 @@ ANCHOR_RIGHT = torch.tensor([True] * 4 + [False] * 4)
 
 
 def _corr(mode: str, risk_penalty: float, rewards=CORRECTION_REWARDS, groups=CORRECTION_GROUPS, anchors=ANCHOR_RIGHT):
-    return correction_advantages(rewards, groups, anchors, mode=mode, risk_penalty=risk_penalty, eps=0.0)
+    shaped = shape_correction_rewards(rewards, anchors, risk_penalty)
+    return correction_advantages(shaped, groups, anchors, mode=mode, eps=0.0)
 
 
 @pytest.mark.parametrize("penalty", [0.5, 1.0, 3.0])
@@ -160,9 +162,8 @@ def test_correction_advantages_reject_bad_inputs():
     with pytest.raises(ValueError, match="mode"):
         _corr("median", 1.0)
     with pytest.raises(TypeError, match="anchor_correct must be a bool"):
-        correction_advantages(CORRECTION_REWARDS, CORRECTION_GROUPS, ANCHOR_RIGHT.long(), mode="stream",
-                              risk_penalty=1.0)
+        correction_advantages(CORRECTION_REWARDS, CORRECTION_GROUPS, ANCHOR_RIGHT.long(), mode="stream")
     with pytest.raises(ValueError, match="anchor_correct has shape"):
-        correction_advantages(CORRECTION_REWARDS, CORRECTION_GROUPS, ANCHOR_RIGHT[:3], mode="stream", risk_penalty=1.0)
+        correction_advantages(CORRECTION_REWARDS, CORRECTION_GROUPS, ANCHOR_RIGHT[:3], mode="stream")
     with pytest.raises(ValueError, match="entries but group_ids"):
-        correction_advantages(CORRECTION_REWARDS, CORRECTION_GROUPS[:3], ANCHOR_RIGHT, mode="stream", risk_penalty=1.0)
+        correction_advantages(CORRECTION_REWARDS, CORRECTION_GROUPS[:3], ANCHOR_RIGHT, mode="stream")

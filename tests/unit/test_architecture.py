@@ -89,7 +89,10 @@ def imported_modules_of_source(source: str, *, package: str,
 
 
 def python_files(root: Path = PACKAGE_ROOT) -> list[Path]:
-    return sorted(root.rglob("*.py"))
+    """The project's Python files under `root`; hidden folders are not the project's (e.g. benchmarks/.venv-trl,
+    the TRL side's virtual environment that benchmarks/speed/step_speed.py makes)."""
+    return sorted(path for path in root.rglob("*.py")
+                  if not any(part.startswith(".") for part in path.relative_to(root).parts))
 
 
 def test_every_unit_has_a_layer() -> None:

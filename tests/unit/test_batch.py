@@ -122,37 +122,31 @@ def test_group_indices_in_first_appearance_order():
     assert list(groups) == [7, 3, 5]
 
 
-def test_shard_by_groups_balances_samples_and_never_splits_groups():
-    # group sizes: 10 -> 4, 11 -> 4, 12 -> 2, 13 -> 2, 14 -> 2 (groups 10 and 11 interleaved)
-    group_ids = [10, 10, 11, 11, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14]
-    shards = make_batch(group_ids).shard_by_groups(2)
-    # greedy, largest first to the lightest shard (ties -> lower shard index):
-    # 10 -> s0 (4), 11 -> s1 (4), 12 -> s0 (6), 13 -> s1 (6), 14 -> s0 (8)
-    assert [len(shard) for shard in shards] == [8, 6]
-    # original relative order is kept inside each shard (input_ids[:, 0] = 10 * sample index)
-    assert (shards[0]["input_ids"][:, 0] // 10).tolist() == [0, 1, 4, 5, 8, 9, 12, 13]
-    assert (shards[1]["input_ids"][:, 0] // 10).tolist() == [2, 3, 6, 7, 10, 11]
-    assert set(shards[0]["group_id"].tolist()) == {10, 12, 14}
-    assert set(shards[1]["group_id"].tolist()) == {11, 13}
+def _with_prompts(batch: Batch, prompt_lengths: list[int]) -> Batch:
+    width = batch["response_mask"].shape[1]
+    batch["prompt_mask"] = torch.arange(width)[None, :] < torch.tensor(prompt_lengths)[:, None]
+    batch["response_mask"] = batch["response_mask"] & ~batch["prompt_mask"]
+    return batch
 
 
-def test_shard_by_response_tokens():
-    # group 0: 2 samples x 1 token = 2 tokens; group 1: 1 sample x 4 tokens; group 2: 1 sample x 3 tokens
-    batch = make_batch([0, 0, 1, 2], response_lengths=[1, 1, 4, 3])
-    by_samples = batch.shard_by_groups(2)
-    # samples: 0 (2) -> s0, 1 (1) -> s1, 2 (1) -> s1  => tokens s0 = 2, s1 = 7
-    assert [shard["group_id"].tolist() for shard in by_samples] == [[0, 0], [1, 2]]
-    by_tokens = batch.shard_by_groups(2, balance_by="response_tokens")
-    # tokens: 1 (4) -> s0, 2 (3) -> s1, 0 (2) -> s1  => tokens s0 = 4, s1 = 5
-    assert [shard["group_id"].tolist() for shard in by_tokens] == [[1], [0, 0, 2]]
+def test_shard_by_tokens_balances_sequence_tokens_sample_by_sample():
+    # sequence tokens (prompt + response) 8, 2, 7, 3, 5, 1 in a batch of width 8; samples of one group may split
+    batch = _with_prompts(make_batch([0, 0, 1, 1, 2, 2], response_lengths=[8, 2, 7, 3, 5, 1], width=8),
+                          prompt_lengths=[2, 1, 2, 1, 2, 1])
+    shards = batch.shard_by_tokens(2)
+    # longest first to the lightest shard (ties: lower index): 8 -> s0, 7 -> s1, 5 -> s1, 3 -> s0, 2 -> s0, 1 -> s1
+    assert [(shard["input_ids"][:, 0] // 10).tolist() for shard in shards] == [[0, 1, 3], [2, 4, 5]]
+    assert [int((shard["prompt_mask"] | shard["response_mask"]).sum()) for shard in shards] == [13, 13]
+    again = batch.shard_by_tokens(2)  # deterministic
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(shards, again))
 
 
-def test_shard_errors():
-    batch = make_batch([0, 0, 1])
-    with pytest.raises(ValueError, match="num_shards=3 is larger than the number of groups \\(2\\)"):
-        batch.shard_by_groups(3)
-    with pytest.raises(ValueError, match="balance_by"):
-        batch.shard_by_groups(2, balance_by="flops")
+def test_shard_by_tokens_needs_a_sample_per_shard():
+    batch = _with_prompts(make_batch([0, 0]), prompt_lengths=[1, 1])
+    with pytest.raises(ValueError, match="num_shards=3 is larger than the number of samples \\(2\\)"):
+        batch.shard_by_tokens(3)
+    with pytest.raises(ValueError, match="positive int"):
+        batch.shard_by_tokens(0)
 
 
 def test_micro_batches():

@@ -127,11 +127,14 @@ def ignored_by_git(paths: set[str]) -> set[str]:
     """The paths (or those paths as folders) that .gitignore covers: outputs, not citations."""
     if not paths:
         return set()
-    queries = sorted(paths | {f"{path}/" for path in paths})
-    completed = subprocess.run(["git", "-C", str(REPO), "check-ignore", "--stdin", "-z"], input="\0".join(queries),
-                               capture_output=True, text=True, check=False)
-    ignored = {line.rstrip("/") for line in completed.stdout.split("\0") if line}
-    return {path for path in paths if path in ignored}
+    return {path for path in paths if _ignored(path) or _ignored(f"{path}/")}
+
+
+def _ignored(path: str) -> bool:
+    # one path per call: git check-ignore stops at the first path it refuses (one beyond a symbolic link, e.g.
+    # benchmarks/.venv-trl/bin/python/...) and would leave the rest of a batch unanswered
+    completed = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", path], capture_output=True, check=False)
+    return completed.returncode == 0
 
 
 def scanned_files() -> list[str]:

@@ -230,7 +230,9 @@ def test_cli_error_is_one_line_and_nonzero():
 # validation on a held-out set, every 5 steps, pass@1 and pass@4
 WITH_VALIDATION = ["++data.validation={kind: reasoning_gym, family: math, reasoning_gym: {name: basic_arithmetic, "
                    "size: 8, seed: 1, options: {}}, file: {path: null, format: auto, split: null, fields: {id: null, "
-                   "prompt: prompt, messages: null, answer: answer, family: null}}}", "validation.every=5"]
+                   "prompt: prompt, messages: null, answer: answer, family: null}}, hf: {path: null, name: null, "
+                   "split: test, revision: null, fields: {id: null, prompt: prompt, messages: null, answer: answer, "
+                   "family: null}}}", "validation.every=5"]
 
 
 @pytest.mark.parametrize(

@@ -83,3 +83,14 @@ def test_adopting_again_catches_a_library_configured_later(clean_logging, capsys
     adopt_library_loggers()
     logging.getLogger("vllm.config").warning("chunked prefill is off on CPU")
     assert "chunked prefill" not in capsys.readouterr().err
+
+
+def test_warnings_reach_the_log_after_a_second_routing(clean_logging, tmp_path):
+    route_logging()
+    warnings.showwarning = warnings._showwarning_orig  # what a recorder (pytest's) or a library does in between
+    route_logging()  # a second main() in the same process
+    path = attach_run_log(tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("routed twice", UserWarning, stacklevel=1)
+    assert "routed twice" in path.read_text()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cipo_nemo.algorithms.anchors import AnchorSelection, select_anchors
-from cipo_nemo.algorithms.correction import CorrectionMetrics, build_training_batch, shape_correction_rewards
+from cipo_nemo.algorithms.correction import CorrectionMetrics, join_streams, shape_correction_rewards
 from cipo_nemo.algorithms.rho import RhoController
 from cipo_nemo.config.loader import load_config
 from cipo_nemo.config.schema import CorrectionTemplates, RhoConfig
@@ -480,16 +480,17 @@ def _correction_batch(**overrides) -> Batch:
 
 
 def test_training_batch_joins_both_streams() -> None:
-    merged, metrics = build_training_batch(
-        _base_batch(), _correction_batch(), anchors=ANCHORS, rho=0.3, risk_penalty=1.0
+    merged, metrics = join_streams(
+        _base_batch(), _correction_batch(), anchors=ANCHORS, rho=0.3
     )
     # correction ids: max base id 7 + 1 + local id -> 8, 9, 10
     assert merged["group_id"].tolist() == [3, 3, 7, 7, 8, 8, 9, 9, 10, 10]
     assert merged["sample_kind"] == ["base"] * 4 + ["correction"] * 6
     assert merged["anchor_index"].tolist() == [-1] * 4 + [0, 0, 1, 1, 2, 2]
-    assert merged["raw_rewards"].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
-    # only anchor 0 is correct: its wrong correction (sample 5) gets 0 - 1 = -1
-    assert merged["rewards"].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0, -1.0, 1.0, 0.0, 0.0, 0.0]
+    # the verifier's rewards, unshaped (training_signal shapes them, once)
+    assert merged["rewards"].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    # only anchor 0 is correct
+    assert merged["anchor_correct"].tolist() == [False] * 4 + [True, True, False, False, False, False]
     # base rows (T = 3) are right-padded to T = 5 with 0 ids and False masks
     assert merged["input_ids"].shape == (10, 5)
     assert merged["input_ids"][0].tolist() == [1, 2, 3, 0, 0]
@@ -498,7 +499,7 @@ def test_training_batch_joins_both_streams() -> None:
 
 
 def test_training_batch_metrics() -> None:
-    _, metrics = build_training_batch(_base_batch(), _correction_batch(), anchors=ANCHORS, rho=0.3, risk_penalty=1.0)
+    _, metrics = join_streams(_base_batch(), _correction_batch(), anchors=ANCHORS, rho=0.3)
     assert metrics == CorrectionMetrics(
         anchors_total=3,
         anchors_successful=1,
@@ -519,15 +520,15 @@ def test_training_batch_metrics() -> None:
 
 def test_training_batch_leaves_its_inputs_alone() -> None:
     base, corrections = _base_batch(), _correction_batch()
-    build_training_batch(base, corrections, anchors=ANCHORS, rho=0.3, risk_penalty=1.0)
-    assert "raw_rewards" not in base and "anchor_index" not in base
+    join_streams(base, corrections, anchors=ANCHORS, rho=0.3)
+    assert "anchor_correct" not in base and "anchor_index" not in base
     assert corrections["group_id"].tolist() == [0, 0, 1, 1, 2, 2]
     assert corrections["rewards"].tolist() == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
 
 
 def test_without_corrections_the_base_batch_comes_back() -> None:
-    merged, metrics = build_training_batch(_base_batch(), None, anchors=None, rho=0.3, risk_penalty=1.0)
-    assert merged["rewards"].tolist() == merged["raw_rewards"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    merged, metrics = join_streams(_base_batch(), None, anchors=None, rho=0.3)
+    assert merged["rewards"].tolist() == [1.0, 0.0, 1.0, 0.0]
     assert merged["anchor_index"].tolist() == [-1] * 4
     assert merged["group_id"].tolist() == [3, 3, 7, 7]
     assert (metrics.anchors_total, metrics.correction_samples) == (0, 0)
@@ -547,7 +548,7 @@ def test_retention_is_none_without_a_correct_anchor() -> None:
         rewards=torch.tensor([1.0, 1.0]),
         anchor_index=torch.tensor([0, 0]),
     )
-    _, metrics = build_training_batch(_base_batch(), corrections, anchors=anchors, rho=0.2, risk_penalty=1.0)
+    _, metrics = join_streams(_base_batch(), corrections, anchors=anchors, rho=0.2)
     assert metrics.retention is None
     assert metrics.correction_success == 1.0
 
@@ -562,11 +563,11 @@ def test_retention_is_none_without_a_correct_anchor() -> None:
 )
 def test_bad_correction_batches_are_rejected(corrections: Batch, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        build_training_batch(_base_batch(), corrections, anchors=ANCHORS, rho=0.3, risk_penalty=1.0)
+        join_streams(_base_batch(), corrections, anchors=ANCHORS, rho=0.3)
 
 
 def test_corrections_need_their_anchors_and_base_must_be_base() -> None:
     with pytest.raises(ValueError, match="anchors"):
-        build_training_batch(_base_batch(), _correction_batch(), anchors=None, rho=0.3, risk_penalty=1.0)
+        join_streams(_base_batch(), _correction_batch(), anchors=None, rho=0.3)
     with pytest.raises(ValueError, match="base"):
-        build_training_batch(_correction_batch(), None, anchors=None, rho=0.3, risk_penalty=1.0)
+        join_streams(_correction_batch(), None, anchors=None, rho=0.3)

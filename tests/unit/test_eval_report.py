@@ -105,7 +105,7 @@ def results_fixture() -> dict:
     }
 
 
-def test_table_has_one_line_per_answer_benchmark_and_three_per_correction_benchmark():
+def test_table_has_one_line_per_answer_benchmark_and_four_per_correction_benchmark():
     assert format_table(results_fixture()).splitlines() == [
         "benchmark           problems  n  avg@4  pass@1  pass@2  pass@4",
         "--------------------------------------------------------------",
@@ -113,7 +113,39 @@ def test_table_has_one_line_per_answer_benchmark_and_three_per_correction_benchm
         "fix [all]                  3  4  0.250   0.250   0.444   0.667",
         "fix [wrong->right]         3  4  0.250   0.250   0.444   0.667",
         "fix [right->right]         0  4      -       -       -       -",
+        "fix [balanced]             3  4      -       -       -       -",  # no right->right: no balanced mean
     ]
+
+
+def test_balanced_is_the_mean_of_wrong_to_right_and_right_to_right():
+    # given solutions: problem 0 correct (retention 1/4), problems 1 and 2 flawed (wrong->right 2/8)
+    metrics = summarize_correction(REWARDS, [True, False, False], n=4, k_list=[1, 2])
+    balanced = metrics["balanced"]
+    assert balanced["avg"] == pytest.approx((2 / 8 + 1 / 4) / 2)
+    # pass@2: wrong->right (5/6 + 0) / 2, right->right 1 - C(3,2)/C(4,2) = 1/2
+    assert balanced["pass@k"]["2"] == pytest.approx(((5 / 6 + 0.0) / 2 + 0.5) / 2)
+    assert balanced["problems"] == 3
+
+
+def test_two_answer_benchmarks_get_an_average_row_below_a_rule():
+    from cipo_nemo.eval.report import answer_average
+
+    easy = [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]]  # avg 0.75, pass@1 0.75
+    results = {"n": 4, "k": [1, 4], "benchmarks": {
+        "hard": {"kind": "answer", "metrics": summarize(REWARDS, n=4, k_list=[1, 4])},
+        "easy": {"kind": "answer", "metrics": summarize(easy, n=4, k_list=[1, 4])},
+        "fix": {"kind": "correction", "metrics": summarize_correction(REWARDS, [True, False, False], n=4,
+                                                                       k_list=[1, 4])},
+    }}
+    results["average"] = answer_average(results)
+    # each benchmark counts once, whatever its size: (3/12 + 6/8) / 2; the correction benchmark is not averaged
+    assert results["average"]["avg"] == pytest.approx((3 / 12 + 6 / 8) / 2)
+    assert results["average"]["pass@k"]["4"] == pytest.approx((2 / 3 + 1.0) / 2)
+    assert results["average"]["benchmarks"] == 2 and results["average"]["problems"] == 5
+    lines = format_table(results).splitlines()
+    assert lines[-2] == "-" * len(lines[0]) and lines[-1].split() == ["average", "5", "4", "0.500", "0.500", "0.833"]
+    one = {"n": 4, "k": [1], "benchmarks": {"hard": results["benchmarks"]["hard"]}}
+    assert answer_average(one) is None  # one benchmark: no average row
 
 
 def test_plot_has_a_log2_pass_at_k_curve_per_measured_row():
@@ -293,8 +325,9 @@ def test_benchmark_spec_errors(tmp_path):
         (["--model", "/no/such/model", "--benchmarks", "humaneval", "--n", "2", "--k", "1"],
          "error: --model: directory /no/such/model does not exist"),
         (["--model", "{model}", "--benchmarks", "humanevil", "--n", "2", "--k", "1"],
-         "error: unknown benchmark 'humanevil': not an existing file, not 'humaneval', "
-         "not reasoning_gym:<name>[:size[:seed[:options]]]"),
+         "error: unknown benchmark 'humanevil': not a named benchmark (math500, aime24, aime25, amc23, gsm8k, "
+         "minerva, olympiadbench, openai_humaneval, mbpp), not 'humaneval', "
+         "not reasoning_gym:<name>[:size[:seed[:options]]], not an existing file"),
         (["--model", "{model}", "--benchmarks", "humaneval", "--n", "4", "--k", "1,8"],
          "error: k=8 is larger than n=4 samples per problem; pass@k needs k <= n"),
     ],
@@ -311,17 +344,22 @@ def test_cli_errors_are_one_line(tmp_path, capsys, arguments, message):
 
 # ---------------------------------------------------------------------------------------------- the documented examples
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+REPO = Path(__file__).resolve().parents[2]
+DOCS = REPO / "docs" / "benchmarks.md"
 
 
 def documented_examples() -> list[list[str]]:
-    """The JSON lines of each ```json block of docs/benchmarks.md, in order: math, code, correction."""
+    """The JSON lines of each ```json block of docs/benchmarks.md, in order: math, code, correction, and rows of the
+    worked correction example."""
     blocks = re.findall(r"^```json\n(.*?)^```$", DOCS.read_text(), flags=re.DOTALL | re.MULTILINE)
     return [block.strip().splitlines() for block in blocks]
 
 
 def test_documented_examples_load_and_given_solutions_are_judged_by_the_verifiers(tmp_path):
-    math_lines, code_lines, correction_lines = documented_examples()
+    math_lines, code_lines, correction_lines, worked_lines = documented_examples()
+    example = REPO / "examples" / "correction" / "critic_debug_sample.jsonl"
+    example_rows = [json.loads(line) for line in example.read_text().splitlines()]
+    assert all(json.loads(line) in example_rows for line in worked_lines)  # the docs quote the example file
     files = {name: write_lines(tmp_path / f"{name}.jsonl", lines)
              for name, lines in (("math", math_lines), ("code", code_lines), ("fix", correction_lines))}
     assert [item.answer for item in load_benchmark(str(files["math"])).items] == ["2"]

@@ -87,3 +87,13 @@ def test_base_model_gone_and_unreadable_config(tmp_path, base_model, capsys):
     status, err = _export(capsys, broken, tmp_path / "out")
     assert status == 2
     _assert_one_line(err, "config.yaml: not a readable policy config: policy.model_name: Field required")
+
+
+def test_a_checkpoint_from_before_a_policy_key_existed_still_reads(tmp_path, base_model):
+    from cipo_nemo.models.policy.checkpoint_export import checkpoint_policy
+
+    text = to_yaml(load_config(BASE, [f"policy.model_name={base_model}"]))
+    old_text = "\n".join(line for line in text.splitlines() if "offload_optimizer_for_generation" not in line)
+    assert old_text != text
+    policy = checkpoint_policy(_checkpoint(tmp_path / "run", str(base_model), config_text=old_text))
+    assert policy.offload_optimizer_for_generation == "auto"  # the base config's default

@@ -34,6 +34,7 @@ from cipo_nemo.models.hub import (
 )
 from cipo_nemo.models.shapes import find_model_shape
 from cipo_nemo.models.tiny import build_tiny_model_dir
+from tests.hub_layout import put_in_cache
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "conf" / "cipo_base.yaml"
@@ -61,25 +62,6 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
     return {SHA_MAIN: build_tiny_model_dir(root / "main", num_layers=2),
             SHA_V2: build_tiny_model_dir(root / "v2", num_layers=4)}
-
-
-def put_in_cache(cache: Path, repo_id: str, commit: str, source: Path, *, ref: str | None = "main") -> Path:
-    """Store `source`'s files as revision `commit` of `repo_id`, in huggingface_hub's cache layout: content-addressed
-    blobs, a snapshot of symlinks to them, and refs/<ref> naming the commit."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    for file in sorted(p for p in source.rglob("*") if p.is_file()):
-        data = file.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = snapshot / file.relative_to(source)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    if ref is not None:
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 def _run(capsys, *overrides: str, dry_run: bool = False) -> tuple[int, str, str]:
@@ -127,11 +109,18 @@ def test_dry_run_says_an_absent_model_will_be_downloaded_and_how_big_it_is(hf_ca
             f"{hf_cache} (about 8.0 GB of weights)") in out
 
 
-def test_dry_run_offline_warns_that_an_absent_model_will_stop_the_run(hf_cache, capsys, monkeypatch):
+# an id the architecture table knows (planned without weights) and one it does not
+@pytest.mark.parametrize("repo_id", ["Qwen/Qwen3-4B", REPO_ID])
+def test_dry_run_offline_stops_on_an_absent_model_with_the_runs_own_line(repo_id, hf_cache, capsys, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    code, out, err = _run(capsys, "policy.model_name=Qwen/Qwen3-4B", dry_run=True)
-    assert code == 0, err  # a dry run on a laptop without the weights still plans the run
-    assert f"absent from the Hugging Face cache {hf_cache} (about 8.0 GB of weights), and HF_HUB_OFFLINE=1" in out
+    monkeypatch.setattr(entry, "run_training", lambda *args: pytest.fail("workers started for an absent model"))
+    dry_code, dry_out, dry_err = _run(capsys, f"policy.model_name={repo_id}", dry_run=True)
+    run_code, _, run_err = _run(capsys, f"policy.model_name={repo_id}")
+    assert dry_code == run_code == 2
+    assert dry_err == run_err and len(dry_err.strip().splitlines()) == 1
+    assert dry_err.startswith(f"model error: policy.model_name: '{repo_id}' is not in the Hugging Face cache {hf_cache} "
+                              "and HF_HUB_OFFLINE=1 forbids downloading it")
+    assert "preflight passed" not in dry_out
 
 
 # -- the preflight of a training run ---------------------------------------------------------------------------------

@@ -121,3 +121,22 @@ def test_dockerfile_installs_the_gpu_profile():
     text = (REPO / "Dockerfile").read_text()
     assert "--no-build-isolation -r requirements-gpu.txt" in text and "install.sh --gpu" in text
     assert "enroot import -o cipo_nemo.sqsh dockerd://cipo_nemo:gpu" in text
+
+
+def _apt_installed_packages(dockerfile: str) -> set[str]:
+    """Package names after `apt-get install` in the Dockerfile's RUN lines (continuations joined)."""
+    text = dockerfile.replace("\\\n", " ")
+    packages: set[str] = set()
+    for command in text.split("&&"):
+        words = command.split()
+        if words[:2] == ["apt-get", "install"]:
+            packages.update(word for word in words[2:] if not word.startswith("-"))
+    return packages
+
+
+def test_dockerfile_has_the_rdma_userspace_nccl_loads():
+    """The image cannot be built here, so its package list is read: without libibverbs and the verbs providers
+    NCCL's InfiniBand / RoCE transport cannot load and inter-node traffic falls back to TCP sockets."""
+    packages = _apt_installed_packages((REPO / "Dockerfile").read_text())
+    assert {"rdma-core", "libibverbs1", "ibverbs-providers"} <= packages
+    assert {"python3.12", "build-essential"} <= packages  # the reader sees the existing install line too

@@ -38,8 +38,10 @@ def test_combined_metrics_average_steps_and_add_counts():
     ]
     combined = combine_optimizer_steps(steps)
     assert combined == {"loss": 2.0, "clip_fraction_low": pytest.approx(0.1), "ratio_min": 0.5, "ratio_max": 1.5,
-                        "num_valid_tokens": 40.0, "grad_norm": 3.0, "lr": 5e-4, "optimizer_steps": 2.0}
+                        "num_valid_tokens": 40.0, "grad_norm": 3.0, "lr": 5e-4, "optimizer_steps": 2.0,
+                        "optimizer_steps_skipped": 0.0}
     assert combine_optimizer_steps(steps[:1])["optimizer_steps"] == 1.0
+    assert combine_optimizer_steps(steps[:1], skipped=2)["optimizer_steps_skipped"] == 2.0
 
 
 @pytest.mark.parametrize(("overrides", "per_step"), [
@@ -86,3 +88,46 @@ def test_a_training_batch_is_ordered_shortest_first_with_every_sample_kept() -> 
     ordered = sorted_by_length(batch)
     assert sequence_lengths(ordered) == [3, 3, 5, 7, 9]
     assert ordered["group_id"].tolist() == [1, 3, 4, 0, 2]  # stable: equal lengths keep their order
+
+
+def _loss_batch(response_lengths: list[int], advantages: list[float]):
+    from cipo_nemo.data.batch import Batch
+
+    response_mask = torch.zeros(len(response_lengths), max(response_lengths), dtype=torch.bool)
+    for row, length in enumerate(response_lengths):
+        response_mask[row, :length] = True
+    return Batch({"group_id": torch.arange(len(advantages)), "sample_kind": ["base"] * len(advantages),
+                  "response_mask": response_mask, "advantages": torch.tensor(advantages)})
+
+
+def _optimizer_steps(batch, live, *, size, epochs, normalization="token"):
+    from cipo_nemo.algorithms.loss import PolicyLoss
+    from cipo_nemo.models.policy.microbatches import plan_optimizer_steps
+
+    loss = PolicyLoss(clip_low=0.2, clip_high=0.2, normalization=normalization, kl_beta=0.0, kl_estimator="k3",
+                      importance_sampling=False, is_truncation=2.0, loss_weight=1.0)
+    return plan_optimizer_steps(batch, loss, size=size, epochs=epochs, generator=torch.Generator().manual_seed(0),
+                                carries_gradient=live)
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_the_skip_keeps_the_same_mini_batches_and_their_normalizers(normalization: str) -> None:
+    lengths, advantages = [3, 1, 4, 1, 5, 9, 2, 6], [0.5, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 2.0]
+    batch = _loss_batch(lengths, advantages)
+    live = torch.tensor([a != 0 for a in advantages])
+    full = _optimizer_steps(batch, None, size=3, epochs=2, normalization=normalization)
+    skipped = _optimizer_steps(batch, live, size=3, epochs=2, normalization=normalization)
+    assert [s.indices for s in full] == _plan(8, 3, 2)  # the draw of plan_mini_batches, unchanged
+    for whole, kept in zip(full, skipped, strict=True):
+        assert kept.indices == [i for i in whole.indices if advantages[i] != 0]
+        assert kept.denominator == whole.denominator  # counted with the skipped samples in
+        expected = sum(lengths[i] for i in whole.indices) if normalization == "token" else len(whole.indices)
+        assert whole.denominator == expected
+        assert kept.planned == whole.planned == len(whole.indices) and kept.skipped == whole.planned - len(kept.indices)
+    assert any(not step.indices for step in skipped)  # a mini-batch of zero advantages only: nothing to train
+
+
+def test_a_skipped_step_is_counted_and_its_loss_is_zero() -> None:
+    combined = combine_optimizer_steps([], skipped=1)
+    assert combined["optimizer_steps"] == 0.0 and combined["optimizer_steps_skipped"] == 1.0
+    assert combined["loss"] == 0.0 and combined["num_valid_tokens"] == 0.0

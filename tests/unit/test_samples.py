@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cipo_nemo.algorithms.advantages import group_advantages
 from cipo_nemo.algorithms.anchors import AnchorSelection
-from cipo_nemo.algorithms.correction import build_training_batch
+from cipo_nemo.algorithms.correction import join_streams
+from cipo_nemo.algorithms.training_signal import carries_gradient, training_signal
+from cipo_nemo.config import load_config
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.sources import TaskItem
 from cipo_nemo.models.interfaces import SampledResponse
@@ -61,8 +62,10 @@ def _step_batch(tokenizer):
                          item_indices=[0, 1], kind="correction", rewards=[1.0, 0.0, 1.0, 0.0],
                          reasons=["correct", "wrong_answer", "correct", "wrong_answer"])
     corrections["anchor_index"] = torch.tensor([0, 0, 1, 1])
-    batch, _ = build_training_batch(base, corrections, anchors=anchors, rho=0.5, risk_penalty=1.0)
-    batch["advantages"] = group_advantages(batch["rewards"], batch["group_id"])
+    joined, _ = join_streams(base, corrections, anchors=anchors, rho=0.5)
+    cfg = load_config(REPO / "conf" / "cipo_base.yaml")  # risk_penalty 1.0, advantage_mode stream
+    batch = training_signal(joined, grpo=cfg.grpo, cipo=cfg.cipo, max_new_tokens=cfg.generation.max_new_tokens)
+    batch["carries_gradient"] = carries_gradient(batch)
     return batch, anchors
 
 
@@ -86,6 +89,8 @@ def test_records_hold_what_a_person_needs(tokenizer) -> None:
     assert corrections[2]["anchor"]["response"] == "\\boxed{7}" and corrections[2]["anchor"]["correct"] is False
     assert corrections[2]["prompt"] == "fix 3 + 2"
     assert [r["advantage"] for r in corrections] == pytest.approx(batch["advantages"][4:].tolist())
+    # the second prompt's group is all wrong: no advantage, no gradient; the dump says so
+    assert [r["carries_gradient"] for r in records[:4]] == [True, True, False, False]
 
 
 def test_a_batch_before_the_advantages_is_refused(tokenizer) -> None:

@@ -1,5 +1,6 @@
-"""A data problem that only the tokenizer reveals (no prompt fits data.max_prompt_tokens) is found in setup: the
-run stops with one line and exit 2, before any worker or Ray starts, not with a traceback."""
+"""A data problem that only the tokenizer reveals (no prompt fits data.max_prompt_tokens) stops the run with one
+line and exit 2, before any worker or Ray starts, not with a traceback: the preflight finds it once the tokenizer is
+here (so the dry run does too: tests/unit/test_dry_run_stops.py), and setup would again."""
 
 from __future__ import annotations
 

@@ -60,8 +60,11 @@ def test_launcher_refuses_outside_an_allocation():
 FAKE_SRUN = r"""#!/bin/bash
 # Record the step (its arguments, the open-files limit it inherited, whether the Ray head was up), then act it out.
 # One write per record: steps started together append concurrently, and separate writes interleaved their lines.
-printf '%s\t%s\t%s\n' "$(ulimit -n)" "$([ -e "$FAKE_DIR/head_up" ] && echo head-up || echo head-down)" "$(printf '%s ' "$@")" >> "$FAKE_DIR/srun.log"
+# One line per step: the newlines of a `python -c` program become spaces.
+printf '%s\t%s\t%s\n' "$(ulimit -n)" "$([ -e "$FAKE_DIR/head_up" ] && echo head-up || echo head-down)" "$(printf '%s ' "$@" | tr '\n' ' ')" >> "$FAKE_DIR/srun.log"
+printf '%s\n' "${RAY_AUTH_TOKEN:-none}" >> "$FAKE_DIR/srun_tokens.log"
 case " $* " in
+    *" -c "*) echo 41001 41002 41003 41004 5ec2e7 ;;  # the job's Python in the container: ports and a token
     *" start --head "*) sleep 0.5; touch "$FAKE_DIR/head_up"; echo "Ray runtime started."; exec sleep 300 ;;
     *ray_worker.sh*) exec sleep 300 ;;
 esac
@@ -70,14 +73,15 @@ exit 0
 FAKE_PYTHON = r"""#!/bin/bash
 printf '%s\t%s\t%s\n' "$(ulimit -n)" "$([ -e "$FAKE_DIR/head_up" ] && echo head-up || echo head-down)" "$(printf '%s ' "$@")" >> "$FAKE_DIR/python.log"
 case " $* " in
-    *" -c "*) echo 41001 41002 41003 41004 ;;
+    *" -c "*) echo 41001 41002 41003 41004 5ec2e7 ;;
     *" start --head "*) sleep 0.5; touch "$FAKE_DIR/head_up"; echo "Ray runtime started."; exec sleep 300 ;;
 esac
 exit 0
 """
 
 
-def _run_launcher(tmp_path: Path, *, nodes: list[str], gpus: int, container: bool) -> tuple[str, list[str], list[str]]:
+def _run_launcher(tmp_path: Path, *, nodes: list[str], gpus: int, container: bool,
+                  auth: str = "disabled") -> tuple[str, list[str], list[str]]:
     """Run slurm/ray_on_slurm.sh to completion against the stand-ins; returns (launcher.log, srun steps, python calls)
     where each step line is `<open-files limit>\\t<head-up|head-down>\\t<arguments>`."""
     fake = tmp_path / "fake"
@@ -92,7 +96,7 @@ def _run_launcher(tmp_path: Path, *, nodes: list[str], gpus: int, container: boo
            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "ignored", "SLURMD_NODENAME": nodes[0],
            "CONFIG": "conf/cipo_base.yaml", "REPO_DIR": str(REPO), "PYTHON": str(fake / "python"),
            "LOG_ROOT": str(tmp_path / "logs"), "RAY_TMPDIR": str(tmp_path / "raytmp"), "RAY_HEAD_IP": "10.9.0.1",
-           "RAY_AUTH_MODE": "disabled", "GPUS_PER_NODE": str(gpus), "DEVICES_PER_NODE": str(max(gpus, 1)),
+           "RAY_AUTH_MODE": auth, "GPUS_PER_NODE": str(gpus), "DEVICES_PER_NODE": str(max(gpus, 1)),
            "CPUS_PER_NODE": "4", "RAY_NODES_TIMEOUT_S": "20"}
     if container:
         env |= {"CONTAINER_IMAGE": "/images/cipo.sqsh", "CONTAINER_MOUNTS": "/data:/data"}
@@ -118,8 +122,8 @@ def _expected_open_files() -> int:
 def test_launcher_container_steps_share_ray_tmpdir_and_ask_for_gpus(tmp_path):
     launcher, steps, _ = _run_launcher(tmp_path, nodes=["n1", "n2"], gpus=8, container=True)
     assert "driver exited with status 0" in launcher
-    # dry run, head, workers, wait for nodes, driver: every one an srun step in the container with the node's GPUs
-    assert len(steps) == 5
+    # dry run, ports, head, workers, wait for nodes, driver: every one an srun step in the container with the GPUs
+    assert len(steps) == 6
     ray_tmp = str(tmp_path / "raytmp")
     for step in steps:
         limit, _, args = step.split("\t")
@@ -139,7 +143,20 @@ def test_launcher_container_steps_share_ray_tmpdir_and_ask_for_gpus(tmp_path):
 
 def test_launcher_without_gpus_asks_for_no_gres(tmp_path):
     _, steps, _ = _run_launcher(tmp_path, nodes=["n1"], gpus=0, container=True)
-    assert len(steps) == 4 and not any("--gres" in step for step in steps)
+    assert len(steps) == 5 and not any("--gres" in step for step in steps)
+
+
+def test_container_mode_runs_no_python_on_the_bare_host(tmp_path):
+    """The free ports and the auth token come from the container's Python (the host may have none)."""
+    launcher, steps, host_calls = _run_launcher(tmp_path, nodes=["n1", "n2"], gpus=8, container=True, auth="token")
+    assert "driver exited with status 0" in launcher
+    assert host_calls == []
+    (values,) = [step for step in steps if " -c " in step]
+    assert "--container-image=/images/cipo.sqsh" in values and "--nodelist=n1" in values
+    head = next(s for s in steps if " start --head " in s)
+    assert "--port=41001" in head and "--dashboard-port=41003" in head
+    tokens = (tmp_path / "fake" / "srun_tokens.log").read_text().split()
+    assert tokens[:2] == ["none", "none"] and set(tokens[2:]) == {"5ec2e7"}  # dry run, ports; then every step
 
 
 def test_launcher_without_container_runs_the_head_here_and_workers_with_gres(tmp_path):

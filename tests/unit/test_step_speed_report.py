@@ -47,5 +47,35 @@ def test_report_ratios_and_verdicts() -> None:
     # CIPO: 30 s / 2700 tokens against GRPO: 10 s / 900 tokens -> 1.00
     assert "per processed token: 1.00 (target <= 1.15: met)" in verdicts[3]
     lines = report(results, type("Args", (), {"prompts_per_step": 2, "samples_per_prompt": 4, "max_new_tokens": 64,
-                                               "threads": 2, "seed": 0, "steps": 4})())
+                                               "threads": 2, "seed": 0, "steps": 4, "scale": 1,
+                                               "trl_micro_batch": None})())
     assert any(line.startswith("grpo_megatron_vllm") and " 0.50 " in line for line in lines)
+
+
+def test_the_skip_is_reported_side_by_side() -> None:
+    trained = {"train/tokens_trained/base": [300] * 4, "train/tokens_trained/correction": [100] * 4}
+    on = summary("ours", [30, 6, 6, 6], **{"timing/train": [3] * 4, "timing/logprobs": [0] * 4, **trained})
+    off = summary("ours", [30, 10, 10, 10], **{"timing/train": [7] * 4, "timing/logprobs": [0] * 4,
+                                                 "train/tokens_trained/base": [900] * 4,
+                                                 "train/tokens_trained/correction": [700] * 4})
+    lines = targets({"cipo_megatron_vllm": on, "cipo_megatron_vllm_noskip": off})
+    assert ("CIPO with the zero-advantage skip / without: step 0.60 (6.00 / 10.00 s), train 3.00 / 7.00 s, logprobs "
+            "0.00 / 0.00 s, response tokens trained 400 / 1600 per step") in lines
+
+
+def test_the_study_configuration_report_compares_curves_and_weights() -> None:
+    import torch
+
+    from benchmarks.speed.zero_advantage_skip import arm_report
+
+    on = summary("ours", [30, 6, 6], **{"timing/train": [3] * 3, "reward/base_mean": [0.5, 0.25, 0.5],
+                                          "train/tokens_trained/base": [300] * 3})
+    off = summary("ours", [30, 12, 12], **{"timing/train": [9] * 3, "reward/base_mean": [0.5, 0.5, 0.5],
+                                             "train/tokens_trained/base": [900] * 3})
+    start = {"w": torch.zeros(2)}
+    weights = {"on": {"w": torch.tensor([1.0, 0.5])}, "off": {"w": torch.tensor([1.0, 0.4])}}
+    lines = arm_report("cipo", on, off, weights, start)
+    assert lines[0] == "CIPO: skip on / off = 0.50 (6.00 / 12.00 s/step; goal <= 0.6: met)"
+    assert "response tokens trained 300" in lines[1] and "response tokens trained 900" in lines[2]
+    assert "reward/base_mean 0.2500" in lines[3]
+    assert "max |on - off| 1.00e-01 (training moved them by up to 1.00e+00 from the start)" in lines[4]

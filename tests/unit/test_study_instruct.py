@@ -14,7 +14,7 @@ from benchmarks.studies.replication.paired import paired_difference, per_problem
 from benchmarks.studies.replication.study_report import write_report
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.eval.passk import pass_at_k
-from cipo_nemo.trainer import correction_groups_live
+from cipo_nemo.algorithms.training_signal import correction_groups_live
 
 
 def test_a_clear_per_problem_gain_has_an_interval_above_zero() -> None:

@@ -81,7 +81,8 @@ def shared_overrides(sizes: Sizes, *, model_dir: Path, train_file: Path, validat
     """Every setting of an RL run except cipo.enabled."""
     file_source = ("{kind: file, family: math, reasoning_gym: {name: basic_arithmetic, size: 1, seed: 0, options: {}}, "
                    "file: {path: %s, format: jsonl, split: null, fields: {id: id, prompt: prompt, messages: null, "
-                   "answer: answer, family: null}}}")
+                   "answer: answer, family: null}}, hf: {path: null, name: null, split: test, revision: null, "
+                   "fields: {id: null, prompt: prompt, messages: null, answer: answer, family: null}}}")
     return [
         f"run.output_dir={run_dir}", f"run.name={run_dir.name}", f"run.seed={seed}",
         f"grpo.num_steps={sizes.rl_steps}", f"grpo.prompts_per_step={sizes.prompts_per_step}",

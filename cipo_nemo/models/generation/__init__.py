@@ -13,8 +13,9 @@ hosts them. They share these semantics, so the fallback is a drop-in replacement
 - Logprobs are the *raw* log-probabilities of each sampled token, log_softmax of the model's logits at
   temperature 1, before temperature / top-p: what the trainer recomputes, so that ratios and
   `token_mult_prob_error` compare like with like.
-- Each prompt gets its own seed derived from (settings.seed, prompt index): the same seed, prompts and weights
-  give the same samples, and prompts in one call don't share a random stream.
+- Each prompt gets its own seed derived from (settings.seed, its index in the whole call), `prompt_seed`: the same
+  seed, prompts and weights give the same samples, prompts in one call don't share a random stream, and a prompt's
+  stream does not depend on how many engines the call is split over.
 
 The backends are imported lazily: importing vllm takes seconds and is not needed by the HF fallback.
 """
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING
 from cipo_nemo.config.schema import GenerationConfig
 
 if TYPE_CHECKING:
-    from cipo_nemo.models.interfaces import GenerationBackend
+    from cipo_nemo.models.interfaces import GenerationBackend, SamplingSettings
 
 _SEED_BITS = 30  # vLLM seeds the n samples of a request with seed + i: keep room below 2**31
 
@@ -71,6 +72,11 @@ def derive_prompt_seed(seed: int, prompt_index: int) -> int:
     """A per-prompt seed: a hash, so that neighbouring call seeds don't give overlapping random streams."""
     digest = hashlib.blake2b(f"{seed}:{prompt_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % (1 << _SEED_BITS)
+
+
+def prompt_seed(settings: SamplingSettings, index: int) -> int:
+    """The seed of the `index`-th prompt a backend got, by that prompt's index in the whole call."""
+    return derive_prompt_seed(settings.seed, settings.first_prompt_index + index)
 
 
 def find_stop_string_end(

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers import GenerationConfig as HFGenerationConfig
 
 from cipo_nemo.config.schema import GenerationConfig
-from cipo_nemo.models.generation import derive_prompt_seed, find_stop_string_end, read_eos_token_ids
+from cipo_nemo.models.generation import find_stop_string_end, prompt_seed, read_eos_token_ids
 from cipo_nemo.models.generation.refit import build_weight_manifest, load_refit_file
 from cipo_nemo.models.interfaces import SampledResponse, SamplingSettings
 
@@ -52,7 +52,7 @@ class HFGeneration:
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[SampledResponse]]:
         return [
-            self._generate_for_prompt(prompt, settings, derive_prompt_seed(settings.seed, index))
+            self._generate_for_prompt(prompt, settings, prompt_seed(settings, index))
             for index, prompt in enumerate(prompts)
         ]
 

@@ -30,6 +30,7 @@ loaders cut each rank's shard from the full tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,10 +135,14 @@ class GenerationWorker:
         self.backend = build_generation_backend(model_dir=model_dir, generation=generation,
                                                 max_model_len=max_model_len, seed=seed)
 
-    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[SampledResponse]] | None:
+    def generate(self, shard: tuple[int, list[list[int]]], settings: SamplingSettings
+                 ) -> list[list[SampledResponse]] | None:
+        """`shard` = (the call-wide index of its first prompt, its prompts): each prompt is seeded by that index."""
         if self.backend is None:
             return None
-        return self.backend.generate(prompts, settings) if prompts else []
+        first, prompts = shard
+        shard_settings = dataclasses.replace(settings, first_prompt_index=settings.first_prompt_index + first)
+        return self.backend.generate(prompts, shard_settings) if prompts else []
 
     def update_weights_from_path(self, path: str) -> int | None:
         return None if self.backend is None else self.backend.update_weights_from_path(path)
@@ -190,7 +195,7 @@ class RayGeneration:
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[SampledResponse]]:
         engines = self.layout.num_engines
         bounds = [round(i * len(prompts) / engines) for i in range(engines + 1)]
-        shards = [prompts[bounds[e]: bounds[e + 1]] for e in range(engines)]
+        shards = [(bounds[e], prompts[bounds[e]: bounds[e + 1]]) for e in range(engines)]
         # TP peers get their engine's shard too (run_sharded's DP semantics) and return None.
         results = self._group.run_sharded("generate", shards, dp_rank_of=self.layout.engine_of_rank(),
                                           settings=settings)

@@ -50,7 +50,7 @@ from vllm.outputs import CompletionOutput
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from cipo_nemo.config.schema import GenerationConfig, VllmConfig
-from cipo_nemo.models.generation import derive_prompt_seed, read_eos_token_ids
+from cipo_nemo.models.generation import prompt_seed, read_eos_token_ids
 from cipo_nemo.models.generation.engine_watch import EngineWatch
 from cipo_nemo.models.generation.vllm_cpu_refit import apply_cpu_refit, cpu_refit_applies, plan_cpu_refit, repack_gemm
 from cipo_nemo.models.generation.vllm_spin import CPU_SPIN_S, SPIN_ENV, limit_spin_from_environment
@@ -235,7 +235,7 @@ class VllmGeneration:
                 )
         params = [
             build_sampling_params(
-                settings, seed=derive_prompt_seed(settings.seed, index), eos_token_ids=self._eos_token_ids
+                settings, seed=prompt_seed(settings, index), eos_token_ids=self._eos_token_ids
             )
             for index in range(len(prompts))
         ]
@@ -330,6 +330,9 @@ def build_engine_kwargs(
         kwargs |= {
             "enforce_eager": vllm.enforce_eager,
             "gpu_memory_utilization": vllm.gpu_memory_utilization,
+            # vLLM's own online-FP8 names: fp8_per_block quantizes weights in 128x128 blocks at load (and after
+            # every reload) and activations in 1x128 groups (vllm config/quantization.py:197-200,
+            # quantization/online/fp8.py:307-318); a bare "fp8" would be per-tensor (weight_utils.py:351-357)
             "quantization": vllm.quantization,
             "enable_sleep_mode": colocated,
         }

@@ -3,9 +3,16 @@
 Megatron checkpoints (dist_checkpointing, saved at any TP/PP/DP layout) load resharded into a TP1/PP1 model that
 megatron-bridge builds from the run's base model config (no HF weights read, no optimizer, no DDP buffers);
 megatron-bridge then maps the weights to HF names, and they are written as the policy's `save_hf` writes them
-(hf_directory.py). HF-backend checkpoints (policy/policy.pt) load into the HF policy and are written by its
-`save_hf`. Either way the run's base model (`policy.model_name` in the checkpoint's config.yaml) must still be
-readable: it gives the architecture, the HF config and the tokenizer files.
+(hf_directory.py). The model is built in host memory with megatron's local layer spec whatever spec trained it:
+a whole 70B model does not fit one GPU (141 GB in bf16), and Transformer Engine may be absent where the export
+runs. The checkpoint's keys are the same for both specs: megatron-core's local spec saves its separate norms under
+the fused Transformer Engine names (`sharded_state_dict_keys_map`, models/gpt/gpt_layer_specs.py:459-462:
+`input_layernorm.` -> `self_attention.linear_qkv.layer_norm_`, `pre_mlp_layernorm.` ->
+`mlp.linear_fc1.layer_norm_`), and the Transformer Engine modules' `_extra_state` entries (FP8 scaling state) are
+not asked for, which dist_checkpointing.load allows (strict=ASSUME_OK_UNEXPECTED,
+dist_checkpointing/serialization.py:74). HF-backend checkpoints (policy/policy.pt) load into the HF policy and are
+written by its `save_hf`. Either way the run's base model (`policy.model_name` in the checkpoint's config.yaml) must
+still be readable: it gives the architecture, the HF config and the tokenizer files.
 
 The output directory is written under a temporary name beside it and renamed when complete, so a failed export
 leaves nothing that looks like a model. `export_checkpoint_isolated` runs the export in a fresh process: Megatron's
@@ -37,6 +44,10 @@ from cipo_nemo.utils.checkpoint import COMPLETE_MARKER, CONFIG_FILE, POLICY_DIR,
 logger = logging.getLogger(__name__)
 
 EXPORTS_DIR = "exports"  # under cache_root(): exports made for `cipo_nemo.eval --model CHECKPOINT`
+# policy keys added after checkpoints were first exported: a checkpoint without one reads the base config's value
+# (shipped inside the package)
+POLICY_KEYS_ADDED_SINCE = ("offload_optimizer_for_generation",)
+BASE_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "cipo_base.yaml"
 
 
 class ExportError(ValueError):
@@ -66,14 +77,19 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
 def checkpoint_policy(checkpoint: Path) -> PolicyConfig:
     """The `policy` section of a complete checkpoint's config.yaml, its base model present; else ExportError.
 
-    Only that section is validated: a checkpoint written before a config key was added elsewhere still exports."""
+    Only that section is validated (with the base config's values of POLICY_KEYS_ADDED_SINCE where it lacks them): a
+    checkpoint written before a config key was added still exports."""
     problem = checkpoint_problem(checkpoint)
     if problem is not None:
         raise ExportError(problem)
     config_file = checkpoint / CONFIG_FILE
     try:
         container, _ = resolve(config_file)
-        policy = PolicyConfig.model_validate(container.get("policy") if isinstance(container, dict) else None)
+        section = container.get("policy") if isinstance(container, dict) else None
+        if isinstance(section, dict):
+            defaults = resolve(BASE_CONFIG)[0]["policy"]
+            section = {key: defaults[key] for key in POLICY_KEYS_ADDED_SINCE} | section
+        policy = PolicyConfig.model_validate(section)
     except ConfigError as error:
         raise ExportError(f"{config_file}: {str(error).splitlines()[0]}") from None
     except ValidationError as error:
@@ -113,7 +129,8 @@ def check_output_dir(out_dir: Path) -> None:
 
 
 def export_megatron(policy: PolicyConfig, policy_dir: Path, out_dir: Path) -> None:
-    """Load the dist_checkpointing model state at TP1/PP1 on this one process and write it through the bridge."""
+    """Load the dist_checkpointing model state at TP1/PP1 on this one process, in host memory, and write it through
+    the bridge."""
     from cipo_nemo.models.policy.hf_directory import write_hf_directory
     from cipo_nemo.models.policy.megatron_setup import build_megatron_model, init_parallel_state
     from cipo_nemo.models.policy.megatron_worker import FULLY_RESHARDABLE
@@ -125,7 +142,7 @@ def export_megatron(policy: PolicyConfig, policy_dir: Path, out_dir: Path) -> No
         from megatron.core.utils import unwrap_model
 
         try:
-            model = build_megatron_model(policy_cfg=single, for_training=False)
+            model = build_megatron_model(policy_cfg=single, for_training=False, on_host=True)
             (module,) = [unwrap_model(chunk) for chunk in model.chunks]
             metadata = {**FULLY_RESHARDABLE,
                         "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
@@ -139,18 +156,19 @@ def export_megatron(policy: PolicyConfig, policy_dir: Path, out_dir: Path) -> No
 
 
 def single_process_policy(policy: PolicyConfig) -> PolicyConfig:
-    """The checkpoint's policy at TP1/PP1 with nothing that only matters for training speed (recompute, FP8,
-    sequence parallelism): the weights do not depend on them."""
+    """The checkpoint's policy at TP1/PP1 on megatron's local layer spec, with nothing that only matters for
+    training speed (recompute, FP8, sequence parallelism, Transformer Engine): the weights do not depend on them."""
     megatron = policy.megatron.model_copy(update={"tensor_parallel": 1, "pipeline_parallel": 1,
                                                   "sequence_parallel": False, "activation_recompute": False,
-                                                  "fp8": None})
+                                                  "fp8": None, "layer_spec": "local"})
     return policy.model_copy(update={"megatron": megatron})
 
 
 @contextlib.contextmanager
 def one_process_world() -> Iterator[None]:
-    """A torch.distributed world of this process alone (megatron's groups and dist_checkpointing need one),
-    destroyed afterwards; the environment variables it needed are put back."""
+    """A gloo torch.distributed world of this process alone (megatron's groups and dist_checkpointing need one;
+    the model is in host memory, so not NCCL even where CUDA exists), destroyed afterwards; the environment
+    variables it needed are put back."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -160,6 +178,7 @@ def one_process_world() -> Iterator[None]:
     saved = {name: os.environ.get(name) for name in names}
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     try:
+        dist.init_process_group("gloo")
         yield
     finally:
         if dist.is_initialized():

@@ -26,13 +26,14 @@ from cipo_nemo.models.policy.microbatches import (
     sorted_by_length,
     trained_positions,
 )
+from cipo_nemo.models.policy.optimizer_offload import OffloadsOptimizerState
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import build_lr_scheduler, resolve_param_dtype, use_fused_adam_on_cpu
 
 CHECKPOINT_FILE = "policy.pt"
 
 
-class HFPolicy:
+class HFPolicy(OffloadsOptimizerState):
     """PolicyBackend over `transformers.AutoModelForCausalLM` in this process (one device, no parallelism)."""
 
     def __init__(self, *, policy: PolicyConfig, num_steps: int, seed: int) -> None:
@@ -56,6 +57,9 @@ class HFPolicy:
     @property
     def model(self) -> torch.nn.Module:
         return self._model
+
+    def _named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        return self._model.named_parameters()
 
     # ----- logprobs -----------------------------------------------------------------------------
 
@@ -149,8 +153,13 @@ class HFPolicy:
         self._lr_schedule.step()
         return {**aggregate_metrics(per_micro_batch), "grad_norm": float(grad_norm), "lr": lr}
 
-    # ----- weights ------------------------------------------------------------------------------
+    def skip_optimizer_step(self) -> float:
+        """The LR schedule's tick of a planned step that carries no gradient; no optimizer step (interfaces.py)."""
+        lr = self._lr_schedule.lr_at(self._lr_schedule.step_count)
+        self._lr_schedule.step()
+        return lr
 
+    # ----- weights ------------------------------------------------------------------------------
 
     def export_hf_weights(self) -> list[tuple[str, torch.Tensor]]:
         """HF-named weights, cloned to CPU; tied duplicates (e.g. a tied lm_head.weight) are left out, as

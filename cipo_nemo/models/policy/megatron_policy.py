@@ -1,9 +1,10 @@
 """The controller's view of a Megatron policy: one PolicyBackend over a Ray worker group of TP x PP x DP ranks.
 
 Dispatch axes: data is sharded on `dp` (each data-parallel group gets one shard; its TP/PP ranks get the same
-shard), and results are taken from one rank per DP group (TP rank 0 on the last pipeline stage). The loss
-denominator is computed here over the whole global batch and handed to every rank, so micro-batch and DP sizes
-do not change the step (cipo_nemo/algorithms/loss.py).
+shard), and results are taken from one rank per DP group (TP rank 0 on the last pipeline stage). A train batch is
+split sample by sample into shards of about equal tokens (`Batch.shard_by_tokens`). The loss denominator is the
+trainer's, or computed here over the whole global batch, and handed to every rank, so micro-batch and DP sizes do
+not change the step (cipo_nemo/algorithms/loss.py).
 """
 
 from __future__ import annotations
@@ -45,12 +46,17 @@ class MegatronPolicy:
     def get_reference_logprobs(self, batch: Batch) -> torch.Tensor:
         return self._sharded_logprobs("get_reference_logprobs", batch)
 
-    def train(self, batch: Batch, loss_fn: PolicyLoss) -> dict[str, float]:
-        denominator = float(loss_fn.local_denominator([batch]))  # the whole global batch
-        shards = batch.shard_by_groups(self._dp_size) if self._dp_size > 1 else [batch]
+    def train(self, batch: Batch, loss_fn: PolicyLoss, *, global_denominator: float | None = None) -> dict[str, float]:
+        if global_denominator is None:
+            global_denominator = float(loss_fn.local_denominator([batch]))  # the whole global batch
+        shards = with_inert_padding(batch, self._dp_size).shard_by_tokens(self._dp_size) if self._dp_size > 1 \
+            else [batch]
         results = self._group.run_sharded("train", shards, dp_rank_of=self._dp_rank_of, loss_fn=loss_fn,
-                                          global_denominator=denominator)
+                                          global_denominator=global_denominator)
         return results[self._output_rank[0]]  # every output rank reports the all-reduced step metrics
+
+    def skip_optimizer_step(self) -> float:
+        return self._group.run_all("skip_optimizer_step")[0]
 
     def export_hf_weights(self) -> dict[str, torch.Tensor]:
         return self._group.run_all("export_hf_weights")[0]  # gathered on global rank 0
@@ -60,6 +66,12 @@ class MegatronPolicy:
 
     def remove_exported_weights(self, path: Path) -> None:
         self._group.run_all("remove_exported_weights", str(path))
+
+    def offload_optimizer(self) -> int:
+        return sum(self._group.run_all("offload_optimizer"))  # every rank moves its own shard
+
+    def restore_optimizer(self) -> int:
+        return sum(self._group.run_all("restore_optimizer"))
 
     def save_checkpoint(self, path: Path) -> None:
         self._group.run_all("save_checkpoint", str(path))
@@ -79,3 +91,17 @@ class MegatronPolicy:
         shards = [batch.slice(bounds[d], bounds[d + 1]) for d in range(self._dp_size)]
         results = self._group.run_sharded(method, shards, dp_rank_of=self._dp_rank_of)
         return torch.cat([results[self._output_rank[d]] for d in range(self._dp_size)])
+
+
+def with_inert_padding(batch: Batch, num_shards: int) -> Batch:
+    """`batch` with copies of its shortest sample at advantage 0 appended until every data-parallel rank gets a
+    sample (a step whose samples that carry gradient are fewer than the ranks): every rank must take part in the
+    step's gradient all-reduce, and a sample at advantage 0 adds exactly 0 to the gradient. The normalizer is the
+    trainer's (`global_denominator`), so the copies do not change it."""
+    missing = num_shards - len(batch)
+    if missing <= 0:
+        return batch
+    lengths = (batch["prompt_mask"] | batch["response_mask"]).sum(dim=1)
+    copies = batch.select([int(lengths.argmin())] * missing)
+    copies["advantages"] = torch.zeros_like(copies["advantages"])
+    return Batch.concat([batch, copies])

@@ -176,11 +176,13 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def build_megatron_model(*, policy_cfg: PolicyConfig, for_training: bool = True) -> MegatronModel:
+def build_megatron_model(*, policy_cfg: PolicyConfig, for_training: bool = True,
+                         on_host: bool = False) -> MegatronModel:
     """GPTModel chunks from the HF checkpoint `policy.model_name`, through megatron-bridge's AutoBridge.
 
     `for_training=False` builds the bare model to load a checkpoint into (export): no HF weights are read, no
-    weights initialized, no DDP wrapper (and so no gradient buffers).
+    weights initialized, no DDP wrapper (and so no gradient buffers). `on_host=True` builds it in host memory
+    even where CUDA exists (the export of a model larger than one GPU).
 
     Uses `to_megatron_provider(load_weights=True)` + `provide_distributed_model`. megatron-bridge 0.6.2 marks that
     path deprecated in favour of ModelConfig + ModelBuilder, but it has no HF -> GPTModelConfig conversion, and the
@@ -199,12 +201,13 @@ def build_megatron_model(*, policy_cfg: PolicyConfig, for_training: bool = True)
         provider.perform_initialization = False  # every weight comes from the checkpoint
     apply_parallel_layout(provider, megatron_cfg=megatron_cfg)
     apply_layer_spec(provider, layer_spec=layer_spec, local_core_attention=megatron_cfg.local_core_attention)
-    apply_precision(provider, dtype=dtype)
+    apply_precision(provider, dtype=dtype, on_host=on_host)
     maybe_apply_activation_recompute(provider, megatron_cfg=megatron_cfg)
     maybe_apply_fp8(provider, megatron_cfg=megatron_cfg, layer_spec=layer_spec)
     provider.seq_length = policy_cfg.max_total_sequence_length
     provider.finalize()
-    chunks = _provide_ddp_model(provider, megatron_cfg=megatron_cfg, dtype=dtype, wrap_with_ddp=for_training)
+    chunks = _provide_ddp_model(provider, megatron_cfg=megatron_cfg, dtype=dtype, wrap_with_ddp=for_training,
+                                on_host=on_host)
     _log_rank0("megatron model: %s from %s, %s layer spec, %s, %d layers", type(provider).__name__,
                policy_cfg.model_name, layer_spec, dtype, provider.num_layers)
     return MegatronModel(bridge=bridge, chunks=chunks, layer_spec=layer_spec, dtype=dtype)
@@ -232,6 +235,11 @@ def apply_layer_spec(provider: Any, *, layer_spec: LayerSpec, local_core_attenti
         case "transformer_engine":
             provider.transformer_layer_spec = transformer_engine_layer_spec
             provider.transformer_impl = "transformer_engine"
+            # megatron-bridge turns the fusion on whenever transformer_engine.pytorch imports (bridge
+            # utils/fusions.py:34-53), but GPTModel's output layer is megatron's own ColumnParallelLinear
+            # (core models/gpt/gpt_model.py:264-269), which raises at build without APEX's extension
+            # (core tensor_parallel/layers.py:1070-1079): the flag follows what that layer can run
+            provider.gradient_accumulation_fusion = apex_gradient_accumulation_fusion_available()
         case "local":
             if provider.sequence_parallel:
                 # transformer/torch_norm.py:50 asserts: torch norms do not support sequence parallelism
@@ -249,13 +257,24 @@ def apply_layer_spec(provider: Any, *, layer_spec: LayerSpec, local_core_attenti
             raise ValueError(f"unknown layer spec {layer_spec!r}")
 
 
-def apply_precision(provider: Any, *, dtype: torch.dtype) -> None:
-    """Parameter, pipeline-communication and autocast dtypes; bf16 keeps fp32 main weights in the optimizer."""
+def apex_gradient_accumulation_fusion_available() -> bool:
+    """Whether APEX's `fused_weight_gradient_mlp_cuda` imports: megatron-core 0.19.2 decides the same way
+    (tensor_parallel/layers.py:49-53) whether ColumnParallelLinear may fuse its weight-gradient accumulation."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def apply_precision(provider: Any, *, dtype: torch.dtype, on_host: bool = False) -> None:
+    """Parameter, pipeline-communication and autocast dtypes; bf16 keeps fp32 main weights in the optimizer.
+    The weights are made in host memory without CUDA, or when asked (`on_host`)."""
     provider.params_dtype = dtype
     provider.pipeline_dtype = dtype
     provider.bf16 = dtype == torch.bfloat16
     provider.fp16 = False
-    provider.use_cpu_initialization = not torch.cuda.is_available()
+    provider.use_cpu_initialization = on_host or not torch.cuda.is_available()
 
 
 def maybe_apply_activation_recompute(provider: Any, *, megatron_cfg: MegatronConfig) -> None:
@@ -303,7 +322,7 @@ def maybe_apply_fp8(provider: Any, *, megatron_cfg: MegatronConfig, layer_spec: 
 
 
 def _provide_ddp_model(provider: Any, *, megatron_cfg: MegatronConfig, dtype: torch.dtype,
-                       wrap_with_ddp: bool) -> list[Any]:
+                       wrap_with_ddp: bool, on_host: bool = False) -> list[Any]:
     from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
 
     ddp_config = DistributedDataParallelConfig(
@@ -316,7 +335,8 @@ def _provide_ddp_model(provider: Any, *, megatron_cfg: MegatronConfig, dtype: to
     chunks = provider.provide_distributed_model(
         ddp_config=ddp_config,
         wrap_with_ddp=wrap_with_ddp,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        # megatron-bridge moves the model to the GPU unless this is set (models/model_provider.py:680-689)
+        use_cpu_initialization=on_host or not torch.cuda.is_available(),
         bf16=dtype == torch.bfloat16,
         fp16=False,
     )

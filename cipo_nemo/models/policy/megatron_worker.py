@@ -51,6 +51,7 @@ from cipo_nemo.models.policy.microbatches import (
     sorted_by_length,
     trained_positions,
 )
+from cipo_nemo.models.policy.optimizer_offload import OffloadsOptimizerState
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import (
     build_lr_scheduler,
@@ -105,7 +106,7 @@ def release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class MegatronPolicyWorker:
+class MegatronPolicyWorker(OffloadsOptimizerState):
     """One rank of the Megatron policy (see the module docstring for the data and output conventions)."""
 
     def __init__(self, *, policy: PolicyConfig, num_steps: int, seed: int) -> None:
@@ -216,6 +217,13 @@ class MegatronPolicyWorker:
         self._lr_schedule.step()
         metrics = self._global_metrics(per_micro_batch)
         return {**metrics, "grad_norm": float(grad_norm), "lr": lr}
+
+    def skip_optimizer_step(self) -> float:
+        """The LR schedule's tick of a planned step that carries no gradient; no optimizer step (interfaces.py).
+        Every rank ticks its own copy of the schedule, so they stay in step."""
+        lr = self._lr_schedule.lr_at(self._lr_schedule.step_count)
+        self._lr_schedule.step()
+        return lr
 
     def _global_metrics(self, per_micro_batch: list[dict[str, float]]) -> dict[str, float]:
         """Loss metrics over all micro-batches and DP ranks, on every rank (they exist on the last stage only)."""
@@ -512,10 +520,9 @@ def _use_fused_cpu_adams(optimizer: Any) -> None:
 def _fill_empty_torch_adam_state(optimizer: Any) -> None:
     """Give a never-stepped torch Adam the state its first step would create (step 0, zero moments).
 
-    The distributed optimizer's state_dict reads `step` from every parameter's state
-    (optimizer/distrib_optimizer.py:839 asserts one common step), so a fresh optimizer can neither be saved nor
-    be the template a checkpoint loads into. Training from this state is identical to torch's lazy init.
-    """
+    The distributed optimizer's state_dict reads `step` from every parameter's state (optimizer/distrib_optimizer.py:839
+    asserts one common step), so a fresh optimizer can neither be saved nor be the template a checkpoint loads
+    into. Training from this state is identical to torch's lazy init."""
     for _, inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             for parameter in group["params"]:

@@ -9,12 +9,16 @@ per-position logprobs are shifted right by one; a packed row is split back into 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from cipo_nemo.algorithms.loss import MAX_METRICS, MIN_METRICS
+from cipo_nemo.algorithms.loss import MAX_METRICS, MIN_METRICS, PolicyLoss
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.packing import PackedRow, plan_packed_rows, sequence_lengths, unpack_logprobs
+from cipo_nemo.models.interfaces import PolicyBackend
 
 
 def plan_micro_batches(
@@ -87,12 +91,64 @@ def plan_mini_batches(
     return plan
 
 
-def combine_optimizer_steps(per_step: list[dict[str, float]]) -> dict[str, float]:
+@dataclass(frozen=True)
+class OptimizerStep:
+    """One planned optimizer step: the samples it trains and the loss normalizer of its whole mini-batch."""
+
+    indices: list[int]  # samples sent to the train pass (those that carry gradient, when the skip is on)
+    denominator: float  # valid tokens / sequences of the whole mini-batch, skipped samples included
+    planned: int  # samples in the mini-batch before the skip
+
+    @property
+    def skipped(self) -> int:
+        return self.planned - len(self.indices)
+
+
+def plan_optimizer_steps(
+    batch: Batch, loss_fn: PolicyLoss, *, size: int | None, epochs: int, generator: torch.Generator,
+    carries_gradient: torch.Tensor | None,
+) -> list[OptimizerStep]:
+    """The mini-batches of `plan_mini_batches` over ALL samples (the same draw with or without the skip), each
+    keeping only the samples that `carries_gradient` marks (None: all) and the normalizer D_k it had with every
+    sample in: sum_{i in k, live} g_i / D_k is then the unskipped step's gradient, since g_i = 0 for the rest."""
+    steps = []
+    for indices in plan_mini_batches(len(batch), size=size, epochs=epochs, generator=generator):
+        denominator = float(loss_fn.local_denominator([batch.select(indices)]))
+        kept = indices if carries_gradient is None else [i for i in indices if bool(carries_gradient[i])]
+        steps.append(OptimizerStep(indices=kept, denominator=denominator, planned=len(indices)))
+    return steps
+
+
+def take_optimizer_steps(
+    policy: PolicyBackend, batch: Batch, plan: list[OptimizerStep], loss_fn: PolicyLoss,
+    *, after_each: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
+    """Each planned step on `policy`: its samples with its normalizer, or, when none of its samples carries
+    gradient, no optimizer step but the learning-rate tick it would have had. Returns the combined metrics."""
+    results, skipped_lr = [], None
+    for planned in plan:
+        if planned.indices:
+            results.append(policy.train(batch.select(planned.indices), loss_fn, global_denominator=planned.denominator))
+        else:
+            skipped_lr = policy.skip_optimizer_step()
+        after_each()
+    metrics = combine_optimizer_steps(results, skipped=len(plan) - len(results))
+    if not results:
+        metrics["lr"] = skipped_lr
+    return metrics
+
+
+def combine_optimizer_steps(per_step: list[dict[str, float]], *, skipped: int = 0) -> dict[str, float]:
     """One step's train metrics from several optimizer steps: losses, ratios, clip fractions and grad norms are
     means over the optimizer steps (each step's loss is normalized by its own mini-batch), token and sequence
-    counts add up, ratio_min / ratio_max are extremes, lr is the last one; plus `optimizer_steps`."""
+    counts add up, ratio_min / ratio_max are extremes, lr is the last one; plus `optimizer_steps` and
+    `optimizer_steps_skipped` (planned steps none of whose samples carried gradient: not taken). With no step
+    taken the loss is exactly 0 (every advantage was 0) and the step's other loss metrics are absent."""
+    counts = {"optimizer_steps": float(len(per_step)), "optimizer_steps_skipped": float(skipped)}
+    if not per_step:
+        return {"loss": 0.0, "pg_loss": 0.0, "kl_loss": 0.0, "grad_norm": 0.0, "num_valid_tokens": 0.0, **counts}
     if len(per_step) == 1:
-        return {**per_step[0], "optimizer_steps": 1.0}
+        return {**per_step[0], **counts}
     combined = {}
     for name in per_step[0]:
         values = [metrics[name] for metrics in per_step]
@@ -106,4 +162,21 @@ def combine_optimizer_steps(per_step: list[dict[str, float]]) -> dict[str, float
             combined[name] = values[-1]
         else:
             combined[name] = sum(values) / len(values)
-    return {**combined, "optimizer_steps": float(len(per_step))}
+    return {**combined, **counts}
+
+
+def trained_per_stream(batch: Batch, plan: list[OptimizerStep]) -> dict[str, float]:
+    """train/samples_skipped/<stream>: samples no train pass saw; train/tokens_trained/<stream>: response tokens
+    the train passes computed (over every optimizer step)."""
+    trained_any = torch.zeros(len(batch), dtype=torch.bool)
+    passes = torch.zeros(len(batch))
+    for planned in plan:
+        trained_any[planned.indices] = True
+        passes[planned.indices] += 1
+    tokens = batch["response_mask"].sum(dim=1).float().cpu()
+    metrics = {}
+    for stream in ("base", "correction"):
+        in_stream = torch.tensor([kind == stream for kind in batch["sample_kind"]], dtype=torch.bool)
+        metrics[f"samples_skipped/{stream}"] = float((in_stream & ~trained_any).sum())
+        metrics[f"tokens_trained/{stream}"] = float((tokens * passes)[in_stream].sum())
+    return metrics

@@ -26,6 +26,8 @@ for i in "${!pairs[@]}"; do
     umount "$stage/$i"
 done
 rm -rf "$stage"
-echo "step $SLURM_STEP_ID on $(hostname): $kind, private /tmp, mounts $mounts: $*" >> "$FAKE_PYXIS_LOG"
+# one line per step: the newlines of a `python -c` program become spaces
+command=$(printf '%s ' "$@" | tr '\n' ' ')
+echo "step $SLURM_STEP_ID on $(hostname): $kind, private /tmp, mounts $mounts: $command" >> "$FAKE_PYXIS_LOG"
 cd "${workdir:-/}"
 exec "$@"
