@@ -100,6 +100,35 @@ def arm_report(arm: str, on: dict, off: dict, weights: dict[str, dict], start: d
     return lines
 
 
+CURVES = (("reward/base_mean", "base reward"), ("reward/correction_mean", "correction reward"), ("seconds", "s/step"))
+
+
+def plot_curves(runs: dict[str, dict[str, dict]], path: Path) -> None:
+    """Per arm (rows), the training curves with the skip on and off (columns: base, correction reward, seconds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), len(CURVES), figsize=(4 * len(CURVES), 3 * len(runs)), squeeze=False)
+    for row, (arm, summaries) in zip(axes, runs.items()):
+        for ax, (key, label) in zip(row, CURVES):
+            for name, style in (("on", "-"), ("off", "--")):
+                points = [(i + 1, step[key]) for i, step in enumerate(summaries[name]["steps"])
+                          if step.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points), style, marker=".", label=f"skip {name}")
+            ax.set_title(f"{arm.upper()}: {label}")
+            ax.set_xlabel("step")
+            if ax.lines:
+                ax.legend()
+            else:
+                ax.text(0.5, 0.5, "no such stream", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from cipo_nemo.config import load_config
@@ -112,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     start = load_weights(Path(model_dir))
     lines = [f"zero-advantage skip on {CONFIG.name}: {args.steps} steps, seed {args.seed}, {args.threads} threads", ""]
+    runs: dict[str, dict[str, dict]] = {}
     with heavy_lock():
         started = time.monotonic()
         for arm in args.arms:
@@ -127,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
                                                out_dir=out_dir, threads=args.threads, save_weights=weights_file)
                 weights[name] = load_weights(out_dir / f"{run}_weights.pt")
             lines += arm_report(arm, summaries["on"], summaries["off"], weights, start)
+            runs[arm] = summaries
+    plot_curves(runs, out_dir / "curves.png")
     contaminated = [p.stem for p in out_dir.glob("*_skip_*.json")
                     if json.loads(p.read_text())["cpu"]["other_share"] > 0.05]
     lines += ["", f"runs with other processes above 5% of a core: {', '.join(sorted(contaminated)) or 'none'}",
-              f"whole benchmark: {time.monotonic() - started:.0f} s; summaries in {out_dir}"]
+              f"whole benchmark: {time.monotonic() - started:.0f} s; summaries and curves.png in {out_dir}"]
     print("\n".join(lines))
     (out_dir / "report.txt").write_text("\n".join(lines) + "\n")
     return 0

@@ -79,3 +79,14 @@ def test_the_study_configuration_report_compares_curves_and_weights() -> None:
     assert "response tokens trained 300" in lines[1] and "response tokens trained 900" in lines[2]
     assert "reward/base_mean 0.2500" in lines[3]
     assert "max |on - off| 1.00e-01 (training moved them by up to 1.00e+00 from the start)" in lines[4]
+
+
+def test_the_study_configuration_curves_are_drawn_per_arm(tmp_path) -> None:
+    from benchmarks.speed.zero_advantage_skip import plot_curves
+
+    grpo_metrics = {"reward/base_mean": [0.5, 0.25, 0.5], "reward/correction_mean": [None] * 3}  # as GRPO logs them
+    grpo = {name: summary("ours", [30, 6, 6], **grpo_metrics) for name in ("on", "off")}
+    cipo = {name: summary("ours", [30, 6, 6], **{"reward/base_mean": [0.5] * 3, "reward/correction_mean": [0.1] * 3})
+            for name in ("on", "off")}
+    plot_curves({"grpo": grpo, "cipo": cipo}, tmp_path / "curves.png")  # GRPO has no correction curve to draw
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
