@@ -39,6 +39,7 @@ from cipo_nemo.algorithms.training_signal import carries_gradient, correction_gr
 from cipo_nemo.config import MasterConfig, to_yaml
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.correction_prompts import render_correction_prompt
+from cipo_nemo.data.frozen_attempts import anchor_attempts
 from cipo_nemo.data.prompts import (
     drop_long_prompts,
     encode_prompts,
@@ -113,7 +114,7 @@ class StepRollouts:
 
 
 # Streams of the per-step seeds (step_seed): each draw of a step has its own.
-SEED_BASE, SEED_ANCHORS, SEED_CORRECTIONS, SEED_VALIDATION, SEED_MINI_BATCHES = 0, 1, 2, 3, 4
+SEED_BASE, SEED_ANCHORS, SEED_CORRECTIONS, SEED_VALIDATION, SEED_MINI_BATCHES, SEED_FROZEN_ATTEMPTS = 0, 1, 2, 3, 4, 5
 SEED_BASE_ROUND = 100  # + r: round r >= 1 of dynamic sampling (round 0 is SEED_BASE, as without it)
 
 
@@ -318,12 +319,17 @@ def correction_rollout(
     if anchors is None or len(anchors) == 0:
         return None, 0
     cfg = c.cfg
-    rendered = [render_correction_prompt(items[base["item_index"][i]], base["response_text"][i], tokenizer=c.tokenizer,
-                                         data=cfg.data, correction=cfg.cipo) for i in anchors.indices]
+    attempts = anchor_attempts(cfg.cipo, own=[base["response_text"][i] for i in anchors.indices],
+                               item_ids=[items[base["item_index"][i]].id for i in anchors.indices],
+                               anchor_correct=anchors.anchor_correct, is_success=is_success,
+                               seed=step_seed(c, step, SEED_FROZEN_ATTEMPTS))
+    rendered = [render_correction_prompt(items[base["item_index"][i]], attempt or "", tokenizer=c.tokenizer,
+                                         data=cfg.data, correction=cfg.cipo)
+                for i, attempt in zip(anchors.indices, attempts)]
     all_prompt_ids = encode_prompts(rendered, tokenizer=c.tokenizer)
     budget = prompt_token_budget(max_total_sequence_length=cfg.policy.max_total_sequence_length,
                                  max_new_tokens=cfg.generation.max_new_tokens)
-    kept_anchor_positions = indices_within_budget(all_prompt_ids, budget)
+    kept_anchor_positions = [p for p in indices_within_budget(all_prompt_ids, budget) if attempts[p] is not None]
     if not kept_anchor_positions:
         return None, len(anchors)
     prompt_ids = [all_prompt_ids[position] for position in kept_anchor_positions]

@@ -156,6 +156,15 @@ class CorrectionConfig(StrictModel):
     allow_out_of_window: bool = Field(description="Fill missing anchors from prompts outside [p_low, p_high].")
     attempt_max_tokens: PositiveInt = Field(description="Token budget of the quoted attempt (left-truncated).")
     strip_thinking: bool = Field(description="Remove <think>...</think> from the attempt before quoting it.")
+    anchor_source: Literal["policy", "frozen_start"] = Field(
+        description="What a correction prompt quotes: policy (the anchor itself, the policy's own sample) or "
+        "frozen_start (a start-model attempt at the same problem with the anchor's verdict, from frozen_attempts; "
+        "the anchors are chosen as always). cipo_nemo/data/frozen_attempts.py."
+    )
+    frozen_attempts: str | None = Field(
+        description="anchor_source frozen_start only: JSON Lines of the start model's attempts per training item "
+        "(id, responses, rewards; the eval harness's samples.jsonl)."
+    )
     templates: CorrectionTemplates
     rho: RhoConfig
 
@@ -163,6 +172,16 @@ class CorrectionConfig(StrictModel):
     @classmethod
     def _window_ordered(cls, value: float, info: ValidationInfo) -> float:
         return not_below(value, info, "difficulty_low")
+
+    @field_validator("frozen_attempts")
+    @classmethod
+    def _frozen_attempts_with_frozen_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        source = info.data.get("anchor_source")
+        if source == "frozen_start" and not value:
+            raise ValueError("anchor_source frozen_start needs the start model's attempts: set cipo.frozen_attempts")
+        if source == "policy" and value is not None:
+            raise ValueError("is read only with anchor_source frozen_start (it is policy): set it to null")
+        return value
 
 
 class LossConfig(StrictModel):
@@ -420,6 +439,11 @@ class CheckpointConfig(StrictModel):
     checkpoint_must_save_by: str | None = Field(
         description="'DD:HH:MM:SS' or 'HH:MM:SS' since the driver started: checkpoint and stop (exit code 75) "
         "when the next step would likely end later (null: no limit)."
+    )
+    stop_after_step: PositiveInt | None = Field(
+        description="End this invocation after this step with a checkpoint (exit code 75, like an early stop); a "
+        "later run with a higher value (or null) continues from it. For runs done in parts of bounded length "
+        "(null: run to num_steps)."
     )
 
     @field_validator("resume_from")
