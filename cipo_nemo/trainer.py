@@ -54,7 +54,7 @@ from cipo_nemo.eval.benchmarks import Benchmark
 from cipo_nemo.eval.harness import EvalContext, evaluate_benchmarks
 from cipo_nemo.eval.registry import load_registered_benchmark
 from cipo_nemo.eval.report import average_summary
-from cipo_nemo.models.factory import build_cluster, build_generation, build_policy, build_tokenizer, needs_ray, refit_weights
+from cipo_nemo.models.factory import build_cluster, build_generation, build_policy, build_tokenizer, needs_ray
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, SamplingSettings
 from cipo_nemo.models.policy.microbatches import (
     OptimizerStep,
@@ -62,6 +62,7 @@ from cipo_nemo.models.policy.microbatches import (
     take_optimizer_steps,
     trained_per_stream,
 )
+from cipo_nemo.models.refit.transfer import build_refit_transport, refit_weights
 from cipo_nemo.models.rollout import responses_to_batch
 from cipo_nemo.samples import sample_records, write_samples
 from cipo_nemo.utils.checkpoint import POLICY_DIR, TRAINER_STATE, CheckpointManager, resume_checkpoint
@@ -91,6 +92,7 @@ class Components:
     metrics: MetricsLogger
     checkpoints: CheckpointManager
     cluster: Any  # the Ray virtual cluster, or None when every backend runs in this process
+    refit_transport: Any = None  # models/refit: file, ipc or broadcast, chosen once by setup
     timer: StageTimer = field(default_factory=StageTimer)
     progress: StepProgress = field(default_factory=StepProgress)
     start_step: int = 0
@@ -158,6 +160,9 @@ def setup(cfg: MasterConfig, loaded_items: dict[str, list[TaskItem]] | None = No
                                       keep_best_mode=cfg.checkpointing.keep_best_mode),
         cluster=cluster,
     )
+    components.refit_transport = build_refit_transport(cfg.refit, components.policy, components.generation,
+                                                       on_gpu=torch.cuda.is_available(),
+                                                       colocated=cfg.generation.colocated)
     maybe_resume(components)
     return components
 
@@ -422,8 +427,8 @@ def optimizer_state_for_training(c: Components) -> Iterator[None]:
 
 
 def refit(c: Components) -> None:
-    """Stream the policy's HF-named weights into the generation engine, which wakes inside (refit_weights)."""
-    refit_weights(c.policy, c.generation)
+    """Move the policy's HF-named weights into the generation engine, which wakes inside (refit_weights)."""
+    refit_weights(c.policy, c.generation, c.refit_transport)
 
 
 def update_rho(c: Components, retention: float | None) -> None:
@@ -583,6 +588,8 @@ def shutdown(c: Components) -> None:
     """Close workers inside their actors before anything else goes (vLLM leaves /dev/shm files otherwise)."""
     c.metrics.close()
     c.scorer.close()
+    if c.refit_transport is not None:
+        c.refit_transport.close()
     c.generation.shutdown()
     c.policy.shutdown()
     if c.cluster is not None:

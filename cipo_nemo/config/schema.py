@@ -377,6 +377,21 @@ class ClusterConfig(StrictModel):
     )
 
 
+class RefitConfig(StrictModel):
+    """How the policy's weights reach the generation engines every step (cipo_nemo/models/refit/, docs/notes/refit.md)."""
+
+    transport: Literal["auto", "file", "ipc", "broadcast"] = Field(
+        description="auto: file without GPUs, ipc for engines colocated on the policy's GPUs, broadcast for engines "
+        "on other devices; file: one raw tensor file per node in /dev/shm; ipc: buckets shared through torch's "
+        "tensor reductions (CUDA IPC; shared memory on CPU); broadcast: buckets broadcast over a process group made "
+        "at start (NCCL; gloo on CPU)."
+    )
+    bucket_mb: PositiveInt = Field(description="ipc / broadcast: bucket size in MiB (two in flight); a tensor larger "
+                                   "than a bucket is sent alone.")
+    timeout_s: PositiveFloat = Field(description="ipc / broadcast: the other side silent this long fails the refit "
+                                     "and stops the run (a side that died stops it at once).")
+
+
 class WandbConfig(StrictModel):
     """A Weights & Biases run through wandb's own client; WANDB_MODE (e.g. offline), WANDB_API_KEY and the other
     WANDB_* variables apply as usual."""
@@ -498,6 +513,7 @@ class MasterConfig(StrictModel):
     policy: PolicyConfig
     generation: GenerationConfig
     cluster: ClusterConfig
+    refit: RefitConfig
     logger: LoggerConfig
     checkpointing: CheckpointConfig
     validation: ValidationConfig
@@ -531,6 +547,26 @@ class MasterConfig(StrictModel):
         if grpo is not None and grpo.overlong_buffer >= value.max_new_tokens:
             raise ValueError(f"max_new_tokens ({value.max_new_tokens}) must exceed grpo.overlong_buffer "
                              f"({grpo.overlong_buffer}): the punishment starts max_new_tokens - overlong_buffer tokens in")
+        return value
+
+    @field_validator("refit")
+    @classmethod
+    def _transport_fits_the_placement(cls, value: RefitConfig, info: ValidationInfo) -> RefitConfig:
+        generation, policy, cluster = (info.data.get(key) for key in ("generation", "policy", "cluster"))
+        if value.transport in ("auto", "file") or None in (generation, policy, cluster):
+            return value
+        if generation.backend != "vllm":
+            raise ValueError(f"transport {value.transport!r} streams into vLLM engines, but generation.backend is "
+                             f"{generation.backend!r}; use auto or file")
+        if value.transport == "ipc" and not generation.colocated:
+            raise ValueError("transport 'ipc' hands each engine worker the policy's buffers on the same device: it "
+                             "needs generation.colocated: true (broadcast reaches engines on other devices)")
+        if value.transport == "ipc" and policy.backend == "hf" and cluster.num_nodes * cluster.devices_per_node > 1:
+            raise ValueError("transport 'ipc' with policy.backend hf: the HF policy is one process and feeds one "
+                             "engine worker, but the cluster has several devices; use broadcast or file")
+        if value.transport == "broadcast" and generation.colocated and cluster.gpu_memory_gib is not None:
+            raise ValueError("transport 'broadcast' with engines colocated on GPUs: NCCL cannot join two processes "
+                             "of one GPU; use ipc (or auto)")
         return value
 
     @field_validator("validation")
