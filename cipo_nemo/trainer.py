@@ -34,7 +34,7 @@ import torch
 from cipo_nemo.algorithms.anchors import AnchorSelection, select_anchors
 from cipo_nemo.algorithms.correction import join_streams
 from cipo_nemo.algorithms.dynamic_sampling import SampledRound, assemble_rounds, live_group_count
-from cipo_nemo.algorithms.loss import PolicyLoss
+from cipo_nemo.algorithms.loss import PolicyLoss, build_loss
 from cipo_nemo.algorithms.rho import RhoController
 from cipo_nemo.algorithms.rollout_metrics import rollout_metrics, verifier_counts
 from cipo_nemo.algorithms.training_signal import carries_gradient, correction_groups_live, training_signal
@@ -42,21 +42,22 @@ from cipo_nemo.async_rollouts import RolloutPipeline
 from cipo_nemo.config import MasterConfig, to_yaml
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.correction_prompts import render_correction_prompt
+from cipo_nemo.data.frozen_attempts import anchor_attempts
 from cipo_nemo.data.prompts import (
-    drop_long_prompts,
     encode_prompts,
     indices_within_budget,
+    load_prompts,
     prompt_token_budget,
     render_prompt,
 )
 from cipo_nemo.data.sampler import PromptSampler
-from cipo_nemo.data.sources import TaskItem, describe, load_items
+from cipo_nemo.data.sources import TaskItem
 from cipo_nemo.environments.scoring import TaskScorer
 from cipo_nemo.eval.benchmarks import Benchmark
 from cipo_nemo.eval.harness import EvalContext, evaluate_benchmarks
 from cipo_nemo.eval.registry import load_registered_benchmark
 from cipo_nemo.eval.report import average_summary
-from cipo_nemo.models.factory import build_cluster, build_generation, build_policy, build_tokenizer, needs_ray, refit_weights
+from cipo_nemo.models.factory import build_cluster, build_generation, build_policy, build_tokenizer, needs_ray
 from cipo_nemo.models.interfaces import GenerationBackend, PolicyBackend, SamplingSettings
 from cipo_nemo.models.policy.microbatches import (
     OptimizerStep,
@@ -64,6 +65,7 @@ from cipo_nemo.models.policy.microbatches import (
     take_optimizer_steps,
     trained_per_stream,
 )
+from cipo_nemo.models.refit.transfer import build_refit_transport, refit_weights
 from cipo_nemo.models.rollout import responses_to_batch
 from cipo_nemo.samples import sample_records, write_samples
 from cipo_nemo.utils.checkpoint import POLICY_DIR, TRAINER_STATE, CheckpointManager, resume_checkpoint
@@ -93,6 +95,7 @@ class Components:
     metrics: MetricsLogger
     checkpoints: CheckpointManager
     cluster: Any  # the Ray virtual cluster, or None when every backend runs in this process
+    refit_transport: Any = None  # models/refit: file, ipc or broadcast, chosen once by setup
     timer: StageTimer = field(default_factory=StageTimer)
     progress: StepProgress = field(default_factory=StepProgress)
     start_step: int = 0
@@ -117,7 +120,7 @@ class StepRollouts:
 
 
 # Streams of the per-step seeds (step_seed): each draw of a step has its own.
-SEED_BASE, SEED_ANCHORS, SEED_CORRECTIONS, SEED_VALIDATION, SEED_MINI_BATCHES = 0, 1, 2, 3, 4
+SEED_BASE, SEED_ANCHORS, SEED_CORRECTIONS, SEED_VALIDATION, SEED_MINI_BATCHES, SEED_FROZEN_ATTEMPTS = 0, 1, 2, 3, 4, 5
 SEED_BASE_ROUND = 100  # + r: round r >= 1 of dynamic sampling (round 0 is SEED_BASE, as without it)
 QUICK_SHUTDOWN_S = 5.0  # an engine busy with a call the run no longer waits for: then its actor is killed
 
@@ -164,19 +167,9 @@ def setup(cfg: MasterConfig, loaded_items: dict[str, list[TaskItem]] | None = No
                                       keep_best_mode=cfg.checkpointing.keep_best_mode),
         cluster=cluster,
     )
+    connect_refit(components)
     maybe_resume(components)
     return components
-
-
-def load_prompts(cfg: MasterConfig, tokenizer: Any, *, split: str, items: list[TaskItem] | None) -> list[TaskItem]:
-    """The split's items (loaded here unless the preflight already did) without prompts over data.max_prompt_tokens."""
-    if items is None:
-        items, report = load_items(cfg.data.train if split == "train" else cfg.data.validation)
-        logger.info("data.%s: %s", split, describe(report))
-    kept, _ = drop_long_prompts(items, tokenizer=tokenizer, instructions=cfg.data.instructions,
-                                template_kwargs=cfg.data.chat_template_kwargs,
-                                system_prompt=cfg.data.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens)
-    return kept
 
 
 def load_validation_sets(cfg: MasterConfig, tokenizer: Any,
@@ -192,14 +185,6 @@ def load_validation_sets(cfg: MasterConfig, tokenizer: Any,
             items = load_registered_benchmark(name, fetch=False).items
         sets[name] = load_prompts(cfg, tokenizer, split=name, items=items)
     return sets
-
-
-def build_loss(cfg: MasterConfig) -> PolicyLoss:
-    loss = cfg.loss
-    return PolicyLoss(clip_low=loss.clip_low, clip_high=loss.clip_high, normalization=loss.normalization,
-                      kl_beta=loss.kl_beta, kl_estimator=loss.kl_estimator,
-                      importance_sampling=loss.importance_sampling, is_truncation=loss.is_truncation,
-                      is_type=loss.is_type, is_lower_bound=loss.is_lower_bound, loss_weight=cfg.cipo.loss_weight)
 
 
 # ----------------------------------------------------------------------------------------------- the step
@@ -334,12 +319,17 @@ def correction_rollout(
     if anchors is None or len(anchors) == 0:
         return None, 0
     cfg = c.cfg
-    rendered = [render_correction_prompt(items[base["item_index"][i]], base["response_text"][i], tokenizer=c.tokenizer,
-                                         data=cfg.data, correction=cfg.cipo) for i in anchors.indices]
+    attempts = anchor_attempts(cfg.cipo, own=[base["response_text"][i] for i in anchors.indices],
+                               item_ids=[items[base["item_index"][i]].id for i in anchors.indices],
+                               anchor_correct=anchors.anchor_correct, is_success=is_success,
+                               seed=step_seed(c, step, SEED_FROZEN_ATTEMPTS))
+    rendered = [render_correction_prompt(items[base["item_index"][i]], attempt or "", tokenizer=c.tokenizer,
+                                         data=cfg.data, correction=cfg.cipo)
+                for i, attempt in zip(anchors.indices, attempts)]
     all_prompt_ids = encode_prompts(rendered, tokenizer=c.tokenizer)
     budget = prompt_token_budget(max_total_sequence_length=cfg.policy.max_total_sequence_length,
                                  max_new_tokens=cfg.generation.max_new_tokens)
-    kept_anchor_positions = indices_within_budget(all_prompt_ids, budget)
+    kept_anchor_positions = [p for p in indices_within_budget(all_prompt_ids, budget) if attempts[p] is not None]
     if not kept_anchor_positions:
         return None, len(anchors)
     prompt_ids = [all_prompt_ids[position] for position in kept_anchor_positions]
@@ -439,9 +429,16 @@ def optimizer_state_for_training(c: Components) -> Iterator[None]:
             c.policy.offload_optimizer()
 
 
+def connect_refit(c: Components) -> None:
+    """The refit transport to the current engines (broadcast: a process group with their workers, made again for
+    engines that replace dead ones, cipo_nemo/async_loop.py)."""
+    c.refit_transport = build_refit_transport(c.cfg.refit, c.policy, c.generation, on_gpu=torch.cuda.is_available(),
+                                              colocated=c.cfg.generation.colocated)
+
+
 def refit(c: Components) -> None:
-    """Stream the policy's HF-named weights into the generation engine, which wakes inside (refit_weights)."""
-    refit_weights(c.policy, c.generation)
+    """Move the policy's HF-named weights into the generation engine, which wakes inside (refit_weights)."""
+    refit_weights(c.policy, c.generation, c.refit_transport)
 
 
 def update_rho(c: Components, retention: float | None) -> None:
@@ -455,8 +452,11 @@ def update_rho(c: Components, retention: float | None) -> None:
 
 
 def shutdown_generation(c: Components, *, quick: bool) -> None:
-    """Close the engines; `quick`: an engine in the middle of a call (dead, stalled, or sampling while the run
-    fails) gets QUICK_SHUTDOWN_S to close inside its actor before the actor is killed."""
+    """Close the refit transport and the engines; `quick`: an engine in the middle of a call (dead, stalled, or
+    sampling while the run fails) gets QUICK_SHUTDOWN_S to close inside its actor before the actor is killed."""
+    if c.refit_transport is not None:
+        c.refit_transport.close()
+        c.refit_transport = None
     c.generation.shutdown(timeout_s=QUICK_SHUTDOWN_S if quick else None)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cipo_nemo.models.generation.vllm_generation import VllmRefitWorkerExtension  # noqa: E402
+from cipo_nemo.models.refit.vllm_worker import VllmRefitWorkerExtension  # noqa: E402
 
 
 class ProfilingRefitExtension(VllmRefitWorkerExtension):
@@ -47,7 +47,7 @@ def main() -> None:
 
     from cipo_nemo.config import load_config
     from cipo_nemo.models.generation import vllm_generation
-    from cipo_nemo.models.generation.refit import remove_refit_file, save_weights_for_refit
+    from cipo_nemo.models.refit.shm_file import remove_refit_file, save_weights_for_refit
     from cipo_nemo.models.hub import resolve_model_dir
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "conf" / "cipo_smollm2_cpu.yaml")
@@ -80,7 +80,7 @@ def compare_formats(weights: dict, *, repeats: int) -> None:
 
     import torch
 
-    from cipo_nemo.models.generation.refit import load_refit_file, write_refit_file
+    from cipo_nemo.models.refit.shm_file import load_refit_file, write_refit_file
 
     path = Path("/dev/shm/cipo_refit_probe.bin")
     for _ in range(repeats):

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 from benchmarks.common.proc_sampler import (  # noqa: E402
     ProcessKey, ProcSample, ProcSampler, command_line, read_threads)
 from benchmarks.speed.step_speed import CONFIG, REPO, SIDE_OVERRIDES, common_overrides, side_environment  # noqa: E402
-from cipo_nemo.models.refit_profile import PROFILE_ENV  # noqa: E402
+from cipo_nemo.models.refit.profile import PROFILE_ENV  # noqa: E402
 
 
 class Sampler(ProcSampler):

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from benchmarks.speed.cpu_watch import CpuWatch  # noqa: E402
-from cipo_nemo.models.refit_profile import PROFILE_ENV  # noqa: E402
+from cipo_nemo.models.refit.profile import PROFILE_ENV  # noqa: E402
 
 CONFIG = REPO / "conf" / "cipo_smollm2_cpu.yaml"
 TRL_VENV = REPO / "benchmarks" / ".venv-trl"

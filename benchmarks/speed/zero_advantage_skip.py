@@ -114,7 +114,8 @@ def plot_curves(runs: dict[str, dict[str, dict]], path: Path) -> None:
     for row, (arm, summaries) in zip(axes, runs.items()):
         for ax, (key, label) in zip(row, CURVES):
             for name, style in (("on", "-"), ("off", "--")):
-                points = [(i + 1, step[key]) for i, step in enumerate(summaries[name]["steps"]) if key in step]
+                points = [(i + 1, step[key]) for i, step in enumerate(summaries[name]["steps"])
+                          if step.get(key) is not None]
                 if points:
                     ax.plot(*zip(*points), style, marker=".", label=f"skip {name}")
             ax.set_title(f"{arm.upper()}: {label}")

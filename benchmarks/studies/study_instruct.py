@@ -108,9 +108,10 @@ def unit_dir(args: argparse.Namespace, seed: int, unit: str) -> Path:
 
 
 def start_model_fingerprint(model: str) -> str:
-    """sha256 of a local start model's weight files; a hub id stands for itself. The format warm-up is not
-    bit-reproducible across machines (its bf16 training differs in the last digits), so a seed's units must be
-    checked to come from the same weights, not from the same path."""
+    """sha256 of a local start model's weight files; a hub id stands for itself. The format warm-up is
+    bit-reproducible on one CPU kind but not across kinds (its bf16 training differs in the last digits;
+    docs/notes/reproducibility_across_machines.md), so a seed's units must be checked to come from the same
+    weights, not from the same path."""
     path = Path(model).expanduser()
     if not path.is_dir():
         return model

@@ -29,11 +29,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import torch
 
 from cipo_nemo.data.batch import Batch
+
+if TYPE_CHECKING:  # an annotation only: the loss module loads without the config (pydantic) at run time
+    from cipo_nemo.config import MasterConfig
 
 Normalization: TypeAlias = Literal["token", "sequence"]
 KLEstimator: TypeAlias = Literal["k1", "k3"]
@@ -433,3 +436,12 @@ def _broadcast_per_token(name: str, values: torch.Tensor, logprobs: torch.Tensor
         f"{name} must have shape (N,)=({logprobs.shape[0]},) or (N, T)={tuple(logprobs.shape)}, "
         f"got {tuple(values.shape)}"
     )
+
+
+def build_loss(cfg: MasterConfig) -> PolicyLoss:
+    """The run's loss from `loss.*` and the correction stream's weight `cipo.loss_weight`."""
+    loss = cfg.loss
+    return PolicyLoss(clip_low=loss.clip_low, clip_high=loss.clip_high, normalization=loss.normalization,
+                      kl_beta=loss.kl_beta, kl_estimator=loss.kl_estimator,
+                      importance_sampling=loss.importance_sampling, is_truncation=loss.is_truncation,
+                      is_type=loss.is_type, is_lower_bound=loss.is_lower_bound, loss_weight=cfg.cipo.loss_weight)

@@ -36,6 +36,7 @@ from cipo_nemo.config.fields import (  # noqa: F401  (re-exported)
     not_below,
     require_placeholders,
 )
+from cipo_nemo.config.placement_schema import AsyncConfig, ClusterConfig, RefitConfig
 
 
 class RunConfig(StrictModel):
@@ -156,6 +157,15 @@ class CorrectionConfig(StrictModel):
     allow_out_of_window: bool = Field(description="Fill missing anchors from prompts outside [p_low, p_high].")
     attempt_max_tokens: PositiveInt = Field(description="Token budget of the quoted attempt (left-truncated).")
     strip_thinking: bool = Field(description="Remove <think>...</think> from the attempt before quoting it.")
+    anchor_source: Literal["policy", "frozen_start"] = Field(
+        description="What a correction prompt quotes: policy (the anchor itself, the policy's own sample) or "
+        "frozen_start (a start-model attempt at the same problem with the anchor's verdict, from frozen_attempts; "
+        "the anchors are chosen as always). cipo_nemo/data/frozen_attempts.py."
+    )
+    frozen_attempts: str | None = Field(
+        description="anchor_source frozen_start only: JSON Lines of the start model's attempts per training item "
+        "(id, responses, rewards; the eval harness's samples.jsonl)."
+    )
     templates: CorrectionTemplates
     rho: RhoConfig
 
@@ -163,6 +173,16 @@ class CorrectionConfig(StrictModel):
     @classmethod
     def _window_ordered(cls, value: float, info: ValidationInfo) -> float:
         return not_below(value, info, "difficulty_low")
+
+    @field_validator("frozen_attempts")
+    @classmethod
+    def _frozen_attempts_with_frozen_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        source = info.data.get("anchor_source")
+        if source == "frozen_start" and not value:
+            raise ValueError("anchor_source frozen_start needs the start model's attempts: set cipo.frozen_attempts")
+        if source == "policy" and value is not None:
+            raise ValueError("is read only with anchor_source frozen_start (it is policy): set it to null")
+        return value
 
 
 class LossConfig(StrictModel):
@@ -350,50 +370,6 @@ class GenerationConfig(StrictModel):
     vllm: VllmConfig
 
 
-class ClusterConfig(StrictModel):
-    num_nodes: PositiveInt = Field(description="Nodes in the Ray cluster.")
-    devices_per_node: PositiveInt = Field(description="GPUs per node (on CPU: worker processes per node).")
-    gpu_memory_gib: PositiveFloat | None = Field(
-        description="Memory of one GPU in GiB, the budget of the dry run's per-GPU estimate (null: CPU worker processes)."
-    )
-    gpu_arch: Literal["ampere", "hopper", "blackwell"] | None = Field(
-        description="GPU generation (A100: ampere; H100/H200: hopper; B200/GB200: blackwell); the dry run checks the "
-        "FP8 settings against it (null: CPU, or not checked)."
-    )
-    ray_address: str | None = Field(description="Existing Ray cluster to join (null: start one in-process).")
-    max_restarts: Annotated[int, Field(ge=0)] = Field(
-        description="Worker deaths (OOM kill, crash) a run survives: the driver exits 75 to be requeued and resume "
-        "from the last checkpoint, this many times per run directory; the next death ends the run (exit code 70)."
-    )
-    cpu_keep_memory: bool = Field(
-        description="Without GPUs: the policy and generation workers put tensors on transparent huge pages and keep "
-        "freed memory for the next step instead of returning it to the OS (no page faults once the steps repeat; "
-        "each worker keeps its peak memory). cipo_nemo/utils/cpu_memory.py."
-    )
-    generation_devices_per_node: PositiveInt | None = Field(
-        description="generation.colocated false: the vLLM engines' own devices per node, beside devices_per_node for "
-        "the policy (CPU: worker cores, each side bound to its own); null when colocated."
-    )
-    max_engine_restarts: NonNegativeInt = Field(
-        description="A dead generation engine is replaced in place (refit, the interrupted batch sampled again with "
-        "the same seeds, no requeue) this many times per driver process; the next death is a worker death."
-    )
-
-
-class AsyncConfig(StrictModel):
-    """One step off-policy (docs/notes/async.md): the next step's rollouts are sampled while the policy trains."""
-
-    enabled: bool = Field(description="Sample batch s+1 in the background while the policy trains on batch s.")
-    max_trajectory_age: Literal[0, 1] = Field(
-        description="Weight versions a trained batch may lag: 1, batch s is sampled by the weights after step s-2 "
-        "(the pipeline is one step deep); 0, the same machinery without overlap (equals the synchronous loop)."
-    )
-    max_wait_s: PositiveFloat = Field(
-        description="The trainer waits at most this long for the next batch; longer, the run stops with one line "
-        "and exit code 75 (requeue), and the resumed run samples that batch again."
-    )
-
-
 class WandbConfig(StrictModel):
     """A Weights & Biases run through wandb's own client; WANDB_MODE (e.g. offline), WANDB_API_KEY and the other
     WANDB_* variables apply as usual."""
@@ -441,6 +417,11 @@ class CheckpointConfig(StrictModel):
     checkpoint_must_save_by: str | None = Field(
         description="'DD:HH:MM:SS' or 'HH:MM:SS' since the driver started: checkpoint and stop (exit code 75) "
         "when the next step would likely end later (null: no limit)."
+    )
+    stop_after_step: PositiveInt | None = Field(
+        description="End this invocation after this step with a checkpoint (exit code 75, like an early stop); a "
+        "later run with a higher value (or null) continues from it. For runs done in parts of bounded length "
+        "(null: run to num_steps)."
     )
 
     @field_validator("resume_from")
@@ -510,6 +491,7 @@ class MasterConfig(StrictModel):
     policy: PolicyConfig
     generation: GenerationConfig
     cluster: ClusterConfig
+    refit: RefitConfig
     async_: AsyncConfig = Field(alias="async")  # a Python keyword: cfg.async_ in code, `async:` in YAML
     logger: LoggerConfig
     checkpointing: CheckpointConfig
@@ -571,6 +553,26 @@ class MasterConfig(StrictModel):
         if value.enabled and value.max_trajectory_age > 0 and on_ray and generation.colocated:
             raise ValueError("max_trajectory_age 1 samples while the policy trains, so the vLLM engines need devices "
                              "of their own: set generation.colocated=false and cluster.generation_devices_per_node")
+        return value
+
+    @field_validator("refit")
+    @classmethod
+    def _transport_fits_the_placement(cls, value: RefitConfig, info: ValidationInfo) -> RefitConfig:
+        generation, policy, cluster = (info.data.get(key) for key in ("generation", "policy", "cluster"))
+        if value.transport in ("auto", "file") or None in (generation, policy, cluster):
+            return value
+        if generation.backend != "vllm":
+            raise ValueError(f"transport {value.transport!r} streams into vLLM engines, but generation.backend is "
+                             f"{generation.backend!r}; use auto or file")
+        if value.transport == "ipc" and not generation.colocated:
+            raise ValueError("transport 'ipc' hands each engine worker the policy's buffers on the same device: it "
+                             "needs generation.colocated: true (broadcast reaches engines on other devices)")
+        if value.transport == "ipc" and policy.backend == "hf" and cluster.num_nodes * cluster.devices_per_node > 1:
+            raise ValueError("transport 'ipc' with policy.backend hf: the HF policy is one process and feeds one "
+                             "engine worker, but the cluster has several devices; use broadcast or file")
+        if value.transport == "broadcast" and generation.colocated and cluster.gpu_memory_gib is not None:
+            raise ValueError("transport 'broadcast' with engines colocated on GPUs: NCCL cannot join two processes "
+                             "of one GPU; use ipc (or auto)")
         return value
 
     @field_validator("validation")

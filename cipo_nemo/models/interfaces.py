@@ -79,7 +79,7 @@ class PolicyBackend(Protocol):
         optimizer or DDP buffers)."""
 
     def export_hf_weights_to(self, path: Path) -> int:
-        """Write export_hf_weights() as a refit file (models/generation/refit.py) to `path` once per node (from
+        """Write export_hf_weights() as a refit file (models/refit/shm_file.py) to `path` once per node (from
         its first rank; the parent directory is created where missing); returns the tensor count. This is the refit hand-off: a file in
         /dev/shm moves weights between actors faster than Ray's object store (docs/platform.md), and every node's
         engines read their own node's copy."""
@@ -93,6 +93,16 @@ class PolicyBackend(Protocol):
 
     def restore_optimizer(self) -> int:
         """Undo offload_optimizer before the next optimizer step; returns the bytes moved."""
+
+    def send_weights(self, message: dict) -> dict | None:
+        """The bucket refit's sending side (models/refit/transfer.py: ipc or broadcast, by `message`); returns
+        the transfer's statistics. The engines' receiving side runs at the same time."""
+
+    def open_refit_group(self, name: str, world_size: int, timeout_s: float) -> tuple[str, int] | None:
+        """broadcast: start the refit group's store on the sending rank; its (host, port)."""
+
+    def join_refit_group(self, group: dict) -> None:
+        """broadcast: join the refit group as its sender (once per run, with every engine worker)."""
 
     def save_checkpoint(self, path: Path) -> None:
         """Weights + optimizer + scheduler state into `path` (a directory that does not exist yet)."""
@@ -129,6 +139,27 @@ class GenerationBackend(Protocol):
 
     def shutdown(self, *, timeout_s: float | None = None) -> None:
         """Close the engines; one still busy after `timeout_s` (None: the backend's default) is killed."""
+
+
+class PendingResult(Protocol):
+    """A call running elsewhere (a Ray call, a thread); `result()` waits for it and raises its error."""
+
+    def result(self) -> object: ...
+
+
+@runtime_checkable
+class StreamingGeneration(Protocol):
+    """A generation backend whose engines also take the bucket refits (ipc, broadcast): vLLM's."""
+
+    @property
+    def num_engine_workers(self) -> int:
+        """Engine worker processes in all (one per device): the broadcast group's receivers."""
+
+    def begin_weight_transfer(self, message: dict) -> PendingResult:
+        """Start receiving one bucket refit on every engine worker; `result()`: the engine parameters updated."""
+
+    def begin_join_refit_group(self, group: dict) -> PendingResult:
+        """Start joining the broadcast refit group on every engine worker (once per run)."""
 
 
 def tensor_bytes(named_tensors: Mapping[str, torch.Tensor]) -> int:

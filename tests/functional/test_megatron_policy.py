@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cipo_nemo.config.schema import PolicyConfig
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.packing import plan_packed_rows, sequence_lengths
-from cipo_nemo.models.generation.refit import load_refit_file
+from cipo_nemo.models.refit.shm_file import load_refit_file
 from cipo_nemo.models.policy.hf_policy import HFPolicy
 from cipo_nemo.models.policy.megatron_policy import with_inert_padding
 from cipo_nemo.models.policy.microbatches import plan_mini_batches, take_optimizer_steps

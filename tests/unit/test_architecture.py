@@ -47,6 +47,7 @@ BENCHMARK_LAYERS: dict[str, int] = {
     "common": 0,
     "speed": 1,
     "studies": 1,
+    "device": 1,
     "probes": 2,
     "gpu_check": 2,
 }

@@ -192,3 +192,42 @@ def test_validation_gets_an_idle_engine_with_the_current_weights():
     run.pipeline.engine_current()
     assert not run.pipeline.busy() and run.engine_holds == 2
     assert run.pipeline.take(3).version == 1  # the batch in flight was kept
+
+
+def test_a_replaced_engine_gets_a_refit_transport_of_its_own(monkeypatch):
+    """Broadcast's process group holds the engine workers of its start: the dead engine's transport closes with it,
+    and the new engine gets a new one (async_loop.replace_generation_engine through trainer.connect_refit)."""
+    from types import SimpleNamespace
+
+    import cipo_nemo.async_loop as async_loop
+    import cipo_nemo.trainer as trainer
+
+    events: list[str] = []
+
+    class Transport:
+        def __init__(self, engine: str) -> None:
+            self.engine = engine
+
+        def close(self) -> None:
+            events.append(f"close transport of {self.engine}")
+
+    class Engine:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def shutdown(self, timeout_s: float | None = None) -> None:
+            events.append(f"shutdown {self.name} within {timeout_s} s")
+
+    def build_transport(refit, policy, generation, *, on_gpu, colocated):
+        events.append(f"transport to {generation.name}")
+        return Transport(generation.name)
+
+    monkeypatch.setattr(async_loop, "build_generation", lambda cfg, cluster: Engine("new engine"))
+    monkeypatch.setattr(trainer, "build_refit_transport", build_transport)
+    cfg = SimpleNamespace(refit=None, generation=SimpleNamespace(colocated=False))
+    run = SimpleNamespace(cfg=cfg, cluster=None, policy=None, generation=Engine("dead engine"),
+                          refit_transport=Transport("dead engine"))
+    async_loop.replace_generation_engine(run)
+    assert events == ["close transport of dead engine", f"shutdown dead engine within {trainer.QUICK_SHUTDOWN_S} s",
+                      "transport to new engine"]
+    assert run.refit_transport.engine == "new engine" and run.generation.name == "new engine"

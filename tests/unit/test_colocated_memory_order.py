@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cipo_nemo.models.factory import refit_weights
 from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
+from cipo_nemo.models.refit.transfer import BucketTransport, refit_weights
 
 
 class Recorder:
@@ -43,6 +43,33 @@ def test_refit_exports_while_asleep_then_wakes_weights_reloads_and_wakes_kv_cach
     ]
     exported, loaded = calls[0][2][0], calls[2][2][0]
     assert exported == loaded and isinstance(exported, Path)
+
+
+class Pending:
+    def __init__(self, calls: list, value: int) -> None:
+        self._calls, self._value = calls, value
+
+    def result(self) -> int:
+        self._calls.append(("generation", "result", (), {}))
+        return self._value
+
+
+def test_a_bucket_refit_wakes_the_weights_streams_while_the_engine_loads_and_wakes_kv_cache_last():
+    """ipc: the engine's weights wake first (it loads as buckets come), its receiving side starts before the policy
+    sends, and the KV cache comes back once both are done."""
+    calls: list = []
+    policy = Recorder("policy", calls)
+    generation = Recorder("generation", calls, returns={"begin_weight_transfer": Pending(calls, 7)})
+    transport = BucketTransport("ipc", policy, generation, bucket_bytes=2**20, timeout_s=5, on_gpu=True)
+    assert refit_weights(policy, generation, transport) == 7
+    order = [(owner, method, kwargs.get("tags")) for owner, method, _, kwargs in calls]
+    assert order == [("generation", "wake", ("weights",)), ("generation", "begin_weight_transfer", None),
+                     ("policy", "send_weights", None), ("generation", "result", None),
+                     ("generation", "wake", ("kv_cache",))]
+    sent, received = calls[2][2][0], calls[1][2][0]
+    assert sent == received and sent["transport"] == "ipc" and sent["bucket_bytes"] == 2**20
+    refit_weights(policy, generation, transport)
+    assert calls[-3][2][0]["token"] != sent["token"]  # a fresh channel per refit
 
 
 class EngineRecorder:

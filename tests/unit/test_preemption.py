@@ -1,12 +1,15 @@
-"""Stopping early on purpose: the signal handlers, the checkpoint_must_save_by duration and its decision rule."""
+"""Stopping early on purpose: the signal handlers, the checkpoint_must_save_by duration and its decision rule, and
+stop_after_step's."""
 
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 
 from cipo_nemo.config import ConfigError, load_config
 from cipo_nemo.config.durations import parse_duration
+from cipo_nemo.loop import part_ends
 from cipo_nemo.utils.preemption import (
     STOP_REQUEST,
     driver_uptime_s,
@@ -68,3 +71,11 @@ def test_unquoted_yaml_duration_is_explained(tmp_path):
     preset.write_text(f"defaults: {os.path.abspath(BASE)}\ncheckpointing:\n  checkpoint_must_save_by: 1:30:00\n")
     with pytest.raises(ConfigError, match="quoted string"):
         load_config(preset, [])
+
+
+def test_stop_after_step_ends_the_part_at_its_step() -> None:
+    def c(last):
+        return SimpleNamespace(cfg=SimpleNamespace(checkpointing=SimpleNamespace(stop_after_step=last)))
+
+    assert part_ends(c(None), 50) is None and part_ends(c(50), 49) is None
+    assert part_ends(c(50), 50) == "stop_after_step 50" and part_ends(c(50), 51) == "stop_after_step 50"

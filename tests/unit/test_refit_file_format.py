@@ -1,17 +1,12 @@
-"""The raw refit file (models/generation/refit.py): what the policy writes is what the engine maps, byte for byte."""
+"""The raw refit file (models/refit/shm_file.py): what the policy writes is what the engine maps, byte for byte."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from cipo_nemo.models.generation.refit import (
-    REFIT_FILE_ALIGNMENT,
-    WeightSyncError,
-    load_refit_file,
-    read_refit_index,
-    write_refit_file,
-)
+from cipo_nemo.models.refit.manifest import WeightSyncError
+from cipo_nemo.models.refit.shm_file import REFIT_FILE_ALIGNMENT, load_refit_file, read_refit_index, write_refit_file
 
 
 def test_round_trip_keeps_names_order_dtypes_shapes_and_values(tmp_path: Path) -> None:

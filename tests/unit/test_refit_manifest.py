@@ -2,7 +2,7 @@
 
 import pytest
 
-from cipo_nemo.models.generation.refit import WeightSyncError, build_weight_manifest
+from cipo_nemo.models.refit.manifest import WeightSyncError, build_weight_manifest
 
 PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")

@@ -1,4 +1,4 @@
-"""The policy's refit staging file (models/generation/refit.py `RefitStaging`): every refit publishes exactly its own
+"""The policy's refit staging file (models/refit/shm_file.py `RefitStaging`): every refit publishes exactly its own
 tensors at the refit's path, from one file whose memory is reused; nothing outlives the writer."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cipo_nemo.models.generation import refit
-from cipo_nemo.models.generation.refit import RefitStaging, load_refit_file, write_refit_file
+from cipo_nemo.models.refit import shm_file as refit
+from cipo_nemo.models.refit.shm_file import RefitStaging, load_refit_file, write_refit_file
 
 
 def _tensors(scale: float, rows: int) -> dict[str, torch.Tensor]:
@@ -21,7 +21,7 @@ def _tensors(scale: float, rows: int) -> dict[str, torch.Tensor]:
 
 
 def _refit_path(root: Path, step: int) -> Path:
-    """What the loop passes: a fresh directory per refit (factory.refit_file) under the shared-memory root."""
+    """What the loop passes: a fresh directory per refit (models/refit/transfer.py refit_file) under the shared-memory root."""
     directory = root / f"cipo-refit-{step}"
     directory.mkdir()
     return directory / "weights.pt"

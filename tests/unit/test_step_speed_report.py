@@ -84,7 +84,8 @@ def test_the_study_configuration_report_compares_curves_and_weights() -> None:
 def test_the_study_configuration_curves_are_drawn_per_arm(tmp_path) -> None:
     from benchmarks.speed.zero_advantage_skip import plot_curves
 
-    grpo = {name: summary("ours", [30, 6, 6], **{"reward/base_mean": [0.5, 0.25, 0.5]}) for name in ("on", "off")}
+    grpo_metrics = {"reward/base_mean": [0.5, 0.25, 0.5], "reward/correction_mean": [None] * 3}  # as GRPO logs them
+    grpo = {name: summary("ours", [30, 6, 6], **grpo_metrics) for name in ("on", "off")}
     cipo = {name: summary("ours", [30, 6, 6], **{"reward/base_mean": [0.5] * 3, "reward/correction_mean": [0.1] * 3})
             for name in ("on", "off")}
     plot_curves({"grpo": grpo, "cipo": cipo}, tmp_path / "curves.png")  # GRPO has no correction curve to draw

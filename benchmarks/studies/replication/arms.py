@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cipo_nemo.loop import train
+from cipo_nemo.loop import part_ends, train
 from cipo_nemo.trainer import setup, shutdown, validate
 from cipo_nemo.config import MasterConfig
 from cipo_nemo.data.sampler import PromptSampler
@@ -56,6 +56,7 @@ class ArmResult:
 def run_arm(cfg: MasterConfig) -> ArmResult:
     """Validate the starting policy, train cfg.grpo.num_steps steps, save the final policy; return its records.
     An arm stopped early (a signal, the save deadline) ends the process with one line: it has no final policy.
+    One that ends at `checkpointing.stop_after_step` (a part of the arm) returns normally, with no final policy yet.
 
     A run directory with a checkpoint resumes (the loop's own resume): the step-0 validation is kept from the
     first attempt, and the data order continues from the checkpoint's step (batches of steps after it, which
@@ -77,7 +78,9 @@ def run_arm(cfg: MasterConfig) -> ArmResult:
     finally:
         (run_dir / DATA_ORDER_FILE).write_text(json.dumps(recorder.batches))
         shutdown(components)
-    if summary.stopped_early:  # SIGTERM/SIGUSR1 or the save deadline: a checkpoint, no final policy to evaluate
+    last = cfg.checkpointing.stop_after_step
+    part_done = last is not None and summary.stopped_early == part_ends(components, last)
+    if summary.stopped_early and not part_done:  # SIGTERM/SIGUSR1 or the save deadline: a checkpoint, no final policy
         raise SystemExit(f"{cfg.run.name}: training stopped early ({summary.stopped_early}) after step "
                          f"{components.start_step + summary.steps_done} of {cfg.grpo.num_steps}; run the same "
                          f"command again to resume from {run_dir / 'checkpoints'}")

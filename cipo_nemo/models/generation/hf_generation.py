@@ -21,8 +21,9 @@ from transformers import GenerationConfig as HFGenerationConfig
 
 from cipo_nemo.config.schema import GenerationConfig
 from cipo_nemo.models.generation import find_stop_string_end, prompt_seed, read_eos_token_ids
-from cipo_nemo.models.generation.refit import build_weight_manifest, load_refit_file
 from cipo_nemo.models.interfaces import SampledResponse, SamplingSettings
+from cipo_nemo.models.refit.manifest import build_weight_manifest
+from cipo_nemo.models.refit.shm_file import load_refit_file
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

