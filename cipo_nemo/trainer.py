@@ -35,6 +35,7 @@ from cipo_nemo.algorithms.anchors import AnchorSelection, select_anchors
 from cipo_nemo.algorithms.correction import join_streams
 from cipo_nemo.algorithms.dynamic_sampling import SampledRound, assemble_rounds, live_group_count
 from cipo_nemo.algorithms.loss import PolicyLoss, build_loss
+from cipo_nemo.algorithms.rewards import is_success
 from cipo_nemo.algorithms.rho import RhoController
 from cipo_nemo.algorithms.rollout_metrics import rollout_metrics, verifier_counts
 from cipo_nemo.algorithms.training_signal import carries_gradient, correction_groups_live, training_signal
