@@ -12,8 +12,9 @@ hub id while HF_HUB_OFFLINE=1 included); the memory estimate has its own switch,
 
 Exit codes: 0 done; 2 config, data, model or install error; 75 (REQUEUE_EXIT_CODE) stopped early on SIGUSR1/SIGTERM,
 checkpointing.checkpoint_must_save_by or checkpointing.stop_after_step after a complete checkpoint, or a worker
-process died (up to cluster.max_restarts times per run directory): run the same command again to resume (after
-stop_after_step, with a higher one); 70 a worker died once more than cluster.max_restarts allows.
+process died, or (async) the trainer waited async.max_wait_s for the generator (up to cluster.max_restarts times per
+run directory): run the same command again to resume (after stop_after_step, with a higher one); 70 a worker died
+once more than cluster.max_restarts allows.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def with_planned_memory_order(cfg, report):
 
 
 def run_training(cfg, loaded_items) -> int:
+    from cipo_nemo.async_rollouts import GenerationStalledError
     from cipo_nemo.data.sources import DataError
     from cipo_nemo.distributed import WorkerDiedError
     from cipo_nemo.loop import REQUEUE_EXIT_CODE, train
@@ -102,6 +104,12 @@ def run_training(cfg, loaded_items) -> int:
     except WorkerDiedError as error:
         logging.getLogger("cipo_nemo").error("%s", error)  # with the remote traceback, for the log
         line, code = after_worker_death(cfg, error.summary(), requeue_exit_code=REQUEUE_EXIT_CODE)
+        print(line, flush=True)
+        return code
+    except GenerationStalledError as error:  # async: the trainer waited async.max_wait_s for a batch
+        detail = str(error).removeprefix("generation stalled: ")
+        line, code = after_worker_death(cfg, f"{detail} ({error.during})", requeue_exit_code=REQUEUE_EXIT_CODE,
+                                        what="generation stalled")
         print(line, flush=True)
         return code
     if summary.stopped_early is not None:

@@ -1,5 +1,7 @@
-"""The run around the CIPO step (`trainer.cipo_step`): steps start_step+1 .. num_steps, validation and checkpoint
-cadence, the progress line, early stops that leave a resumable checkpoint, the curves and the final HF export."""
+"""The run around the CIPO step (`trainer.cipo_step`, or `async_loop.async_step` with async.enabled): steps
+start_step+1 .. num_steps, validation and checkpoint cadence, the progress line, early stops that leave a resumable
+checkpoint, the curves and the final HF export. A worker death or a stalled generator raised by a step is labelled
+with the step and the stage it ended (`during`), so the driver's one line names them."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cipo_nemo.async_loop import async_step, attach_pipeline
 from cipo_nemo.config.durations import parse_duration
 from cipo_nemo.trainer import Components, cipo_step, save_checkpoint, validate
 from cipo_nemo.utils.preemption import StopRequest, driver_uptime_s, next_step_crosses, stop_handlers
@@ -40,9 +43,14 @@ def train(c: Components) -> RunSummary:
     checkpointing.checkpoint_must_save_by or after checkpointing.stop_after_step; the summary then says why
     (`python -m cipo_nemo` exits with REQUEUE_EXIT_CODE).
     """
+    attach_pipeline(c)
     with stop_handlers() as stop:
         try:
             return _train_steps(c, stop)
+        except Exception as error:
+            if getattr(error, "during", None) is None:
+                error.during = f"step {c.progress.label_step}, stage {c.progress.current_stage}"
+            raise
         finally:
             stop.clear()  # honoured (or the run ended): a later run in this process starts clean
 
@@ -57,10 +65,11 @@ def _train_steps(c: Components, stop: StopRequest) -> RunSummary:
     early = stop.reason or part_ends(c, c.start_step)
     if early is not None and c.start_step < total:
         return _stopped(c, last, early)
+    step_of = async_step if c.pipeline is not None else cipo_step
     for step in range(c.start_step + 1, total + 1):
         step_started = time.monotonic()
         c.progress.begin_step(step, total)
-        last = cipo_step(c, step)
+        last = step_of(c, step)
         if cfg.validation.every and step % cfg.validation.every == 0:
             c.progress.stage("validate")
             last.update(validate(c, step))

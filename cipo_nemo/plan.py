@@ -6,7 +6,7 @@ The preflight builds it for every run and `python -m cipo_nemo --dry-run` prints
    and the model must split the way megatron-core and vLLM split it (heads and KV heads by TP, layers by PP,
    vocab by TP). Each rule is checked here with the error megatron / vLLM / this loop would raise minutes into the
    job, naming the config keys to change.
-2. Where does everything sit? Policy ranks, vLLM engines, colocated or not.
+2. Where does everything sit? Policy ranks, vLLM engines, colocated or apart (each side's devices and memory).
 3. How much work is one step? Rollouts (base + the most corrections) and token upper bounds.
 4. Does one GPU hold it? A per-GPU memory estimate against `cluster.gpu_memory_gib`.
 5. What does the refit cost? Per transport (file, ipc, broadcast; refit.transport picks one): what moves where,
@@ -67,10 +67,15 @@ class Layout:
     tensor_parallel: int
     pipeline_parallel: int
     vllm_tensor_parallel: int
+    generation_devices_per_node: int | None = None  # the engines' own devices per node; None: the policy's
 
     @property
     def world(self) -> int:
         return self.num_nodes * self.devices_per_node
+
+    @property
+    def engine_devices_per_node(self) -> int:
+        return self.generation_devices_per_node or self.devices_per_node
 
     @property
     def data_parallel(self) -> int:
@@ -78,7 +83,7 @@ class Layout:
 
     @property
     def vllm_engines(self) -> int:
-        return self.world // self.vllm_tensor_parallel
+        return self.num_nodes * self.engine_devices_per_node // self.vllm_tensor_parallel
 
 
 def layout_of(cfg: MasterConfig) -> Layout:
@@ -89,6 +94,7 @@ def layout_of(cfg: MasterConfig) -> Layout:
         tensor_parallel=cfg.policy.megatron.tensor_parallel if megatron else 1,
         pipeline_parallel=cfg.policy.megatron.pipeline_parallel if megatron else 1,
         vllm_tensor_parallel=cfg.generation.vllm.tensor_parallel,
+        generation_devices_per_node=None if cfg.generation.colocated else cfg.cluster.generation_devices_per_node,
     )
 
 
@@ -135,19 +141,16 @@ def check_model_split(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> l
 
 
 def check_generation(cfg: MasterConfig, shape: ModelShape, layout: Layout) -> list[str]:
-    """vLLM engines live inside one node and split heads like megatron; colocation is the only placement."""
+    """vLLM engines live inside one node (on the policy's devices or on their own) and split heads like megatron."""
     if cfg.generation.backend != "vllm":
         return []
     vtp, problems = layout.vllm_tensor_parallel, []
-    if layout.devices_per_node % vtp:
-        problems.append(f"generation.vllm.tensor_parallel ({vtp}) does not divide cluster.devices_per_node "
-                        f"({layout.devices_per_node}): each vLLM engine must fit inside one node")
+    devices_key = f"cluster.{'generation_' if layout.generation_devices_per_node else ''}devices_per_node"
+    if layout.engine_devices_per_node % vtp:
+        problems.append(f"generation.vllm.tensor_parallel ({vtp}) does not divide {devices_key} "
+                        f"({layout.engine_devices_per_node}): each vLLM engine must fit inside one node")
     problems += [p.format(key="generation.vllm.tensor_parallel") for p in
                  _fits_heads(shape.num_attention_heads, shape.num_kv_heads, vtp)]
-    if cfg.policy.backend == "megatron" and not cfg.generation.colocated:
-        problems.append("generation.colocated is false, but this version places the vLLM engines on the policy's "
-                        "own cluster bundles (each group then asks for whole bundles and cannot be placed); "
-                        "set generation.colocated=true")
     return problems
 
 
@@ -363,11 +366,12 @@ def check_memory(cfg: MasterConfig, memory: MemoryEstimate, other: MemoryEstimat
         return []
     problems = []
     if cfg.generation.backend == "vllm" and memory.vllm_kv_cache <= 0:
+        utilization = cfg.generation.vllm.gpu_memory_utilization  # apart, vLLM's GPUs are its own: no colocated share
         problems.append(
-            f"generation.vllm.gpu_memory_utilization ({cfg.generation.vllm.gpu_memory_utilization}) x "
-            f"cluster.gpu_memory_gib ({memory.budget:g}) = {memory.vllm_share:.1f} GiB does not hold vLLM's weights "
-            f"({memory.vllm_weights:.1f} GiB per GPU) plus its {VLLM_RESERVE_GIB:g} GiB working reserve: no room for a "
-            "KV cache; raise gpu_memory_utilization or generation.vllm.tensor_parallel")
+            f"generation.vllm.gpu_memory_utilization ({utilization}) x cluster.gpu_memory_gib ({memory.budget:g}) = "
+            f"{utilization * memory.budget:.1f} GiB does not hold vLLM's weights ({memory.vllm_weights:.1f} GiB per "
+            f"GPU) plus its {VLLM_RESERVE_GIB:g} GiB working reserve: no room for a KV cache; raise "
+            "gpu_memory_utilization or generation.vllm.tensor_parallel")
     if memory.peak > memory.budget:
         problems.append(
             f"estimated peak memory per GPU ({memory.peak_phase}) {memory.peak:.1f} GiB exceeds cluster.gpu_memory_gib "
@@ -430,11 +434,15 @@ class LaunchPlan:
 
     def _devices_line(self) -> str:
         layout, budget = self.layout, self.cfg.cluster.gpu_memory_gib
-        if budget is None:
-            return (f"cluster: {layout.num_nodes} node(s) x {layout.devices_per_node} CPU worker process(es) "
-                    f"= {layout.world} (no GPU: the workers share the host's memory; figures below are per process)")
-        return (f"cluster: {layout.num_nodes} node(s) x {layout.devices_per_node} GPUs = {layout.world} GPUs "
-                f"of {budget:g} GiB")
+        per_node, world = f"{layout.devices_per_node}", layout.world
+        if layout.generation_devices_per_node:  # two sides, each with its own devices
+            per_node = f"({layout.devices_per_node} policy + {layout.generation_devices_per_node} generation)"
+            world += layout.num_nodes * layout.generation_devices_per_node
+        if budget is None:  # sides apart on a CPU: each bound to its own cores (distributed/cpu_binding.py)
+            bound = ", each side bound to its own cores" if layout.generation_devices_per_node else ""
+            return (f"cluster: {layout.num_nodes} node(s) x {per_node} CPU worker process(es) = {world} (no GPU: the "
+                    f"workers share the host's memory{bound}; figures below are per process)")
+        return f"cluster: {layout.num_nodes} node(s) x {per_node} GPUs = {world} GPUs of {budget:g} GiB"
 
     def _model_line(self) -> str:
         return f"model: {self.cfg.policy.model_name} ({self.shape_source}): {self.shape.describe()}"
@@ -462,10 +470,11 @@ class LaunchPlan:
         vllm = cfg.generation.vllm
         weights = f"{vllm.dtype} weights" + (f", {engine_fp8_scaling(cfg)}" if vllm.quantization else "")
         sleeps = " (vLLM sleeps while the policy trains)" if cfg.cluster.gpu_memory_gib is not None else ""
-        where = f"colocated on the policy's devices{sleeps}" if cfg.generation.colocated else "on separate devices"
-        engines = layout.vllm_engines
-        return [policy, f"generation: {engines} vLLM engine(s) x TP {layout.vllm_tensor_parallel} "
-                        f"({layout.devices_per_node // layout.vllm_tensor_parallel} per node), {weights}, {where}"]
+        where = f"colocated on the policy's devices{sleeps}" if cfg.generation.colocated else \
+            "on devices of their own, beside the policy's on every node (the refit below reaches them)"
+        return [policy, f"generation: {layout.vllm_engines} vLLM engine(s) x TP {layout.vllm_tensor_parallel} "
+                        f"({layout.engine_devices_per_node // layout.vllm_tensor_parallel} per node), {weights}, "
+                        f"{where}"]
 
     def _rollouts_line(self) -> str:
         cfg = self.cfg
@@ -507,6 +516,8 @@ class LaunchPlan:
             sequences = tokens / cfg.policy.max_total_sequence_length
             share = (f"vLLM share {m.vllm_share:.1f} GiB (gpu_memory_utilization "
                      f"{cfg.generation.vllm.gpu_memory_utilization} x {m.budget:g}): " if m.vllm_share else "vLLM: ")
+            if not cfg.generation.colocated and m.budget is not None:
+                share = f"vLLM on its own GPUs: {cfg.generation.vllm.gpu_memory_utilization} x {m.budget:g} GiB: "
             lines.append(f"  {share}weights {m.vllm_weights:.1f} GiB + KV cache {m.vllm_kv_cache:.1f} GiB "
                          f"(~{_count(tokens)} tokens = {sequences:.0f} full-length sequences per engine)")
         if m.budget is None:

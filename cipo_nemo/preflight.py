@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from cipo_nemo.algorithms.rewards import is_success
+from cipo_nemo.async_rollouts import describe_schedule
 from cipo_nemo.config import ConfigError, MasterConfig
 from cipo_nemo.config.schema import DataSourceConfig
 from cipo_nemo.data.frozen_attempts import coverage, load_frozen_attempts
@@ -72,6 +73,7 @@ class PreflightReport:
     datasets: list[DatasetPresence] = field(default_factory=list)  # hub datasets: data.*.hf, validation.benchmarks
     prompt_lengths: str = ""  # what the prompt-length check found (or why it did not run)
     frozen_attempts: dict[str, int] = field(default_factory=dict)  # cipo.anchor_source frozen_start: coverage
+    schedule: list[str] = field(default_factory=list)  # async.enabled: the schedule (async_rollouts.py)
 
     def lines(self) -> list[str]:
         plan = self.plan
@@ -92,7 +94,7 @@ class PreflightReport:
             f"{plan.max_correction_samples} correction rollouts ({plan.max_samples} samples at most), "
             f"up to {plan.optimizer_steps} optimizer step(s)"
         )
-        return lines + (self.launch.lines() if self.launch else [])
+        return lines + self.schedule + (self.launch.lines() if self.launch else [])
 
 
 def plan_step(cfg: MasterConfig) -> StepPlan:
@@ -194,7 +196,7 @@ def run_preflight(cfg: MasterConfig, *, check_memory: bool = True, fetch: bool =
         launch = plan_launch(cfg, base_samples=step.base_samples, max_correction_samples=step.max_correction_samples)
     if check_memory and launch.memory_problems:
         raise LayoutError("\n".join(launch.memory_problems))
-    report = PreflightReport(plan=step, launch=launch)
+    report = PreflightReport(plan=step, launch=launch, schedule=describe_schedule(cfg))
     sources = {"train": cfg.data.train, "validation": cfg.data.validation}
     for name, source in sources.items():
         if source is None or not hub_source_here(report, source, section=f"data.{name}", fetch=fetch,

@@ -11,6 +11,8 @@ paper, whose exact choices are not public (docs/paper_reconstruction.md): the rh
 rounding and the templates are the reconstruction's defaults, all config keys.
 
 The run around the step (the step loop, validation and checkpoint cadence, early stops) is `cipo_nemo/loop.py`.
+With `async.enabled` the sampling stages of step s+1 run in the background while step s trains
+(`cipo_nemo/async_loop.py` over `cipo_nemo/async_rollouts.py`, with the stages below).
 
 Launch: `python -m cipo_nemo --config conf/X.yaml key=value` (one machine; Ray starts in-process);
 on a Slurm cluster the same entry point runs on the Ray head (slurm/).
@@ -32,23 +34,25 @@ import torch
 from cipo_nemo.algorithms.anchors import AnchorSelection, select_anchors
 from cipo_nemo.algorithms.correction import join_streams
 from cipo_nemo.algorithms.dynamic_sampling import SampledRound, assemble_rounds, live_group_count
-from cipo_nemo.algorithms.loss import PolicyLoss
+from cipo_nemo.algorithms.loss import PolicyLoss, build_loss
 from cipo_nemo.algorithms.rewards import is_success
 from cipo_nemo.algorithms.rho import RhoController
+from cipo_nemo.algorithms.rollout_metrics import rollout_metrics, verifier_counts
 from cipo_nemo.algorithms.training_signal import carries_gradient, correction_groups_live, training_signal
+from cipo_nemo.async_rollouts import RolloutPipeline
 from cipo_nemo.config import MasterConfig, to_yaml
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.correction_prompts import render_correction_prompt
 from cipo_nemo.data.frozen_attempts import anchor_attempts
 from cipo_nemo.data.prompts import (
-    drop_long_prompts,
     encode_prompts,
     indices_within_budget,
+    load_prompts,
     prompt_token_budget,
     render_prompt,
 )
 from cipo_nemo.data.sampler import PromptSampler
-from cipo_nemo.data.sources import TaskItem, describe, load_items
+from cipo_nemo.data.sources import TaskItem
 from cipo_nemo.environments.scoring import TaskScorer
 from cipo_nemo.eval.benchmarks import Benchmark
 from cipo_nemo.eval.harness import EvalContext, evaluate_benchmarks
@@ -96,6 +100,8 @@ class Components:
     timer: StageTimer = field(default_factory=StageTimer)
     progress: StepProgress = field(default_factory=StepProgress)
     start_step: int = 0
+    pipeline: RolloutPipeline | None = None  # async.enabled: batches sampled ahead (cipo_nemo/async_loop.py)
+    resumed_batch: dict[str, Any] | None = None  # async: the checkpoint's batch sampled ahead, for the pipeline
 
     def __post_init__(self) -> None:
         self.timer.on_stage = self.progress.stage  # every timed stage shows on the progress line
@@ -111,11 +117,13 @@ class StepRollouts:
     corrections: Batch | None
     dropped_anchors: int  # anchors whose correction prompt did not fit max_total_sequence_length
     sampling_metrics: dict[str, float]  # dynamic_sampling/* (empty without it)
+    rho: float  # the rho the anchors were chosen with (known when the batch was sampled)
 
 
 # Streams of the per-step seeds (step_seed): each draw of a step has its own.
 SEED_BASE, SEED_ANCHORS, SEED_CORRECTIONS, SEED_VALIDATION, SEED_MINI_BATCHES, SEED_FROZEN_ATTEMPTS = 0, 1, 2, 3, 4, 5
 SEED_BASE_ROUND = 100  # + r: round r >= 1 of dynamic sampling (round 0 is SEED_BASE, as without it)
+QUICK_SHUTDOWN_S = 5.0  # an engine busy with a call the run no longer waits for: then its actor is killed
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -160,22 +168,9 @@ def setup(cfg: MasterConfig, loaded_items: dict[str, list[TaskItem]] | None = No
                                       keep_best_mode=cfg.checkpointing.keep_best_mode),
         cluster=cluster,
     )
-    components.refit_transport = build_refit_transport(cfg.refit, components.policy, components.generation,
-                                                       on_gpu=torch.cuda.is_available(),
-                                                       colocated=cfg.generation.colocated)
+    connect_refit(components)
     maybe_resume(components)
     return components
-
-
-def load_prompts(cfg: MasterConfig, tokenizer: Any, *, split: str, items: list[TaskItem] | None) -> list[TaskItem]:
-    """The split's items (loaded here unless the preflight already did) without prompts over data.max_prompt_tokens."""
-    if items is None:
-        items, report = load_items(cfg.data.train if split == "train" else cfg.data.validation)
-        logger.info("data.%s: %s", split, describe(report))
-    kept, _ = drop_long_prompts(items, tokenizer=tokenizer, instructions=cfg.data.instructions,
-                                template_kwargs=cfg.data.chat_template_kwargs,
-                                system_prompt=cfg.data.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens)
-    return kept
 
 
 def load_validation_sets(cfg: MasterConfig, tokenizer: Any,
@@ -193,45 +188,51 @@ def load_validation_sets(cfg: MasterConfig, tokenizer: Any,
     return sets
 
 
-def build_loss(cfg: MasterConfig) -> PolicyLoss:
-    loss = cfg.loss
-    return PolicyLoss(clip_low=loss.clip_low, clip_high=loss.clip_high, normalization=loss.normalization,
-                      kl_beta=loss.kl_beta, kl_estimator=loss.kl_estimator,
-                      importance_sampling=loss.importance_sampling, is_truncation=loss.is_truncation,
-                      loss_weight=cfg.cipo.loss_weight)
-
-
 # ----------------------------------------------------------------------------------------------- the step
 
 
 def cipo_step(c: Components, step: int) -> dict[str, float | None]:
-    """One CIPO (or GRPO) step; returns its metrics."""
+    """One CIPO (or GRPO) step, the synchronous way (async.enabled: cipo_nemo/async_loop.py); returns its metrics."""
+    rollouts = sample_rollouts(c, step, rho=c.rho.rho)
+    c.generation.sleep(level=2)  # the refit below overwrites every weight: nothing to offload to host memory
+    batch, cipo_metrics, train_metrics = train_on_rollouts(c, rollouts, step)
+    with c.timer.time("refit"):
+        refit(c)
+    update_rho(c, cipo_metrics.retention)
+    return step_metrics(c, rollouts, batch, cipo_metrics.as_dict(), train_metrics)
+
+
+def sample_rollouts(c: Components, step: int, *, rho: float) -> StepRollouts:
+    """The sampling stages: base stream, anchors (chosen with `rho`), correction stream, all from the engine's
+    current weights."""
     timer = c.timer
-    items, base, sampling_metrics = sample_base_stream(c, step)
+    items, base, sampling_metrics = sample_base_stream(c, step, rho=rho)
     with timer.time("select_anchors"):
-        anchors = maybe_select_anchors(c, base, step)
+        anchors = maybe_select_anchors(c, base, step, rho=rho)
     with timer.time("correction_rollout"):
         corrections, dropped = correction_rollout(c, base, anchors, items, step)
     with timer.time("verify_corrections"):
         if corrections is not None:
             verify(c, corrections, items)
-    c.generation.sleep(level=2)  # the refit below overwrites every weight: nothing to offload to host memory
-    rollouts = StepRollouts(items, base, anchors, corrections, dropped, sampling_metrics)
+    return StepRollouts(items, base, anchors, corrections, dropped, sampling_metrics, rho)
+
+
+def train_on_rollouts(c: Components, rollouts: StepRollouts, step: int, *, off_policy: bool = False) -> tuple:
+    """Join, advantages, logprobs, train: returns (batch, the join's CIPO metrics, the train metrics)."""
+    timer = c.timer
     with timer.time("join"):
-        joined, cipo_metrics = join_streams(base, corrections, anchors=anchors, rho=c.rho.rho)
+        joined, cipo_metrics = join_streams(rollouts.base, rollouts.corrections, anchors=rollouts.anchors,
+                                            rho=rollouts.rho)
     with timer.time("advantages"):
         batch = compute_advantages(c, joined)
     with timer.time("dump_samples"):
         maybe_dump_samples(c, rollouts, batch, step)
     plan = plan_training(c, batch, step)
     with timer.time("logprobs"):
-        compute_logprobs(c, batch, plan)
+        compute_logprobs(c, batch, plan, off_policy=off_policy)
     with timer.time("train"):
         train_metrics = train_policy(c, batch, plan)
-    with timer.time("refit"):
-        refit(c)
-    update_rho(c, cipo_metrics.retention)
-    return step_metrics(c, rollouts, batch, cipo_metrics.as_dict(), train_metrics)
+    return batch, cipo_metrics, train_metrics
 
 
 def step_seed(c: Components, step: int, stream: int) -> int:
@@ -239,7 +240,7 @@ def step_seed(c: Components, step: int, stream: int) -> int:
     return (c.cfg.run.seed * 1_000_003 + step * 101 + stream) % (2**31)
 
 
-def sample_base_stream(c: Components, step: int) -> tuple[list[TaskItem], Batch, dict[str, float]]:
+def sample_base_stream(c: Components, step: int, *, rho: float) -> tuple[list[TaskItem], Batch, dict[str, float]]:
     """B prompts x G samples, scored. With grpo.dynamic_sampling, further rounds of B prompts until B groups carry
     gradient (up to max_rounds; algorithms/dynamic_sampling.py decides which groups form the batch)."""
     dynamic = c.cfg.grpo.dynamic_sampling
@@ -253,7 +254,7 @@ def sample_base_stream(c: Components, step: int) -> tuple[list[TaskItem], Batch,
             verify(c, base, items)
         if not dynamic.enabled:
             return items, base, {}
-        rounds.append(SampledRound(items, base, live_groups=groups_with_gradient(c, base)))
+        rounds.append(SampledRound(items, base, live_groups=groups_with_gradient(c, base, rho=rho)))
     items, base, stats = assemble_rounds(rounds, prompts_per_step=c.cfg.grpo.prompts_per_step)
     if stats.groups_short:
         logger.warning("step %d: dynamic sampling found %d of %d prompt groups with a non-zero advantage in %d "
@@ -262,9 +263,9 @@ def sample_base_stream(c: Components, step: int) -> tuple[list[TaskItem], Batch,
     return items, base, stats.as_dict()
 
 
-def groups_with_gradient(c: Components, base: Batch) -> set[int]:
+def groups_with_gradient(c: Components, base: Batch, *, rho: float) -> set[int]:
     """The base groups that carry gradient, by the very math the step trains with (`training_signal`)."""
-    joined, _ = join_streams(base, None, anchors=None, rho=c.rho.rho)
+    joined, _ = join_streams(base, None, anchors=None, rho=rho)
     signal = compute_advantages(c, joined)
     return set(signal["group_id"][carries_gradient(signal)].tolist())
 
@@ -299,13 +300,13 @@ def verify(c: Components, batch: Batch, items: list[TaskItem]) -> None:
     batch["verifier_reason"] = scores.reasons
 
 
-def maybe_select_anchors(c: Components, base: Batch, step: int) -> AnchorSelection | None:
-    """Difficulty-aware anchors (paper section 3.3): none for GRPO."""
+def maybe_select_anchors(c: Components, base: Batch, step: int, *, rho: float) -> AnchorSelection | None:
+    """Difficulty-aware anchors (paper section 3.3), a share `rho` of them successful: none for GRPO."""
     correction = c.cfg.cipo
     if not correction.enabled:
         return None
     generator = torch.Generator().manual_seed(step_seed(c, step, SEED_ANCHORS))
-    return select_anchors(base["rewards"], base["group_id"], rho=c.rho.rho,
+    return select_anchors(base["rewards"], base["group_id"], rho=rho,
                           max_anchors_per_step=correction.max_anchors_per_step,
                           difficulty_low=correction.difficulty_low, difficulty_high=correction.difficulty_high,
                           allow_out_of_window=correction.allow_out_of_window, generator=generator,
@@ -375,10 +376,10 @@ def plan_training(c: Components, batch: Batch, step: int) -> list[OptimizerStep]
                                 epochs=policy.epochs_per_batch, generator=generator, carries_gradient=live)
 
 
-def compute_logprobs(c: Components, batch: Batch, plan: list[OptimizerStep]) -> None:
+def compute_logprobs(c: Components, batch: Batch, plan: list[OptimizerStep], *, off_policy: bool = False) -> None:
     """pi_old (the trainer's recompute of the sampled tokens) when it can differ from the policy being trained,
     for the samples the plan trains only, and, for the KL term, the reference policy."""
-    if needs_old_logprobs(c, len(batch)):
+    if needs_old_logprobs(c, len(batch), off_policy=off_policy):
         trained = sorted({i for planned in plan for i in planned.indices})
         old_logprobs = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
         if trained:
@@ -388,13 +389,14 @@ def compute_logprobs(c: Components, batch: Batch, plan: list[OptimizerStep]) -> 
         batch["reference_logprobs"] = c.policy.get_reference_logprobs(batch)
 
 
-def needs_old_logprobs(c: Components, num_samples: int) -> bool:
+def needs_old_logprobs(c: Components, num_samples: int, *, off_policy: bool = False) -> bool:
     """A separate pi_old pass, unless one optimizer step sees the whole batch (pi_old is then the policy being
-    trained: the loss takes it from the training forward pass, detached) and neither the KL term nor truncated
-    importance sampling asks for the recompute."""
+    trained: the loss takes it from the training forward pass, detached) and neither the KL term nor importance
+    sampling asks for the recompute, and the batch is on-policy (an older version's batch always gets its pi_old
+    recomputed by the trainer: what the engine's logprobs are compared with)."""
     policy, loss = c.cfg.policy, c.cfg.loss
     one_step = policy.epochs_per_batch == 1 and (policy.train_global_batch_size or num_samples) >= num_samples
-    return not one_step or loss.kl_beta > 0 or loss.importance_sampling
+    return not one_step or loss.kl_beta > 0 or loss.importance_sampling or off_policy
 
 
 def train_policy(c: Components, batch: Batch, plan: list[OptimizerStep]) -> dict[str, float]:
@@ -405,7 +407,9 @@ def train_policy(c: Components, batch: Batch, plan: list[OptimizerStep]) -> dict
     c.progress.expect(len(plan), "optimizer steps")
     with optimizer_state_for_training(c):
         metrics = take_optimizer_steps(c.policy, batch, plan, c.loss_fn, after_each=c.progress.advance)
-    return metrics | trained_per_stream(batch, plan)
+    # seq-mask-tis: the share of the trained sequences whose importance weights were masked
+    masked_share = metrics.get("is_masked_sequences", 0.0) / max(metrics.get("num_valid_sequences", 0.0), 1.0)
+    return metrics | {"is_masked_sequence_fraction": masked_share} | trained_per_stream(batch, plan)
 
 
 def offloads_optimizer(cfg: MasterConfig) -> bool:
@@ -426,6 +430,13 @@ def optimizer_state_for_training(c: Components) -> Iterator[None]:
             c.policy.offload_optimizer()
 
 
+def connect_refit(c: Components) -> None:
+    """The refit transport to the current engines (broadcast: a process group with their workers, made again for
+    engines that replace dead ones, cipo_nemo/async_loop.py)."""
+    c.refit_transport = build_refit_transport(c.cfg.refit, c.policy, c.generation, on_gpu=torch.cuda.is_available(),
+                                              colocated=c.cfg.generation.colocated)
+
+
 def refit(c: Components) -> None:
     """Move the policy's HF-named weights into the generation engine, which wakes inside (refit_weights)."""
     refit_weights(c.policy, c.generation, c.refit_transport)
@@ -441,6 +452,15 @@ def update_rho(c: Components, retention: float | None) -> None:
         logger.warning(warning)
 
 
+def shutdown_generation(c: Components, *, quick: bool) -> None:
+    """Close the refit transport and the engines; `quick`: an engine in the middle of a call (dead, stalled, or
+    sampling while the run fails) gets QUICK_SHUTDOWN_S to close inside its actor before the actor is killed."""
+    if c.refit_transport is not None:
+        c.refit_transport.close()
+        c.refit_transport = None
+    c.generation.shutdown(timeout_s=QUICK_SHUTDOWN_S if quick else None)
+
+
 # ----------------------------------------------------------------------------------------------- metrics
 
 
@@ -450,22 +470,12 @@ def step_metrics(
     batch: Batch,
     cipo_metrics: dict[str, float],
     train_metrics: dict[str, float],
+    sampling_timings: dict[str, float] | None = None,
 ) -> dict[str, float | None]:
-    base = rollouts.base
+    discarded = rollouts.sampling_metrics.get("dynamic_sampling/tokens_discarded", 0.0)
     metrics: dict[str, float | None] = {
-        "reward/base_mean": float(base["rewards"].mean()),
-        "reward/base_pass_rate": float(is_success(base["rewards"]).float().mean()),
-        "reward/prompts_all_correct": _share_of_groups(base, lambda r: bool(is_success(r).all())),
-        "reward/prompts_all_wrong": _share_of_groups(base, lambda r: bool((~is_success(r)).all())),
-        "reward/correction_mean": None,
-        # every sampled response token, dynamic sampling's discarded groups included: what generation cost
-        "tokens/generated": float(_response_tokens(base) + _response_tokens(rollouts.corrections)
-                                  + rollouts.sampling_metrics.get("dynamic_sampling/tokens_discarded", 0.0)),
+        **rollout_metrics(rollouts.base, rollouts.corrections, tokens_discarded=discarded),
         "tokens/trained": float(batch.num_valid_tokens()),  # response tokens in the loss's normalizer
-        # prompt + response tokens per stream: what logprobs and train process (benchmarks/speed/step_speed.py per token)
-        "tokens/base_sequence": float(_sequence_tokens(base)),
-        "tokens/correction_sequence": float(_sequence_tokens(rollouts.corrections)),
-        "response_length/base_mean": float(base["response_mask"].sum(dim=1).float().mean()),
         "cipo/anchors_dropped_too_long": float(rollouts.dropped_anchors),
         "cipo/rho_next": c.rho.rho,
         "cipo/correction_groups_live": correction_groups_live(batch),
@@ -473,12 +483,9 @@ def step_metrics(
         **cipo_metrics,  # cipo/anchors_*, cipo/correction_success, cipo/retention, cipo/rho (used this step)
         **{f"train/{k}": v for k, v in train_metrics.items()},
         **rollouts.sampling_metrics,
+        **verifier_counts(batch),
     }
-    if rollouts.corrections is not None:
-        metrics["reward/correction_mean"] = float(rollouts.corrections["rewards"].mean())
-    for reason in sorted(set(batch["verifier_reason"])):
-        metrics[f"verifier/{reason}"] = float(sum(r == reason for r in batch["verifier_reason"]))
-    timings = c.timer.pop()
+    timings = c.timer.pop() | (sampling_timings or {})  # async: sampled in the background, not in timing/step
     metrics.update(timings)
     generation_seconds = timings.get("timing/rollout", 0.0) + timings.get("timing/correction_rollout", 0.0)
     metrics["throughput/generated_tokens_per_s"] = metrics["tokens/generated"] / max(generation_seconds, 1e-9)
@@ -495,20 +502,6 @@ def rho_metrics(c: Components) -> dict[str, float | None]:
     return {"cipo/rho_at_bound": float(c.rho.at_bound), "cipo/rho_tau": c.rho.tau}
 
 
-def _response_tokens(batch: Batch | None) -> int:
-    return 0 if batch is None else batch.num_valid_tokens()
-
-
-def _sequence_tokens(batch: Batch | None) -> int:
-    return 0 if batch is None else int((batch["prompt_mask"] | batch["response_mask"]).sum())
-
-
-def _share_of_groups(batch: Batch, predicate: Any) -> float:
-    groups = batch.group_indices()
-    hits = sum(predicate(batch["rewards"][indices]) for indices in groups.values())
-    return hits / max(len(groups), 1)
-
-
 # ----------------------------------------------------------------------------------------------- validation
 
 
@@ -517,6 +510,8 @@ def validate(c: Components, step: int) -> dict[str, float | None]:
     val/* is the average over the sets (data.validation alone: its own numbers); with named benchmarks each set
     also logs val/<name>/*, as the paper's table has a column per benchmark and their average."""
     val = c.cfg.validation
+    if c.pipeline is not None:
+        c.pipeline.engine_current()  # the batch sampled ahead finishes, the engine gets this step's weights
     context = EvalContext(generation_backend=c.generation, tokenizer=c.tokenizer, scorer=c.scorer, data=c.cfg.data,
                           correction=c.cfg.cipo,
                           generation=c.cfg.generation.model_copy(update={"temperature": val.temperature}),
@@ -556,10 +551,14 @@ def save_checkpoint(c: Components, step: int, metrics: dict[str, float | None] |
 
 
 def trainer_state(c: Components, step: int) -> dict[str, Any]:
+    # async first: it waits for the batch in flight, whose sampling moves the prompt sampler (and, on the HF
+    # backend, forks the RNG in its thread)
+    sampled_ahead = c.pipeline.state_dict() if c.pipeline is not None else None
     return {
         "step": step,
         "sampler": c.sampler.state_dict(),
         "rho": c.rho.state_dict(),
+        "async": sampled_ahead,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
     }
 
@@ -580,6 +579,7 @@ def maybe_resume(c: Components) -> None:
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
     c.start_step = state["step"]
+    c.resumed_batch = state.get("async")  # async: the batch sampled ahead of step start_step + 1 (async_loop.py)
     refit(c)  # the engine still holds the initial weights
     logger.info("resumed from %s at step %d", latest, c.start_step)
 
@@ -588,9 +588,7 @@ def shutdown(c: Components) -> None:
     """Close workers inside their actors before anything else goes (vLLM leaves /dev/shm files otherwise)."""
     c.metrics.close()
     c.scorer.close()
-    if c.refit_transport is not None:
-        c.refit_transport.close()
-    c.generation.shutdown()
+    shutdown_generation(c, quick=c.pipeline is not None and c.pipeline.busy())
     c.policy.shutdown()
     if c.cluster is not None:
         import ray

@@ -17,7 +17,8 @@ from cipo_nemo.data.batch import Batch
 PAD_ID = 3  # right padding, below the drawn tokens' range [4, vocab): no real token looks like it
 # A clip-higher surrogate (0.2 / 0.28), token-normalized, no KL or importance sampling: the train step benchmarks time.
 LOSS = PolicyLoss(clip_low=0.2, clip_high=0.28, normalization="token", kl_beta=0.0, kl_estimator="k3",
-                  importance_sampling=False, is_truncation=2.0, loss_weight=1.0)
+                  importance_sampling=False, is_truncation=2.0, is_type="tis", is_lower_bound=0.5,
+                  loss_weight=1.0)
 
 
 def synthetic_batch(prompt_lengths: Sequence[int], response_lengths: Sequence[int], *, vocab_size: int,

@@ -1,9 +1,10 @@
 """Our GRPO/CIPO step through the real loop (cipo_nemo.trainer setup -> cipo_step per step -> shutdown): the
-project side of benchmarks/speed/step_speed.py, run as its own process so its CPU time is its own.
+project side of benchmarks/speed/step_speed.py and benchmarks/speed/async_speed.py, run as its own process so its CPU
+time is its own.
 
-Steps run exactly as `cipo_nemo.loop.train` runs them (cipo_step, then the metrics line in metrics.jsonl), without
-validation, checkpoints or the final HF export, which are not part of a step. Writes a JSON summary with each
-step's wall seconds and its `timing/*` and `tokens/*` metrics.
+Steps run exactly as `cipo_nemo.loop.train` runs them (cipo_step, or async_step with async.enabled, then the
+metrics line in metrics.jsonl), without validation, checkpoints or the final HF export, which are not part of a
+step. Writes a JSON summary with each step's wall seconds and its `timing/*`, `tokens/*` and other step metrics.
 
     python benchmarks/speed/ours_run.py --config conf/cipo_smollm2_cpu.yaml --out ours.json key=value ...
 """
@@ -20,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
-STEP_KEYS_PREFIXES = ("timing/", "tokens/", "train/token_mult_prob_error", "reward/base_mean", "cipo/anchors_total",
-                      "reward/correction_mean", "train/samples_skipped/", "train/tokens_trained/", "train/loss",
-                      "train/grad_norm", "train/optimizer_steps", "cipo/retention", "cipo/correction_success")
+STEP_KEYS_PREFIXES = ("timing/", "tokens/", "train/token_mult_prob_error", "reward/", "cipo/", "async/", "train/is_",
+                      "train/tis_weight_mean", "train/samples_skipped/", "train/tokens_trained/", "train/loss",
+                      "train/grad_norm", "train/optimizer_steps")
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,6 +43,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)  # the policy workers inherit it as OMP_NUM_THREADS (models/factory.py)
+    from cipo_nemo.async_loop import async_step, attach_pipeline
     from cipo_nemo.config import load_config
     from cipo_nemo.trainer import cipo_step, setup, shutdown
 
@@ -49,12 +51,14 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     started = time.perf_counter()
     components = setup(cfg)
+    attach_pipeline(components)  # async.enabled: the rollout pipeline, as loop.train attaches it
+    step_of = async_step if components.pipeline is not None else cipo_step
     setup_s = time.perf_counter() - started
     steps = []
     try:
         for step in range(1, cfg.grpo.num_steps + 1):
             step_started = time.perf_counter()
-            metrics = cipo_step(components, step)
+            metrics = step_of(components, step)
             components.metrics.log(step, metrics)
             wall = time.perf_counter() - step_started
             steps.append({"seconds": wall, **{k: v for k, v in metrics.items() if k.startswith(STEP_KEYS_PREFIXES)}})

@@ -5,11 +5,13 @@
 
 PPO clipping (arXiv 1707.06347) with DAPO's separate low/high bounds (clip-higher, arXiv
 2503.14476). w_t multiplies the correction stream by lambda_c and, optionally, applies truncated
-importance sampling between the sampler and the trainer. D is a *global* count: valid tokens
+importance sampling between the sampler and the trainer (TIS, or IcePop's token mask / NeMo-RL's
+seq-mask-tis sequence mask: ``loss.is_type``). D is a *global* count: valid tokens
 (``loss.normalization: token``, DAPO) or valid sequences (``sequence``, where each sequence first
 takes the mean over its tokens, as in the original GRPO). Config keys: ``loss.clip_low``,
 ``loss.clip_high``, ``loss.normalization``, ``loss.kl_beta``, ``loss.kl_estimator``,
-``loss.importance_sampling``, ``loss.is_truncation`` and the correction stream's weight.
+``loss.importance_sampling``, ``loss.is_truncation``, ``loss.is_type``, ``loss.is_lower_bound`` and the
+correction stream's weight.
 
 Global normalization: the trainer counts D over *all* micro-batches of *all* data-parallel
 ranks (each rank calls `PolicyLoss.local_denominator` on its micro-batches, then the counts are
@@ -27,18 +29,23 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import torch
 
 from cipo_nemo.data.batch import Batch
 
+if TYPE_CHECKING:  # an annotation only: the loss module loads without the config (pydantic) at run time
+    from cipo_nemo.config import MasterConfig
+
 Normalization: TypeAlias = Literal["token", "sequence"]
 KLEstimator: TypeAlias = Literal["k1", "k3"]
+ImportanceSamplingType: TypeAlias = Literal["tis", "icepop", "seq-mask-tis"]
 
 # How `aggregate_metrics` combines per-micro-batch metrics; every other key is a mean over valid
-# tokens, combined as a mean weighted by num_valid_tokens.
-SUMMED_METRICS: tuple[str, ...] = ("loss", "pg_loss", "kl_loss", "num_valid_tokens", "num_valid_sequences")
+# tokens, combined as a mean weighted by num_valid_tokens. COUNT_METRICS add up over optimizer steps too.
+COUNT_METRICS: tuple[str, ...] = ("num_valid_tokens", "num_valid_sequences", "is_masked_sequences")
+SUMMED_METRICS: tuple[str, ...] = ("loss", "pg_loss", "kl_loss", *COUNT_METRICS)
 MIN_METRICS: tuple[str, ...] = ("ratio_min",)
 MAX_METRICS: tuple[str, ...] = ("ratio_max",)
 
@@ -195,9 +202,15 @@ class PolicyLoss:
 
     - ``loss_weight`` (lambda_c, `cipo.loss_weight`): w_t includes lambda_c on tokens of samples whose
       ``sample_kind`` is "correction" (1 on "base" samples). Both streams share one D.
-    - ``importance_sampling`` (TIS): w_t also includes min(exp(old_t - gen_t), is_truncation),
-      detached. It corrects the mismatch between the sampler (vLLM, possibly FP8) that drew the
-      tokens and the trainer's pi_old, as NeMo-RL and verl do; truncation bounds its variance.
+    - ``importance_sampling``: w_t also includes an importance weight between the sampler that
+      drew the tokens (vLLM, possibly FP8, possibly one weight version behind: async) and the
+      trainer's pi_old, detached, with rho_t = exp(old_t - gen_t), C = ``is_truncation`` and
+      L = ``is_lower_bound``, as NeMo-RL names them (``truncated_importance_sampling_type``):
+      ``is_type`` "tis" min(rho_t, C) (truncation bounds the variance); "icepop" rho_t where
+      L <= rho_t <= C, else 0 (IcePop's token mask); "seq-mask-tis" rho_t where the sequence's
+      geometric mean exp(mean_t log rho_t) lies in [L, C], else 0 for the whole sequence. A
+      weight multiplies the token's surrogate and never its normalizer, so a zero-advantage
+      sample stays exactly 0 (the trainer's skip of such samples remains exact).
     - ``kl_beta`` > 0 adds the KL to the reference policy per token, estimated with
       k1 = log pi - log pi_ref or k3 = exp(ref - lp) - (ref - lp) - 1 (Schulman's estimators,
       unclamped), normalized with the same D. Neither lambda_c nor TIS weights the KL term.
@@ -213,8 +226,10 @@ class PolicyLoss:
     ``clip_fraction_high``, ``ratio_mean``, ``approx_entropy`` (mean of -log pi over sampled tokens,
     a one-sample estimate of the policy entropy on the sampler's tokens, not the full-vocabulary
     entropy), ``token_mult_prob_error`` (mean of exp(|gen - old|); 1 means sampler and trainer
-    agree), ``tis_weight_mean`` (mean weight applied; 1 when TIS is off). Combine the calls of a
-    step (micro-batches and ranks) with `aggregate_metrics`.
+    agree), ``tis_weight_mean`` (mean weight applied; 1 when TIS is off), ``is_truncated_fraction``
+    (share of tokens whose weight the truncation or a mask changed); ``is_masked_sequences``
+    (sequences seq-mask-tis zeroed) is additive. Combine the calls of a step (micro-batches and
+    ranks) with `aggregate_metrics`.
     """
 
     clip_low: float
@@ -224,6 +239,8 @@ class PolicyLoss:
     kl_estimator: KLEstimator
     importance_sampling: bool
     is_truncation: float
+    is_type: ImportanceSamplingType
+    is_lower_bound: float
     loss_weight: float
 
     def __post_init__(self) -> None:
@@ -239,6 +256,11 @@ class PolicyLoss:
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
         if self.is_truncation <= 0:
             raise ValueError(f"is_truncation must be > 0, got {self.is_truncation}")
+        if self.is_type not in ("tis", "icepop", "seq-mask-tis"):
+            raise ValueError(f"is_type must be 'tis', 'icepop' or 'seq-mask-tis', got {self.is_type!r}")
+        if not 0 <= self.is_lower_bound <= self.is_truncation:
+            raise ValueError(f"is_lower_bound must be in [0, is_truncation={self.is_truncation}], got "
+                             f"{self.is_lower_bound}")
         if self.loss_weight < 0:
             raise ValueError(f"loss_weight must be >= 0, got {self.loss_weight}")
 
@@ -267,7 +289,7 @@ class PolicyLoss:
         )
         if "advantages" not in batch:
             raise ValueError("PolicyLoss needs batch key 'advantages' (N,)")
-        tis_weights = self._tis_weights(old_logprobs, generation_logprobs, valid)
+        tis_weights, changed, masked_sequences = self._tis_weights(old_logprobs, generation_logprobs, valid)
         token_weights = self._stream_weights(batch, logprobs)[:, None] * tis_weights  # (N, T)
         pg_loss, pg_metrics = clipped_pg_loss(
             logprobs,
@@ -295,6 +317,8 @@ class PolicyLoss:
             # exp(|log p_gen - log p_old|) >= 1; > 1.05 means sampler and trainer disagree
             "token_mult_prob_error": _masked_mean((generation_logprobs - old_logprobs).abs().exp(), valid),
             "tis_weight_mean": _masked_mean(tis_weights, valid),
+            "is_truncated_fraction": _masked_mean(changed.to(logprobs.dtype), valid),
+            "is_masked_sequences": masked_sequences.sum(),
             "num_valid_sequences": valid.any(dim=1).sum(),
         }
         return loss, {name: float(value.item()) for name, value in metrics.items()}
@@ -315,12 +339,30 @@ class PolicyLoss:
 
     def _tis_weights(
         self, old_logprobs: torch.Tensor, generation_logprobs: torch.Tensor, valid: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, T) detached importance weights, (N, T) which valid tokens the truncation or a mask changed, (N,)
+        which sequences seq-mask-tis masked."""
+        no_sequence = torch.zeros(valid.shape[0], dtype=torch.bool, device=valid.device)
         if not self.importance_sampling:
-            return torch.ones_like(old_logprobs)
-        log_ratio = torch.where(valid, old_logprobs - generation_logprobs, torch.zeros_like(old_logprobs))
-        # w_t = min(pi_old / pi_gen, C), no gradient
-        return log_ratio.exp().clamp(max=self.is_truncation).detach()
+            return torch.ones_like(old_logprobs), torch.zeros_like(valid), no_sequence
+        # log rho_t = log pi_old - log pi_gen, 0 on padding so that exp cannot overflow there
+        log_ratio = torch.where(valid, old_logprobs - generation_logprobs, torch.zeros_like(old_logprobs)).detach()
+        ratio = log_ratio.exp()
+        low, high = self.is_lower_bound, self.is_truncation
+        match self.is_type:
+            case "tis":
+                # w_t = min(rho_t, C)
+                return ratio.clamp(max=high), valid & (ratio > high), no_sequence
+            case "icepop":
+                # w_t = rho_t * 1[L <= rho_t <= C]
+                outside = valid & ((ratio < low) | (ratio > high))
+                return torch.where(outside, torch.zeros_like(ratio), ratio), outside, no_sequence
+            case _:  # "seq-mask-tis"
+                # w_t = rho_t * 1[L <= exp(sum_t log rho_t / n_valid) <= C] (the sequence's geometric mean)
+                geometric_mean = (log_ratio.sum(dim=1) / valid.sum(dim=1).clamp(min=1)).exp()
+                masked = valid.any(dim=1) & ((geometric_mean < low) | (geometric_mean > high))
+                weights = torch.where(masked[:, None], torch.zeros_like(ratio), ratio)
+                return weights, valid & masked[:, None], masked
 
     def _kl_per_token(self, logprobs: torch.Tensor, batch: Batch, valid: torch.Tensor) -> torch.Tensor:
         if self.kl_beta == 0 and "reference_logprobs" not in batch:
@@ -394,3 +436,12 @@ def _broadcast_per_token(name: str, values: torch.Tensor, logprobs: torch.Tensor
         f"{name} must have shape (N,)=({logprobs.shape[0]},) or (N, T)={tuple(logprobs.shape)}, "
         f"got {tuple(values.shape)}"
     )
+
+
+def build_loss(cfg: MasterConfig) -> PolicyLoss:
+    """The run's loss from `loss.*` and the correction stream's weight `cipo.loss_weight`."""
+    loss = cfg.loss
+    return PolicyLoss(clip_low=loss.clip_low, clip_high=loss.clip_high, normalization=loss.normalization,
+                      kl_beta=loss.kl_beta, kl_estimator=loss.kl_estimator,
+                      importance_sampling=loss.importance_sampling, is_truncation=loss.is_truncation,
+                      is_type=loss.is_type, is_lower_bound=loss.is_lower_bound, loss_weight=cfg.cipo.loss_weight)

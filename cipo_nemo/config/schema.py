@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from cipo_nemo.config.durations import parse_duration
 from cipo_nemo.config.data_schema import (  # noqa: F401  (re-exported: the one schema is read from here)
@@ -36,6 +36,7 @@ from cipo_nemo.config.fields import (  # noqa: F401  (re-exported)
     not_below,
     require_placeholders,
 )
+from cipo_nemo.config.placement_schema import AsyncConfig, ClusterConfig, RefitConfig
 
 
 class RunConfig(StrictModel):
@@ -195,12 +196,25 @@ class LossConfig(StrictModel):
     kl_beta: NonNegativeFloat = Field(description="beta of the KL penalty to the reference policy (0 = off).")
     kl_estimator: Literal["k1", "k3"] = Field(description="KL estimator per token (k3 is non-negative).")
     importance_sampling: bool = Field(description="Truncated importance-sampling correction generation -> trainer.")
-    is_truncation: Annotated[float, Field(ge=1.0)] = Field(description="Cap C of the TIS weight min(ratio, C).")
+    is_truncation: Annotated[float, Field(ge=1.0)] = Field(
+        description="Cap C of the TIS weight min(ratio, C); the upper end of the icepop / seq-mask-tis band.")
+    is_type: Literal["tis", "icepop", "seq-mask-tis"] = Field(
+        description="tis: min(ratio, C) per token; icepop: tokens whose ratio is outside [is_lower_bound, C] get "
+        "weight 0; seq-mask-tis: sequences whose geometric-mean ratio is outside it get weight 0 (NeMo-RL's names).")
+    is_lower_bound: NonNegativeFloat = Field(description="Lower end L of the icepop / seq-mask-tis band.")
     skip_zero_advantage: bool | Literal["auto"] = Field(
         description="Samples whose advantage is 0 leave the pi_old and train passes; the loss keeps their share of "
         "its normalizer, so the update is unchanged. auto: on when exact (kl_beta = 0); true with kl_beta > 0 is "
         "refused (the KL term is not zero at zero advantage)."
     )
+
+    @field_validator("is_lower_bound")
+    @classmethod
+    def _band_not_empty(cls, value: float, info: ValidationInfo) -> float:
+        truncation = info.data.get("is_truncation")
+        if truncation is not None and value > truncation:
+            raise ValueError(f"must be <= is_truncation ({truncation}): the band [L, C] is empty")
+        return value
 
     @field_validator("skip_zero_advantage", mode="plain")
     @classmethod
@@ -351,45 +365,9 @@ class GenerationConfig(StrictModel):
     temperature: NonNegativeFloat = Field(description="Sampling temperature (0 = greedy).")
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(description="Nucleus sampling mass.")
     stop_strings: list[str] = Field(description="Generation stops after any of these strings.")
-    colocated: bool = Field(description="Generation shares the policy's devices (sleep/wake around training).")
+    colocated: bool = Field(description="Generation shares the policy's devices (sleep/wake around training); false: "
+                            "the engines get cluster.generation_devices_per_node devices of their own on every node.")
     vllm: VllmConfig
-
-
-class ClusterConfig(StrictModel):
-    num_nodes: PositiveInt = Field(description="Nodes in the Ray cluster.")
-    devices_per_node: PositiveInt = Field(description="GPUs per node (on CPU: worker processes per node).")
-    gpu_memory_gib: PositiveFloat | None = Field(
-        description="Memory of one GPU in GiB, the budget of the dry run's per-GPU estimate (null: CPU worker processes)."
-    )
-    gpu_arch: Literal["ampere", "hopper", "blackwell"] | None = Field(
-        description="GPU generation (A100: ampere; H100/H200: hopper; B200/GB200: blackwell); the dry run checks the "
-        "FP8 settings against it (null: CPU, or not checked)."
-    )
-    ray_address: str | None = Field(description="Existing Ray cluster to join (null: start one in-process).")
-    max_restarts: Annotated[int, Field(ge=0)] = Field(
-        description="Worker deaths (OOM kill, crash) a run survives: the driver exits 75 to be requeued and resume "
-        "from the last checkpoint, this many times per run directory; the next death ends the run (exit code 70)."
-    )
-    cpu_keep_memory: bool = Field(
-        description="Without GPUs: the policy and generation workers put tensors on transparent huge pages and keep "
-        "freed memory for the next step instead of returning it to the OS (no page faults once the steps repeat; "
-        "each worker keeps its peak memory). cipo_nemo/utils/cpu_memory.py."
-    )
-
-
-class RefitConfig(StrictModel):
-    """How the policy's weights reach the generation engines every step (cipo_nemo/models/refit/, docs/notes/refit.md)."""
-
-    transport: Literal["auto", "file", "ipc", "broadcast"] = Field(
-        description="auto: file without GPUs, ipc for engines colocated on the policy's GPUs, broadcast for engines "
-        "on other devices; file: one raw tensor file per node in /dev/shm; ipc: buckets shared through torch's "
-        "tensor reductions (CUDA IPC; shared memory on CPU); broadcast: buckets broadcast over a process group made "
-        "at start (NCCL; gloo on CPU)."
-    )
-    bucket_mb: PositiveInt = Field(description="ipc / broadcast: bucket size in MiB (two in flight); a tensor larger "
-                                   "than a bucket is sent alone.")
-    timeout_s: PositiveFloat = Field(description="ipc / broadcast: the other side silent this long fails the refit "
-                                     "and stops the run (a side that died stops it at once).")
 
 
 class WandbConfig(StrictModel):
@@ -514,9 +492,12 @@ class MasterConfig(StrictModel):
     generation: GenerationConfig
     cluster: ClusterConfig
     refit: RefitConfig
+    async_: AsyncConfig = Field(alias="async")  # a Python keyword: cfg.async_ in code, `async:` in YAML
     logger: LoggerConfig
     checkpointing: CheckpointConfig
     validation: ValidationConfig
+
+    model_config = ConfigDict(serialize_by_alias=True)  # config.yaml says `async:` too
 
     def max_samples_per_step(self) -> int:
         """B x G base rollouts plus, for CIPO, at most min(anchor cap, B x G) anchors x G_c corrections."""
@@ -547,6 +528,31 @@ class MasterConfig(StrictModel):
         if grpo is not None and grpo.overlong_buffer >= value.max_new_tokens:
             raise ValueError(f"max_new_tokens ({value.max_new_tokens}) must exceed grpo.overlong_buffer "
                              f"({grpo.overlong_buffer}): the punishment starts max_new_tokens - overlong_buffer tokens in")
+        return value
+
+    @field_validator("cluster")
+    @classmethod
+    def _engine_devices_when_apart(cls, value: ClusterConfig, info: ValidationInfo) -> ClusterConfig:
+        generation = info.data.get("generation")
+        if generation is None or generation.backend != "vllm":
+            return value
+        if not generation.colocated and value.generation_devices_per_node is None:
+            raise ValueError("generation.colocated is false: set generation_devices_per_node (the engines' own "
+                             "devices per node)")
+        if generation.colocated and value.generation_devices_per_node is not None:
+            raise ValueError("generation_devices_per_node is set but generation.colocated is true (the engines share "
+                             "the policy's devices): set it to null, or generation.colocated=false")
+        return value
+
+    @field_validator("async_")
+    @classmethod
+    def _overlap_needs_own_devices(cls, value: AsyncConfig, info: ValidationInfo) -> AsyncConfig:
+        generation, policy = info.data.get("generation"), info.data.get("policy")
+        on_ray = generation is not None and policy is not None and generation.backend == "vllm" and \
+            policy.backend == "megatron"
+        if value.enabled and value.max_trajectory_age > 0 and on_ray and generation.colocated:
+            raise ValueError("max_trajectory_age 1 samples while the policy trains, so the vLLM engines need devices "
+                             "of their own: set generation.colocated=false and cluster.generation_devices_per_node")
         return value
 
     @field_validator("refit")

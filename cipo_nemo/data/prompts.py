@@ -12,8 +12,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from cipo_nemo.config import MasterConfig
 from cipo_nemo.config.schema import InstructionConfig
-from cipo_nemo.data.sources import DataError, TaskItem
+from cipo_nemo.data.sources import DataError, TaskItem, describe, load_items
 
 logger = logging.getLogger(__name__)
 
@@ -153,3 +154,14 @@ def chat_template_file(path: str) -> Path:
     if not template.is_file():
         raise DataError(f"data.chat_template: no such file {path} (resolved to {template.resolve()})")
     return template
+
+
+def load_prompts(cfg: MasterConfig, tokenizer: Any, *, split: str, items: list[TaskItem] | None) -> list[TaskItem]:
+    """The split's items (loaded here unless the preflight already did) without prompts over data.max_prompt_tokens."""
+    if items is None:
+        items, report = load_items(cfg.data.train if split == "train" else cfg.data.validation)
+        logger.info("data.%s: %s", split, describe(report))
+    kept, _ = drop_long_prompts(items, tokenizer=tokenizer, instructions=cfg.data.instructions,
+                                template_kwargs=cfg.data.chat_template_kwargs,
+                                system_prompt=cfg.data.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens)
+    return kept

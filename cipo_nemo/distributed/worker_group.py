@@ -50,6 +50,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cipo_nemo.distributed.cluster import VirtualCluster
+from cipo_nemo.distributed.cpu_binding import CORES_ENV, bind_from_environment, format_cores
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +83,13 @@ class WorkerDiedError(WorkerError):
     """The worker's actor process is gone (exited, crashed, killed by the OOM killer or by Ray), or a process the
     worker owns is (an exception named in its ``process_death_errors``)."""
 
+    during: str | None = None  # what the run was doing, set by the loop: "step 3, stage train"
+
     def summary(self) -> str:
-        """One line: which worker, where, in which call, what happened."""
-        return f"worker group '{self.group}' rank {self.rank} ({self.where}) died in {self.method}: {self.detail}"
+        """One line: which worker, where, in which call, what happened (and in which step and stage)."""
+        during = f" ({self.during})" if self.during else ""
+        return (f"worker group '{self.group}' rank {self.rank} ({self.where}) died in {self.method}{during}: "
+                f"{self.detail}")
 
 
 class _RemoteFailure(Exception):
@@ -136,6 +141,7 @@ class _WorkerHost:
     def start(self, *, env: dict[str, str], worker_cls_pickle: bytes, init_kwargs: dict, backend: str | None) -> None:
         try:
             os.environ.update(env)
+            bind_from_environment()  # CPU, sides apart: before the worker's libraries start their threads
             if backend is not None:
                 _init_process_group(backend)
             worker_cls = cloudpickle.loads(worker_cls_pickle)
@@ -241,12 +247,14 @@ class WorkerGroup:
         capture_child_tasks: bool = False,
         placement_timeout_s: float = 60.0,
         start_timeout_s: float | None = None,
+        node_cores: Sequence[Sequence[int]] | None = None,
     ) -> None:
         if not 0.0 < resource_fraction <= 1.0:
             raise ValueError(f"worker group '{name}': resource_fraction must be in (0, 1], got {resource_fraction}")
         self.name = name
         self.worker_cls_name = worker_cls.__name__
         self._use_gpus = cluster.use_gpus and actor_gpus
+        self._node_cores = node_cores
         self.placements = [
             WorkerPlacement(rank=rank, node_group=rank // cluster.devices_per_node, bundle_index=bundle_index)
             for rank, (_, bundle_index) in enumerate(cluster.bundles())
@@ -365,6 +373,8 @@ class WorkerGroup:
         master_port = self._run_on_host(0, "free_port", timeout_s=placement_timeout_s)
         envs = build_rank_envs(infos, use_gpus=self._use_gpus, share_node_gpus=torch_distributed,
                                master_port=master_port)
+        for env in envs if self._node_cores is not None else []:
+            env[CORES_ENV] = format_cores(self._node_cores[int(env["LOCAL_RANK"])])
         backend = ("nccl" if self._use_gpus else "gloo") if torch_distributed else None
         worker_cls_pickle = cloudpickle.dumps(worker_cls)
         kwargs_ref = ray.put(init_kwargs)

@@ -137,7 +137,8 @@ class GenerationBackend(Protocol):
     def wake(self, *, tags: tuple[str, ...] | None = None) -> None:
         """Undo `sleep`: all memory, or only ("weights",) (before a refit) or ("kv_cache",) (after it)."""
 
-    def shutdown(self) -> None: ...
+    def shutdown(self, *, timeout_s: float | None = None) -> None:
+        """Close the engines; one still busy after `timeout_s` (None: the backend's default) is killed."""
 
 
 class PendingResult(Protocol):

@@ -22,6 +22,7 @@ class StepProgress:
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream  # None: sys.stdout when writing (so that a replaced stdout is honoured)
         self._label = ""
+        self.label_step = 0  # the step begin_step announced last
         self._stage = ""
         self._unit = ""
         self._done = 0
@@ -37,6 +38,12 @@ class StepProgress:
 
     def begin_step(self, step: int, num_steps: int) -> None:
         self._label = f"step {step}/{num_steps}"
+        self.label_step = step
+
+    @property
+    def current_stage(self) -> str:
+        """The stage that started last (what a failure interrupted)."""
+        return self._stage or "none"
 
     def stage(self, name: str) -> None:
         self._close_bar()

@@ -53,9 +53,11 @@ def worker_deaths(run_dir: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if line.strip())
 
 
-def after_worker_death(cfg: MasterConfig, worker: str, *, requeue_exit_code: int) -> tuple[str, int]:
-    """The driver's last line and exit code after `worker` (WorkerDiedError.summary()) died mid-run: requeue to resume
-    from the last complete checkpoint, until the run directory has seen more than cluster.max_restarts deaths."""
+def after_worker_death(cfg: MasterConfig, worker: str, *, requeue_exit_code: int,
+                       what: str = "worker died") -> tuple[str, int]:
+    """The driver's last line and exit code after `worker` (WorkerDiedError.summary()) died mid-run, or, with `what`
+    "generation stalled", after the trainer gave up waiting for the generator: requeue to resume from the last
+    complete checkpoint, until the run directory has seen more than cluster.max_restarts of either."""
     run_dir = Path(cfg.run.output_dir)
     checkpoint = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpointing.keep_last).latest()
     decision = record_worker_death(run_dir, worker=worker, checkpoint=checkpoint, max_restarts=cfg.cluster.max_restarts)
@@ -64,5 +66,5 @@ def after_worker_death(cfg: MasterConfig, worker: str, *, requeue_exit_code: int
         code, then = requeue_exit_code, "rerun the same command to resume"
     else:
         code, then = RESTARTS_EXHAUSTED_EXIT_CODE, "giving up"
-    line = f"worker died: {worker}; {resume_from}; {decision.describe()}; exit code {code}: {then}"
+    line = f"{what}: {worker}; {resume_from}; {decision.describe()}; exit code {code}: {then}"
     return " ".join(line.split()), code  # one line, whatever the remote message held

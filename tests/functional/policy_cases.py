@@ -34,6 +34,8 @@ LOSS = PolicyLoss(
     kl_estimator="k3",
     importance_sampling=True,
     is_truncation=2.0,
+    is_type="tis",
+    is_lower_bound=0.5,
     loss_weight=0.5,
 )
 

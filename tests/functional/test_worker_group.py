@@ -6,6 +6,7 @@ groups (colocated, failing, shut down) fit beside it one at a time.
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -80,6 +81,21 @@ class ProbeWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def thread_cores(self) -> dict:
+        """Cpus_allowed_list of every thread of this process (after starting a new one), and torch's threads."""
+        started = threading.Thread(target=time.sleep, args=(1.0,))
+        started.start()
+        cores = {}
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                status = (task / "status").read_text()
+            except OSError:  # a thread that ended meanwhile
+                continue
+            cores[int(task.name)] = next(line.split()[1] for line in status.splitlines()
+                                         if line.startswith("Cpus_allowed_list"))
+        started.join()
+        return {"cores": cores, "torch_threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
 
     def placement_group_ids(self) -> tuple[str | None, str | None]:
         """Hex ids of this actor's current placement group and of that of a zero-CPU task it starts."""
@@ -241,6 +257,22 @@ def test_cluster_that_does_not_fit_fails_clearly(cluster):
     with pytest.raises(ClusterResourceError, match="not placed within 2 s; Ray has 2 CPU available of 4 CPU"):
         VirtualCluster(num_nodes=1, devices_per_node=3, use_gpus=False, ready_timeout_s=2)
     assert ray.available_resources()["CPU"] == pytest.approx(2.0)  # the pending group was removed
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to give each rank its own")
+def test_node_cores_bind_every_thread_of_each_rank(cluster):
+    """generation.colocated false on a CPU: each rank's process, with every thread it had and starts later, runs
+    on its own cores only, and torch uses that many threads (distributed/cpu_binding.py)."""
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    group = WorkerGroup(cluster, ProbeWorker, name="bound", init_kwargs={"tag": "bound"}, resource_fraction=0.5,
+                        torch_distributed=False, node_cores=[[first], [second]])
+    try:
+        for rank, seen in enumerate(group.run_all("thread_cores", timeout_s=60)):
+            assert len(seen["cores"]) > 1  # Ray's own threads, the worker's, and the one started just now
+            assert set(seen["cores"].values()) == {str((first, second)[rank])}, seen
+            assert seen["torch_threads"] == 1 and seen["omp"] == "1"
+    finally:
+        group.shutdown()
 
 
 def test_shutdown_calls_worker_shutdown_and_kills_actors(cluster, tmp_path):

@@ -30,12 +30,14 @@ LAYERS: dict[str, int] = {
     "eval": 5,
     "plan": 5,
     "export": 5,
+    "async_rollouts": 5,
     "trainer": 6,
     "preflight": 6,
-    "loop": 7,
-    "__main__": 8,
-    "cli": 8,
-    "__init__": 8,
+    "async_loop": 7,
+    "loop": 8,
+    "__main__": 9,
+    "cli": 9,
+    "__init__": 9,
 }
 
 

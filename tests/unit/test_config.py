@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from cipo_nemo.config import ConfigError, MasterConfig, load_config, resolve
+from cipo_nemo.config import ConfigError, MasterConfig, load_config, resolve, to_yaml
 from cipo_nemo.config.loader import _model_in
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ def test_conf_holds_the_exemplar_and_the_grpo_preset():
 def _schema_leaf_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
     paths = set()
     for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
+        key = f"{prefix}{field.alias or name}"  # the YAML key (`async` for the field async_)
         sub = _model_in(field.annotation)
         if sub is not None and typing.get_origin(field.annotation) is None:
             paths |= _schema_leaf_paths(sub, key + ".")
@@ -141,12 +141,31 @@ def test_malformed_override():
         ("validation.pass_k=[1,8]", "validation: pass_k [1, 8] needs samples_per_prompt >= 8"),
         ("policy.optimizer.min_lr=1e-3", "policy.optimizer.min_lr: must be <= lr (1e-06)"),
         ("generation.vllm.gpu_memory_utilization=0", "generation.vllm.gpu_memory_utilization: Input should be greater than 0"),
+        ("loss.is_lower_bound=3", "loss.is_lower_bound: must be <= is_truncation (2.0): the band [L, C] is empty"),
+        ("loss.is_type=gspo", "loss.is_type: Input should be 'tis', 'icepop' or 'seq-mask-tis'"),
+        ("generation.colocated=false", "cluster: generation.colocated is false: set generation_devices_per_node"),
+        ("cluster.generation_devices_per_node=1", "generation_devices_per_node is set but generation.colocated is true"),
+        ("async.max_trajectory_age=2", "command line: async.max_trajectory_age: Input should be 0 or 1"),
+        ("async.enabled=true", "async: max_trajectory_age 1 samples while the policy trains, so the vLLM engines need "
+                               "devices of their own: set generation.colocated=false"),
     ],
 )
 def test_bad_values_are_rejected_naming_key_and_source(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(BASE, [override])
     assert expected in str(err.value)
+
+
+def test_async_section_reads_and_writes_as_async():
+    """`async` is a Python keyword: the field is async_, the YAML key (and the written config.yaml) `async`."""
+    apart = ["async.enabled=true", "generation.colocated=false", "cluster.generation_devices_per_node=1"]
+    cfg = load_config(BASE, apart)
+    assert cfg.async_.enabled and cfg.async_.max_trajectory_age == 1
+    written = yaml.safe_load(to_yaml(cfg))
+    assert written["async"]["enabled"] is True and "async_" not in written
+    assert MasterConfig.model_validate(written) == cfg
+    # HF backends run in this process: overlap needs no devices of their own
+    assert load_config(BASE, ["async.enabled=true", "policy.backend=hf", "generation.backend=hf"]).async_.enabled
 
 
 def test_fp8_needs_transformer_engine():

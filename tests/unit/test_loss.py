@@ -136,6 +136,8 @@ def make_loss(**overrides) -> PolicyLoss:
         "kl_estimator": "k3",
         "importance_sampling": False,
         "is_truncation": 2.0,
+        "is_type": "tis",
+        "is_lower_bound": 0.5,
         "loss_weight": 1.0,
     }
     return PolicyLoss(**(options | overrides))
@@ -207,6 +209,74 @@ def test_truncated_importance_sampling_weights_and_prob_error():
     # without TIS: loss = -(1 + 1) / 2
     loss, metrics = make_loss(importance_sampling=False)(logprobs, batch, global_denominator=2)
     assert loss.item() == pytest.approx(-1.0, abs=1e-12) and metrics["tis_weight_mean"] == 1.0
+
+
+def _ratios_example() -> tuple[Batch, torch.Tensor]:
+    """Two sequences of three tokens, pi_old / pi_gen = [0.5, 3.0, 1.0] and [0.4, 0.5, 1.0], A = 1, r = 1."""
+    generation_logprobs = torch.full((2, 3), -1.0, dtype=F64)
+    rho = torch.tensor([[0.5, 3.0, 1.0], [0.4, 0.5, 1.0]], dtype=F64)
+    old_logprobs = generation_logprobs + rho.log()
+    batch = make_policy_batch(old_logprobs, generation_logprobs=generation_logprobs)
+    return batch, old_logprobs.clone().requires_grad_()
+
+
+def test_icepop_masks_the_tokens_outside_the_band():
+    batch, logprobs = _ratios_example()
+    loss, metrics = make_loss(importance_sampling=True, is_type="icepop", is_lower_bound=0.45, is_truncation=2.0)(
+        logprobs, batch, global_denominator=6)
+    loss.backward()
+    # band [0.45, 2]: 3.0 (too high) and 0.4 (too low) get 0; w = [[0.5, 0, 1], [0, 0.5, 1]]
+    # loss = -sum(w) / 6 = -3 / 6; grad = -w / 6; every token stays in the normalizer
+    assert loss.item() == pytest.approx(-0.5, abs=1e-12)
+    torch.testing.assert_close(logprobs.grad, -torch.tensor([[0.5, 0, 1], [0, 0.5, 1]], dtype=F64) / 6)
+    assert metrics["tis_weight_mean"] == pytest.approx(3 / 6, abs=1e-12)
+    assert metrics["is_truncated_fraction"] == pytest.approx(2 / 6, abs=1e-12)
+    assert metrics["is_masked_sequences"] == 0
+
+
+def test_seq_mask_tis_masks_whole_sequences_by_their_geometric_mean():
+    batch, logprobs = _ratios_example()
+    loss, metrics = make_loss(importance_sampling=True, is_type="seq-mask-tis", is_lower_bound=0.7,
+                              is_truncation=2.0)(logprobs, batch, global_denominator=6)
+    loss.backward()
+    # geometric means: (0.5 * 3 * 1)^(1/3) = 1.1447 (kept, weights untruncated: 3.0 stays 3.0);
+    # (0.4 * 0.5 * 1)^(1/3) = 0.5848 < 0.7 (masked). loss = -(0.5 + 3 + 1) / 6 = -0.75
+    assert (0.5 * 3.0) ** (1 / 3) > 0.7 > (0.4 * 0.5) ** (1 / 3)
+    assert loss.item() == pytest.approx(-0.75, abs=1e-12)
+    torch.testing.assert_close(logprobs.grad, -torch.tensor([[0.5, 3.0, 1.0], [0, 0, 0]], dtype=F64) / 6)
+    assert metrics["is_masked_sequences"] == 1 and metrics["num_valid_sequences"] == 2
+    assert metrics["is_truncated_fraction"] == pytest.approx(3 / 6, abs=1e-12)
+    # a padded position does not enter the geometric mean: masking sequence 1's last token (rho 1) makes its
+    # mean (0.4 * 0.5)^(1/2) = 0.447, still masked; unmasking the band's floor keeps it
+    batch["response_mask"] = torch.tensor([[True, True, True], [True, True, False]])
+    _, metrics = make_loss(importance_sampling=True, is_type="seq-mask-tis", is_lower_bound=0.44,
+                           is_truncation=2.0)(logprobs.detach(), batch, global_denominator=5)
+    assert metrics["is_masked_sequences"] == 0
+
+
+def test_truncation_never_moves_a_zero_advantage_sample():
+    """A weight multiplies the surrogate: a sample with A = 0 contributes exactly 0 loss and 0 gradient whatever
+    its weight, so the trainer may leave it out of the passes (loss.skip_zero_advantage) with TIS on."""
+    batch, logprobs = _ratios_example()
+    batch["advantages"] = torch.tensor([0.0, 1.0], dtype=F64)
+    for is_type in ("tis", "icepop", "seq-mask-tis"):
+        leaf = logprobs.detach().clone().requires_grad_()
+        loss_fn = make_loss(importance_sampling=True, is_type=is_type, is_lower_bound=0.3)
+        loss, _ = loss_fn(leaf, batch, global_denominator=6)
+        loss.backward()
+        assert leaf.grad[0].abs().sum() == 0, is_type
+        alone = leaf.detach()[1:].clone().requires_grad_()
+        loss_alone, _ = loss_fn(alone, batch.select([1]), global_denominator=6)
+        loss_alone.backward()
+        assert loss.item() == pytest.approx(loss_alone.item(), abs=1e-12), is_type
+        torch.testing.assert_close(leaf.grad[1:], alone.grad)
+
+
+def test_importance_sampling_options_are_checked():
+    with pytest.raises(ValueError, match="is_type"):
+        make_loss(is_type="gspo")
+    with pytest.raises(ValueError, match="is_lower_bound"):
+        make_loss(is_lower_bound=3.0, is_truncation=2.0)
 
 
 def test_without_old_logprobs_pi_old_is_the_trained_policy():

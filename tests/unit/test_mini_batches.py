@@ -105,7 +105,8 @@ def _optimizer_steps(batch, live, *, size, epochs, normalization="token"):
     from cipo_nemo.models.policy.microbatches import plan_optimizer_steps
 
     loss = PolicyLoss(clip_low=0.2, clip_high=0.2, normalization=normalization, kl_beta=0.0, kl_estimator="k3",
-                      importance_sampling=False, is_truncation=2.0, loss_weight=1.0)
+                      importance_sampling=False, is_truncation=2.0, is_type="tis", is_lower_bound=0.5,
+                      loss_weight=1.0)
     return plan_optimizer_steps(batch, loss, size=size, epochs=epochs, generator=torch.Generator().manual_seed(0),
                                 carries_gradient=live)
 

@@ -61,14 +61,14 @@ def test_preflight_hands_its_loaded_items_to_the_trainer(tmp_path, monkeypatch):
     report = run_preflight(cfg)
     assert [item.answer for item in report.items["train"]] == ["2", "4"] and "validation" not in report.items
 
-    import cipo_nemo.trainer as trainer
+    import cipo_nemo.data.prompts as prompts  # trainer.setup loads its prompts through prompts.load_prompts
 
     def no_second_read(source):
         raise AssertionError("setup read a data source that the preflight had loaded")
 
-    monkeypatch.setattr(trainer, "load_items", no_second_read)
+    monkeypatch.setattr(prompts, "load_items", no_second_read)
     tokenizer = build_tiny_tokenizer()
-    kept = trainer.load_prompts(cfg, tokenizer, split="train", items=report.items["train"])
+    kept = prompts.load_prompts(cfg, tokenizer, split="train", items=report.items["train"])
     assert [item.answer for item in kept] == ["2", "4"]
 
 

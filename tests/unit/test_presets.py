@@ -27,6 +27,11 @@ PRESETS = {
 }
 
 
+# the 70B layout split per node: 4 GPUs for the policy, 4 for one vLLM engine of TP 4
+APART = ["generation.colocated=false", "cluster.devices_per_node=4", "cluster.generation_devices_per_node=4",
+         "generation.vllm.tensor_parallel=4"]
+
+
 @pytest.fixture(autouse=True)
 def hub_reachable(monkeypatch):
     """The presets name hub models that are not here; with the hub reachable the dry run plans them without weights
@@ -74,6 +79,25 @@ def test_dry_run_says_when_the_risk_penalty_cannot_act(capsys):
     assert "cipo.risk_penalty" not in out
 
 
+def test_dry_run_prints_each_side_and_the_async_schedule(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, out, err = _dry_run(capsys, "cipo_llama3_70b_math.yaml", *APART, "generation.vllm.gpu_memory_utilization=0.9",
+                              "async.enabled=true")
+    assert code == 0, err
+    assert "cluster: 8 node(s) x (4 policy + 4 generation) GPUs = 64 GPUs of 79.2 GiB" in out
+    assert "policy: Megatron TP 4 x PP 4 x DP 2 = 32 ranks" in out
+    assert "generation: 8 vLLM engine(s) x TP 4 (1 per node)" in out and "of their own" in out
+    assert "vLLM on its own GPUs: 0.9 x 79.2 GiB: weights 32.9 GiB" in out
+    assert "async: batch s is sampled by the weights after step s-2 while the policy trains on batch s-1" in out
+    assert "consider loss.importance_sampling=true" in out
+    code, out, err = _dry_run(capsys, "cipo_smollm2_cpu.yaml", "generation.colocated=false",
+                              "cluster.generation_devices_per_node=1", "async.enabled=true",
+                              "loss.importance_sampling=true")
+    assert code == 0, err
+    assert "(1 policy + 1 generation) CPU worker process(es) = 2" in out and "each side bound to its own cores" in out
+    assert "consider loss.importance_sampling" not in out
+
+
 def test_fp8_preset_inherits_the_70b_layout_and_turns_on_tis():
     bf16, fp8 = load_config(CONF / "cipo_llama3_70b_math.yaml"), load_config(CONF / "cipo_llama3_70b_math_fp8.yaml")
     assert fp8.policy.megatron.model_copy(update={"fp8": None}) == bf16.policy.megatron
@@ -106,9 +130,14 @@ def test_fp8_preset_inherits_the_70b_layout_and_turns_on_tis():
          "policy.megatron.fp8_recipe is 'mxfp8' but cluster.gpu_arch is 'hopper': MXFP8 needs Blackwell GPUs"),
         ("cipo_llama3_70b_math_fp8.yaml", ["cluster.gpu_arch=ampere"],
          "policy.megatron.fp8 is 'e4m3' but cluster.gpu_arch is 'ampere': FP8 needs Hopper or Blackwell GPUs"),
+        ("cipo_llama3_70b_math.yaml", [*APART, "generation.vllm.tensor_parallel=8"],
+         "generation.vllm.tensor_parallel (8) does not divide cluster.generation_devices_per_node (4)"),
+        # on its own GPUs vLLM has its share alone: 0.4 x 79.2 GiB does not hold TP4's 32.9 GiB of weights
+        ("cipo_llama3_70b_math.yaml", [*APART, "generation.vllm.gpu_memory_utilization=0.4"],
+         "= 31.7 GiB does not hold vLLM's weights (32.9 GiB per GPU)"),
     ],
     ids=["tp-vs-heads", "tp-pp-vs-gpus", "pp-vs-layers", "vllm-tp-vs-node", "memory", "vllm-share",
-         "mxfp8-on-hopper", "fp8-on-ampere"],
+         "mxfp8-on-hopper", "fp8-on-ampere", "vllm-tp-vs-own-devices", "vllm-share-apart"],
 )
 def test_broken_layout_stops_naming_the_rule(config, overrides, message, capsys, monkeypatch):
     monkeypatch.chdir(REPO)

@@ -28,7 +28,7 @@ def test_auto_keeps_the_file_on_cpu_and_streams_buckets_on_gpus():
 @pytest.mark.parametrize("overrides, message", [
     (["refit.transport=ipc", "generation.backend=hf"],
      "command line: refit: transport 'ipc' streams into vLLM engines, but generation.backend is 'hf'"),
-    (["refit.transport=ipc", "generation.colocated=false"],
+    (["refit.transport=ipc", "generation.colocated=false", "cluster.generation_devices_per_node=1"],
      "command line: refit: transport 'ipc' hands each engine worker the policy's buffers on the same device"),
     (["refit.transport=ipc", "policy.backend=hf", "cluster.devices_per_node=2"],
      "command line: refit: transport 'ipc' with policy.backend hf: the HF policy is one process"),

@@ -122,6 +122,19 @@ def test_the_driver_line_requeues_until_max_restarts_then_gives_up(tmp_path):
     assert worker_deaths(tmp_path) == 2 and (tmp_path / RESTARTS_FILE).is_file()
 
 
+def test_the_line_names_the_step_and_stage_and_a_stall_counts_as_a_restart(tmp_path):
+    cfg = load_config(BASE, [f"run.output_dir={tmp_path}", "cluster.max_restarts=2"])
+    death = _death("the actor died")
+    death.during = "step 3, stage train"  # set by the loop
+    line, _ = after_worker_death(cfg, death.summary(), requeue_exit_code=REQUEUE_EXIT_CODE)
+    assert line.startswith(f"worker died: worker group 'generation' rank 0 ({WHERE}) died in generate (step 3, stage "
+                           "train): the actor died; ")
+    line, code = after_worker_death(cfg, "no batch for step 4 after 20 s (step 4, stage wait_for_rollouts)",
+                                    requeue_exit_code=REQUEUE_EXIT_CODE, what="generation stalled")
+    assert code == REQUEUE_EXIT_CODE and line.startswith("generation stalled: no batch for step 4 after 20 s")
+    assert "restart 2 of cluster.max_restarts=2" in line
+
+
 def test_no_restarts_allowed_and_no_checkpoint_yet(tmp_path):
     cfg = load_config(BASE, [f"run.output_dir={tmp_path}", "cluster.max_restarts=0"])
     line, code = after_worker_death(cfg, _death("the actor died").summary(), requeue_exit_code=REQUEUE_EXIT_CODE)

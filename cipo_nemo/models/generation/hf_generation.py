@@ -130,7 +130,8 @@ class HFGeneration:
     def wake(self, *, tags: tuple[str, ...] | None = None) -> None:
         """No-op, see `sleep`."""
 
-    def shutdown(self) -> None:
+    def shutdown(self, *, timeout_s: float | None = None) -> None:
+        del timeout_s  # nothing runs outside the caller's thread to wait for
         self._model = None
 
 

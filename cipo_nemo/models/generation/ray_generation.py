@@ -1,4 +1,6 @@
-"""Generation engines hosted in Ray actors (colocated with the policy on the same bundles).
+"""Generation engines hosted in Ray actors: colocated with the policy on the same bundles, or on bundles of their own
+(`generation.colocated: false`: a virtual cluster of `cluster.generation_devices_per_node` bundles per node; on CPU
+each engine actor is bound to its own cores, distributed/cpu_binding.py).
 
 Layout: `generation.vllm.tensor_parallel` (TP) consecutive bundles of one node form one vLLM engine, so there are
 world_size / TP engines, each a data-parallel replica; prompts are split contiguously over the engines and the
@@ -40,6 +42,7 @@ from typing import Any
 
 from cipo_nemo.config.schema import GenerationConfig
 from cipo_nemo.distributed import VirtualCluster, WorkerGroup
+from cipo_nemo.distributed.cpu_binding import CORES_ENV
 from cipo_nemo.distributed.worker_group import WorkerPlacement
 from cipo_nemo.models.interfaces import SampledResponse, SamplingSettings
 
@@ -134,6 +137,12 @@ class GenerationWorker:
             return
         # Set for the actor's lifetime, before vllm is imported: vLLM reads these at engine start and later.
         os.environ.update(environment)
+        if os.environ.get(CORES_ENV):  # CPU, sides apart: the engine's threads on this actor's cores, whatever the
+            # driver's environment said (vllm_generation.build_engine_environment keeps an explicit binding)
+            from cipo_nemo.models.generation.vllm_generation import build_cpu_binding
+
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = build_cpu_binding(sorted(os.sched_getaffinity(0)),
+                                                                        generation.vllm.tensor_parallel)
         self.backend = build_generation_backend(model_dir=model_dir, generation=generation,
                                                 max_model_len=max_model_len, seed=seed)
 
@@ -196,6 +205,7 @@ class RayGeneration:
         seed: int,
         resource_fraction: float,
         env_vars: dict[str, str],
+        node_cores: list[list[int]] | None = None,
     ) -> None:
         self.layout = EngineLayout(num_nodes=cluster.num_nodes, devices_per_node=cluster.devices_per_node,
                                    tensor_parallel=generation.vllm.tensor_parallel)
@@ -207,7 +217,7 @@ class RayGeneration:
                                                "max_model_len": max_model_len, "seed": seed,
                                                "engine_environments": environments},
                                   resource_fraction=resource_fraction, env_vars=env_vars, torch_distributed=False,
-                                  actor_gpus=not ray_tp, capture_child_tasks=ray_tp)
+                                  actor_gpus=not ray_tp, capture_child_tasks=ray_tp, node_cores=node_cores)
 
     @property
     def placements(self) -> list[WorkerPlacement]:
@@ -263,5 +273,6 @@ class RayGeneration:
     def wake(self, *, tags: tuple[str, ...] | None = None) -> None:
         self._group.run_all("wake", tags)
 
-    def shutdown(self) -> None:
-        self._group.shutdown()
+    def shutdown(self, *, timeout_s: float | None = None) -> None:
+        """Close every engine inside its actor (at most `timeout_s`, default 120 s), then kill the actors."""
+        self._group.shutdown(120.0 if timeout_s is None else timeout_s)

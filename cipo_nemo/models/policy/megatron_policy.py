@@ -29,12 +29,13 @@ class MegatronPolicy:
         seed: int,
         resource_fraction: float,
         env_vars: dict[str, str],
+        node_cores: list[list[int]] | None = None,
     ) -> None:
         from cipo_nemo.models.policy.megatron_worker import MegatronPolicyWorker
 
         self._group = WorkerGroup(cluster, MegatronPolicyWorker, name="policy",
                                   init_kwargs={"policy": policy, "num_steps": num_steps, "seed": seed},
-                                  resource_fraction=resource_fraction, env_vars=env_vars)
+                                  resource_fraction=resource_fraction, env_vars=env_vars, node_cores=node_cores)
         infos = self._group.run_all("parallel_info")
         self._dp_rank_of = [info["dp_rank"] for info in infos]
         self._dp_size = infos[0]["dp_size"]

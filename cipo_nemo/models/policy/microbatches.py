@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cipo_nemo.algorithms.loss import MAX_METRICS, MIN_METRICS, PolicyLoss
+from cipo_nemo.algorithms.loss import COUNT_METRICS, MAX_METRICS, MIN_METRICS, PolicyLoss
 from cipo_nemo.data.batch import Batch
 from cipo_nemo.data.packing import PackedRow, plan_packed_rows, sequence_lengths, unpack_logprobs
 from cipo_nemo.models.interfaces import PolicyBackend
@@ -152,7 +152,7 @@ def combine_optimizer_steps(per_step: list[dict[str, float]], *, skipped: int = 
     combined = {}
     for name in per_step[0]:
         values = [metrics[name] for metrics in per_step]
-        if name in ("num_valid_tokens", "num_valid_sequences"):
+        if name in COUNT_METRICS:
             combined[name] = sum(values)
         elif name in MIN_METRICS:
             combined[name] = min(values)
