@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
@@ -62,8 +61,11 @@ def bind_process_to_cores(cores: Sequence[int]) -> None:
         except ProcessLookupError:  # a thread that ended meanwhile
             continue
     os.environ["OMP_NUM_THREADS"] = str(len(wanted))
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(len(wanted))
+    # Set torch's count itself, importing it after the affinity so its pool inherits the binding: the environment
+    # variable alone is read only where OpenMP has not started yet, and a reused Ray worker may have started it.
+    import torch
+
+    torch.set_num_threads(len(wanted))
     logger.info("process %d bound to CPU cores %s", os.getpid(), format_cores(sorted(wanted)))
 
 
